@@ -1,0 +1,3 @@
+fn main() {
+    println!("walship-bench: benchmarks arrive with the benchmark issue");
+}

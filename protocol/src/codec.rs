@@ -1,0 +1,461 @@
+//! The frame codec: `kind u8 | len u32 | payload | crc32 u32`, big-endian, CRC over kind, len and payload.
+//!
+//! Decoding order (as in rust-postgres' codec): not enough bytes for a header → `Ok(None)`; an announced
+//! length above the limit → error before anything is buffered; not enough bytes for the frame → reserve and
+//! `Ok(None)`; then the CRC; only then the body is parsed. Any error ends the connection.
+
+use std::marker::PhantomData;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::error::FrameError;
+use crate::message::{Decode, Encode};
+
+/// Bytes before the payload.
+pub const HEADER_LEN: usize = 5;
+/// Bytes after the payload.
+pub const TRAILER_LEN: usize = 4;
+/// The default payload limit (8 MiB). WAL is sent in chunks well below it.
+pub const DEFAULT_MAX_PAYLOAD: u32 = 8 << 20;
+
+/// One checked frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: u8,
+    pub payload: Bytes,
+}
+
+/// Splits a byte stream into CRC-checked frames.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameCodec {
+    max_payload: u32,
+}
+
+impl FrameCodec {
+    pub fn new(max_payload: u32) -> Self {
+        FrameCodec { max_payload }
+    }
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        FrameCodec::new(DEFAULT_MAX_PAYLOAD)
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if src.len() < HEADER_LEN {
+            src.reserve(HEADER_LEN - src.len());
+            return Ok(None);
+        }
+        let kind = src[0];
+        let len = u32::from_be_bytes([src[1], src[2], src[3], src[4]]);
+        if len > self.max_payload {
+            return Err(FrameError::FrameTooLarge {
+                kind,
+                len,
+                max: self.max_payload,
+            });
+        }
+        let total = HEADER_LEN + len as usize + TRAILER_LEN;
+        if src.len() < total {
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        let body_end = HEADER_LEN + len as usize;
+        let actual = crc32fast::hash(&src[..body_end]);
+        let expected = u32::from_be_bytes([
+            src[body_end],
+            src[body_end + 1],
+            src[body_end + 2],
+            src[body_end + 3],
+        ]);
+        if actual != expected {
+            return Err(FrameError::ChecksumMismatch {
+                kind,
+                expected,
+                actual,
+            });
+        }
+        let mut frame = src.split_to(total);
+        frame.advance(HEADER_LEN);
+        frame.truncate(len as usize);
+        Ok(Some(Frame {
+            kind,
+            payload: frame.freeze(),
+        }))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() => Ok(None),
+            None => {
+                let need = if src.len() < HEADER_LEN {
+                    HEADER_LEN
+                } else {
+                    HEADER_LEN
+                        + u32::from_be_bytes([src[1], src[2], src[3], src[4]]) as usize
+                        + TRAILER_LEN
+                };
+                Err(FrameError::TruncatedFrame {
+                    need,
+                    have: src.len(),
+                })
+            }
+        }
+    }
+}
+
+/// Writes one message as a frame into `dst`.
+pub fn encode_frame<M: Encode + ?Sized>(msg: &M, dst: &mut BytesMut) {
+    let start = dst.len();
+    dst.reserve(HEADER_LEN + msg.size_hint() + TRAILER_LEN);
+    dst.put_u8(msg.kind());
+    dst.put_u32(0);
+    msg.encode_body(dst);
+    let len = (dst.len() - start - HEADER_LEN) as u32;
+    dst[start + 1..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    let crc = crc32fast::hash(&dst[start..]);
+    dst.put_u32(crc);
+}
+
+/// A typed codec: decodes `In` messages, encodes `Out` messages. The sender uses
+/// `MessageCodec<ReceiverMessage, SenderMessage>`, the receiver the opposite.
+pub struct MessageCodec<In, Out> {
+    frames: FrameCodec,
+    _marker: PhantomData<fn(Out) -> In>,
+}
+
+impl<In, Out> MessageCodec<In, Out> {
+    pub fn new(max_payload: u32) -> Self {
+        MessageCodec {
+            frames: FrameCodec::new(max_payload),
+            _marker: PhantomData,
+        }
+    }
+}
+
+impl<In, Out> Default for MessageCodec<In, Out> {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_PAYLOAD)
+    }
+}
+
+impl<In: Decode, Out> Decoder for MessageCodec<In, Out> {
+    type Item = In;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, FrameError> {
+        match self.frames.decode(src)? {
+            Some(f) => In::decode(f.kind, f.payload).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<In>, FrameError> {
+        match self.frames.decode_eof(src)? {
+            Some(f) => In::decode(f.kind, f.payload).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<In, Out: Encode> Encoder<Out> for MessageCodec<In, Out> {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
+        encode_frame(&item, dst);
+        Ok(())
+    }
+}
+
+impl<In, Out: Encode> Encoder<&Out> for MessageCodec<In, Out> {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: &Out, dst: &mut BytesMut) -> Result<(), FrameError> {
+        encode_frame(item, dst);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lsn::Lsn;
+    use crate::message::{tag, Hello, ReceiverMessage, RefuseCode, SenderMessage, Wal};
+    use proptest::prelude::*;
+
+    fn sender_messages() -> Vec<SenderMessage> {
+        vec![
+            SenderMessage::Hello(Hello {
+                version_min: 1,
+                version_max: 3,
+                system_identifier: 7_300_000_000_000_000_001,
+                timeline: 1,
+                wal_segment_size: 16 << 20,
+                pg_version_num: 150018,
+                sender_name: "primary-1 ⚡".into(),
+            }),
+            SenderMessage::Wal(Wal {
+                timeline: 2,
+                start_lsn: Lsn(0x1_0000_0028),
+                bytes: Bytes::from(vec![7u8; 100_000]),
+            }),
+            SenderMessage::History {
+                timeline: 2,
+                content: Bytes::from_static(b"1\t0/3000158\tx\n"),
+            },
+            SenderMessage::History {
+                timeline: 3,
+                content: Bytes::new(),
+            },
+            SenderMessage::Keepalive {
+                primary_flush_lsn: Lsn(99),
+                timeline: 1,
+                sent_at_unix_micros: 1_700_000_000_000_000,
+            },
+        ]
+    }
+
+    fn receiver_messages() -> Vec<ReceiverMessage> {
+        vec![
+            ReceiverMessage::Welcome {
+                protocol_version: 1,
+                resume: vec![],
+            },
+            ReceiverMessage::Welcome {
+                protocol_version: 1,
+                resume: vec![(1, Lsn(5)), (2, Lsn(u64::MAX))],
+            },
+            ReceiverMessage::Refuse {
+                code: RefuseCode::ForeignCluster,
+                reason: "not yours".into(),
+            },
+            ReceiverMessage::Refuse {
+                code: RefuseCode::Other,
+                reason: String::new(),
+            },
+            ReceiverMessage::Ack {
+                timeline: 1,
+                durable_lsn: Lsn(0x16B_3748),
+            },
+            ReceiverMessage::Error {
+                reason: "bye".into(),
+            },
+        ]
+    }
+
+    fn round_trip<M: Encode + Decode + PartialEq + std::fmt::Debug + Clone>(msgs: Vec<M>) {
+        let mut buf = BytesMut::new();
+        for m in &msgs {
+            encode_frame(m, &mut buf);
+        }
+        let mut codec = FrameCodec::default();
+        for m in msgs {
+            let f = codec.decode(&mut buf).unwrap().unwrap();
+            assert_eq!(M::decode(f.kind, f.payload).unwrap(), m);
+        }
+        assert!(buf.is_empty());
+        assert!(codec.decode_eof(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        round_trip(sender_messages());
+        round_trip(receiver_messages());
+    }
+
+    #[test]
+    fn byte_by_byte_feeding() {
+        let mut whole = BytesMut::new();
+        for m in sender_messages() {
+            encode_frame(&m, &mut whole);
+        }
+        let mut codec = MessageCodec::<SenderMessage, ReceiverMessage>::default();
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for b in whole.iter() {
+            buf.put_u8(*b);
+            while let Some(m) = codec.decode(&mut buf).unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, sender_messages());
+    }
+
+    /// A frame with the given kind and payload and a correct CRC.
+    fn raw(kind: u8, payload: &[u8]) -> BytesMut {
+        let mut b = BytesMut::new();
+        b.put_u8(kind);
+        b.put_u32(payload.len() as u32);
+        b.put_slice(payload);
+        let crc = crc32fast::hash(&b);
+        b.put_u32(crc);
+        b
+    }
+
+    fn decode_sender(mut buf: BytesMut) -> Result<Option<SenderMessage>, FrameError> {
+        let mut c = MessageCodec::<SenderMessage, ReceiverMessage>::new(1 << 20);
+        c.decode_eof(&mut buf)
+    }
+
+    #[test]
+    fn bad_frames_have_their_own_errors() {
+        // oversize: refused from the header alone
+        let mut big = BytesMut::new();
+        big.put_u8(tag::WAL);
+        big.put_u32(u32::MAX);
+        let mut c = FrameCodec::new(1 << 20);
+        assert!(matches!(
+            c.decode(&mut big),
+            Err(FrameError::FrameTooLarge { len: u32::MAX, .. })
+        ));
+        assert!(
+            big.capacity() < 1 << 20,
+            "nothing was allocated for the oversize frame"
+        );
+
+        // bad CRC
+        let mut f = raw(tag::KEEPALIVE, &[0; 20]);
+        let last = f.len() - 1;
+        f[last] ^= 0xFF;
+        assert!(matches!(
+            decode_sender(f),
+            Err(FrameError::ChecksumMismatch { .. })
+        ));
+
+        // flipped payload bit
+        let mut f = raw(tag::KEEPALIVE, &[0; 20]);
+        f[7] ^= 1;
+        assert!(matches!(
+            decode_sender(f),
+            Err(FrameError::ChecksumMismatch { .. })
+        ));
+
+        // truncated frame at end of stream
+        let mut f = raw(tag::KEEPALIVE, &[0; 20]);
+        f.truncate(10);
+        assert!(matches!(
+            decode_sender(f),
+            Err(FrameError::TruncatedFrame { have: 10, need: 29 })
+        ));
+        assert!(matches!(
+            decode_sender(BytesMut::from(&b"W\0"[..])),
+            Err(FrameError::TruncatedFrame { .. })
+        ));
+
+        // truncated body
+        assert!(matches!(
+            decode_sender(raw(tag::KEEPALIVE, &[0; 10])),
+            Err(FrameError::Truncated {
+                message: "Keepalive",
+                ..
+            })
+        ));
+        // trailing bytes
+        let mut body = vec![0u8; 8];
+        body.extend_from_slice(&1u32.to_be_bytes());
+        body.extend_from_slice(&[0; 8]);
+        body.push(0);
+        assert!(matches!(
+            decode_sender(raw(tag::KEEPALIVE, &body)),
+            Err(FrameError::TrailingBytes {
+                message: "Keepalive",
+                extra: 1
+            })
+        ));
+        // unknown kind, and a receiver tag sent by a sender
+        assert!(matches!(
+            decode_sender(raw(b'Z', &[])),
+            Err(FrameError::UnknownKind { kind: b'Z' })
+        ));
+        assert!(matches!(
+            decode_sender(raw(tag::ACK, &[0; 12])),
+            Err(FrameError::UnknownKind { .. })
+        ));
+
+        // absurd LSN ranges: empty, and past the end of the address space
+        let mut wal = Vec::new();
+        wal.extend_from_slice(&1u32.to_be_bytes());
+        wal.extend_from_slice(&(u64::MAX - 2).to_be_bytes());
+        assert!(matches!(
+            decode_sender(raw(tag::WAL, &wal)),
+            Err(FrameError::AbsurdLsnRange { len: 0, .. })
+        ));
+        wal.extend_from_slice(&[1, 2, 3, 4]);
+        assert!(matches!(
+            decode_sender(raw(tag::WAL, &wal)),
+            Err(FrameError::AbsurdLsnRange { len: 4, .. })
+        ));
+
+        // timeline 0, and a history file for timeline 1
+        let mut wal = vec![0u8; 12];
+        wal.push(1);
+        assert!(matches!(
+            decode_sender(raw(tag::WAL, &wal)),
+            Err(FrameError::InvalidTimeline { timeline: 0, .. })
+        ));
+        assert!(matches!(
+            decode_sender(raw(tag::HISTORY, &1u32.to_be_bytes())),
+            Err(FrameError::InvalidTimeline { timeline: 1, .. })
+        ));
+
+        // string too long and not UTF-8
+        let mut hello = vec![0u8; 24];
+        hello[15] = 1; // timeline 1
+        let mut long = hello.clone();
+        long.extend_from_slice(&(5000u16).to_be_bytes());
+        assert!(matches!(
+            decode_sender(raw(tag::HELLO, &long)),
+            Err(FrameError::TooLong { .. })
+        ));
+        hello.extend_from_slice(&2u16.to_be_bytes());
+        hello.extend_from_slice(&[0xC3, 0x28]);
+        assert!(matches!(
+            decode_sender(raw(tag::HELLO, &hello)),
+            Err(FrameError::InvalidString { .. })
+        ));
+
+        // receiver side: unknown refuse code, too many resume entries
+        let mut c = MessageCodec::<ReceiverMessage, SenderMessage>::default();
+        let mut f = raw(tag::REFUSE, &[9, 0, 0]);
+        assert!(matches!(
+            c.decode(&mut f),
+            Err(FrameError::UnknownRefuseCode { code: 9 })
+        ));
+        let mut f = raw(tag::WELCOME, &[0, 1, 0xFF, 0xFF]);
+        assert!(matches!(c.decode(&mut f), Err(FrameError::TooLong { .. })));
+        let mut f = raw(tag::WELCOME, &[0, 1, 0, 2, 0, 0, 0, 1]);
+        assert!(matches!(
+            c.decode(&mut f),
+            Err(FrameError::Truncated { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::from(&data[..]);
+            let mut c = MessageCodec::<SenderMessage, ReceiverMessage>::new(1024);
+            while let Ok(Some(_)) = c.decode(&mut buf) {}
+            let mut buf = BytesMut::from(&data[..]);
+            let mut c = MessageCodec::<ReceiverMessage, SenderMessage>::new(1024);
+            while let Ok(Some(_)) = c.decode_eof(&mut buf) {}
+        }
+
+        #[test]
+        fn wal_round_trips(tli in 1u32.., start in 0u64..(u64::MAX / 2), data in proptest::collection::vec(any::<u8>(), 1..2048)) {
+            let m = SenderMessage::Wal(Wal { timeline: tli, start_lsn: Lsn(start), bytes: Bytes::from(data) });
+            let mut buf = BytesMut::new();
+            encode_frame(&m, &mut buf);
+            let mut c = MessageCodec::<SenderMessage, ReceiverMessage>::default();
+            prop_assert_eq!(c.decode(&mut buf).unwrap().unwrap(), m);
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! walship's shared vocabulary: WAL positions, timelines, segment and history file names, WAL page headers,
+//! and the wire format spoken between `walship-sender` and `walship-receiver`.
+//!
+//! This crate knows bytes, never sockets, files or clocks, so everything here is tested deterministically.
+//!
+//! | module      | what it holds |
+//! |-------------|---------------|
+//! | [`lsn`]     | [`Lsn`], the 64-bit WAL position printed as `X/X` |
+//! | [`wal`]     | segment sizes, segment/history file names (strictly validated), page-header parsing and checks |
+//! | [`message`] | the messages of both directions and their body encoding |
+//! | [`codec`]   | the frame codec (tokio-util `Decoder`/`Encoder`) with CRC and a size limit |
+//! | [`error`]   | typed errors |
+//!
+//! # Wire format
+//!
+//! Every message travels in one frame; all integers are big-endian:
+//!
+//! | field   | size | meaning |
+//! |---------|------|---------|
+//! | kind    | 1    | message tag (sender tags are upper case, receiver tags lower case) |
+//! | len     | 4    | payload length, checked against the limit before anything is buffered |
+//! | payload | len  | message body |
+//! | crc     | 4    | CRC-32 (IEEE, `crc32fast`) over kind, len and payload |
+//!
+//! | dir | tag | message | body |
+//! |-----|-----|---------|------|
+//! | S→R | `H` | `Hello` | version_min u16, version_max u16, system_identifier u64, timeline u32, wal_segment_size u32, pg_version_num u32, sender_name str |
+//! | S→R | `W` | `Wal` | timeline u32, start_lsn u64, bytes… (rest of the payload) |
+//! | S→R | `T` | `History` | timeline u32, file content… |
+//! | S→R | `K` | `Keepalive` | primary_flush_lsn u64, timeline u32, sent_at_unix_micros u64 |
+//! | R→S | `w` | `Welcome` | protocol_version u16, count u16, count × (timeline u32, end_lsn u64) |
+//! | R→S | `r` | `Refuse` | code u8, reason str |
+//! | R→S | `a` | `Ack` | timeline u32, durable_lsn u64 |
+//! | R→S | `e` | `Error` | reason str |
+//!
+//! `str` is a u16 length followed by that many bytes of UTF-8.
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod error;
+pub mod lsn;
+pub mod message;
+pub mod wal;
+
+pub use codec::{Frame, FrameCodec, MessageCodec, DEFAULT_MAX_PAYLOAD};
+pub use error::{FrameError, PageError, WalNameError};
+pub use lsn::Lsn;
+pub use message::{ReceiverMessage, RefuseCode, SenderMessage};
+pub use wal::{TimelineId, WalSegSize};
+
+/// The protocol versions this build speaks. The sender offers a range in `Hello`, the receiver picks the
+/// highest common one and names it in `Welcome`.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+/// See [`PROTOCOL_VERSION_MIN`].
+pub const PROTOCOL_VERSION_MAX: u16 = 1;
