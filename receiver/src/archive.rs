@@ -1,0 +1,792 @@
+//! The archive directory: the only code that touches archive files.
+//!
+//! Layout (DESIGN.md §4):
+//! - `walship.id`: the pinned identity (system identifier, segment size, major version), written on first
+//!   contact, never changed;
+//! - `walship.lock`: held with an exclusive lock while a receiver writes the archive;
+//! - `<segment>.partial`: bytes `[segment start, end)` of the segment being received, appended in order;
+//! - `<segment>`: a complete segment, exactly `wal_segment_size` bytes, renamed from its `.partial` after an
+//!   fsync, followed by an fsync of the directory;
+//! - `<TLI>.history`: timeline history files.
+//!
+//! Durability rule: [`Archive::sync`] returns a position only after everything before it is on disk (file
+//! data by `fdatasync`, names by an fsync of the directory). The receiver acknowledges nothing else.
+//!
+//! Crash rule: on open the end of every timeline is re-derived from the files. A `.partial` whose tail is not
+//! valid WAL (a page with a bad header, or trailing zeros that a power loss may leave) is truncated back to
+//! the last byte that is; the sender then resends from there. Trailing zeros are cut even when they were real
+//! WAL: the sender resends them, and the zero padding of a handed-over partial reproduces them anyway.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use walship_protocol::wal::{
+    history_file_name, page_magic_for_version, segment_file_name, PageExpectation, SegNo,
+    WalFileName, XLOG_BLCKSZ,
+};
+use walship_protocol::{Lsn, TimelineId, WalSegSize};
+
+/// The identity file's name.
+pub const ID_FILE: &str = "walship.id";
+/// The lock file's name.
+pub const LOCK_FILE: &str = "walship.lock";
+
+/// Which cluster an archive belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub system_identifier: u64,
+    pub wal_segment_size: WalSegSize,
+    /// `server_version_num` of the first sender (only its major version is compared).
+    pub pg_version_num: u32,
+}
+
+impl Identity {
+    /// The PostgreSQL major version, e.g. 15 or 906 for 9.6.
+    pub fn pg_major(&self) -> u32 {
+        pg_major(self.pg_version_num)
+    }
+
+    /// The page checks for segments of `timeline`.
+    pub fn page_expectation(&self, timeline: TimelineId) -> Option<PageExpectation> {
+        Some(PageExpectation {
+            magic: page_magic_for_version(self.pg_version_num)?,
+            system_identifier: self.system_identifier,
+            seg_size: self.wal_segment_size,
+            timeline,
+        })
+    }
+
+    fn render(&self) -> String {
+        format!(
+            "# walship archive identity: written on first contact, never changed.\n\
+             # Senders of any other cluster are refused.\n\
+             system_identifier={}\nwal_segment_size={}\npg_version_num={}\n",
+            self.system_identifier,
+            self.wal_segment_size.bytes(),
+            self.pg_version_num
+        )
+    }
+
+    fn parse(text: &str) -> Option<Identity> {
+        let mut sysid = None;
+        let mut seg = None;
+        let mut ver = None;
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (k, v) = line.split_once('=')?;
+            match k.trim() {
+                "system_identifier" => sysid = v.trim().parse::<u64>().ok(),
+                "wal_segment_size" => {
+                    seg = v
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                        .and_then(|s| WalSegSize::new(s).ok())
+                }
+                "pg_version_num" => ver = v.trim().parse::<u32>().ok(),
+                _ => {}
+            }
+        }
+        Some(Identity {
+            system_identifier: sysid?,
+            wal_segment_size: seg?,
+            pg_version_num: ver?,
+        })
+    }
+
+    /// Reads the identity of the archive in `dir`, if it was pinned.
+    pub fn load(dir: &Path) -> Result<Option<Identity>> {
+        let path = dir.join(ID_FILE);
+        match fs::read_to_string(&path) {
+            Ok(text) => Identity::parse(&text)
+                .map(Some)
+                .with_context(|| format!("{} is damaged: it must hold system_identifier, wal_segment_size and pg_version_num", path.display())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+        }
+    }
+}
+
+/// The major version of a `server_version_num`.
+pub fn pg_major(version_num: u32) -> u32 {
+    if version_num >= 100_000 {
+        version_num / 10_000
+    } else {
+        version_num / 100
+    }
+}
+
+/// Why an archive refuses a sender's identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityMismatch {
+    #[error("this archive belongs to the cluster with system identifier {archive}, the sender's cluster is {sender}: a walship archive holds the WAL of one cluster only; give this cluster its own archive directory")]
+    ForeignCluster { archive: u64, sender: u64 },
+    #[error("this archive holds {archive} WAL segments, the sender's cluster uses {sender}")]
+    SegmentSize {
+        archive: WalSegSize,
+        sender: WalSegSize,
+    },
+    #[error(
+        "this archive holds WAL of PostgreSQL major version {archive}, the sender runs {sender}"
+    )]
+    MajorVersion { archive: u32, sender: u32 },
+}
+
+/// The segment being appended to.
+#[derive(Debug)]
+struct OpenPartial {
+    timeline: TimelineId,
+    segno: SegNo,
+    file: File,
+    /// Bytes in the file (all written by this process or found valid on open).
+    len: u64,
+    /// Bytes known to be on disk (fdatasync'ed).
+    synced: u64,
+}
+
+/// An open, locked archive directory.
+#[derive(Debug)]
+pub struct Archive {
+    dir: PathBuf,
+    dir_handle: File,
+    _lock: File,
+    identity: Option<Identity>,
+    /// Where the archived WAL of each timeline ends (exclusive).
+    ends: BTreeMap<TimelineId, Lsn>,
+    current: Option<OpenPartial>,
+    /// A file was created or renamed since the directory was last fsynced.
+    dir_dirty: bool,
+    /// The position [`Archive::sync`] last made durable, per timeline.
+    durable: BTreeMap<TimelineId, Lsn>,
+}
+
+/// Opens `path` read-only and fsyncs it (used for directories).
+fn fsync_dir(dir: &File, path: &Path) -> Result<()> {
+    dir.sync_all()
+        .with_context(|| format!("fsync directory {}", path.display()))
+}
+
+fn create_options() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true).mode(0o600);
+    o
+}
+
+impl Archive {
+    /// Opens (creating it if needed, mode 0700) and locks the archive in `dir`, and re-derives where each
+    /// timeline's WAL ends, truncating torn tails.
+    pub fn open(dir: &Path) -> Result<Archive> {
+        if !dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("create archive directory {}", dir.display()))?;
+        }
+        let meta =
+            fs::metadata(dir).with_context(|| format!("archive directory {}", dir.display()))?;
+        if !meta.is_dir() {
+            bail!("archive {} is not a directory", dir.display());
+        }
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                archive = %dir.display(),
+                mode = format_args!("{:o}", meta.permissions().mode() & 0o777),
+                "archive directory is readable by others; WAL holds every row of the database: chmod 0700 it"
+            );
+        }
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = create_options()
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .with_context(|| format!("open lock file {}", lock_path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => bail!(
+                "archive {} is in use by another walship receiver (it holds the lock on {}); run one receiver per archive",
+                dir.display(),
+                LOCK_FILE
+            ),
+            Err(TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("lock {}", lock_path.display()));
+            }
+        }
+        let dir_handle =
+            File::open(dir).with_context(|| format!("open archive directory {}", dir.display()))?;
+        let identity = Identity::load(dir)?;
+        let mut archive = Archive {
+            dir: dir.to_owned(),
+            dir_handle,
+            _lock: lock,
+            identity,
+            ends: BTreeMap::new(),
+            current: None,
+            dir_dirty: false,
+            durable: BTreeMap::new(),
+        };
+        archive.scan()?;
+        Ok(archive)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn identity(&self) -> Option<Identity> {
+        self.identity
+    }
+
+    /// Where the durable WAL of each timeline ends: what a sender resumes from.
+    pub fn resume_points(&self) -> Vec<(TimelineId, Lsn)> {
+        self.durable.iter().map(|(t, l)| (*t, *l)).collect()
+    }
+
+    /// The newest timeline in the archive.
+    pub fn latest_timeline(&self) -> Option<TimelineId> {
+        self.ends.keys().next_back().copied()
+    }
+
+    fn scan(&mut self) -> Result<()> {
+        let mut newest: BTreeMap<TimelineId, (SegNo, bool)> = BTreeMap::new();
+        let mut wal_files = 0usize;
+        let entries = fs::read_dir(&self.dir)
+            .with_context(|| format!("list archive {}", self.dir.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("list archive {}", self.dir.display()))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.ends_with(".tmp") {
+                // an interrupted atomic write: never renamed, so never acknowledged
+                let _ = fs::remove_file(entry.path());
+                continue;
+            }
+            let Some(identity) = self.identity else {
+                if name.len() >= 24 && name.as_bytes()[..24].iter().all(u8::is_ascii_hexdigit) {
+                    wal_files += 1;
+                }
+                continue;
+            };
+            let seg = identity.wal_segment_size;
+            match WalFileName::parse(name, seg) {
+                Ok(WalFileName::Segment { timeline, segno }) => {
+                    let e = newest.entry(timeline).or_insert((segno, false));
+                    if segno >= e.0 {
+                        *e = (segno, false);
+                    }
+                }
+                Ok(WalFileName::Partial { timeline, segno }) => {
+                    let e = newest.entry(timeline).or_insert((segno, true));
+                    if segno > e.0 || (segno == e.0 && e.1) {
+                        *e = (segno, true);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if self.identity.is_none() && wal_files > 0 {
+            bail!(
+                "archive {} holds {wal_files} WAL files but no {ID_FILE}: it was not made by walship; use an empty directory",
+                self.dir.display()
+            );
+        }
+        for (timeline, (segno, partial)) in newest {
+            let Some(identity) = self.identity else { break };
+            let seg = identity.wal_segment_size;
+            let end = if partial {
+                let len = self.recover_partial(timeline, segno)?;
+                Lsn(seg.segment_start(segno).0 + len)
+            } else {
+                seg.segment_start(segno + 1)
+            };
+            self.ends.insert(timeline, end);
+            self.durable.insert(timeline, end);
+        }
+        Ok(())
+    }
+
+    /// Validates the tail of a `.partial` after a restart and truncates what is not WAL. Returns its length.
+    fn recover_partial(&mut self, timeline: TimelineId, segno: SegNo) -> Result<u64> {
+        let Some(identity) = self.identity else {
+            return Ok(0);
+        };
+        let seg = identity.wal_segment_size;
+        let name = format!("{}.partial", segment_file_name(timeline, segno, seg));
+        let path = self.dir.join(&name);
+        let mut file = create_options()
+            .open(&path)
+            .with_context(|| format!("open {}", path.display()))?;
+        let mut data = Vec::new();
+        file.read_to_end(&mut data)
+            .with_context(|| format!("read {}", path.display()))?;
+        let found = data.len() as u64;
+        let mut keep = data.len().min(seg.bytes() as usize);
+        if let Some(exp) = identity.page_expectation(timeline) {
+            let start = seg.segment_start(segno);
+            let mut at = 0usize;
+            while at < keep {
+                let end = (at + XLOG_BLCKSZ).min(keep);
+                if let Err(e) = exp.check_pages(&data[at..end], Lsn(start.0 + at as u64)) {
+                    tracing::warn!(file = %name, offset = at, error = %e, "torn or invalid page in partial segment; truncating there");
+                    keep = at;
+                    break;
+                }
+                if end - at < walship_protocol::wal::SHORT_PAGE_HEADER
+                    || (at == 0 && end - at < walship_protocol::wal::LONG_PAGE_HEADER)
+                {
+                    // a header that is not complete cannot be judged: resend it
+                    keep = at;
+                    break;
+                }
+                at += XLOG_BLCKSZ;
+            }
+        }
+        while keep > 0 && data[keep - 1] == 0 {
+            keep -= 1;
+        }
+        if keep as u64 != found {
+            tracing::warn!(
+                file = %name,
+                found,
+                kept = keep,
+                "partial segment tail was not valid WAL (crash before fsync?); truncated, the sender resends it"
+            );
+            file.set_len(keep as u64)
+                .with_context(|| format!("truncate {}", path.display()))?;
+            file.sync_all()
+                .with_context(|| format!("fsync {}", path.display()))?;
+        }
+        if keep as u64 == seg.as_u64() {
+            // complete, but the rename did not happen before a crash
+            file.sync_data()
+                .with_context(|| format!("fsync {}", path.display()))?;
+            self.finish_segment_file(timeline, segno)?;
+            fsync_dir(&self.dir_handle, &self.dir)?;
+        } else {
+            self.current = Some(OpenPartial {
+                timeline,
+                segno,
+                file,
+                len: keep as u64,
+                synced: keep as u64,
+            });
+        }
+        Ok(keep as u64)
+    }
+
+    /// Checks a sender's identity against the archive, pinning it (durably) on first contact.
+    pub fn check_or_pin_identity(
+        &mut self,
+        offered: Identity,
+    ) -> Result<std::result::Result<(), IdentityMismatch>> {
+        if let Some(id) = self.identity {
+            if id.system_identifier != offered.system_identifier {
+                return Ok(Err(IdentityMismatch::ForeignCluster {
+                    archive: id.system_identifier,
+                    sender: offered.system_identifier,
+                }));
+            }
+            if id.wal_segment_size != offered.wal_segment_size {
+                return Ok(Err(IdentityMismatch::SegmentSize {
+                    archive: id.wal_segment_size,
+                    sender: offered.wal_segment_size,
+                }));
+            }
+            if id.pg_major() != offered.pg_major() {
+                return Ok(Err(IdentityMismatch::MajorVersion {
+                    archive: id.pg_major(),
+                    sender: offered.pg_major(),
+                }));
+            }
+            return Ok(Ok(()));
+        }
+        self.write_atomically(ID_FILE, offered.render().as_bytes())?;
+        tracing::info!(
+            system_identifier = offered.system_identifier,
+            wal_segment_size = offered.wal_segment_size.bytes(),
+            "archive pinned to this cluster"
+        );
+        self.identity = Some(offered);
+        Ok(Ok(()))
+    }
+
+    /// Writes `name` durably: temp file, fsync, rename, fsync directory.
+    fn write_atomically(&mut self, name: &str, content: &[u8]) -> Result<()> {
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        let path = self.dir.join(name);
+        let mut f = create_options()
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .with_context(|| format!("create {}", tmp.display()))?;
+        f.write_all(content)
+            .with_context(|| format!("write {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("fsync {}", tmp.display()))?;
+        fs::rename(&tmp, &path)
+            .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
+        fsync_dir(&self.dir_handle, &self.dir)
+    }
+
+    /// Stores a timeline history file. A file already present must be identical.
+    pub fn store_history(&mut self, timeline: TimelineId, content: &[u8]) -> Result<()> {
+        let name = history_file_name(timeline);
+        let path = self.dir.join(&name);
+        match fs::read(&path) {
+            Ok(existing) if existing == content => return Ok(()),
+            Ok(_) => bail!(
+                "history file {name} in the archive differs from the one the sender has: two clusters claim timeline {timeline}; refusing to overwrite it"
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        }
+        if walship_protocol::wal::parse_history(content).is_none() {
+            bail!("history file {name} sent by the sender is malformed; not stored");
+        }
+        self.write_atomically(&name, content)?;
+        tracing::info!(file = %name, "stored timeline history file");
+        Ok(())
+    }
+
+    fn seg(&self) -> Result<WalSegSize> {
+        Ok(self
+            .identity
+            .context("archive has no identity yet (no handshake)")?
+            .wal_segment_size)
+    }
+
+    /// Appends WAL of `timeline` starting at `start`. Bytes the archive already holds must be identical to the
+    /// stored ones (a resend after a reconnect); a gap or a difference is an error and nothing is written.
+    /// Not cancellation safe (disk I/O); call from a blocking context.
+    pub fn append(&mut self, timeline: TimelineId, start: Lsn, bytes: &[u8]) -> Result<()> {
+        let seg = self.seg()?;
+        if let Some(latest) = self.latest_timeline() {
+            if timeline < latest {
+                bail!("WAL for timeline {timeline} but the archive already holds timeline {latest}: refusing to write to a superseded timeline");
+            }
+        }
+        let end = match self.ends.get(&timeline) {
+            Some(end) => *end,
+            None => {
+                if seg.offset(start) != 0 {
+                    bail!(
+                        "first WAL of timeline {timeline} starts at {start}, not at a segment boundary ({seg} segments)"
+                    );
+                }
+                start
+            }
+        };
+        if start > end {
+            bail!("gap in WAL of timeline {timeline}: archive ends at {end}, the sender sent bytes from {start}");
+        }
+        let overlap = (end.0 - start.0).min(bytes.len() as u64) as usize;
+        if overlap > 0 {
+            self.verify_overlap(timeline, start, &bytes[..overlap])?;
+        }
+        let mut pos = Lsn(start.0 + overlap as u64);
+        let mut rest = &bytes[overlap..];
+        while !rest.is_empty() {
+            let segno = seg.segno(pos);
+            let offset = seg.offset(pos);
+            let room = (seg.as_u64() - offset) as usize;
+            let n = room.min(rest.len());
+            self.write_segment(timeline, segno, offset, &rest[..n])?;
+            rest = &rest[n..];
+            pos = Lsn(pos.0 + n as u64);
+            self.ends.insert(timeline, pos);
+        }
+        Ok(())
+    }
+
+    fn write_segment(
+        &mut self,
+        timeline: TimelineId,
+        segno: SegNo,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let seg = self.seg()?;
+        let same = matches!(&self.current, Some(c) if c.timeline == timeline && c.segno == segno);
+        if !same {
+            if let Some(mut old) = self.current.take() {
+                // leaving a partial behind (timeline switch): make it durable first
+                old.file.sync_data().context("fsync partial segment")?;
+                old.synced = old.len;
+            }
+            if offset != 0 {
+                bail!("internal: new segment {} of timeline {timeline} would start at offset {offset}", segno);
+            }
+            let name = format!("{}.partial", segment_file_name(timeline, segno, seg));
+            let path = self.dir.join(&name);
+            let file = create_options()
+                .create_new(true)
+                .open(&path)
+                .with_context(|| format!("create {}", path.display()))?;
+            self.dir_dirty = true;
+            self.current = Some(OpenPartial {
+                timeline,
+                segno,
+                file,
+                len: 0,
+                synced: 0,
+            });
+        }
+        let cur = self.current.as_mut().context("internal: no open partial")?;
+        if cur.len != offset {
+            bail!(
+                "internal: partial of segment {segno} holds {} bytes, write at {offset}",
+                cur.len
+            );
+        }
+        cur.file.write_all_at(data, offset).with_context(|| {
+            format!(
+                "write {} bytes to {}.partial at offset {offset}",
+                data.len(),
+                segment_file_name(timeline, segno, seg)
+            )
+        })?;
+        cur.len += data.len() as u64;
+        if cur.len == seg.as_u64() {
+            cur.file.sync_data().with_context(|| {
+                format!("fsync {}.partial", segment_file_name(timeline, segno, seg))
+            })?;
+            cur.synced = cur.len;
+            self.current = None;
+            self.finish_segment_file(timeline, segno)?;
+            self.dir_dirty = true;
+        }
+        Ok(())
+    }
+
+    fn finish_segment_file(&mut self, timeline: TimelineId, segno: SegNo) -> Result<()> {
+        let seg = self.seg()?;
+        let name = segment_file_name(timeline, segno, seg);
+        let from = self.dir.join(format!("{name}.partial"));
+        let to = self.dir.join(&name);
+        fs::rename(&from, &to)
+            .with_context(|| format!("rename {} to {}", from.display(), to.display()))?;
+        tracing::debug!(segment = %name, "segment complete");
+        Ok(())
+    }
+
+    fn verify_overlap(&self, timeline: TimelineId, start: Lsn, expected: &[u8]) -> Result<()> {
+        let seg = self.seg()?;
+        let mut pos = start;
+        let mut rest = expected;
+        while !rest.is_empty() {
+            let segno = seg.segno(pos);
+            let offset = seg.offset(pos);
+            let n = ((seg.as_u64() - offset) as usize).min(rest.len());
+            let name = segment_file_name(timeline, segno, seg);
+            let mut stored = vec![0u8; n];
+            let read = match &self.current {
+                Some(c) if c.timeline == timeline && c.segno == segno => {
+                    c.file.read_exact_at(&mut stored, offset)
+                }
+                _ => File::open(self.dir.join(&name))
+                    .or_else(|_| File::open(self.dir.join(format!("{name}.partial"))))
+                    .and_then(|f| f.read_exact_at(&mut stored, offset)),
+            };
+            read.with_context(|| {
+                format!("read back segment {name} at offset {offset} to compare a resent range")
+            })?;
+            if stored != rest[..n] {
+                let first = stored
+                    .iter()
+                    .zip(&rest[..n])
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                bail!(
+                    "resent WAL differs from the archive at {} (segment {name}): the sender's history diverged from what was archived; refusing to overwrite",
+                    Lsn(pos.0 + first as u64)
+                );
+            }
+            rest = &rest[n..];
+            pos = Lsn(pos.0 + n as u64);
+        }
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable and returns the new durable end of `timeline`.
+    /// One call covers every append before it (group commit).
+    pub fn sync(&mut self, timeline: TimelineId) -> Result<Option<Lsn>> {
+        if let Some(cur) = self.current.as_mut() {
+            if cur.synced < cur.len {
+                cur.file.sync_data().context("fsync partial segment")?;
+                cur.synced = cur.len;
+            }
+        }
+        if self.dir_dirty {
+            fsync_dir(&self.dir_handle, &self.dir)?;
+            self.dir_dirty = false;
+        }
+        for (t, end) in &self.ends {
+            self.durable.insert(*t, *end);
+        }
+        Ok(self.durable.get(&timeline).copied())
+    }
+
+    /// Forgets in-memory state and re-derives it from the files, as after a restart. Called after any write
+    /// or fsync error: after a failed fsync, only what a fresh read of the disk shows can be trusted.
+    pub fn reload(&mut self) -> Result<()> {
+        self.current = None;
+        self.ends.clear();
+        self.durable.clear();
+        self.dir_dirty = false;
+        self.identity = Identity::load(&self.dir)?;
+        self.scan()
+    }
+
+    /// The durable end of `timeline`.
+    pub fn durable_end(&self, timeline: TimelineId) -> Option<Lsn> {
+        self.durable.get(&timeline).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walship_protocol::wal::write_page_header;
+
+    const SEG: u64 = 1 << 20;
+
+    fn identity() -> Identity {
+        Identity {
+            system_identifier: 99,
+            wal_segment_size: WalSegSize::new(SEG).unwrap(),
+            pg_version_num: 150004,
+        }
+    }
+
+    /// Valid-looking WAL for `[start, start+len)`: page headers where pages start, non-zero filler elsewhere.
+    fn wal(start: u64, len: usize) -> Vec<u8> {
+        let exp = identity().page_expectation(1).unwrap();
+        let first_page = start / XLOG_BLCKSZ as u64 * XLOG_BLCKSZ as u64;
+        let total = (start - first_page) as usize + len;
+        let mut buf: Vec<u8> = (0..total + XLOG_BLCKSZ)
+            .map(|i| (i % 251) as u8 | 1)
+            .collect();
+        let mut p = 0;
+        while p < total {
+            write_page_header(&mut buf[p..], Lsn(first_page + p as u64), &exp);
+            p += XLOG_BLCKSZ;
+        }
+        let skip = (start - first_page) as usize;
+        buf[skip..skip + len].to_vec()
+    }
+
+    #[test]
+    fn append_complete_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        let mut a = Archive::open(&path).unwrap();
+        assert_eq!(a.check_or_pin_identity(identity()).unwrap(), Ok(()));
+        let start = 3 * SEG;
+        let data = wal(start, (SEG + 5000) as usize);
+        a.append(1, Lsn(start), &data[..100_000]).unwrap();
+        a.append(1, Lsn(start + 100_000), &data[100_000..]).unwrap();
+        assert_eq!(a.sync(1).unwrap(), Some(Lsn(start + SEG + 5000)));
+        assert_eq!(
+            fs::read(path.join("000000010000000000000003")).unwrap(),
+            data[..SEG as usize]
+        );
+        assert_eq!(
+            fs::read(path.join("000000010000000000000004.partial")).unwrap(),
+            data[SEG as usize..]
+        );
+
+        // a second receiver cannot open it
+        assert!(Archive::open(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("in use"));
+        drop(a);
+        let mut a = Archive::open(&path).unwrap();
+        assert_eq!(a.resume_points(), vec![(1, Lsn(start + SEG + 5000))]);
+        // identical resend is accepted, different is refused, a gap is refused
+        a.append(1, Lsn(start + 10), &data[10..20_000]).unwrap();
+        let mut bad = data[10..20_000].to_vec();
+        bad[500] ^= 0xFF;
+        assert!(a
+            .append(1, Lsn(start + 10), &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("differs"));
+        assert!(a
+            .append(1, Lsn(start + SEG + 6000), &[1])
+            .unwrap_err()
+            .to_string()
+            .contains("gap"));
+        // foreign cluster refused
+        let other = Identity {
+            system_identifier: 1,
+            ..identity()
+        };
+        assert!(matches!(
+            a.check_or_pin_identity(other).unwrap(),
+            Err(IdentityMismatch::ForeignCluster { .. })
+        ));
+        let other = Identity {
+            wal_segment_size: WalSegSize::new(2 * SEG).unwrap(),
+            ..identity()
+        };
+        assert!(matches!(
+            a.check_or_pin_identity(other).unwrap(),
+            Err(IdentityMismatch::SegmentSize { .. })
+        ));
+    }
+
+    #[test]
+    fn torn_tails_are_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        let mut a = Archive::open(&path).unwrap();
+        a.check_or_pin_identity(identity()).unwrap().unwrap();
+        let data = wal(0, 40_000);
+        a.append(1, Lsn(0), &data).unwrap();
+        a.sync(1).unwrap();
+        drop(a);
+        // a power loss may leave zeros past the durable end, or garbage pages
+        let partial = path.join("000000010000000000000000.partial");
+        let mut f = OpenOptions::new().append(true).open(&partial).unwrap();
+        f.write_all(&vec![0u8; 30_000]).unwrap();
+        drop(f);
+        let a = Archive::open(&path).unwrap();
+        assert_eq!(a.resume_points(), vec![(1, Lsn(40_000))]);
+        drop(a);
+        let mut bytes = fs::read(&partial).unwrap();
+        bytes[4 * XLOG_BLCKSZ] ^= 0xFF; // damage the magic of page 4
+        fs::write(&partial, &bytes).unwrap();
+        let a = Archive::open(&path).unwrap();
+        assert_eq!(a.resume_points(), vec![(1, Lsn(4 * XLOG_BLCKSZ as u64))]);
+    }
+
+    #[test]
+    fn refuses_foreign_directories_and_new_timelines_mid_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("000000010000000000000001"), b"x").unwrap();
+        assert!(Archive::open(dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("not made by walship"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Archive::open(dir.path()).unwrap();
+        a.check_or_pin_identity(identity()).unwrap().unwrap();
+        assert!(a
+            .append(2, Lsn(SEG + 8), &[1, 2])
+            .unwrap_err()
+            .to_string()
+            .contains("segment boundary"));
+        a.store_history(2, b"1\t0/100000\tx\n").unwrap();
+        a.store_history(2, b"1\t0/100000\tx\n").unwrap();
+        assert!(a.store_history(2, b"1\t0/200000\ty\n").is_err());
+    }
+}
