@@ -175,15 +175,6 @@ impl<In, Out: Encode> Encoder<Out> for MessageCodec<In, Out> {
     }
 }
 
-impl<In, Out: Encode> Encoder<&Out> for MessageCodec<In, Out> {
-    type Error = FrameError;
-
-    fn encode(&mut self, item: &Out, dst: &mut BytesMut) -> Result<(), FrameError> {
-        encode_frame(item, dst);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,1 +1,130 @@
-fn main() {}
+//! `walship-sender`: command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use walship_protocol::Lsn;
+use walship_sender::{link, SenderConfig};
+
+/// walship sender: streams every flushed WAL byte of a PostgreSQL primary to a walship receiver over
+/// mutually authenticated TLS. Run it on the primary's host, as the database's OS user (it reads pg_wal).
+#[derive(Parser, Debug)]
+#[command(name = "walship-sender", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the sender daemon.
+    Run(RunArgs),
+}
+
+#[derive(Parser, Debug)]
+struct RunArgs {
+    /// libpq-style connection string of the primary, e.g. "host=/var/run/postgresql user=postgres".
+    /// The role needs superuser, or pg_monitor plus pg_read_all_settings (or pass --wal-dir).
+    #[arg(
+        long,
+        env = "WALSHIP_PGCONN",
+        default_value = "host=/var/run/postgresql dbname=postgres"
+    )]
+    pgconn: String,
+    /// The receiver, HOST:PORT.
+    #[arg(long, env = "WALSHIP_RECEIVER")]
+    receiver: String,
+    /// PEM CA certificate that signed the receiver's certificate.
+    #[arg(long, env = "WALSHIP_TLS_CA")]
+    tls_ca: PathBuf,
+    /// PEM client certificate this sender presents.
+    #[arg(long, env = "WALSHIP_TLS_CERT")]
+    tls_cert: PathBuf,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "WALSHIP_TLS_KEY")]
+    tls_key: PathBuf,
+    /// Name the receiver's certificate must carry. Default: the host part of --receiver.
+    #[arg(long, env = "WALSHIP_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
+    /// WAL directory. Default: data_directory/pg_wal (pg_xlog on 9.6), asked from the server.
+    #[arg(long, env = "WALSHIP_WAL_DIR")]
+    wal_dir: Option<PathBuf>,
+    /// With an empty archive, start at the segment holding this LSN (X/X) instead of the current flush
+    /// position. Use the start LSN of the standby's base backup so the archive has everything it needs.
+    #[arg(long, env = "WALSHIP_START_LSN")]
+    start_lsn: Option<Lsn>,
+    /// Name this sender gives the receiver (logs, status). Default: the host name.
+    #[arg(long, env = "WALSHIP_NAME")]
+    name: Option<String>,
+    /// Most WAL bytes in flight without the receiver's acknowledgement, in MiB.
+    #[arg(long, env = "WALSHIP_WINDOW_MB", default_value_t = 16)]
+    window_mb: u64,
+    /// Fallback poll of the flush position, in milliseconds (file-system events wake the sender first).
+    #[arg(long, env = "WALSHIP_POLL_MS", default_value_t = 200)]
+    poll_ms: u64,
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let shutdown = shutdown_on_signals()?;
+    let tls = link::client_config(&args.tls_ca, &args.tls_cert, &args.tls_key)?;
+    let server_name = args
+        .tls_server_name
+        .clone()
+        .unwrap_or_else(|| link::host_of(&args.receiver).to_owned());
+    let mut cfg = SenderConfig::new(args.pgconn, args.receiver, server_name, tls);
+    cfg.wal_dir = args.wal_dir;
+    cfg.start_lsn = args.start_lsn;
+    if let Some(name) = args.name {
+        cfg.name = name;
+    }
+    cfg.window = args.window_mb.max(1) << 20;
+    cfg.poll_interval = std::time::Duration::from_millis(args.poll_ms.max(1));
+    walship_sender::run(cfg, shutdown).await?;
+    tracing::info!("sender stopped");
+    Ok(())
+}
+
+fn shutdown_on_signals() -> Result<tokio_util::sync::CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = tokio_util::sync::CancellationToken::new();
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+        t.cancel();
+    });
+    Ok(token)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("WALSHIP_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let result = match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("start runtime")
+            .and_then(|rt| rt.block_on(run(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("walship-sender: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

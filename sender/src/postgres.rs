@@ -1,0 +1,273 @@
+//! Talking to the primary: version detection, identity, segment size, WAL directory, and the flush position.
+//!
+//! Names of the WAL functions and directory changed in PostgreSQL 10 (`xlog` → `wal`, `location` → `lsn`);
+//! [`Dialect`] holds both, chosen from `server_version_num`. Segment names and offsets are computed by walship
+//! from the LSN, never taken from `pg_walfile_name_offset` (whose answer at a segment boundary changed in 17).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use tokio_postgres::{Client, NoTls, Statement};
+use walship_protocol::wal::page_magic_for_version;
+use walship_protocol::{Lsn, TimelineId, WalSegSize};
+
+/// The SQL and paths of one PostgreSQL generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dialect {
+    /// Flushed position, written position, and the name of the segment file of the flushed position (its
+    /// first 8 hex digits are the current timeline).
+    pub position_sql: &'static str,
+    /// The WAL directory inside the data directory.
+    pub wal_dir: &'static str,
+}
+
+impl Dialect {
+    pub fn for_version(server_version_num: u32) -> Result<Dialect> {
+        if page_magic_for_version(server_version_num).is_none() {
+            bail!("PostgreSQL server_version_num {server_version_num} is not supported: walship supports 9.6 to 18");
+        }
+        Ok(if server_version_num >= 100_000 {
+            Dialect {
+                position_sql:
+                    "SELECT pg_current_wal_flush_lsn()::text, pg_current_wal_lsn()::text, \
+                               pg_walfile_name(pg_current_wal_flush_lsn())",
+                wal_dir: "pg_wal",
+            }
+        } else {
+            Dialect {
+                position_sql: "SELECT pg_current_xlog_flush_location()::text, pg_current_xlog_location()::text, \
+                               pg_xlogfile_name(pg_current_xlog_flush_location())",
+                wal_dir: "pg_xlog",
+            }
+        })
+    }
+}
+
+/// `wal_segment_size` from `pg_settings`: in 8 kB blocks up to 10, in bytes from 11; `unit` says which.
+pub fn segment_size_from_setting(setting: &str, unit: Option<&str>) -> Result<WalSegSize> {
+    let n: u64 = setting
+        .trim()
+        .parse()
+        .with_context(|| format!("wal_segment_size setting {setting:?} is not a number"))?;
+    let factor = match unit.map(str::trim) {
+        None | Some("") | Some("B") => 1,
+        Some("8kB") => 8192,
+        Some("kB") => 1024,
+        Some("MB") => 1 << 20,
+        Some(other) => bail!("wal_segment_size has an unknown unit {other:?}"),
+    };
+    Ok(WalSegSize::new(n * factor)?)
+}
+
+/// What the sender learns once per connection.
+#[derive(Clone, Debug)]
+pub struct ServerInfo {
+    pub version_num: u32,
+    pub system_identifier: u64,
+    pub seg: WalSegSize,
+    pub magic: u16,
+    /// `data_directory`, when this role may read it.
+    pub data_directory: Option<PathBuf>,
+    pub dialect: Dialect,
+}
+
+/// Where WAL ends on the primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// Flushed to disk: the sender never ships beyond it.
+    pub flush: Lsn,
+    /// Written to the kernel (maybe not yet flushed).
+    pub write: Lsn,
+    pub timeline: TimelineId,
+}
+
+/// A connection to the primary with the position query prepared.
+pub struct Primary {
+    client: Client,
+    position: Statement,
+    pub info: ServerInfo,
+}
+
+impl Primary {
+    /// Connects with a libpq-style conninfo and reads the server's facts.
+    pub async fn connect(conninfo: &str) -> Result<Primary> {
+        let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
+            .await
+            .with_context(|| format!("connect to PostgreSQL ({})", redact(conninfo)))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "PostgreSQL connection closed");
+            }
+        });
+        let version_num: u32 = scalar(&client, "SHOW server_version_num")
+            .await?
+            .parse()
+            .context("server_version_num")?;
+        let dialect = Dialect::for_version(version_num)?;
+        if client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .context("SELECT pg_is_in_recovery()")?
+            .get::<_, bool>(0)
+        {
+            bail!("the server is in recovery (a standby): run walship-sender against the primary");
+        }
+        let sysid: i64 = scalar(
+            &client,
+            "SELECT system_identifier::text FROM pg_control_system()",
+        )
+        .await
+        .context("read the system identifier (pg_control_system() needs superuser or pg_monitor)")?
+        .parse()
+        .context("system identifier")?;
+        let row = client
+            .query_one(
+                "SELECT setting, unit FROM pg_settings WHERE name = 'wal_segment_size'",
+                &[],
+            )
+            .await
+            .context("read wal_segment_size")?;
+        let seg = segment_size_from_setting(row.get(0), row.get(1))?;
+        let data_directory = client
+            .query_opt(
+                "SELECT setting FROM pg_settings WHERE name = 'data_directory'",
+                &[],
+            )
+            .await
+            .context("read data_directory")?
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
+        let position = client
+            .prepare(dialect.position_sql)
+            .await
+            .context("prepare the WAL position query")?;
+        let magic = page_magic_for_version(version_num).context("page magic")?;
+        Ok(Primary {
+            client,
+            position,
+            info: ServerInfo {
+                version_num,
+                system_identifier: sysid as u64,
+                seg,
+                magic,
+                data_directory,
+                dialect,
+            },
+        })
+    }
+
+    /// The current flush and write positions and timeline (one cheap prepared query).
+    pub async fn position(&self) -> Result<Position> {
+        let row = self
+            .client
+            .query_one(&self.position, &[])
+            .await
+            .context("query the WAL flush position")?;
+        let flush: Lsn = row.get::<_, String>(0).parse()?;
+        let write: Lsn = row.get::<_, String>(1).parse()?;
+        let name: String = row.get(2);
+        let timeline = name
+            .get(0..8)
+            .and_then(|t| u32::from_str_radix(t, 16).ok())
+            .filter(|t| *t > 0)
+            .with_context(|| format!("cannot read a timeline from WAL file name {name:?}"))?;
+        Ok(Position {
+            flush,
+            write,
+            timeline,
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
+
+async fn scalar(client: &Client, sql: &str) -> Result<String> {
+    for msg in client
+        .simple_query(sql)
+        .await
+        .with_context(|| format!("run {sql}"))?
+    {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = msg {
+            return row
+                .get(0)
+                .map(str::to_owned)
+                .with_context(|| format!("{sql} returned NULL"));
+        }
+    }
+    bail!("{sql} returned no row")
+}
+
+/// The conninfo with any password hidden, for messages.
+pub fn redact(conninfo: &str) -> String {
+    conninfo
+        .split_whitespace()
+        .map(|kv| {
+            if kv.to_ascii_lowercase().starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dialects() {
+        let d96 = Dialect::for_version(90624).unwrap();
+        assert_eq!(d96.wal_dir, "pg_xlog");
+        assert!(d96
+            .position_sql
+            .contains("pg_current_xlog_flush_location()"));
+        assert!(d96.position_sql.contains("pg_current_xlog_location()"));
+        assert!(d96.position_sql.contains("pg_xlogfile_name("));
+        assert!(!d96.position_sql.contains("_wal_"));
+        for v in [100020, 110022, 150018, 180004] {
+            let d = Dialect::for_version(v).unwrap();
+            assert_eq!(d.wal_dir, "pg_wal");
+            assert!(d.position_sql.contains("pg_current_wal_flush_lsn()"));
+            assert!(d.position_sql.contains("pg_walfile_name("));
+        }
+        assert!(Dialect::for_version(90500).is_err());
+        assert!(Dialect::for_version(190000).is_err());
+    }
+
+    #[test]
+    fn segment_size_units() {
+        // PostgreSQL 10 reports 8 kB blocks, 11+ bytes
+        assert_eq!(
+            segment_size_from_setting("2048", Some("8kB"))
+                .unwrap()
+                .bytes(),
+            16 << 20
+        );
+        assert_eq!(
+            segment_size_from_setting("16777216", Some("B"))
+                .unwrap()
+                .bytes(),
+            16 << 20
+        );
+        assert_eq!(
+            segment_size_from_setting("1048576", None).unwrap().bytes(),
+            1 << 20
+        );
+        assert!(segment_size_from_setting("3", Some("B")).is_err());
+        assert!(segment_size_from_setting("x", Some("B")).is_err());
+        assert!(segment_size_from_setting("1", Some("GB")).is_err());
+    }
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            redact("host=x password=secret user=u"),
+            "host=x password=*** user=u"
+        );
+    }
+}
