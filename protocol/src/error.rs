@@ -117,6 +117,8 @@ pub enum PageError {
     ForeignSystem { lsn: Lsn, found: u64, expected: u64 },
     #[error("segment at {lsn} says segment size {found}, expected {expected}")]
     SegSizeMismatch { lsn: Lsn, found: u32, expected: u32 },
+    #[error("page at {lsn} holds data after the zero-filled tail of a switched segment: a recycled or damaged file")]
+    DataAfterSwitchTail { lsn: Lsn },
     #[error("segment at {lsn} says WAL block size {found}, walship supports 8192")]
     BlockSize { lsn: Lsn, found: u32 },
 }

@@ -276,40 +276,41 @@ async fn session(
     .await
     .context("send Hello")
     .map_err(retry)?;
-    let resume =
-        match tokio::time::timeout(cfg.connect_timeout, rx.next()).await {
-            Err(_) => {
-                return Err(retry(anyhow!(
-                    "the receiver did not answer Hello within {:?}",
-                    cfg.connect_timeout
-                )))
-            }
-            Ok(None) => return Err(retry(anyhow!(
+    let resume = match tokio::time::timeout(cfg.connect_timeout, rx.next()).await {
+        Err(_) => {
+            return Err(retry(anyhow!(
+                "the receiver did not answer Hello within {:?}",
+                cfg.connect_timeout
+            )))
+        }
+        Ok(None) => {
+            return Err(retry(anyhow!(
                 "the receiver closed the connection during the handshake (certificate refused?)"
-            ))),
-            Ok(Some(Err(e))) => {
-                return Err(retry(
-                    anyhow::Error::new(e).context("handshake with the receiver"),
-                ))
-            }
-            Ok(Some(Ok(ReceiverMessage::Welcome { resume, .. }))) => resume,
-            Ok(Some(Ok(ReceiverMessage::Refuse { code, reason }))) => {
-                let e = anyhow!("the receiver refused this sender: {reason}");
-                return Err(if code.is_transient() {
-                    Failure::Retry(e)
-                } else {
-                    Failure::Fatal(e)
-                });
-            }
-            Ok(Some(Ok(ReceiverMessage::Error { reason }))) => {
-                return Err(retry(anyhow!("the receiver reported: {reason}")))
-            }
-            Ok(Some(Ok(other))) => {
-                return Err(retry(anyhow!(
-                    "protocol violation: {other:?} instead of Welcome"
-                )))
-            }
-        };
+            )))
+        }
+        Ok(Some(Err(e))) => {
+            return Err(retry(
+                anyhow::Error::new(e).context("handshake with the receiver"),
+            ))
+        }
+        Ok(Some(Ok(ReceiverMessage::Welcome { resume, .. }))) => resume,
+        Ok(Some(Ok(ReceiverMessage::Refuse { code, reason }))) => {
+            let e = anyhow!("the receiver refused this sender: {reason}");
+            return Err(if code.is_transient() {
+                Failure::Retry(e)
+            } else {
+                Failure::Fatal(e)
+            });
+        }
+        Ok(Some(Ok(ReceiverMessage::Error { reason }))) => {
+            return Err(retry(anyhow!("the receiver reported: {reason}")))
+        }
+        Ok(Some(Ok(other))) => {
+            return Err(retry(anyhow!(
+                "protocol violation: {other:?} instead of Welcome"
+            )))
+        }
+    };
 
     let start = decide_start(
         &resume,

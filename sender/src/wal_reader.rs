@@ -31,6 +31,8 @@ pub struct WalReader {
     magic: u16,
     system_identifier: u64,
     open: Option<(TimelineId, SegNo, File)>,
+    /// The segment whose tail after an `XLOG_SWITCH` is being read (all-zero pages).
+    zero_tail: Option<(TimelineId, SegNo)>,
 }
 
 impl WalReader {
@@ -41,6 +43,7 @@ impl WalReader {
             magic,
             system_identifier,
             open: None,
+            zero_tail: None,
         }
     }
 
@@ -84,7 +87,7 @@ impl WalReader {
                     }
                 }
             })?;
-            match exp.check_pages(&buf, Lsn(first_page)) {
+            match self.validate(&exp, &buf, Lsn(first_page)) {
                 Ok(()) => return Ok(buf.freeze().slice((start.0 - first_page) as usize..)),
                 Err(source) if attempt > 0 => {
                     return Err(ReadError::Invalid { file: name, source })
@@ -93,6 +96,30 @@ impl WalReader {
             }
         }
         unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Checks every page that starts in `buf` (which starts at the page-aligned `start`). After an
+    /// `XLOG_SWITCH` record PostgreSQL leaves the rest of the segment as zeros, so all-zero pages are accepted
+    /// below the flush position, but never as a segment's first page and never followed by a non-zero page in
+    /// the same segment (that would be a recycled or damaged file).
+    fn validate(&mut self, exp: &PageExpectation, buf: &[u8], start: Lsn) -> Result<(), PageError> {
+        let mut at = 0usize;
+        while at < buf.len() {
+            let lsn = Lsn(start.0 + at as u64);
+            let page = &buf[at..(at + XLOG_BLCKSZ).min(buf.len())];
+            let segno = self.seg.segno(lsn);
+            let in_zero_tail =
+                matches!(self.zero_tail, Some((t, s)) if t == exp.timeline && s == segno);
+            if self.seg.offset(lsn) != 0 && page.iter().all(|b| *b == 0) {
+                self.zero_tail = Some((exp.timeline, segno));
+            } else if in_zero_tail {
+                return Err(PageError::DataAfterSwitchTail { lsn });
+            } else {
+                exp.check_pages(page, lsn)?;
+            }
+            at += XLOG_BLCKSZ;
+        }
+        Ok(())
     }
 
     fn file(

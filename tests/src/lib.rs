@@ -1,1 +1,39 @@
-//! placeholder
+//! walship's test harness: real PostgreSQL clusters, the walship daemons as child processes, and helpers
+//! that compare an archive with a primary's `pg_wal`.
+//!
+//! In the spirit of neon's `wal_craft`: binaries are found (or the test fails loudly with the fix), every
+//! test gets its own temp directory and `initdb`, servers listen on a Unix socket only, everything is stopped
+//! on drop, and logs are printed when a test fails. When the tests run as root, servers and walship daemons
+//! run as the `postgres` user, as in production, where both run as the database's OS user.
+
+pub mod archive;
+pub mod cluster;
+pub mod daemon;
+pub mod env;
+pub mod proxy;
+
+use std::time::{Duration, Instant};
+
+pub use cluster::{Cluster, InitOptions};
+pub use daemon::{Daemon, Walship};
+pub use env::TestDir;
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`. The waiting between polls is
+/// an interval tick, not synchronisation: the condition is what the test waits for.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tick.tick().await;
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The command-line contract other tools and the docs rely on.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+fn receiver() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_walship-receiver"))
+}
+
+#[test]
+fn run_help_names_every_contract_flag() {
+    let out = receiver().args(["run", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen",
+        "--archive",
+        "--tls-cert",
+        "--tls-key",
+        "--tls-client-ca",
+        "WALSHIP_ARCHIVE",
+    ] {
+        assert!(help.contains(flag), "run --help lacks {flag}:\n{help}");
+    }
+}
+
+#[test]
+fn certs_writes_five_private_files_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("certs");
+    let out = receiver()
+        .arg("certs")
+        .arg("--out")
+        .arg(&out_dir)
+        .args(["--server-name", "db2.example.com"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "ca.crt",
+        "server.crt",
+        "server.key",
+        "client.crt",
+        "client.key",
+    ] {
+        let meta = std::fs::metadata(out_dir.join(f)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{f}");
+        assert!(std::fs::read_to_string(out_dir.join(f))
+            .unwrap()
+            .starts_with("-----BEGIN"));
+    }
+    let again = receiver()
+        .arg("certs")
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    let forced = receiver()
+        .arg("certs")
+        .arg("--out")
+        .arg(&out_dir)
+        .arg("--force")
+        .output()
+        .unwrap();
+    assert!(forced.status.success());
+}
+
+#[test]
+fn a_server_key_that_does_not_match_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    assert!(receiver()
+        .arg("certs")
+        .arg("--out")
+        .arg(&a)
+        .status()
+        .unwrap()
+        .success());
+    assert!(receiver()
+        .arg("certs")
+        .arg("--out")
+        .arg(&b)
+        .status()
+        .unwrap()
+        .success());
+    let out = receiver()
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .arg("--archive")
+        .arg(dir.path().join("archive"))
+        .arg("--tls-cert")
+        .arg(a.join("server.crt"))
+        .arg("--tls-key")
+        .arg(b.join("server.key"))
+        .arg("--tls-client-ca")
+        .arg(a.join("ca.crt"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not match key"), "{err}");
+}

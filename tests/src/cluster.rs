@@ -1,0 +1,332 @@
+//! Real PostgreSQL clusters for tests: initdb, pg_ctl, pgbench, SQL over tokio-postgres.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+use walship_protocol::Lsn;
+
+use crate::env::{as_db_user, TestDir};
+
+/// The directory with PostgreSQL's server binaries: `WALSHIP_PG_BIN`, else the newest
+/// `/usr/lib/postgresql/*/bin`. Panics with the fix when there is none.
+pub fn pg_bin() -> PathBuf {
+    if let Ok(dir) = std::env::var("WALSHIP_PG_BIN") {
+        let dir = PathBuf::from(dir);
+        assert!(
+            dir.join("initdb").exists(),
+            "WALSHIP_PG_BIN={} has no initdb: point it at a PostgreSQL bin directory",
+            dir.display()
+        );
+        return dir;
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let major: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((major, bin))
+        })
+        .collect();
+    found.sort();
+    match found.pop() {
+        Some((_, bin)) => bin,
+        None => panic!(
+            "PostgreSQL server binaries not found: walship's tests run against a real PostgreSQL server. \
+             Fix: apt-get install -y postgresql (Debian/Ubuntu), or set WALSHIP_PG_BIN to a directory holding \
+             initdb, pg_ctl, postgres and pgbench"
+        ),
+    }
+}
+
+/// Runs `cmd` as the database user and returns its output; panics with stderr when it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = as_db_user(cmd)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Options of [`Cluster::init`].
+#[derive(Clone, Debug, Default)]
+pub struct InitOptions {
+    /// `initdb --wal-segsize` in MB (11+); default 16.
+    pub wal_segsize_mb: Option<u32>,
+    /// Extra postgresql.conf lines.
+    pub conf: Vec<String>,
+}
+
+/// A PostgreSQL cluster in a test directory, listening on a Unix socket only. Stopped (immediately) on drop;
+/// its log is printed if the test failed.
+pub struct Cluster {
+    pub name: String,
+    pub bin: PathBuf,
+    pub data: PathBuf,
+    pub socket_dir: PathBuf,
+    pub log: PathBuf,
+    pub major: u32,
+    running: bool,
+}
+
+/// The major version of the server binaries in `bin`.
+pub fn server_major(bin: &Path) -> u32 {
+    let out = Command::new(bin.join("postgres"))
+        .arg("--version")
+        .output()
+        .expect("postgres --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "postgres (PostgreSQL) 15.18 (Debian ...)"
+    let ver = text.split_whitespace().nth(2).unwrap_or_default();
+    let mut parts = ver.split('.');
+    let first: u32 = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read a version from {text:?}"));
+    if first == 9 {
+        900 + parts
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or(0)
+    } else {
+        first
+    }
+}
+
+impl Cluster {
+    /// `initdb` a new cluster named `name` inside `dir`.
+    pub fn init(dir: &TestDir, name: &str, opts: &InitOptions) -> Cluster {
+        let bin = pg_bin();
+        let major = server_major(&bin);
+        let root = dir.subdir(name);
+        let data = root.join("data");
+        let socket_dir = dir.subdir(&format!("{name}-sock"));
+        let log = root.join("postgres.log");
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
+        if let Some(mb) = opts.wal_segsize_mb {
+            initdb.arg(format!("--wal-segsize={mb}"));
+        }
+        run_ok(&mut initdb);
+        let keep = if major >= 13 {
+            "wal_keep_size = '2GB'".to_string()
+        } else {
+            "wal_keep_segments = 128".to_string()
+        };
+        let mut conf = vec![
+            "listen_addresses = ''".to_string(),
+            format!("unix_socket_directories = '{}'", socket_dir.display()),
+            "port = 5432".to_string(),
+            // the primary's own durability is not what these tests check; the page cache survives kill -9
+            "fsync = off".to_string(),
+            "max_wal_size = '4GB'".to_string(),
+            keep,
+            "log_line_prefix = '%m [%p] '".to_string(),
+        ];
+        conf.extend(opts.conf.iter().cloned());
+        let path = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&path).expect("read postgresql.conf");
+        text.push_str("\n# walship test harness\n");
+        for line in conf {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        std::fs::write(&path, text).expect("write postgresql.conf");
+        Cluster {
+            name: name.to_owned(),
+            bin,
+            data,
+            socket_dir,
+            log,
+            major,
+            running: false,
+        }
+    }
+
+    /// Appends lines to postgresql.conf (takes effect at the next start).
+    pub fn configure(&self, lines: &[&str]) {
+        let path = self.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&path).expect("read postgresql.conf");
+        for l in lines {
+            text.push_str(l);
+            text.push('\n');
+        }
+        std::fs::write(&path, text).expect("write postgresql.conf");
+    }
+
+    pub fn start(&mut self) {
+        run_ok(
+            Command::new(self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .arg("-l")
+                .arg(&self.log)
+                .args(["-w", "-t", "120", "start"]),
+        );
+        self.running = true;
+    }
+
+    /// Stops with `mode` (`fast`, `immediate`, `smart`).
+    pub fn stop(&mut self, mode: &str) {
+        if self.running {
+            run_ok(
+                Command::new(self.bin.join("pg_ctl"))
+                    .arg("-D")
+                    .arg(&self.data)
+                    .args(["-w", "-t", "120", "-m", mode, "stop"]),
+            );
+            self.running = false;
+        }
+    }
+
+    /// Stops like a crash: `pg_ctl stop -m immediate` (no shutdown checkpoint).
+    pub fn kill(&mut self) {
+        self.stop("immediate");
+    }
+
+    pub fn conninfo(&self) -> String {
+        format!(
+            "host={} port=5432 user=postgres dbname=postgres",
+            self.socket_dir.display()
+        )
+    }
+
+    pub fn wal_dir(&self) -> PathBuf {
+        self.data.join(if self.major >= 10 {
+            "pg_wal"
+        } else {
+            "pg_xlog"
+        })
+    }
+
+    /// A SQL connection.
+    pub async fn connect(&self) -> Client {
+        let (client, conn) = tokio_postgres::connect(&self.conninfo(), NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect to cluster {}: {e}", self.name));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// The flushed WAL position.
+    pub async fn flush_lsn(&self, client: &Client) -> Lsn {
+        let f = if self.major >= 10 {
+            "pg_current_wal_flush_lsn()"
+        } else {
+            "pg_current_xlog_flush_location()"
+        };
+        let s: String = client
+            .query_one(&format!("SELECT {f}::text"), &[])
+            .await
+            .expect("flush lsn")
+            .get(0);
+        s.parse().expect("parse lsn")
+    }
+
+    /// `pg_switch_wal()`, returning the position after the switch (the next segment's start).
+    pub async fn switch_wal(&self, client: &Client) -> Lsn {
+        let f = if self.major >= 10 {
+            "pg_switch_wal()"
+        } else {
+            "pg_switch_xlog()"
+        };
+        client
+            .execute("CREATE TABLE IF NOT EXISTS walship_switch(x int)", &[])
+            .await
+            .expect("create");
+        client
+            .execute("INSERT INTO walship_switch VALUES (1)", &[])
+            .await
+            .expect("insert");
+        client
+            .query_one(&format!("SELECT {f}"), &[])
+            .await
+            .expect("switch wal");
+        self.flush_lsn(client).await
+    }
+
+    pub async fn system_identifier(&self, client: &Client) -> u64 {
+        let s: String = client
+            .query_one(
+                "SELECT system_identifier::text FROM pg_control_system()",
+                &[],
+            )
+            .await
+            .expect("system identifier")
+            .get(0);
+        s.parse::<i64>().expect("sysid") as u64
+    }
+
+    /// The pgbench binary: next to the server's, else the newest installed one.
+    pub fn pgbench_bin(&self) -> PathBuf {
+        let own = self.bin.join("pgbench");
+        if own.exists() {
+            return own;
+        }
+        pg_bin().join("pgbench")
+    }
+
+    /// A pgbench command against this cluster (run it with [`run_ok`] or spawn it).
+    pub fn pgbench(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(self.pgbench_bin());
+        cmd.arg("-h")
+            .arg(&self.socket_dir)
+            .args(["-p", "5432", "-U", "postgres"])
+            .args(args)
+            .arg("postgres");
+        as_db_user(&mut cmd);
+        cmd
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!(
+                "--- PostgreSQL log of cluster {} (last 60 lines) ---",
+                self.name
+            );
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        if self.running {
+            let _ = as_db_user(
+                Command::new(self.bin.join("pg_ctl"))
+                    .arg("-D")
+                    .arg(&self.data)
+                    .args(["-m", "immediate", "-w", "stop"]),
+            )
+            .output();
+        }
+    }
+}
+
+/// How long tests wait for things that should take a moment.
+pub const WAIT: Duration = Duration::from_secs(90);

@@ -1,0 +1,105 @@
+//! Temp directories the database user can use, and running commands as that user.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The OS user PostgreSQL and the walship daemons run as when the tests run as root.
+pub const DB_USER: &str = "postgres";
+
+/// Whether this process runs as root (from `/proc/self`, no unsafe code needed).
+pub fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+/// `(uid, gid)` of `user` from /etc/passwd.
+pub fn lookup_user(user: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        (f.len() > 3 && f[0] == user).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+    })
+}
+
+/// The uid/gid to run servers and daemons as: the `postgres` user when root, else ourselves (`None`).
+pub fn db_user() -> Option<(u32, u32)> {
+    if !is_root() {
+        return None;
+    }
+    Some(lookup_user(DB_USER).unwrap_or_else(|| {
+        panic!(
+            "the tests run as root, and PostgreSQL refuses to run as root, but there is no `{DB_USER}` user to run it as. \
+             Fix: apt-get install -y postgresql (creates the user), or useradd --system {DB_USER}"
+        )
+    }))
+}
+
+/// Makes `cmd` run as the database user when the tests run as root.
+pub fn as_db_user(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    if let Some((uid, gid)) = db_user() {
+        cmd.uid(uid)
+            .gid(gid)
+            .env("HOME", "/tmp")
+            .env("USER", DB_USER);
+    }
+    cmd
+}
+
+/// Gives `path` to the database user (when root).
+pub fn chown_to_db_user(path: &Path) {
+    if let Some((uid, gid)) = db_user() {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    }
+}
+
+/// A per-test directory owned by the database user, under the system temp dir (which every user can enter).
+/// It is removed on drop, unless the test failed: then its path is printed and it is kept for inspection.
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("walship-{name}-"))
+            .tempdir_in(std::env::temp_dir())
+            .expect("create test directory");
+        let path = dir.path().to_owned();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+            .expect("chmod test dir");
+        chown_to_db_user(&path);
+        TestDir {
+            dir: Some(dir),
+            path,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A subdirectory owned by the database user.
+    pub fn subdir(&self, name: &str) -> PathBuf {
+        let p = self.path.join(name);
+        std::fs::create_dir_all(&p).expect("create subdir");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).expect("chmod subdir");
+        chown_to_db_user(&p);
+        p
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(d) = self.dir.take() {
+                let kept = d.keep();
+                eprintln!("test failed: its files are kept in {}", kept.display());
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! End-to-end shipping against a real PostgreSQL server: the archive must be byte-identical to the
+//! primary's pg_wal, through crashes, restarts and network cuts.
+
+use std::time::{Duration, Instant};
+
+use walship_protocol::{Lsn, WalSegSize};
+use walship_tests::archive::{archive_end, assert_matches_primary};
+use walship_tests::cluster::{run_ok, WAIT};
+use walship_tests::{wait_for, Cluster, InitOptions, TestDir, Walship};
+
+/// Waits until the archive holds timeline 1 up to at least `target`.
+async fn wait_archived(archive: &std::path::Path, seg: WalSegSize, target: Lsn) {
+    wait_for(&format!("the archive to reach {target}"), WAIT, || async {
+        archive_end(archive, seg, 1)
+            .filter(|end| *end >= target)
+            .map(|_| ())
+    })
+    .await;
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_wal_arrives_byte_identical() {
+    let dir = TestDir::new("ship");
+    let walship = Walship::install(&dir);
+    let certs = walship.certs(&dir, "certs");
+    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
+    primary.start();
+    let client = primary.connect().await;
+    let seg = WalSegSize::DEFAULT;
+
+    let archive = dir.path().join("archive");
+    let receiver = walship.receiver(&dir, &archive, &certs, 0);
+    let mut sender = walship.sender(
+        &dir,
+        &primary.conninfo(),
+        receiver.port,
+        &certs,
+        &certs,
+        &[],
+    );
+    sender.wait_for_log("streaming", Duration::from_secs(30));
+
+    run_ok(&mut primary.pgbench(&["-i", "-s", "4", "-q"]));
+
+    // pgbench load while sampling how far the archive trails the primary's flush position
+    let mut bench = primary
+        .pgbench(&["-c", "4", "-j", "2", "-T", "8", "-n"])
+        .spawn()
+        .expect("pgbench");
+    let mut samples: Vec<(Instant, Lsn, Lsn)> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    while bench.try_wait().expect("pgbench status").is_none() {
+        tick.tick().await;
+        let flush = primary.flush_lsn(&client).await;
+        let archived = archive_end(&archive, seg, 1).unwrap_or(Lsn(0));
+        samples.push((Instant::now(), flush, archived));
+    }
+    assert!(bench.wait().expect("pgbench").success());
+    let mut bytes_behind: Vec<f64> = samples
+        .iter()
+        .map(|(_, f, a)| f.saturating_sub(*a) as f64)
+        .collect();
+    bytes_behind.sort_by(f64::total_cmp);
+    // time lag: for each flush sample, how long until the archive held it
+    let mut ms_behind: Vec<f64> = Vec::new();
+    for (i, (t, flush, _)) in samples.iter().enumerate() {
+        if let Some((t2, _, _)) = samples[i..].iter().find(|(_, _, a)| a >= flush) {
+            ms_behind.push(t2.duration_since(*t).as_secs_f64() * 1000.0);
+        }
+    }
+    ms_behind.sort_by(f64::total_cmp);
+    println!(
+        "lag during pgbench ({} samples): bytes behind p50 {:.0} p99 {:.0} max {:.0}; ms until archived p50 {:.1} p99 {:.1} max {:.1}",
+        samples.len(),
+        percentile(&bytes_behind, 0.5),
+        percentile(&bytes_behind, 0.99),
+        percentile(&bytes_behind, 1.0),
+        percentile(&ms_behind, 0.5),
+        percentile(&ms_behind, 0.99),
+        percentile(&ms_behind, 1.0),
+    );
+
+    let switched = primary.switch_wal(&client).await;
+    wait_archived(&archive, seg, switched).await;
+    // a little more WAL after the switch, so the archive ends in a .partial
+    client
+        .execute(
+            "CREATE TABLE after_switch AS SELECT g FROM generate_series(1, 1000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let flush = primary.flush_lsn(&client).await;
+    wait_archived(&archive, seg, flush).await;
+
+    let compared = assert_matches_primary(&archive, &primary.wal_dir(), seg, 1);
+    println!("archive byte-identical to pg_wal: {compared:?}");
+    assert!(
+        compared.complete_segments >= 3,
+        "expected several complete segments, got {compared:?}"
+    );
+    assert!(
+        compared.partial_bytes >= seg.offset(flush),
+        "partial shorter than the flush offset"
+    );
+    assert!(std::fs::metadata(archive.join("walship.id")).is_ok());
+    drop(sender);
+}
