@@ -289,9 +289,15 @@ async fn session(
             )))
         }
         Ok(Some(Err(e))) => {
-            return Err(retry(
-                anyhow::Error::new(e).context("handshake with the receiver"),
-            ))
+            let e = anyhow::Error::new(e);
+            return Err(retry(if format!("{e}").contains("alert") {
+                e.context(
+                    "the receiver refused the TLS session: check that --tls-cert and --tls-key were issued by the CA \
+                     the receiver trusts (its --tls-client-ca)",
+                )
+            } else {
+                e.context("handshake with the receiver")
+            }));
         }
         Ok(Some(Ok(ReceiverMessage::Welcome { resume, .. }))) => resume,
         Ok(Some(Ok(ReceiverMessage::Refuse { code, reason }))) => {
@@ -386,6 +392,8 @@ async fn session(
         tokio::select! {
             _ = shutdown.cancelled() => {
                 info!(%sent, %acked, "shutting down");
+                // end the TLS session properly (close_notify); the receiver keeps what it acknowledged
+                let _ = tokio::time::timeout(Duration::from_secs(2), tx.close()).await;
                 return Ok(());
             }
             msg = rx.next() => {

@@ -113,3 +113,86 @@ async fn pgbench_wal_arrives_byte_identical() {
     assert!(std::fs::metadata(archive.join("walship.id")).is_ok());
     drop(sender);
 }
+
+/// Waits until the archive has grown past where it is now (the stream is alive).
+async fn wait_progress(archive: &std::path::Path, seg: WalSegSize, what: &str) {
+    let now = archive_end(archive, seg, 1).unwrap_or(Lsn(0));
+    wait_for(what, WAIT, || async {
+        archive_end(archive, seg, 1)
+            .filter(|e| *e > now)
+            .map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_restarts_and_network_cuts_leave_no_gap() {
+    let dir = TestDir::new("crash");
+    let walship = Walship::install(&dir);
+    let certs = walship.certs(&dir, "certs");
+    // 1 MB segments: many segment boundaries for little WAL
+    let opts = InitOptions {
+        wal_segsize_mb: Some(1),
+        ..Default::default()
+    };
+    let mut primary = Cluster::init(&dir, "primary", &opts);
+    primary.start();
+    let client = primary.connect().await;
+    let seg = WalSegSize::new(1 << 20).unwrap();
+    run_ok(&mut primary.pgbench(&["-i", "-s", "2", "-q"]));
+
+    let archive = dir.path().join("archive");
+    let mut receiver = walship.receiver(&dir, &archive, &certs, 0);
+    let port = receiver.port;
+    let proxy = walship_tests::proxy::Proxy::start(([127, 0, 0, 1], port).into()).await;
+    let mut sender = walship.sender(&dir, &primary.conninfo(), proxy.port, &certs, &certs, &[]);
+    sender.wait_for_log("streaming", Duration::from_secs(30));
+
+    let mut bench = primary
+        .pgbench(&["-c", "2", "-j", "2", "-T", "30", "-n"])
+        .spawn()
+        .expect("pgbench");
+    wait_progress(&archive, seg, "first WAL in the archive").await;
+
+    // receiver crash mid-stream (kill -9), restart on the same port
+    receiver.kill9();
+    receiver = walship.receiver(&dir, &archive, &certs, port);
+    wait_progress(&archive, seg, "shipping to resume after a receiver crash").await;
+
+    // sender crash, restart
+    sender.kill9();
+    sender = walship.sender(&dir, &primary.conninfo(), proxy.port, &certs, &certs, &[]);
+    wait_progress(&archive, seg, "shipping to resume after a sender crash").await;
+
+    // network cut between them
+    proxy.cut();
+    wait_progress(&archive, seg, "shipping to resume after a network cut").await;
+    assert!(
+        sender.log_text().contains("reconnecting"),
+        "the sender should have noticed the cut"
+    );
+
+    // and once more a receiver crash, this time right after a cut
+    proxy.cut();
+    receiver.kill9();
+    receiver = walship.receiver(&dir, &archive, &certs, port);
+    wait_progress(&archive, seg, "shipping to resume after cut + crash").await;
+
+    assert!(bench.wait().expect("pgbench").success());
+    let switched = primary.switch_wal(&client).await;
+    wait_archived(&archive, seg, switched).await;
+    let compared = assert_matches_primary(&archive, &primary.wal_dir(), seg, 1);
+    println!("after 2 receiver crashes, 1 sender crash and 2 network cuts, the archive matches pg_wal: {compared:?}");
+    assert!(compared.complete_segments > 20, "{compared:?}");
+
+    // a clean shutdown on SIGTERM
+    assert!(
+        sender.terminate(Duration::from_secs(10)).success(),
+        "sender exit on SIGTERM"
+    );
+    assert!(
+        receiver.terminate(Duration::from_secs(10)).success(),
+        "receiver exit on SIGTERM"
+    );
+    assert!(receiver.log_text().contains("receiver stopped"));
+}
