@@ -164,13 +164,14 @@ async fn crashes_restarts_and_network_cuts_leave_no_gap() {
     sender = walship.sender(&dir, &primary.conninfo(), proxy.port, &certs, &certs, &[]);
     wait_progress(&archive, seg, "shipping to resume after a sender crash").await;
 
-    // network cut between them
+    // network cut between them: the sender notices, reconnects, and shipping goes on
+    let reconnects = sender.log_text().matches("reconnecting").count();
     proxy.cut();
+    wait_for("the sender to notice the cut", WAIT, || async {
+        (sender.log_text().matches("reconnecting").count() > reconnects).then_some(())
+    })
+    .await;
     wait_progress(&archive, seg, "shipping to resume after a network cut").await;
-    assert!(
-        sender.log_text().contains("reconnecting"),
-        "the sender should have noticed the cut"
-    );
 
     // and once more a receiver crash, this time right after a cut
     proxy.cut();
@@ -183,7 +184,7 @@ async fn crashes_restarts_and_network_cuts_leave_no_gap() {
     wait_archived(&archive, seg, switched).await;
     let compared = assert_matches_primary(&archive, &primary.wal_dir(), seg, 1);
     println!("after 2 receiver crashes, 1 sender crash and 2 network cuts, the archive matches pg_wal: {compared:?}");
-    assert!(compared.complete_segments > 20, "{compared:?}");
+    assert!(compared.complete_segments > 5, "{compared:?}");
 
     // a clean shutdown on SIGTERM
     assert!(
