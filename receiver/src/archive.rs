@@ -650,6 +650,60 @@ impl Archive {
     }
 }
 
+/// A WAL file found in an archive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArchivedSegment {
+    pub timeline: TimelineId,
+    pub segno: SegNo,
+    pub complete: bool,
+    pub size: u64,
+}
+
+/// Lists the segment files of an archive (read-only; no lock needed), sorted by timeline and segment.
+/// A segment present both complete and partial (a crash between rename steps cannot cause it, but a copy by
+/// hand can) is listed once, as complete.
+pub fn list_segments(dir: &Path, seg: WalSegSize) -> Result<Vec<ArchivedSegment>> {
+    let mut found: BTreeMap<(TimelineId, SegNo), ArchivedSegment> = BTreeMap::new();
+    for entry in fs::read_dir(dir).with_context(|| format!("list archive {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("list archive {}", dir.display()))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let (timeline, segno, complete) = match WalFileName::parse(name, seg) {
+            Ok(WalFileName::Segment { timeline, segno }) => (timeline, segno, true),
+            Ok(WalFileName::Partial { timeline, segno }) => (timeline, segno, false),
+            _ => continue,
+        };
+        let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+        let e = found.entry((timeline, segno)).or_insert(ArchivedSegment {
+            timeline,
+            segno,
+            complete,
+            size,
+        });
+        if complete && !e.complete {
+            *e = ArchivedSegment {
+                timeline,
+                segno,
+                complete,
+                size,
+            };
+        }
+    }
+    Ok(found.into_values().collect())
+}
+
+/// Where the archived WAL of the newest timeline ends, from the files (what has been written; the receiver
+/// acknowledges only what it has fsynced).
+pub fn archive_end(segments: &[ArchivedSegment], seg: WalSegSize) -> Option<(TimelineId, Lsn)> {
+    let last = segments.last()?;
+    let end = if last.complete {
+        seg.segment_start(last.segno + 1)
+    } else {
+        Lsn(seg.segment_start(last.segno).0 + last.size)
+    };
+    Some((last.timeline, end))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

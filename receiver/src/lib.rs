@@ -8,10 +8,16 @@
 //! | [`tls`]     | rustls configuration (TLS 1.3, client certificates required) |
 //! | [`certs`]   | `certs`: a CA and certificates for a quick start |
 //! | [`status`]  | what the receiver is doing, for `status` |
+//! | [`restore`] | `restore_command`: complete segments, history files, the zero-padded last partial at failover |
+//! | [`promote`] | failover: trigger, wait for the handover, `pg_ctl promote` |
+//! | [`cleanup`] | `archive_cleanup_command` |
 #![forbid(unsafe_code)]
 
 pub mod archive;
 pub mod certs;
+pub mod cleanup;
+pub mod promote;
+pub mod restore;
 pub mod server;
 pub mod status;
 pub mod tls;
@@ -24,6 +30,7 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use walship_receiver::{archive, certs, server, status, tls};
+use walship_receiver::{archive, certs, cleanup, promote, restore, server, status, tls};
 
 /// walship receiver: archives the WAL that walship senders stream from PostgreSQL primaries, and hands it to
 /// recovery on the standby.
@@ -24,6 +24,83 @@ enum Command {
     Run(RunArgs),
     /// Write a CA, a server certificate and a client certificate for a quick start.
     Certs(CertsArgs),
+    /// restore_command: hand a WAL file from the archive to recovery (exit 0), or say it is missing (exit 1).
+    ///
+    /// recovery.conf (PostgreSQL 10, 11) or postgresql.conf (12+):
+    ///   restore_command = 'walship-receiver restore --archive /var/lib/walship/archive %f %p'
+    /// Add --wait for archive recovery (recovery.signal, or recovery.conf without standby_mode), --live for a
+    /// hot standby that replays the partial segment as it grows.
+    Restore(RestoreArgs),
+    /// Fail over: make recovery take the end of the archive (the last partial segment, zero-padded), then
+    /// promote the standby and print where its new timeline starts.
+    Promote(PromoteArgs),
+    /// archive_cleanup_command: remove complete segments older than %r.
+    Cleanup(CleanupArgs),
+    /// Show the archive's cluster, position, current partial, connected sender and lag.
+    Status(StatusArgs),
+}
+
+#[derive(Parser, Debug)]
+struct RestoreArgs {
+    /// Archive directory.
+    #[arg(long, env = "WALSHIP_ARCHIVE")]
+    archive: PathBuf,
+    /// Wait for a segment that has not arrived yet, or for failover (archive recovery, like pg_standby).
+    /// Without it, a missing segment is answered at once (standby mode: PostgreSQL retries by itself).
+    #[arg(long)]
+    wait: bool,
+    /// Also hand over the current partial segment, zero-padded, before any failover, so that a standby in
+    /// standby mode replays shipped WAL continuously (set wal_retrieve_retry_interval low, e.g. 100ms).
+    #[arg(long)]
+    live: bool,
+    /// A file whose existence triggers failover (for HA tools), besides `walship-receiver promote`.
+    #[arg(long, env = "WALSHIP_TRIGGER")]
+    trigger: Option<PathBuf>,
+    /// Hand over zero-padded partial segments even when the standby runs archive_mode = always (it would
+    /// archive them under their real names).
+    #[arg(long)]
+    allow_archive_mode_always: bool,
+    /// %f: the file recovery wants.
+    file: String,
+    /// %p: where to put it.
+    path: PathBuf,
+    /// %r: the oldest file still needed (accepted, unused).
+    restartpoint: Option<String>,
+}
+
+#[derive(Parser, Debug)]
+struct PromoteArgs {
+    /// Archive directory the standby's restore_command reads.
+    #[arg(long, env = "WALSHIP_ARCHIVE")]
+    archive: PathBuf,
+    /// Data directory of the standby to promote.
+    #[arg(long, env = "PGDATA")]
+    pgdata: PathBuf,
+    /// Directory holding pg_ctl and pg_controldata. Default: the running server's.
+    #[arg(long, env = "WALSHIP_PG_BIN")]
+    pg_bin: Option<PathBuf>,
+    /// Seconds to wait for recovery to take the end of the archive and for promotion.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+#[derive(Parser, Debug)]
+struct CleanupArgs {
+    /// Archive directory.
+    #[arg(long, env = "WALSHIP_ARCHIVE")]
+    archive: PathBuf,
+    /// %r: the oldest segment still needed; older complete segments are removed.
+    restartpoint: String,
+}
+
+#[derive(Parser, Debug)]
+struct StatusArgs {
+    /// Archive directory.
+    #[arg(long, env = "WALSHIP_ARCHIVE")]
+    archive: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Parser, Debug)]
@@ -108,9 +185,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     walship_receiver::init_logging();
     let result = match cli.command {
-        Command::Run(args) => tokio::runtime::Runtime::new()
-            .context("start runtime")
-            .and_then(|rt| rt.block_on(run(args))),
+        Command::Run(args) => tokio::runtime::Runtime::new().context("start runtime").and_then(|rt| rt.block_on(run(args))),
         Command::Certs(args) => {
             let names = if args.server_names.is_empty() {
                 vec!["localhost".to_string(), "127.0.0.1".to_string()]
@@ -118,13 +193,50 @@ fn main() -> ExitCode {
                 args.server_names
             };
             certs::write_certificates(&args.out, &names, &args.client_name, args.force).map(|()| {
+                println!("wrote {} to {}", certs::FILES.join(", "), args.out.display());
+            })
+        }
+        Command::Restore(args) => {
+            let opts = restore::RestoreOptions {
+                archive: args.archive,
+                wait: args.wait,
+                live: args.live,
+                trigger: args.trigger,
+                allow_archive_mode_always: args.allow_archive_mode_always,
+                wanted: args.file,
+                dest: args.path,
+                data_dir: std::env::current_dir().unwrap_or_default(),
+            };
+            // exit 0: restored; 1: missing. Never above 125: that would abort recovery.
+            return ExitCode::from(restore::restore(&opts).exit_code());
+        }
+        Command::Promote(args) => {
+            let opts = promote::PromoteOptions {
+                archive: args.archive,
+                pgdata: args.pgdata,
+                pg_bin: args.pg_bin,
+                timeout: Duration::from_secs(args.timeout.max(1)),
+            };
+            promote::promote(&opts).map(|r| {
                 println!(
-                    "wrote {} to {}",
-                    certs::FILES.join(", "),
-                    args.out.display()
+                    "promoted: timeline {} starts at {}; recovery took {} bytes of the partial segment {} (WAL up to {})",
+                    r.timeline, r.start_lsn, r.handover.partial_bytes, r.handover.segment, r.handover.end_lsn
                 );
             })
         }
+        Command::Cleanup(args) => cleanup::cleanup(&args.archive, &args.restartpoint).map(|removed| {
+            if !removed.is_empty() {
+                tracing::info!(count = removed.len(), first = %removed[0], last = %removed[removed.len() - 1], "removed segments older than {}", args.restartpoint);
+            }
+        }),
+        Command::Status(args) => status::report(&args.archive).and_then(|r| {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{r}");
+            }
+            Ok(())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

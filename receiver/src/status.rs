@@ -136,3 +136,158 @@ fn write_status(dir: &Path, status: &StatusFile) {
 pub fn read_status(dir: &Path) -> Option<StatusFile> {
     serde_json::from_slice(&std::fs::read(dir.join(STATUS_FILE)).ok()?).ok()
 }
+
+/// The answer of `walship-receiver status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub archive: String,
+    pub system_identifier: Option<u64>,
+    pub wal_segment_size: Option<u32>,
+    pub pg_version_num: Option<u32>,
+    pub timeline: Option<TimelineId>,
+    /// Where the archived WAL of the newest timeline ends (`X/X`).
+    pub archived_lsn: Option<String>,
+    pub complete_segments: usize,
+    pub current_partial: Option<String>,
+    pub current_partial_bytes: Option<u64>,
+    pub receiver_running: bool,
+    pub sender_connected: bool,
+    pub sender_name: Option<String>,
+    pub primary_flush_lsn: Option<String>,
+    pub lag_bytes: Option<u64>,
+    /// Seconds since the archive last moved while it is behind the primary (0 when caught up).
+    pub lag_seconds: Option<f64>,
+    pub failover_triggered: bool,
+    pub handover: Option<crate::restore::Handover>,
+}
+
+/// Gathers the status of the archive in `dir` (read-only).
+pub fn report(dir: &Path) -> anyhow::Result<Report> {
+    let id = crate::archive::Identity::load(dir)?;
+    let mut r = Report {
+        archive: dir.display().to_string(),
+        system_identifier: id.map(|i| i.system_identifier),
+        wal_segment_size: id.map(|i| i.wal_segment_size.bytes()),
+        pg_version_num: id.map(|i| i.pg_version_num),
+        timeline: None,
+        archived_lsn: None,
+        complete_segments: 0,
+        current_partial: None,
+        current_partial_bytes: None,
+        receiver_running: false,
+        sender_connected: false,
+        sender_name: None,
+        primary_flush_lsn: None,
+        lag_bytes: None,
+        lag_seconds: None,
+        failover_triggered: dir.join(crate::restore::FAILOVER_FILE).exists(),
+        handover: crate::restore::Handover::load(dir),
+    };
+    let mut archived = None;
+    if let Some(id) = id {
+        let seg = id.wal_segment_size;
+        let segments = crate::archive::list_segments(dir, seg)?;
+        r.complete_segments = segments.iter().filter(|s| s.complete).count();
+        if let Some(last) = segments.last() {
+            if !last.complete {
+                r.current_partial = Some(format!(
+                    "{}.partial",
+                    walship_protocol::wal::segment_file_name(last.timeline, last.segno, seg)
+                ));
+                r.current_partial_bytes = Some(last.size);
+            }
+        }
+        if let Some((t, end)) = crate::archive::archive_end(&segments, seg) {
+            r.timeline = Some(t);
+            r.archived_lsn = Some(end.to_string());
+            archived = Some(end);
+        }
+    }
+    if let Some(s) = read_status(dir) {
+        let alive = s.receiver_pid != 0 && Path::new(&format!("/proc/{}", s.receiver_pid)).exists();
+        let fresh = now_micros().saturating_sub(s.written_at_unix_micros) < 10_000_000;
+        r.receiver_running = alive && fresh;
+        if let (true, Some(sender)) = (r.receiver_running, s.sender) {
+            r.sender_connected = true;
+            r.sender_name = Some(sender.name);
+            r.primary_flush_lsn = sender.primary_flush_lsn.clone();
+            if let (Some(flush), Some(end)) = (
+                sender.primary_flush_lsn.and_then(|f| f.parse::<Lsn>().ok()),
+                archived,
+            ) {
+                let behind = flush.saturating_sub(end);
+                r.lag_bytes = Some(behind);
+                r.lag_seconds = Some(if behind == 0 {
+                    0.0
+                } else {
+                    let since = sender
+                        .last_durable_unix_micros
+                        .unwrap_or(sender.connected_at_unix_micros);
+                    now_micros().saturating_sub(since) as f64 / 1e6
+                });
+            }
+        }
+    }
+    Ok(r)
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        writeln!(f, "archive:            {}", self.archive)?;
+        match (self.system_identifier, self.wal_segment_size) {
+            (Some(id), Some(seg)) => writeln!(
+                f,
+                "cluster:            system identifier {id}, {} MB segments, server_version_num {}",
+                seg >> 20,
+                self.pg_version_num.unwrap_or(0)
+            )?,
+            _ => writeln!(f, "cluster:            none yet (no sender has connected)")?,
+        }
+        writeln!(
+            f,
+            "timeline:           {}",
+            self.timeline
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "-".into())
+        )?;
+        writeln!(f, "archived up to:     {}", opt(&self.archived_lsn))?;
+        writeln!(f, "complete segments:  {}", self.complete_segments)?;
+        match (&self.current_partial, self.current_partial_bytes) {
+            (Some(p), Some(b)) => writeln!(f, "current partial:    {p} ({b} bytes)")?,
+            _ => writeln!(f, "current partial:    -")?,
+        }
+        writeln!(
+            f,
+            "receiver running:   {}",
+            if self.receiver_running { "yes" } else { "no" }
+        )?;
+        if self.sender_connected {
+            writeln!(
+                f,
+                "sender:             {} (connected)",
+                opt(&self.sender_name)
+            )?;
+            writeln!(f, "primary flushed:    {}", opt(&self.primary_flush_lsn))?;
+            writeln!(
+                f,
+                "lag:                {} bytes, {:.1} s",
+                self.lag_bytes.unwrap_or(0),
+                self.lag_seconds.unwrap_or(0.0)
+            )?;
+        } else {
+            writeln!(f, "sender:             not connected")?;
+        }
+        if self.failover_triggered {
+            writeln!(f, "failover:           triggered")?;
+        }
+        if let Some(h) = &self.handover {
+            writeln!(
+                f,
+                "handed over:        {} ({} bytes of partial, WAL up to {})",
+                h.segment, h.partial_bytes, h.end_lsn
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -172,6 +172,109 @@ impl Cluster {
         std::fs::write(&path, text).expect("write postgresql.conf");
     }
 
+    /// A base backup of this (running) cluster as a new cluster named `name`, not started, with its own socket.
+    /// No WAL is included (`-X none`): the standby gets all of it from the walship archive.
+    pub fn base_backup(&self, dir: &TestDir, name: &str) -> Cluster {
+        let root = dir.subdir(name);
+        let data = root.join("data");
+        let socket_dir = dir.subdir(&format!("{name}-sock"));
+        let bin = self.bin.clone();
+        let basebackup = if bin.join("pg_basebackup").exists() {
+            bin.join("pg_basebackup")
+        } else {
+            pg_bin().join("pg_basebackup")
+        };
+        run_ok(
+            Command::new(basebackup)
+                .arg("-D")
+                .arg(&data)
+                .arg("-h")
+                .arg(&self.socket_dir)
+                .args([
+                    "-p",
+                    "5432",
+                    "-U",
+                    "postgres",
+                    "-X",
+                    "none",
+                    "-c",
+                    "fast",
+                    "--no-sync",
+                ]),
+        );
+        let c = Cluster {
+            name: name.to_owned(),
+            bin,
+            data,
+            socket_dir: socket_dir.clone(),
+            log: root.join("postgres.log"),
+            major: self.major,
+            running: false,
+        };
+        c.configure(&[
+            "# standby",
+            &format!("unix_socket_directories = '{}'", socket_dir.display()),
+            "archive_mode = off",
+            "hot_standby = on",
+        ]);
+        c
+    }
+
+    /// Sets up recovery from a restore_command: `standby` selects standby mode (else archive recovery).
+    /// PostgreSQL 12+: settings in postgresql.conf plus standby.signal / recovery.signal; 10, 11: recovery.conf.
+    pub fn configure_recovery(&self, restore_command: &str, standby: bool, extra: &[&str]) {
+        let quoted = restore_command.replace('\'', "''");
+        if self.major >= 12 {
+            let mut lines = vec![
+                format!("restore_command = '{quoted}'"),
+                "recovery_target_timeline = 'latest'".to_string(),
+            ];
+            lines.extend(extra.iter().map(|s| s.to_string()));
+            let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+            self.configure(&refs);
+            let signal = if standby {
+                "standby.signal"
+            } else {
+                "recovery.signal"
+            };
+            std::fs::write(self.data.join(signal), "").expect("signal file");
+            crate::env::chown_to_db_user(&self.data.join(signal));
+        } else {
+            let mut text =
+                format!("restore_command = '{quoted}'\nrecovery_target_timeline = 'latest'\n");
+            if standby {
+                text.push_str("standby_mode = 'on'\n");
+            }
+            std::fs::write(self.data.join("recovery.conf"), text).expect("recovery.conf");
+            crate::env::chown_to_db_user(&self.data.join("recovery.conf"));
+            self.configure(extra);
+        }
+    }
+
+    /// Starts without waiting until the server accepts connections (a standby may wait for WAL first).
+    pub fn start_no_wait(&mut self) {
+        run_ok(
+            Command::new(self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .arg("-l")
+                .arg(&self.log)
+                .args(["-W", "start"]),
+        );
+        self.running = true;
+    }
+
+    /// Tries to connect once.
+    pub async fn try_connect(&self) -> Option<Client> {
+        let (client, conn) = tokio_postgres::connect(&self.conninfo(), NoTls)
+            .await
+            .ok()?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Some(client)
+    }
+
     pub fn start(&mut self) {
         run_ok(
             Command::new(self.bin.join("pg_ctl"))

@@ -10,6 +10,7 @@ pub mod archive;
 pub mod cluster;
 pub mod daemon;
 pub mod env;
+pub mod ledger;
 pub mod proxy;
 
 use std::time::{Duration, Instant};

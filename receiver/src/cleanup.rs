@@ -1,0 +1,42 @@
+//! `walship-receiver cleanup %r`: `archive_cleanup_command`. Removes complete segments older than `%r`
+//! (compared like pg_archivecleanup: by the whole name, timeline first); never `%r` or anything after it, never a
+//! partial, never a history file.
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use walship_protocol::wal::{segment_file_name, WalFileName};
+
+use crate::archive::{list_segments, Identity};
+
+/// Removes what `restartpoint` (`%r`) no longer needs; returns the names removed.
+pub fn cleanup(archive: &Path, restartpoint: &str) -> Result<Vec<String>> {
+    let Some(id) = Identity::load(archive)? else {
+        return Ok(Vec::new());
+    };
+    let seg = id.wal_segment_size;
+    match WalFileName::parse(restartpoint, seg) {
+        Ok(WalFileName::Segment { .. }) => {}
+        _ => {
+            bail!("{restartpoint:?} is not a WAL segment name (archive_cleanup_command passes %r)")
+        }
+    }
+    let mut removed = Vec::new();
+    for s in list_segments(archive, seg)? {
+        if !s.complete {
+            continue;
+        }
+        let name = segment_file_name(s.timeline, s.segno, seg);
+        if name.as_str() < restartpoint {
+            fs::remove_file(archive.join(&name)).with_context(|| format!("remove {name}"))?;
+            removed.push(name);
+        }
+    }
+    if !removed.is_empty() {
+        fs::File::open(archive)
+            .and_then(|d| d.sync_all())
+            .context("fsync archive directory")?;
+    }
+    Ok(removed)
+}

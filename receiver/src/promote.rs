@@ -1,0 +1,268 @@
+//! `walship-receiver promote`: trigger failover, wait until recovery has taken the end of the archive (the
+//! last partial segment, zero-padded), promote the standby, and say where the new timeline starts.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use walship_protocol::wal::{parse_history, WalFileName};
+use walship_protocol::{Lsn, TimelineId, WalSegSize};
+
+use crate::restore::{Handover, FAILOVER_FILE};
+
+#[derive(Clone, Debug)]
+pub struct PromoteOptions {
+    pub archive: PathBuf,
+    pub pgdata: PathBuf,
+    /// Directory of `pg_ctl` and `pg_controldata`; default: the running server's own.
+    pub pg_bin: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+/// How the standby recovers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoveryMode {
+    /// standby.signal, or recovery.conf with standby_mode = on: it must be promoted explicitly.
+    Standby,
+    /// recovery.signal, or recovery.conf without standby_mode: it promotes by itself at the end of WAL.
+    Archive,
+}
+
+/// What `promote` did.
+#[derive(Clone, Debug)]
+pub struct PromoteReport {
+    pub handover: Handover,
+    pub timeline: TimelineId,
+    pub start_lsn: Lsn,
+}
+
+pub fn recovery_mode(pgdata: &Path) -> Option<RecoveryMode> {
+    if pgdata.join("standby.signal").exists() {
+        return Some(RecoveryMode::Standby);
+    }
+    if pgdata.join("recovery.signal").exists() {
+        return Some(RecoveryMode::Archive);
+    }
+    let conf = fs::read_to_string(pgdata.join("recovery.conf")).ok()?;
+    let standby = conf.lines().any(|l| {
+        let l = l.split('#').next().unwrap_or("").trim();
+        l.strip_prefix("standby_mode").is_some_and(|rest| {
+            let v = rest
+                .trim_start()
+                .trim_start_matches('=')
+                .trim()
+                .trim_matches('\'')
+                .to_ascii_lowercase();
+            matches!(v.as_str(), "on" | "true" | "yes" | "1")
+        })
+    });
+    Some(if standby {
+        RecoveryMode::Standby
+    } else {
+        RecoveryMode::Archive
+    })
+}
+
+fn postmaster_pid(pgdata: &Path) -> Option<u32> {
+    let text = fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+fn pg_bin(opts: &PromoteOptions, pid: u32) -> PathBuf {
+    if let Some(b) = &opts.pg_bin {
+        return b.clone();
+    }
+    fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_owned))
+        .unwrap_or_default()
+}
+
+/// `Database cluster state` from pg_controldata.
+pub fn cluster_state(bin: &Path, pgdata: &Path) -> Result<String> {
+    let exe = if bin.as_os_str().is_empty() {
+        PathBuf::from("pg_controldata")
+    } else {
+        bin.join("pg_controldata")
+    };
+    let out = Command::new(&exe)
+        .arg("-D")
+        .arg(pgdata)
+        .env("LC_ALL", "C")
+        .output()
+        .with_context(|| format!("run {}", exe.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            exe.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("Database cluster state:")
+                .map(|v| v.trim().to_owned())
+        })
+        .context("pg_controldata printed no cluster state")
+}
+
+fn wait_until(deadline: Instant, mut done: impl FnMut() -> Result<bool>) -> Result<bool> {
+    loop {
+        if done()? {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The newest timeline in `pgdata/pg_wal` (or pg_xlog) and where it branched off.
+fn newest_timeline(pgdata: &Path) -> Option<(TimelineId, Lsn)> {
+    let dir = [pgdata.join("pg_wal"), pgdata.join("pg_xlog")]
+        .into_iter()
+        .find(|d| d.is_dir())?;
+    let newest = fs::read_dir(&dir)
+        .ok()?
+        .flatten()
+        .filter_map(
+            |e| match WalFileName::parse(e.file_name().to_str()?, WalSegSize::DEFAULT) {
+                Ok(WalFileName::History { timeline }) => Some(timeline),
+                _ => None,
+            },
+        )
+        .max()?;
+    let content = fs::read(dir.join(walship_protocol::wal::history_file_name(newest))).ok()?;
+    let last = parse_history(&content)?.last().copied()?;
+    Some((newest, last.switchpoint))
+}
+
+pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
+    let deadline = Instant::now() + opts.timeout;
+    let pid = postmaster_pid(&opts.pgdata).with_context(|| {
+        format!(
+            "no PostgreSQL server is running in {}",
+            opts.pgdata.display()
+        )
+    })?;
+    let mode = recovery_mode(&opts.pgdata).with_context(|| {
+        format!(
+            "{} is not in recovery (no standby.signal, recovery.signal or recovery.conf)",
+            opts.pgdata.display()
+        )
+    })?;
+    let bin = pg_bin(opts, pid);
+    if let Some(status) = crate::status::read_status(&opts.archive)
+        .filter(|s| s.sender.is_some() && s.receiver_pid != 0)
+    {
+        if Path::new(&format!("/proc/{}", status.receiver_pid)).exists() {
+            tracing::warn!(
+                "a sender is still connected to the receiver: WAL it ships after the handover will not be on the \
+                 promoted standby. Stop the old primary (or its sender) before failing over"
+            );
+        }
+    }
+
+    let trigger = opts.archive.join(FAILOVER_FILE);
+    fs::write(
+        &trigger,
+        format!("failover requested for {}\n", opts.pgdata.display()),
+    )
+    .with_context(|| format!("create {}", trigger.display()))?;
+    eprintln!("walship: failover triggered; waiting for recovery to take the end of the archive");
+
+    let got = wait_until(deadline, || Ok(Handover::load(&opts.archive).is_some()))?;
+    if !got {
+        bail!(
+            "recovery did not ask for the end of the archive within {:?}: is restore_command \
+             'walship-receiver restore --archive {} %f %p'? (in standby mode PostgreSQL asks again every \
+             wal_retrieve_retry_interval); {} is left in place, remove it to cancel the failover",
+            opts.timeout,
+            opts.archive.display(),
+            FAILOVER_FILE
+        );
+    }
+    let handover = Handover::load(&opts.archive).context("read the handover record")?;
+    eprintln!(
+        "walship: recovery took {}: {} bytes of its partial segment, zero-padded (WAL up to {})",
+        handover.segment, handover.partial_bytes, handover.end_lsn
+    );
+
+    let in_production =
+        || -> Result<bool> { Ok(cluster_state(&bin, &opts.pgdata)? == "in production") };
+    if mode == RecoveryMode::Archive {
+        // archive recovery ends by itself at the end of the handed-over WAL
+        let half = Instant::now() + opts.timeout / 2;
+        if !wait_until(half.min(deadline), in_production)? {
+            tracing::warn!("archive recovery did not end by itself; promoting");
+        }
+    }
+    if !in_production()? {
+        let pg_ctl = if bin.as_os_str().is_empty() {
+            PathBuf::from("pg_ctl")
+        } else {
+            bin.join("pg_ctl")
+        };
+        let secs = deadline
+            .saturating_duration_since(Instant::now())
+            .as_secs()
+            .max(1)
+            .to_string();
+        let out = Command::new(&pg_ctl)
+            .arg("promote")
+            .arg("-D")
+            .arg(&opts.pgdata)
+            .args(["-w", "-t", &secs])
+            .output()
+            .with_context(|| format!("run {}", pg_ctl.display()))?;
+        // the server may have finished recovery by itself in the meantime
+        if !out.status.success() && !in_production()? {
+            bail!(
+                "{} promote failed: {}",
+                pg_ctl.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    if !wait_until(deadline, in_production)? {
+        bail!(
+            "the server in {} did not finish promotion within {:?}",
+            opts.pgdata.display(),
+            opts.timeout
+        );
+    }
+    let (timeline, start_lsn) =
+        newest_timeline(&opts.pgdata).context("find the new timeline's history file")?;
+    Ok(PromoteReport {
+        handover,
+        timeline,
+        start_lsn,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_modes() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(recovery_mode(d.path()), None);
+        fs::write(d.path().join("recovery.conf"), "restore_command = 'x'\n").unwrap();
+        assert_eq!(recovery_mode(d.path()), Some(RecoveryMode::Archive));
+        fs::write(d.path().join("recovery.conf"), "standby_mode = 'on'\n").unwrap();
+        assert_eq!(recovery_mode(d.path()), Some(RecoveryMode::Standby));
+        fs::write(d.path().join("recovery.conf"), "#standby_mode = on\n").unwrap();
+        assert_eq!(recovery_mode(d.path()), Some(RecoveryMode::Archive));
+        fs::remove_file(d.path().join("recovery.conf")).unwrap();
+        fs::write(d.path().join("recovery.signal"), "").unwrap();
+        assert_eq!(recovery_mode(d.path()), Some(RecoveryMode::Archive));
+        fs::write(d.path().join("standby.signal"), "").unwrap();
+        assert_eq!(recovery_mode(d.path()), Some(RecoveryMode::Standby));
+    }
+}

@@ -1,0 +1,496 @@
+//! `walship-receiver restore %f %p`: PostgreSQL's `restore_command`.
+//!
+//! Exit status 0: the file is at `%p`. Exit status 1: the file does not exist (and nothing else: walship's own
+//! trouble never ends recovery; it is logged loudly and the standby stays in recovery). Never above 125.
+//!
+//! | request | answer |
+//! |---|---|
+//! | complete segment in the archive | validated (size, first page header), copied (copy_file_range) |
+//! | `.history`, `.backup` | copied if present, else "missing" at once |
+//! | segment not complete, failover triggered, `.partial` present | the partial zero-padded to the segment size; the handover is recorded |
+//! | segment beyond a handed-over partial | "missing", so recovery ends there |
+//! | segment not complete, `--live`, `.partial` present | the partial zero-padded (standby mode re-requests it as it grows) |
+//! | segment not there yet, `--wait` | wait for it or for failover, woken by file-system events |
+//! | segment not there yet, no `--wait` | "missing" at once; PostgreSQL in standby mode retries |
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, error, info, warn};
+use walship_protocol::wal::{segment_file_name, SegNo, WalFileName, LONG_PAGE_HEADER};
+use walship_protocol::{Lsn, TimelineId, WalSegSize};
+
+use crate::archive::{list_segments, Identity};
+
+/// Created by `walship-receiver promote`: failover is triggered.
+pub const FAILOVER_FILE: &str = "walship.failover";
+/// Written by `restore` when it hands the last partial segment (or nothing) to recovery after failover.
+pub const HANDOVER_FILE: &str = "walship.handover";
+
+/// What recovery got at failover.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Handover {
+    pub timeline: TimelineId,
+    /// The segment recovery asked for when the archive ended.
+    pub segment: String,
+    /// Bytes of that segment's `.partial` handed over, zero-padded (0: the archive ended on a segment boundary).
+    pub partial_bytes: u64,
+    /// The end of the WAL handed to recovery (`X/X`).
+    pub end_lsn: String,
+    pub at_unix: u64,
+}
+
+impl Handover {
+    pub fn load(archive: &Path) -> Option<Handover> {
+        serde_json::from_slice(&fs::read(archive.join(HANDOVER_FILE)).ok()?).ok()
+    }
+
+    fn segno(&self, seg: WalSegSize) -> Option<SegNo> {
+        match WalFileName::parse(&self.segment, seg) {
+            Ok(WalFileName::Segment { segno, .. }) => Some(segno),
+            _ => None,
+        }
+    }
+}
+
+/// Options of one `restore` call.
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    pub archive: PathBuf,
+    /// Wait for a segment that is not there yet (archive recovery, pg_standby style).
+    pub wait: bool,
+    /// Hand over the current partial before any failover (standby mode, continuous replay).
+    pub live: bool,
+    /// A file whose existence triggers failover (besides `walship-receiver promote`).
+    pub trigger: Option<PathBuf>,
+    /// Hand over padded partials even to a standby with `archive_mode = always`.
+    pub allow_archive_mode_always: bool,
+    /// `%f`
+    pub wanted: String,
+    /// `%p`
+    pub dest: PathBuf,
+    /// The server's data directory (restore_command runs there), for the `archive_mode` check.
+    pub data_dir: PathBuf,
+}
+
+/// The answer to PostgreSQL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The file is at `%p` (exit 0).
+    Restored,
+    /// The file does not exist (exit 1).
+    Missing,
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Restored => 0,
+            Outcome::Missing => 1,
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Runs one `restore_command` call. Never panics on I/O errors; returns the answer for PostgreSQL.
+pub fn restore(opts: &RestoreOptions) -> Outcome {
+    // with --wait, watch before looking, so that nothing that happens in between is missed
+    let mut watcher = if opts.wait { Watcher::new(opts) } else { None };
+    let mut logged_wait = false;
+    let mut last_trouble = String::new();
+    loop {
+        match attempt(opts) {
+            Ok(Some(outcome)) => return outcome,
+            Ok(None) => {
+                if !opts.wait {
+                    debug!(file = %opts.wanted, "not in the archive yet");
+                    return Outcome::Missing;
+                }
+                if !logged_wait {
+                    info!(file = %opts.wanted, "waiting for the segment to arrive, or for failover");
+                    logged_wait = true;
+                }
+            }
+            Err(e) => {
+                let text = format!("{e:#}");
+                if text != last_trouble {
+                    error!(file = %opts.wanted, "{text}; not handing this file to recovery");
+                    last_trouble = text;
+                }
+                if !opts.wait {
+                    // standby mode: PostgreSQL retries by itself and never ends recovery on a missing file
+                    return Outcome::Missing;
+                }
+                // archive recovery: "missing" would end recovery here, so keep the standby waiting
+            }
+        }
+        match watcher.as_mut() {
+            Some(w) => w.wait(Duration::from_secs(1)),
+            None => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// File-system events in the archive and in the trigger file's directory.
+struct Watcher {
+    rt: tokio::runtime::Runtime,
+    events: inotify::EventStream<Vec<u8>>,
+}
+
+impl Watcher {
+    fn new(opts: &RestoreOptions) -> Option<Watcher> {
+        let mut dirs = vec![opts.archive.clone()];
+        if let Some(parent) = opts.trigger.as_ref().and_then(|t| t.parent()) {
+            dirs.push(if parent.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                parent.to_owned()
+            });
+        }
+        let made = (|| -> io::Result<Watcher> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let events = rt.block_on(async {
+                let inotify = inotify::Inotify::init()?;
+                for d in &dirs {
+                    let mask = inotify::WatchMask::CREATE
+                        | inotify::WatchMask::MOVED_TO
+                        | inotify::WatchMask::CLOSE_WRITE
+                        | inotify::WatchMask::ATTRIB;
+                    if let Err(e) = inotify.watches().add(d, mask) {
+                        debug!(dir = %d.display(), error = %e, "cannot watch");
+                    }
+                }
+                inotify.into_event_stream(vec![0u8; 4096])
+            })?;
+            Ok(Watcher { rt, events })
+        })();
+        match made {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(error = %e, "no inotify; polling the archive");
+                None
+            }
+        }
+    }
+
+    /// Waits for the next event (and takes every event already queued), at most `limit`.
+    fn wait(&mut self, limit: Duration) {
+        let events = &mut self.events;
+        self.rt.block_on(async {
+            use futures::{FutureExt, StreamExt};
+            let _ = tokio::time::timeout(limit, events.next()).await;
+            while let Some(Some(_)) = events.next().now_or_never() {}
+        });
+    }
+}
+
+fn failover_triggered(opts: &RestoreOptions) -> bool {
+    opts.archive.join(FAILOVER_FILE).exists() || opts.trigger.as_ref().is_some_and(|t| t.exists())
+}
+
+/// One look at the archive: `Some(answer)`, or `None` when the segment is not there yet.
+fn attempt(opts: &RestoreOptions) -> Result<Option<Outcome>> {
+    let identity = Identity::load(&opts.archive)?;
+    let seg = identity
+        .map(|i| i.wal_segment_size)
+        .unwrap_or(WalSegSize::DEFAULT);
+    let name = match WalFileName::parse(&opts.wanted, seg) {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(file = %opts.wanted, "{e}; answering \"missing\"");
+            return Ok(Some(Outcome::Missing));
+        }
+    };
+    match name {
+        WalFileName::History { .. } | WalFileName::Backup { .. } => {
+            let src = opts.archive.join(&opts.wanted);
+            match fs::copy(&src, &opts.dest) {
+                Ok(_) => {
+                    info!(file = %opts.wanted, "restored");
+                    Ok(Some(Outcome::Restored))
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(Outcome::Missing)),
+                Err(e) => Err(e)
+                    .with_context(|| format!("copy {} to {}", src.display(), opts.dest.display())),
+            }
+        }
+        WalFileName::Partial { .. } => Ok(Some(Outcome::Missing)),
+        WalFileName::Segment { timeline, segno } => {
+            let Some(identity) = identity else {
+                return Ok(None); // nothing archived yet
+            };
+            segment(opts, &identity, timeline, segno)
+        }
+    }
+}
+
+fn segment(
+    opts: &RestoreOptions,
+    id: &Identity,
+    timeline: TimelineId,
+    segno: SegNo,
+) -> Result<Option<Outcome>> {
+    let seg = id.wal_segment_size;
+    let name = segment_file_name(timeline, segno, seg);
+    let handover = Handover::load(&opts.archive);
+    if let Some(h) = &handover {
+        if let Some(h_segno) = h.segno(seg) {
+            if segno > h_segno {
+                debug!(file = %name, handed_over = %h.segment, "after the handed-over partial: missing, so recovery ends");
+                return Ok(Some(Outcome::Missing));
+            }
+        }
+    }
+
+    let complete = opts.archive.join(&name);
+    match File::open(&complete) {
+        Ok(f) => {
+            validate_complete(&f, id, timeline, segno)
+                .with_context(|| format!("archived segment {name} is damaged"))?;
+            fs::copy(&complete, &opts.dest)
+                .with_context(|| format!("copy {name} to {}", opts.dest.display()))?;
+            info!(file = %name, "restored");
+            return Ok(Some(Outcome::Restored));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("open {}", complete.display())),
+    }
+
+    let partial = opts.archive.join(format!("{name}.partial"));
+    let failover = failover_triggered(opts);
+    if failover || opts.live {
+        let handed = hand_over_partial(opts, id, timeline, segno, &partial)?;
+        if failover {
+            let bytes = handed.unwrap_or(0);
+            let at_end = handed.is_some() || archive_ends_before(opts, seg, timeline, segno)?;
+            if at_end {
+                let record = Handover {
+                    timeline,
+                    segment: name.clone(),
+                    partial_bytes: bytes,
+                    end_lsn: Lsn(seg.segment_start(segno).0 + bytes).to_string(),
+                    at_unix: now_unix(),
+                };
+                if handover.as_ref().map(|h| (&h.segment, h.partial_bytes))
+                    != Some((&record.segment, record.partial_bytes))
+                {
+                    write_handover(&opts.archive, &record)?;
+                    info!(file = %name, partial_bytes = bytes, end = %record.end_lsn, "failover: handed the end of the archive to recovery");
+                }
+                return Ok(Some(if handed.is_some() {
+                    Outcome::Restored
+                } else {
+                    Outcome::Missing
+                }));
+            }
+        } else if handed.is_some() {
+            return Ok(Some(Outcome::Restored));
+        }
+    }
+
+    if never_arrives(opts, seg, timeline, segno)? {
+        debug!(file = %name, "the archive holds newer WAL: this segment will never arrive");
+        return Ok(Some(Outcome::Missing));
+    }
+    Ok(None)
+}
+
+/// Whether the archive holds WAL after `segno` of `timeline` (or a newer timeline), so the segment will never
+/// arrive.
+fn never_arrives(
+    opts: &RestoreOptions,
+    seg: WalSegSize,
+    timeline: TimelineId,
+    segno: SegNo,
+) -> Result<bool> {
+    Ok(list_segments(&opts.archive, seg)?
+        .iter()
+        .any(|s| (s.timeline == timeline && s.segno > segno) || s.timeline > timeline))
+}
+
+/// Whether `segno` of `timeline` is where the archive ends (the next segment after the newest complete one).
+fn archive_ends_before(
+    opts: &RestoreOptions,
+    seg: WalSegSize,
+    timeline: TimelineId,
+    segno: SegNo,
+) -> Result<bool> {
+    let segments = list_segments(&opts.archive, seg)?;
+    Ok(
+        match segments.iter().rev().find(|s| s.timeline == timeline) {
+            Some(last) => last.complete && last.segno + 1 == segno,
+            None => false,
+        },
+    )
+}
+
+fn validate_complete(f: &File, id: &Identity, timeline: TimelineId, segno: SegNo) -> Result<()> {
+    let seg = id.wal_segment_size;
+    let size = f.metadata().context("stat")?.len();
+    if size != seg.as_u64() {
+        bail!("it has {size} bytes, a segment has {}", seg.as_u64());
+    }
+    check_first_page(f, id, timeline, segno)
+}
+
+fn check_first_page(f: &File, id: &Identity, timeline: TimelineId, segno: SegNo) -> Result<()> {
+    let mut page = [0u8; LONG_PAGE_HEADER];
+    f.read_exact_at(&mut page, 0)
+        .context("read the first page header")?;
+    let exp = id
+        .page_expectation(timeline)
+        .with_context(|| format!("PostgreSQL {} is not supported", id.pg_major()))?;
+    exp.check(&page, id.wal_segment_size.segment_start(segno))?;
+    Ok(())
+}
+
+/// Writes the `.partial` of the segment, zero-padded to the segment size, to `%p`. Returns the bytes handed
+/// over, or `None` when there is no partial (or one too short to hold a page header).
+fn hand_over_partial(
+    opts: &RestoreOptions,
+    id: &Identity,
+    timeline: TimelineId,
+    segno: SegNo,
+    partial: &Path,
+) -> Result<Option<u64>> {
+    let f = match File::open(partial) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("open {}", partial.display())),
+    };
+    let len = f.metadata().context("stat partial segment")?.len();
+    if len < LONG_PAGE_HEADER as u64 {
+        return Ok(None);
+    }
+    let seg = id.wal_segment_size;
+    if len > seg.as_u64() {
+        bail!("{} has {len} bytes, more than a segment", partial.display());
+    }
+    check_first_page(&f, id, timeline, segno)
+        .with_context(|| format!("partial segment {} is damaged", partial.display()))?;
+    if !opts.allow_archive_mode_always && archive_mode_always(&opts.data_dir) {
+        bail!(
+            "this standby runs with archive_mode = always: it would archive the zero-padded partial segment under the \
+             real segment name. Set archive_mode to on or off on the standby, or pass --allow-archive-mode-always"
+        );
+    }
+    let tmp_dest = &opts.dest;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(tmp_dest)
+        .with_context(|| format!("create {}", tmp_dest.display()))?;
+    let mut src = f;
+    let copied = io::copy(&mut src, &mut out)
+        .with_context(|| format!("copy {} to {}", partial.display(), tmp_dest.display()))?;
+    out.set_len(seg.as_u64())
+        .with_context(|| format!("pad {} to {} bytes", tmp_dest.display(), seg.as_u64()))?;
+    info!(file = %partial.display(), bytes = copied, "handed the partial segment to recovery, zero-padded");
+    Ok(Some(copied))
+}
+
+fn write_handover(archive: &Path, h: &Handover) -> Result<()> {
+    let tmp = archive.join(format!("{HANDOVER_FILE}.tmp"));
+    let json = serde_json::to_vec_pretty(h).context("encode handover")?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("create {}", tmp.display()))?;
+    io::Write::write_all(&mut f, &json).context("write handover")?;
+    f.sync_all().context("fsync handover")?;
+    fs::rename(&tmp, archive.join(HANDOVER_FILE)).context("rename handover")?;
+    File::open(archive)
+        .and_then(|d| d.sync_all())
+        .context("fsync archive directory")?;
+    Ok(())
+}
+
+/// Whether the server whose data directory is `data_dir` runs with `archive_mode = always` (from
+/// postgresql.conf, the `config_file` in postmaster.opts, and postgresql.auto.conf; the last setting wins).
+pub fn archive_mode_always(data_dir: &Path) -> bool {
+    let mut files = vec![data_dir.join("postgresql.conf")];
+    if let Ok(opts) = fs::read_to_string(data_dir.join("postmaster.opts")) {
+        for part in opts.split('"') {
+            if let Some(path) = part.strip_prefix("config_file=") {
+                files.push(PathBuf::from(path));
+            }
+        }
+    }
+    files.push(data_dir.join("postgresql.auto.conf"));
+    let mut mode = String::from("off");
+    for f in files {
+        let Ok(text) = fs::read_to_string(&f) else {
+            continue;
+        };
+        for line in text.lines() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            let Some(rest) = line.strip_prefix("archive_mode") else {
+                continue;
+            };
+            let rest = rest.trim_start();
+            let value = rest
+                .strip_prefix('=')
+                .unwrap_or(rest)
+                .trim()
+                .trim_matches('\'')
+                .trim();
+            if !value.is_empty() && (rest.starts_with('=') || line.starts_with("archive_mode ")) {
+                mode = value.to_ascii_lowercase();
+            }
+        }
+    }
+    mode == "always"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn archive_mode_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!archive_mode_always(dir.path()));
+        fs::write(
+            dir.path().join("postgresql.conf"),
+            "archive_mode = always  # keep\n",
+        )
+        .unwrap();
+        assert!(archive_mode_always(dir.path()));
+        fs::write(
+            dir.path().join("postgresql.auto.conf"),
+            "archive_mode = 'on'\n",
+        )
+        .unwrap();
+        assert!(!archive_mode_always(dir.path()));
+        fs::write(
+            dir.path().join("postgresql.auto.conf"),
+            "#archive_mode = 'on'\narchive_mode='always'\n",
+        )
+        .unwrap();
+        assert!(archive_mode_always(dir.path()));
+        fs::write(
+            dir.path().join("postgresql.auto.conf"),
+            "archive_mode_x = on\n",
+        )
+        .unwrap();
+        assert!(archive_mode_always(dir.path()));
+    }
+}

@@ -1,0 +1,440 @@
+//! Restore mode and failover against real PostgreSQL: a standby recovering from the walship archive gets the
+//! last partial segment at failover, so every acknowledged commit the archive held survives promotion.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use walship_protocol::wal::segment_file_name;
+use walship_protocol::{Lsn, WalSegSize};
+use walship_tests::archive::archive_end;
+use walship_tests::cluster::{run_ok, WAIT};
+use walship_tests::env::as_db_user;
+use walship_tests::ledger::{verdict, Ledger};
+use walship_tests::{wait_for, Cluster, Daemon, InitOptions, TestDir, Walship};
+
+/// A primary shipping to a receiver. Fields drop in order: the test directory last.
+struct Shipping {
+    walship: Walship,
+    archive: PathBuf,
+    seg: WalSegSize,
+    sender: Daemon,
+    receiver: Daemon,
+    primary: Cluster,
+    dir: TestDir,
+}
+
+async fn shipping(name: &str, segsize_mb: u32) -> Shipping {
+    let dir = TestDir::new(name);
+    let walship = Walship::install(&dir);
+    let certs = walship.certs(&dir, "certs");
+    let opts = InitOptions {
+        wal_segsize_mb: Some(segsize_mb),
+        ..Default::default()
+    };
+    let mut primary = Cluster::init(&dir, "primary", &opts);
+    primary.start();
+    let archive = dir.path().join("archive");
+    let receiver = walship.receiver(&dir, &archive, &certs, 0);
+    let mut sender = walship.sender(
+        &dir,
+        &primary.conninfo(),
+        receiver.port,
+        &certs,
+        &certs,
+        &[],
+    );
+    sender.wait_for_log("streaming", Duration::from_secs(30));
+    let seg = WalSegSize::new((segsize_mb as u64) << 20).unwrap();
+    Shipping {
+        walship,
+        archive,
+        seg,
+        sender,
+        receiver,
+        primary,
+        dir,
+    }
+}
+
+impl Shipping {
+    fn restore_command(&self, flags: &str) -> String {
+        format!(
+            "{} restore --archive {} {flags} %f %p",
+            self.walship.path(Walship::RECEIVER).display(),
+            self.archive.display()
+        )
+    }
+
+    fn end(&self) -> Lsn {
+        archive_end(&self.archive, self.seg, 1).expect("archive has WAL")
+    }
+
+    /// Runs `walship-receiver promote` for `standby`; returns (new timeline, its start LSN, stdout).
+    fn promote(&self, standby: &Cluster) -> (u32, Lsn, String) {
+        let out = run_ok(
+            Command::new(self.walship.path(Walship::RECEIVER))
+                .arg("promote")
+                .arg("--archive")
+                .arg(&self.archive)
+                .arg("--pgdata")
+                .arg(&standby.data)
+                .args(["--timeout", "120"]),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // "promoted: timeline 2 starts at 0/3000158; ..."
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let tli = words
+            .iter()
+            .position(|w| *w == "timeline")
+            .and_then(|i| words.get(i + 1))
+            .and_then(|w| w.parse().ok());
+        let lsn = words
+            .iter()
+            .position(|w| *w == "at")
+            .and_then(|i| words.get(i + 1))
+            .and_then(|w| w.trim_end_matches(';').parse().ok());
+        (
+            tli.unwrap_or_else(|| panic!("no timeline in {text:?}")),
+            lsn.unwrap_or_else(|| panic!("no LSN in {text:?}")),
+            text,
+        )
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// recovery.signal + restore --wait
+    Archive,
+    /// standby.signal + restore (no wait), promoted by walship-receiver promote
+    Standby,
+}
+
+async fn crash_and_fail_over(mode: Mode) {
+    let mut s = shipping(&format!("failover-{mode:?}").to_lowercase(), 16).await;
+    let mut standby = s.primary.base_backup(&s.dir, "standby");
+    let flags = if mode == Mode::Archive { "--wait" } else { "" };
+    standby.configure_recovery(
+        &s.restore_command(flags),
+        mode == Mode::Standby,
+        &["wal_retrieve_retry_interval = '200ms'"],
+    );
+    standby.start_no_wait();
+
+    run_ok(&mut s.primary.pgbench(&["-i", "-s", "2", "-q"]));
+    let ledger = Ledger::start(&s.primary).await;
+    let mut bench = s
+        .primary
+        .pgbench(&["-c", "2", "-j", "2", "-T", "4", "-n"])
+        .spawn()
+        .expect("pgbench");
+    assert!(bench.wait().expect("pgbench").success());
+    wait_for("ledger rows", WAIT, || async {
+        (ledger.acknowledged().len() > 200).then_some(())
+    })
+    .await;
+
+    // the primary crashes (no shutdown checkpoint, nothing more is flushed)
+    s.primary.kill();
+    let rows = ledger.finish().await;
+    // the sender cannot learn anything more; stop it so the archive is final
+    s.sender.terminate(Duration::from_secs(10));
+    let end = s.end();
+
+    let started = Instant::now();
+    let (timeline, start_lsn, text) = s.promote(&standby);
+    println!(
+        "{mode:?}: {} in {:.1} s",
+        text.trim(),
+        started.elapsed().as_secs_f64()
+    );
+    let promoted = standby.connect().await;
+    let in_recovery: bool = promoted
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !in_recovery,
+        "the standby is still in recovery after promote"
+    );
+    let v = verdict(&rows, end, &promoted).await;
+    println!(
+        "{mode:?}: acknowledged {}, covered by the archive (LSN <= {end}) {}, present after failover {}, lost beyond the archive {}",
+        v.acknowledged, v.covered, v.present, v.lost_beyond
+    );
+    assert!(
+        v.missing_covered.is_empty(),
+        "acknowledged rows the archive held are missing: {:?}",
+        v.missing_covered
+    );
+    assert!(v.covered > 200, "{v:?}");
+    assert_eq!(timeline, 2);
+    assert!(
+        start_lsn <= end,
+        "the new timeline starts at {start_lsn}, beyond the archive's end {end}"
+    );
+    let last_covered = rows
+        .iter()
+        .filter(|(_, l)| *l <= end)
+        .map(|(_, l)| *l)
+        .max()
+        .unwrap();
+    assert!(
+        start_lsn.0 + 8192 >= last_covered.0 || start_lsn >= last_covered,
+        "timeline starts at {start_lsn}, well before the last shipped commit at {last_covered}"
+    );
+    let handover = walship_receiver_handover(&s.archive);
+    assert!(
+        handover.contains(&end.to_string()),
+        "handover record {handover} does not end at {end}"
+    );
+    // the promoted server works
+    promoted
+        .execute("INSERT INTO ledger (id) VALUES (-1)", &[])
+        .await
+        .expect("write on the promoted standby");
+}
+
+fn walship_receiver_handover(archive: &Path) -> String {
+    std::fs::read_to_string(archive.join("walship.handover")).expect("handover record")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_recovery_failover_keeps_every_shipped_commit() {
+    crash_and_fail_over(Mode::Archive).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_mode_failover_keeps_every_shipped_commit() {
+    crash_and_fail_over(Mode::Standby).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_primary_fails_over_without_loss() {
+    let mut s = shipping("quiet", 16).await;
+    let mut standby = s.primary.base_backup(&s.dir, "standby");
+    standby.configure_recovery(&s.restore_command("--wait"), false, &[]);
+    standby.start_no_wait();
+    let ledger = Ledger::start(&s.primary).await;
+    wait_for("ledger rows", WAIT, || async {
+        (ledger.acknowledged().len() > 50).then_some(())
+    })
+    .await;
+    let rows = ledger.stop().await;
+    let client = s.primary.connect().await;
+    let switched = s.primary.switch_wal(&client).await;
+    wait_for("the switch to be archived", WAIT, || async {
+        archive_end(&s.archive, s.seg, 1)
+            .filter(|e| *e >= switched)
+            .map(|_| ())
+    })
+    .await;
+    s.primary.kill();
+    s.sender.terminate(Duration::from_secs(10));
+    let end = s.end();
+    let (_, start_lsn, text) = s.promote(&standby);
+    println!("quiet primary: {}", text.trim());
+    let promoted = standby.connect().await;
+    let v = verdict(&rows, end, &promoted).await;
+    println!(
+        "quiet primary: acknowledged {}, present {}, lost {}",
+        v.acknowledged, v.present, v.lost_beyond
+    );
+    assert!(v.missing_covered.is_empty() && v.lost_beyond == 0, "{v:?}");
+    assert_eq!(v.present, rows.len());
+    assert!(start_lsn <= end);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_mode_hot_standby_sees_fresh_rows() {
+    let s = shipping("live", 16).await;
+    let mut standby = s.primary.base_backup(&s.dir, "standby");
+    standby.configure_recovery(
+        &s.restore_command("--live"),
+        true,
+        &["wal_retrieve_retry_interval = '100ms'"],
+    );
+    standby.start_no_wait();
+    let primary = s.primary.connect().await;
+    primary
+        .batch_execute("CREATE TABLE probe (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let replica = wait_for("the hot standby to accept connections", WAIT, || {
+        standby.try_connect()
+    })
+    .await;
+    let mut delays = Vec::new();
+    for id in 0..20 {
+        primary
+            .execute("INSERT INTO probe VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+        let t = Instant::now();
+        wait_for(&format!("row {id} on the hot standby"), WAIT, || async {
+            let n: i64 = replica
+                .query_one("SELECT count(*) FROM probe WHERE id = $1", &[&id])
+                .await
+                .ok()?
+                .get(0);
+            (n == 1).then_some(())
+        })
+        .await;
+        delays.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    delays.sort_by(f64::total_cmp);
+    println!(
+        "live mode, wal_retrieve_retry_interval = 100ms: a committed row is visible on the hot standby after p50 {:.0} ms, max {:.0} ms (20 probes)",
+        delays[delays.len() / 2],
+        delays[delays.len() - 1]
+    );
+    let in_recovery: bool = replica
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery);
+}
+
+fn restore_once(s: &Shipping, file: &str, wait: bool) -> (bool, String, Duration) {
+    let out_dir = s.dir.subdir("restore-out");
+    let dest = out_dir.join("RECOVERYXLOG");
+    let _ = std::fs::remove_file(&dest);
+    let mut cmd = Command::new(s.walship.path(Walship::RECEIVER));
+    cmd.arg("restore").arg("--archive").arg(&s.archive);
+    if wait {
+        cmd.arg("--wait");
+    }
+    cmd.arg(file).arg(&dest).current_dir(&out_dir);
+    let t = Instant::now();
+    let out = as_db_user(&mut cmd).output().expect("run restore");
+    let code = out.status.code().expect("restore exited normally");
+    assert!(
+        code == 0 || code == 1,
+        "restore must answer 0 or 1, got {code}"
+    );
+    assert_eq!(code == 0, dest.exists(), "exit status and %p disagree");
+    (
+        code == 0,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        t.elapsed(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_segments_are_never_handed_to_recovery() {
+    let mut s = shipping("damaged", 1).await;
+    let standby_backup = s.primary.base_backup(&s.dir, "standby");
+    let client = s.primary.connect().await;
+    run_ok(&mut s.primary.pgbench(&["-i", "-s", "1", "-q"]));
+    let switched = s.primary.switch_wal(&client).await;
+    wait_for("the archive to catch up", WAIT, || async {
+        archive_end(&s.archive, s.seg, 1)
+            .filter(|e| *e >= switched)
+            .map(|_| ())
+    })
+    .await;
+    s.sender.terminate(Duration::from_secs(10));
+    let mut standby = standby_backup;
+
+    let segs = walship_tests::archive::wal_files(&s.archive, s.seg)[&1].clone();
+    let complete: Vec<u64> = segs
+        .iter()
+        .filter(|(_, (c, _))| *c)
+        .map(|(n, _)| *n)
+        .collect();
+    assert!(complete.len() >= 8, "need several segments: {segs:?}");
+    let name = |segno: u64| segment_file_name(1, segno, s.seg);
+    let path = |segno: u64| s.archive.join(name(segno));
+
+    // a good one restores
+    let (ok, _, _) = restore_once(&s, &name(complete[1]), false);
+    assert!(ok);
+
+    // bad magic, wrong page address, truncated: never handed over, and the message names the file and the problem
+    let (bad_magic, bad_addr, truncated) = (complete[3], complete[4], complete[5]);
+    let mut bytes = std::fs::read(path(bad_magic)).unwrap();
+    bytes[0] ^= 0xFF;
+    std::fs::write(path(bad_magic), &bytes).unwrap();
+    let mut bytes = std::fs::read(path(bad_addr)).unwrap();
+    let wrong = s.seg.segment_start(bad_addr - 2).0.to_le_bytes();
+    bytes[8..16].copy_from_slice(&wrong);
+    std::fs::write(path(bad_addr), &bytes).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path(truncated))
+        .unwrap();
+    f.set_len(s.seg.as_u64() - 8192).unwrap();
+    for (segno, problem) in [
+        (bad_magic, "magic"),
+        (bad_addr, "claims address"),
+        (truncated, "bytes, a segment has"),
+    ] {
+        let (ok, log, _) = restore_once(&s, &name(segno), false);
+        assert!(!ok, "damaged {} was handed over", name(segno));
+        assert!(
+            log.contains(&name(segno)) && log.contains(problem),
+            "the log must name {} and {problem:?}:\n{log}",
+            name(segno)
+        );
+    }
+
+    // a history file that does not exist is answered at once, even with --wait
+    let (ok, _, took) = restore_once(&s, "0000000A.history", true);
+    assert!(!ok);
+    println!("missing .history answered in {} ms", took.as_millis());
+    assert!(
+        took < Duration::from_secs(2),
+        "a missing history file took {took:?}"
+    );
+
+    // a standby in archive recovery (restore --wait) stops before the bad segment and stays in recovery
+    standby.configure_recovery(&s.restore_command("--wait"), false, &[]);
+    standby.start_no_wait();
+    wait_for(
+        "the standby's log to name the damaged segment",
+        WAIT,
+        || async {
+            let log = standby.log_text();
+            (log.contains(&name(bad_magic)) && log.contains("damaged")).then_some(())
+        },
+    )
+    .await;
+    let out = run_ok(
+        Command::new(standby.bin.join("pg_controldata"))
+            .arg("-D")
+            .arg(&standby.data)
+            .env("LC_ALL", "C"),
+    );
+    let state = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        state.contains("in archive recovery"),
+        "the standby left recovery:\n{state}"
+    );
+    assert!(
+        !standby.log_text().contains("archive recovery complete"),
+        "recovery ended at a damaged segment"
+    );
+
+    // archive_cleanup_command: removes what %r no longer needs, never %r, newer segments or partials
+    let r = name(complete[6]);
+    run_ok(
+        Command::new(s.walship.path(Walship::RECEIVER))
+            .arg("cleanup")
+            .arg("--archive")
+            .arg(&s.archive)
+            .arg(&r),
+    );
+    let after = walship_tests::archive::wal_files(&s.archive, s.seg)[&1].clone();
+    for segno in segs.keys() {
+        let kept = after.contains_key(segno);
+        if *segno < complete[6] && segs[segno].0 {
+            assert!(!kept, "{} should have been removed", name(*segno));
+        } else {
+            assert!(kept, "{} was removed but %r is {r}", name(*segno));
+        }
+    }
+    drop(client);
+    let _ = &s.receiver;
+}
