@@ -120,7 +120,7 @@ struct RunArgs {
     /// PEM CA certificate(s): senders must present a client certificate signed by one of them.
     #[arg(long, env = "WALSHIP_TLS_CLIENT_CA")]
     tls_client_ca: PathBuf,
-    /// Close a session that sent nothing for this many seconds (senders send keepalives every 5 s).
+    /// Close a session that sent nothing for this many seconds (senders send keepalives every second).
     #[arg(long, env = "WALSHIP_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout: u64,
 }

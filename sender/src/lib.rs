@@ -88,7 +88,7 @@ impl SenderConfig {
             window: 16 << 20,
             max_message: 1 << 20,
             poll_interval: Duration::from_millis(200),
-            keepalive_interval: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(1),
             receiver_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             max_backoff: Duration::from_secs(10),

@@ -14,11 +14,12 @@ fn build_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/debug/deps/<test> → target/debug
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_owned()
+    // a binary in target/debug, or a test in target/debug/deps
+    let dir = exe.parent().expect("exe dir");
+    if dir.join(Walship::SENDER).exists() {
+        return dir.to_owned();
+    }
+    dir.parent().expect("target dir").to_owned()
 }
 
 /// The walship binaries, copied into a test directory (CI's checkout may sit where `postgres` cannot enter).

@@ -111,6 +111,33 @@ async fn pgbench_wal_arrives_byte_identical() {
         "partial shorter than the flush offset"
     );
     assert!(std::fs::metadata(archive.join("walship.id")).is_ok());
+
+    // status: connected sender, position, lag
+    let status = wait_for("status to show the connected sender", WAIT, || async {
+        let out = run_ok(
+            std::process::Command::new(walship.path(Walship::RECEIVER))
+                .args(["status", "--json", "--archive"])
+                .arg(&archive),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text.contains("\"sender_connected\": true") && text.contains("\"primary_flush_lsn\": \""))
+            .then_some(text)
+    })
+    .await;
+    assert!(
+        status.contains(&format!(
+            "\"system_identifier\": {}",
+            primary.system_identifier(&client).await
+        )),
+        "{status}"
+    );
+    assert!(status.contains("\"lag_bytes\""), "{status}");
+    let human = run_ok(
+        std::process::Command::new(walship.path(Walship::RECEIVER))
+            .args(["status", "--archive"])
+            .arg(&archive),
+    );
+    println!("{}", String::from_utf8_lossy(&human.stdout));
     drop(sender);
 }
 
