@@ -126,8 +126,13 @@ pub fn pg_major(version_num: u32) -> u32 {
 /// Why an archive refuses a sender's identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityMismatch {
-    #[error("this archive belongs to the cluster with system identifier {archive}, the sender's cluster is {sender}: a walship archive holds the WAL of one cluster only; give this cluster its own archive directory")]
-    ForeignCluster { archive: u64, sender: u64 },
+    #[error("this archive belongs to the cluster with system identifier {archive} ({archive_seg} segments), the sender's cluster is {sender} ({sender_seg} segments): a walship archive holds the WAL of one cluster only; give this cluster its own archive directory")]
+    ForeignCluster {
+        archive: u64,
+        sender: u64,
+        archive_seg: WalSegSize,
+        sender_seg: WalSegSize,
+    },
     #[error("this archive holds {archive} WAL segments, the sender's cluster uses {sender}")]
     SegmentSize {
         archive: WalSegSize,
@@ -391,6 +396,8 @@ impl Archive {
                 return Ok(Err(IdentityMismatch::ForeignCluster {
                     archive: id.system_identifier,
                     sender: offered.system_identifier,
+                    archive_seg: id.wal_segment_size,
+                    sender_seg: offered.wal_segment_size,
                 }));
             }
             if id.wal_segment_size != offered.wal_segment_size {

@@ -76,7 +76,7 @@ struct PromoteArgs {
     /// Data directory of the standby to promote.
     #[arg(long, env = "PGDATA")]
     pgdata: PathBuf,
-    /// Directory holding pg_ctl and pg_controldata. Default: the running server's.
+    /// Directory holding pg_ctl. Default: the running server's.
     #[arg(long, env = "WALSHIP_PG_BIN")]
     pg_bin: Option<PathBuf>,
     /// Seconds to wait for recovery to take the end of the archive and for promotion.

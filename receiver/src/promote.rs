@@ -16,7 +16,7 @@ use crate::restore::{Handover, FAILOVER_FILE};
 pub struct PromoteOptions {
     pub archive: PathBuf,
     pub pgdata: PathBuf,
-    /// Directory of `pg_ctl` and `pg_controldata`; default: the running server's own.
+    /// Directory of `pg_ctl`; default: the running server's own.
     pub pg_bin: Option<PathBuf>,
     pub timeout: Duration,
 }
@@ -81,33 +81,33 @@ fn pg_bin(opts: &PromoteOptions, pid: u32) -> PathBuf {
         .unwrap_or_default()
 }
 
-/// `Database cluster state` from pg_controldata.
-pub fn cluster_state(bin: &Path, pgdata: &Path) -> Result<String> {
-    let exe = if bin.as_os_str().is_empty() {
-        PathBuf::from("pg_controldata")
-    } else {
-        bin.join("pg_controldata")
-    };
-    let out = Command::new(&exe)
-        .arg("-D")
-        .arg(pgdata)
-        .env("LC_ALL", "C")
-        .output()
-        .with_context(|| format!("run {}", exe.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            exe.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("Database cluster state:")
-                .map(|v| v.trim().to_owned())
-        })
-        .context("pg_controldata printed no cluster state")
+/// `DBState` of a data directory, read from `global/pg_control` (its first fields have not moved since 9.0:
+/// system identifier u64, pg_control_version u32, catalog_version_no u32, state i32), so no `pg_controldata`
+/// binary is needed.
+pub fn cluster_state(pgdata: &Path) -> Result<DbState> {
+    let path = pgdata.join("global").join("pg_control");
+    let bytes = fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+    anyhow::ensure!(bytes.len() >= 20, "{} is too short", path.display());
+    let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    anyhow::ensure!(
+        (900..10_000).contains(&version),
+        "{} has an unknown pg_control_version {version}",
+        path.display()
+    );
+    let state = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+    Ok(match state {
+        5 => DbState::InArchiveRecovery,
+        6 => DbState::InProduction,
+        other => DbState::Other(other),
+    })
+}
+
+/// The states of `pg_control` that matter here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbState {
+    InArchiveRecovery,
+    InProduction,
+    Other(u32),
 }
 
 fn wait_until(deadline: Instant, mut done: impl FnMut() -> Result<bool>) -> Result<bool> {
@@ -194,7 +194,7 @@ pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
     );
 
     let in_production =
-        || -> Result<bool> { Ok(cluster_state(&bin, &opts.pgdata)? == "in production") };
+        || -> Result<bool> { Ok(cluster_state(&opts.pgdata)? == DbState::InProduction) };
     if mode == RecoveryMode::Archive {
         // archive recovery ends by itself at the end of the handed-over WAL
         let half = Instant::now() + opts.timeout / 2;

@@ -62,6 +62,8 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 pub struct InitOptions {
     /// `initdb --wal-segsize` in MB (11+); default 16.
     pub wal_segsize_mb: Option<u32>,
+    /// PostgreSQL's bin directory; default [`pg_bin`].
+    pub bin: Option<PathBuf>,
     /// Extra postgresql.conf lines.
     pub conf: Vec<String>,
 }
@@ -105,7 +107,7 @@ pub fn server_major(bin: &Path) -> u32 {
 impl Cluster {
     /// `initdb` a new cluster named `name` inside `dir`.
     pub fn init(dir: &TestDir, name: &str, opts: &InitOptions) -> Cluster {
-        let bin = pg_bin();
+        let bin = opts.bin.clone().unwrap_or_else(pg_bin);
         let major = server_major(&bin);
         let root = dir.subdir(name);
         let data = root.join("data");
@@ -179,11 +181,7 @@ impl Cluster {
         let data = root.join("data");
         let socket_dir = dir.subdir(&format!("{name}-sock"));
         let bin = self.bin.clone();
-        let basebackup = if bin.join("pg_basebackup").exists() {
-            bin.join("pg_basebackup")
-        } else {
-            pg_bin().join("pg_basebackup")
-        };
+        let basebackup = crate::versions::tool(&bin, "pg_basebackup");
         run_ok(
             Command::new(basebackup)
                 .arg("-D")
@@ -382,11 +380,7 @@ impl Cluster {
 
     /// The pgbench binary: next to the server's, else the newest installed one.
     pub fn pgbench_bin(&self) -> PathBuf {
-        let own = self.bin.join("pgbench");
-        if own.exists() {
-            return own;
-        }
-        pg_bin().join("pgbench")
+        crate::versions::tool(&self.bin, "pgbench")
     }
 
     /// A pgbench command against this cluster (run it with [`run_ok`] or spawn it).

@@ -12,6 +12,8 @@ pub mod daemon;
 pub mod env;
 pub mod ledger;
 pub mod proxy;
+pub mod scenario;
+pub mod versions;
 
 use std::time::{Duration, Instant};
 

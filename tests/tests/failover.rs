@@ -1,218 +1,36 @@
 //! Restore mode and failover against real PostgreSQL: a standby recovering from the walship archive gets the
 //! last partial segment at failover, so every acknowledged commit the archive held survives promotion.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use walship_protocol::wal::segment_file_name;
-use walship_protocol::{Lsn, WalSegSize};
 use walship_tests::archive::archive_end;
 use walship_tests::cluster::{run_ok, WAIT};
 use walship_tests::env::as_db_user;
 use walship_tests::ledger::{verdict, Ledger};
-use walship_tests::{wait_for, Cluster, Daemon, InitOptions, TestDir, Walship};
+use walship_tests::scenario::{crash_and_fail_over, shipping, Mode, Shipping};
+use walship_tests::{wait_for, InitOptions, Walship};
 
-/// A primary shipping to a receiver. Fields drop in order: the test directory last.
-struct Shipping {
-    walship: Walship,
-    archive: PathBuf,
-    seg: WalSegSize,
-    sender: Daemon,
-    receiver: Daemon,
-    primary: Cluster,
-    dir: TestDir,
-}
-
-async fn shipping(name: &str, segsize_mb: u32) -> Shipping {
-    let dir = TestDir::new(name);
-    let walship = Walship::install(&dir);
-    let certs = walship.certs(&dir, "certs");
-    let opts = InitOptions {
-        wal_segsize_mb: Some(segsize_mb),
-        ..Default::default()
-    };
-    let mut primary = Cluster::init(&dir, "primary", &opts);
-    primary.start();
-    let archive = dir.path().join("archive");
-    let receiver = walship.receiver(&dir, &archive, &certs, 0);
-    let mut sender = walship.sender(
-        &dir,
-        &primary.conninfo(),
-        receiver.port,
-        &certs,
-        &certs,
-        &[],
-    );
-    sender.wait_for_log("streaming", Duration::from_secs(30));
-    let seg = WalSegSize::new((segsize_mb as u64) << 20).unwrap();
-    Shipping {
-        walship,
-        archive,
-        seg,
-        sender,
-        receiver,
-        primary,
-        dir,
-    }
-}
-
-impl Shipping {
-    fn restore_command(&self, flags: &str) -> String {
-        format!(
-            "{} restore --archive {} {flags} %f %p",
-            self.walship.path(Walship::RECEIVER).display(),
-            self.archive.display()
-        )
-    }
-
-    fn end(&self) -> Lsn {
-        archive_end(&self.archive, self.seg, 1).expect("archive has WAL")
-    }
-
-    /// Runs `walship-receiver promote` for `standby`; returns (new timeline, its start LSN, stdout).
-    fn promote(&self, standby: &Cluster) -> (u32, Lsn, String) {
-        let out = run_ok(
-            Command::new(self.walship.path(Walship::RECEIVER))
-                .arg("promote")
-                .arg("--archive")
-                .arg(&self.archive)
-                .arg("--pgdata")
-                .arg(&standby.data)
-                .args(["--timeout", "120"]),
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        // "promoted: timeline 2 starts at 0/3000158; ..."
-        let words: Vec<&str> = text.split_whitespace().collect();
-        let tli = words
-            .iter()
-            .position(|w| *w == "timeline")
-            .and_then(|i| words.get(i + 1))
-            .and_then(|w| w.parse().ok());
-        let lsn = words
-            .iter()
-            .position(|w| *w == "at")
-            .and_then(|i| words.get(i + 1))
-            .and_then(|w| w.trim_end_matches(';').parse().ok());
-        (
-            tli.unwrap_or_else(|| panic!("no timeline in {text:?}")),
-            lsn.unwrap_or_else(|| panic!("no LSN in {text:?}")),
-            text,
-        )
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
-    /// recovery.signal + restore --wait
-    Archive,
-    /// standby.signal + restore (no wait), promoted by walship-receiver promote
-    Standby,
-}
-
-async fn crash_and_fail_over(mode: Mode) {
-    let mut s = shipping(&format!("failover-{mode:?}").to_lowercase(), 16).await;
-    let mut standby = s.primary.base_backup(&s.dir, "standby");
-    let flags = if mode == Mode::Archive { "--wait" } else { "" };
-    standby.configure_recovery(
-        &s.restore_command(flags),
-        mode == Mode::Standby,
-        &["wal_retrieve_retry_interval = '200ms'"],
-    );
-    standby.start_no_wait();
-
-    run_ok(&mut s.primary.pgbench(&["-i", "-s", "2", "-q"]));
-    let ledger = Ledger::start(&s.primary).await;
-    let mut bench = s
-        .primary
-        .pgbench(&["-c", "2", "-j", "2", "-T", "4", "-n"])
-        .spawn()
-        .expect("pgbench");
-    assert!(bench.wait().expect("pgbench").success());
-    wait_for("ledger rows", WAIT, || async {
-        (ledger.acknowledged().len() > 200).then_some(())
-    })
-    .await;
-
-    // the primary crashes (no shutdown checkpoint, nothing more is flushed)
-    s.primary.kill();
-    let rows = ledger.finish().await;
-    // the sender cannot learn anything more; stop it so the archive is final
-    s.sender.terminate(Duration::from_secs(10));
-    let end = s.end();
-
-    let started = Instant::now();
-    let (timeline, start_lsn, text) = s.promote(&standby);
-    println!(
-        "{mode:?}: {} in {:.1} s",
-        text.trim(),
-        started.elapsed().as_secs_f64()
-    );
-    let promoted = standby.connect().await;
-    let in_recovery: bool = promoted
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(
-        !in_recovery,
-        "the standby is still in recovery after promote"
-    );
-    let v = verdict(&rows, end, &promoted).await;
-    println!(
-        "{mode:?}: acknowledged {}, covered by the archive (LSN <= {end}) {}, present after failover {}, lost beyond the archive {}",
-        v.acknowledged, v.covered, v.present, v.lost_beyond
-    );
-    assert!(
-        v.missing_covered.is_empty(),
-        "acknowledged rows the archive held are missing: {:?}",
-        v.missing_covered
-    );
-    assert!(v.covered > 200, "{v:?}");
-    assert_eq!(timeline, 2);
-    assert!(
-        start_lsn <= end,
-        "the new timeline starts at {start_lsn}, beyond the archive's end {end}"
-    );
-    let last_covered = rows
-        .iter()
-        .filter(|(_, l)| *l <= end)
-        .map(|(_, l)| *l)
-        .max()
-        .unwrap();
-    assert!(
-        start_lsn.0 + 8192 >= last_covered.0 || start_lsn >= last_covered,
-        "timeline starts at {start_lsn}, well before the last shipped commit at {last_covered}"
-    );
-    let handover = walship_receiver_handover(&s.archive);
-    assert!(
-        handover.contains(&end.to_string()),
-        "handover record {handover} does not end at {end}"
-    );
-    // the promoted server works
-    promoted
-        .execute("INSERT INTO ledger (id) VALUES (-1)", &[])
-        .await
-        .expect("write on the promoted standby");
-}
-
-fn walship_receiver_handover(archive: &Path) -> String {
-    std::fs::read_to_string(archive.join("walship.handover")).expect("handover record")
+fn default() -> InitOptions {
+    InitOptions::default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archive_recovery_failover_keeps_every_shipped_commit() {
-    crash_and_fail_over(Mode::Archive).await;
+    let r = crash_and_fail_over("failover-archive", &default(), Mode::Archive).await;
+    assert_eq!(r.present, r.acknowledged - r.lost_beyond);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_mode_failover_keeps_every_shipped_commit() {
-    crash_and_fail_over(Mode::Standby).await;
+    let r = crash_and_fail_over("failover-standby", &default(), Mode::Standby).await;
+    assert_eq!(r.present, r.acknowledged - r.lost_beyond);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_primary_fails_over_without_loss() {
-    let mut s = shipping("quiet", 16).await;
+    let mut s = shipping("quiet", &default()).await;
     let mut standby = s.primary.base_backup(&s.dir, "standby");
     standby.configure_recovery(&s.restore_command("--wait"), false, &[]);
     standby.start_no_wait();
@@ -248,7 +66,7 @@ async fn quiet_primary_fails_over_without_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_mode_hot_standby_sees_fresh_rows() {
-    let s = shipping("live", 16).await;
+    let s = shipping("live", &default()).await;
     let mut standby = s.primary.base_backup(&s.dir, "standby");
     standby.configure_recovery(
         &s.restore_command("--live"),
@@ -324,7 +142,14 @@ fn restore_once(s: &Shipping, file: &str, wait: bool) -> (bool, String, Duration
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_segments_are_never_handed_to_recovery() {
-    let mut s = shipping("damaged", 1).await;
+    let mut s = shipping(
+        "damaged",
+        &InitOptions {
+            wal_segsize_mb: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
     let standby_backup = s.primary.base_backup(&s.dir, "standby");
     let client = s.primary.connect().await;
     run_ok(&mut s.primary.pgbench(&["-i", "-s", "1", "-q"]));

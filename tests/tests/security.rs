@@ -180,7 +180,11 @@ async fn strangers_are_refused_and_the_archive_is_unchanged() {
         &[],
     );
     assert!(!s1.wait_exit(Duration::from_secs(30)).success());
-    assert!(s1.log_text().contains("refused"), "{}", s1.log_text());
+    let log = s1.log_text();
+    assert!(
+        log.contains("refused") && log.contains("16 MB segments") && log.contains("1 MB segments"),
+        "{log}"
+    );
     let fresh_after = snapshot(&fresh_archive);
     assert_eq!(
         fresh_before.keys().collect::<Vec<_>>(),

@@ -1,0 +1,258 @@
+//! Scenarios shared by the end-to-end tests and the version matrix: a primary shipping to a receiver, and a
+//! crash of that primary followed by a failover with the ledger check.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use walship_protocol::{Lsn, WalSegSize};
+
+use crate::archive::archive_end;
+use crate::cluster::{run_ok, WAIT};
+use crate::ledger::{verdict, Ledger};
+use crate::{wait_for, Cluster, Daemon, InitOptions, TestDir, Walship};
+
+/// A primary shipping to a receiver. Fields drop in order: the test directory last.
+pub struct Shipping {
+    pub walship: Walship,
+    pub archive: PathBuf,
+    pub seg: WalSegSize,
+    pub sender: Daemon,
+    pub receiver: Daemon,
+    pub primary: Cluster,
+    pub dir: TestDir,
+}
+
+/// Starts a primary (with `opts`), a receiver and a sender, and waits until the sender streams.
+pub async fn shipping(name: &str, opts: &InitOptions) -> Shipping {
+    let dir = TestDir::new(name);
+    let walship = Walship::install(&dir);
+    let certs = walship.certs(&dir, "certs");
+    let mut primary = Cluster::init(&dir, "primary", opts);
+    primary.start();
+    let archive = dir.path().join("archive");
+    let receiver = walship.receiver(&dir, &archive, &certs, 0);
+    let mut sender = walship.sender(
+        &dir,
+        &primary.conninfo(),
+        receiver.port,
+        &certs,
+        &certs,
+        &[],
+    );
+    sender.wait_for_log("streaming", Duration::from_secs(30));
+    let seg =
+        WalSegSize::new((opts.wal_segsize_mb.unwrap_or(16) as u64) << 20).expect("segment size");
+    Shipping {
+        walship,
+        archive,
+        seg,
+        sender,
+        receiver,
+        primary,
+        dir,
+    }
+}
+
+impl Shipping {
+    pub fn restore_command(&self, flags: &str) -> String {
+        format!(
+            "{} restore --archive {} {flags} %f %p",
+            self.walship.path(Walship::RECEIVER).display(),
+            self.archive.display()
+        )
+    }
+
+    pub fn end(&self) -> Lsn {
+        archive_end(&self.archive, self.seg, 1).expect("archive has WAL")
+    }
+
+    /// Runs `walship-receiver promote` for `standby`; returns (new timeline, its start LSN, stdout).
+    pub fn promote(&self, standby: &Cluster) -> (u32, Lsn, String) {
+        let out = run_ok(
+            Command::new(self.walship.path(Walship::RECEIVER))
+                .arg("promote")
+                .arg("--archive")
+                .arg(&self.archive)
+                .arg("--pgdata")
+                .arg(&standby.data)
+                .args(["--timeout", "120"]),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // "promoted: timeline 2 starts at 0/3000158; ..."
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let tli = words
+            .iter()
+            .position(|w| *w == "timeline")
+            .and_then(|i| words.get(i + 1))
+            .and_then(|w| w.parse().ok());
+        let lsn = words
+            .iter()
+            .position(|w| *w == "at")
+            .and_then(|i| words.get(i + 1))
+            .and_then(|w| w.trim_end_matches(';').parse().ok());
+        (
+            tli.unwrap_or_else(|| panic!("no timeline in {text:?}")),
+            lsn.unwrap_or_else(|| panic!("no LSN in {text:?}")),
+            text,
+        )
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    /// recovery.signal + restore --wait
+    Archive,
+    /// standby.signal + restore (no wait), promoted by walship-receiver promote
+    Standby,
+}
+
+/// What a failover gave.
+#[derive(Debug, Clone)]
+pub struct FailoverResult {
+    pub acknowledged: usize,
+    pub covered: usize,
+    pub present: usize,
+    pub lost_beyond: usize,
+    pub archive_end: Lsn,
+    pub timeline_start: Lsn,
+    pub promote_seconds: f64,
+}
+
+/// Base backup, standby recovering from the archive (`mode`), ledger + pgbench load, the primary crashes,
+/// `walship-receiver promote`, then the ledger check: every acknowledged row the archive held is present.
+pub async fn crash_and_fail_over(name: &str, opts: &InitOptions, mode: Mode) -> FailoverResult {
+    let mut s = shipping(name, opts).await;
+    let mut standby = s.primary.base_backup(&s.dir, "standby");
+    let flags = if mode == Mode::Archive { "--wait" } else { "" };
+    standby.configure_recovery(
+        &s.restore_command(flags),
+        mode == Mode::Standby,
+        &["wal_retrieve_retry_interval = '200ms'"],
+    );
+    standby.start_no_wait();
+
+    run_ok(&mut s.primary.pgbench(&["-i", "-s", "2", "-q"]));
+    let ledger = Ledger::start(&s.primary).await;
+    let mut bench = s
+        .primary
+        .pgbench(&["-c", "2", "-j", "2", "-T", "4", "-n"])
+        .spawn()
+        .expect("pgbench");
+    assert!(bench.wait().expect("pgbench").success());
+    wait_for("ledger rows", WAIT, || async {
+        (ledger.acknowledged().len() > 200).then_some(())
+    })
+    .await;
+
+    // the primary crashes (no shutdown checkpoint, nothing more is flushed)
+    s.primary.kill();
+    let rows = ledger.finish().await;
+    // the sender cannot learn anything more; stop it so the archive is final
+    s.sender.terminate(Duration::from_secs(10));
+    let end = s.end();
+
+    let started = Instant::now();
+    let (timeline, start_lsn, text) = s.promote(&standby);
+    let promote_seconds = started.elapsed().as_secs_f64();
+    println!("{name} {mode:?}: {} in {promote_seconds:.1} s", text.trim());
+    let promoted = standby.connect().await;
+    let in_recovery: bool = promoted
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !in_recovery,
+        "the standby is still in recovery after promote"
+    );
+    let v = verdict(&rows, end, &promoted).await;
+    println!(
+        "{name} {mode:?}: acknowledged {}, covered by the archive (LSN <= {end}) {}, present after failover {}, lost beyond the archive {}",
+        v.acknowledged, v.covered, v.present, v.lost_beyond
+    );
+    assert!(
+        v.missing_covered.is_empty(),
+        "acknowledged rows the archive held are missing: {:?}",
+        v.missing_covered
+    );
+    assert!(v.covered > 100, "{v:?}");
+    assert_eq!(timeline, 2);
+    assert!(
+        start_lsn <= end,
+        "the new timeline starts at {start_lsn}, beyond the archive's end {end}"
+    );
+    let last_covered = rows
+        .iter()
+        .filter(|(_, l)| *l <= end)
+        .map(|(_, l)| *l)
+        .max()
+        .unwrap();
+    assert!(
+        start_lsn.0 + 8192 >= last_covered.0 || start_lsn >= last_covered,
+        "timeline starts at {start_lsn}, well before the last shipped commit at {last_covered}"
+    );
+    let handover =
+        std::fs::read_to_string(s.archive.join("walship.handover")).expect("handover record");
+    assert!(
+        handover.contains(&end.to_string()),
+        "handover record {handover} does not end at {end}"
+    );
+    // the promoted server works
+    promoted
+        .execute("INSERT INTO ledger (id) VALUES (-1)", &[])
+        .await
+        .expect("write on the promoted standby");
+    FailoverResult {
+        acknowledged: v.acknowledged,
+        covered: v.covered,
+        present: v.present,
+        lost_beyond: v.lost_beyond,
+        archive_end: end,
+        timeline_start: start_lsn,
+        promote_seconds,
+    }
+}
+
+/// A pgbench load, a segment switch and a little more WAL, then the archive must be byte-identical to the
+/// primary's pg_wal (the `.partial` to the same prefix).
+pub async fn ship_and_compare(name: &str, opts: &InitOptions) -> crate::archive::Compared {
+    let s = shipping(name, opts).await;
+    let client = s.primary.connect().await;
+    run_ok(&mut s.primary.pgbench(&["-i", "-s", "1", "-q"]));
+    run_ok(
+        &mut s
+            .primary
+            .pgbench(&["-c", "2", "-j", "2", "-t", "300", "-n"]),
+    );
+    let switched = s.primary.switch_wal(&client).await;
+    wait_for(
+        &format!("{name}: the archive to reach {switched}"),
+        WAIT,
+        || async {
+            archive_end(&s.archive, s.seg, 1)
+                .filter(|e| *e >= switched)
+                .map(|_| ())
+        },
+    )
+    .await;
+    client
+        .batch_execute("CREATE TABLE after_switch AS SELECT g FROM generate_series(1, 1000) g")
+        .await
+        .expect("write after the switch");
+    let flush = s.primary.flush_lsn(&client).await;
+    wait_for(
+        &format!("{name}: the archive to reach {flush}"),
+        WAIT,
+        || async {
+            archive_end(&s.archive, s.seg, 1)
+                .filter(|e| *e >= flush)
+                .map(|_| ())
+        },
+    )
+    .await;
+    let compared =
+        crate::archive::assert_matches_primary(&s.archive, &s.primary.wal_dir(), s.seg, 1);
+    assert!(compared.complete_segments >= 1, "{compared:?}");
+    compared
+}
