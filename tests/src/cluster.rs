@@ -44,8 +44,7 @@ pub fn pg_bin() -> PathBuf {
 
 /// Runs `cmd` as the database user and returns its output; panics with stderr when it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = as_db_user(cmd)
-        .output()
+    let out = crate::env::retry_busy(|| as_db_user(cmd).output())
         .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
     assert!(
         out.status.success(),

@@ -151,7 +151,8 @@ impl Daemon {
             .stdin(Stdio::null())
             .env("WALSHIP_LOG", "info,walship=debug");
         as_db_user(&mut cmd);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+        let child =
+            crate::env::retry_busy(|| cmd.spawn()).unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
         Daemon {
             name: format!("{name}-{n}"),
             child: Some(child),

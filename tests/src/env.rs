@@ -103,3 +103,18 @@ impl Drop for TestDir {
         }
     }
 }
+
+/// Runs `f` again while it fails with ETXTBSY ("text file busy"): a binary just copied into a test directory
+/// can still be open for writing in a child that another test thread forked and has not exec'd yet.
+pub fn retry_busy<T>(mut f: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(e) if e.raw_os_error() == Some(26) && tries < 100 => {
+                tries += 1;
+                std::thread::park_timeout(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
