@@ -34,6 +34,23 @@ use walship_protocol::{Lsn, TimelineId, WalSegSize};
 pub const ID_FILE: &str = "walship.id";
 /// The lock file's name.
 pub const LOCK_FILE: &str = "walship.lock";
+/// The durable-position file's name.
+pub const POSITION_FILE: &str = "walship.position";
+
+/// Reads `walship.position`: the timeline and durable end last made durable by the running receiver.
+pub fn read_position(dir: &Path) -> Option<(TimelineId, Lsn)> {
+    let mut buf = [0u8; 26];
+    File::open(dir.join(POSITION_FILE))
+        .ok()?
+        .read_exact_at(&mut buf, 0)
+        .ok()?;
+    let text = std::str::from_utf8(&buf).ok()?;
+    let (t, l) = text.trim_end().split_once(' ')?;
+    Some((
+        u32::from_str_radix(t, 16).ok()?,
+        Lsn(u64::from_str_radix(l, 16).ok()?),
+    ))
+}
 
 /// Which cluster an archive belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,6 +179,9 @@ pub struct Archive {
     dir: PathBuf,
     dir_handle: File,
     _lock: File,
+    /// `walship.position`: the durable end, rewritten in place after every group commit (not fsynced; for
+    /// `status` and benchmarks, never for recovery).
+    position: File,
     identity: Option<Identity>,
     /// Where the archived WAL of each timeline ends (exclusive).
     ends: BTreeMap<TimelineId, Lsn>,
@@ -226,11 +246,18 @@ impl Archive {
         }
         let dir_handle =
             File::open(dir).with_context(|| format!("open archive directory {}", dir.display()))?;
+        let position_path = dir.join(POSITION_FILE);
+        let position = create_options()
+            .create(true)
+            .truncate(false)
+            .open(&position_path)
+            .with_context(|| format!("open {}", position_path.display()))?;
         let identity = Identity::load(dir)?;
         let mut archive = Archive {
             dir: dir.to_owned(),
             dir_handle,
             _lock: lock,
+            position,
             identity,
             ends: BTreeMap::new(),
             current: None,
@@ -636,6 +663,13 @@ impl Archive {
         }
         for (t, end) in &self.ends {
             self.durable.insert(*t, *end);
+        }
+        if let Some((t, end)) = self.durable.iter().next_back() {
+            // fixed width, rewritten in place: one small pwrite per group commit
+            let line = format!("{t:08X} {:016X}\n", end.0);
+            if let Err(e) = self.position.write_all_at(line.as_bytes(), 0) {
+                tracing::debug!(error = %e, "could not update {POSITION_FILE}");
+            }
         }
         Ok(self.durable.get(&timeline).copied())
     }

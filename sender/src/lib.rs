@@ -357,6 +357,10 @@ async fn session(
     let mut keepalive = tokio::time::interval(cfg.keepalive_interval);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_report = Instant::now();
+    let mut hot = 0u32;
+    let mut event_due = false;
+    let mut last_query = Instant::now();
+    let mut last_flush_change = Instant::now();
     loop {
         let mut wrote = false;
         while sent < pos.flush && sent.0 - acked.0 < cfg.window {
@@ -382,59 +386,74 @@ async fn session(
             last_report = Instant::now();
             info!(flush = %pos.flush, %sent, %acked, behind = pos.flush.saturating_sub(acked), "progress");
         }
-        // while WAL is written but not yet flushed no file-system event announces the flush: re-poll soon
-        let poll = if pos.write > pos.flush {
-            Duration::from_millis(1)
-        } else {
-            cfg.poll_interval
-        };
+        // No file-system event announces a flush (only the write before it). While WAL is inserted but not yet
+        // flushed, re-poll soon. After a quiet spell (a commit arriving alone) the first event starts precise
+        // short re-polls, since the primary's fsync takes a fraction of a millisecond. Under sustained load the
+        // events keep coming; then at most one query per MIN_QUERY_GAP keeps the cost on the primary low.
+        let pending = pos.insert > pos.flush;
         let mut query = false;
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                info!(%sent, %acked, "shutting down");
-                // end the TLS session properly (close_notify); the receiver keeps what it acknowledged
-                let _ = tokio::time::timeout(Duration::from_secs(2), tx.close()).await;
-                return Ok(());
-            }
-            msg = rx.next() => {
+        if pending && hot > 0 {
+            hot -= 1;
+            tokio::task::block_in_place(|| std::thread::sleep(HOT_POLL));
+            while let Some(msg) = rx.next().now_or_never() {
                 last_heard = Instant::now();
-                match msg {
-                    Some(Ok(ReceiverMessage::Ack { timeline: t, durable_lsn })) => {
-                        if t == timeline && durable_lsn > acked {
-                            if durable_lsn > sent {
-                                return Err(retry(anyhow!("protocol violation: ack of {durable_lsn} beyond what was sent ({sent})")));
-                            }
-                            acked = durable_lsn;
-                            *progressed = true;
-                        }
+                on_receiver_message(msg, timeline, sent, &mut acked, progressed)?;
+            }
+            query = true;
+        } else {
+            let poll = if event_due {
+                MIN_QUERY_GAP.saturating_sub(last_query.elapsed())
+            } else if pending {
+                Duration::from_millis(1)
+            } else {
+                cfg.poll_interval
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    info!(%sent, %acked, "shutting down");
+                    // end the TLS session properly (close_notify); the receiver keeps what it acknowledged
+                    let _ = tokio::time::timeout(Duration::from_secs(2), tx.close()).await;
+                    return Ok(());
+                }
+                msg = rx.next() => {
+                    last_heard = Instant::now();
+                    on_receiver_message(msg, timeline, sent, &mut acked, progressed)?;
+                }
+                _ = next_event(&mut events), if !event_due => {
+                    // one query covers every event already queued
+                    while let Some(Some(_)) = events.as_mut().and_then(|e| e.next().now_or_never()) {}
+                    if last_query.elapsed() >= MIN_QUERY_GAP {
+                        query = true;
+                    } else {
+                        event_due = true;
                     }
-                    Some(Ok(ReceiverMessage::Error { reason })) => return Err(retry(anyhow!("the receiver closed the session: {reason}"))),
-                    Some(Ok(other)) => return Err(retry(anyhow!("protocol violation: unexpected {other:?} from the receiver"))),
-                    Some(Err(e)) => return Err(retry(anyhow::Error::new(e).context("bad frame from the receiver"))),
-                    None => return Err(retry(anyhow!("the receiver closed the connection"))),
+                    if last_flush_change.elapsed() >= QUIET {
+                        hot = HOT_POLLS;
+                    }
                 }
-            }
-            _ = next_event(&mut events) => {
-                // one query covers every event already queued
-                while let Some(Some(_)) = events.as_mut().and_then(|e| e.next().now_or_never()) {}
-                query = true;
-            }
-            _ = tokio::time::sleep(poll) => query = true,
-            _ = keepalive.tick() => {
-                if last_heard.elapsed() > cfg.receiver_timeout {
-                    return Err(retry(anyhow!("no answer from the receiver for {:?}", cfg.receiver_timeout)));
+                _ = tokio::time::sleep(poll) => query = true,
+                _ = keepalive.tick() => {
+                    if last_heard.elapsed() > cfg.receiver_timeout {
+                        return Err(retry(anyhow!("no answer from the receiver for {:?}", cfg.receiver_timeout)));
+                    }
+                    tx.send(SenderMessage::Keepalive { primary_flush_lsn: pos.flush, timeline, sent_at_unix_micros: now_micros() })
+                        .await
+                        .context("send keepalive")
+                        .map_err(retry)?;
                 }
-                tx.send(SenderMessage::Keepalive { primary_flush_lsn: pos.flush, timeline, sent_at_unix_micros: now_micros() })
-                    .await
-                    .context("send keepalive")
-                    .map_err(retry)?;
             }
         }
         if query {
+            event_due = false;
+            last_query = Instant::now();
+            let before = pos.flush;
             if pg.is_closed() {
                 return Err(retry(anyhow!("the PostgreSQL connection closed")));
             }
             pos = pg.position().await.map_err(retry)?;
+            if pos.flush != before {
+                last_flush_change = Instant::now();
+            }
             if pos.timeline != timeline {
                 return Err(retry(anyhow!(
                     "the primary moved from timeline {timeline} to {}; starting a new session",
@@ -442,6 +461,52 @@ async fn session(
                 )));
             }
         }
+    }
+}
+
+/// Precise re-poll interval right after a file-system event while a flush is pending.
+const HOT_POLL: Duration = Duration::from_micros(250);
+/// How many precise re-polls one burst of events allows (then 1 ms polls take over).
+const HOT_POLLS: u32 = 12;
+/// Under sustained load, the shortest time between two position queries.
+const MIN_QUERY_GAP: Duration = Duration::from_micros(500);
+/// No flush for this long makes the next event the start of a burst (precise re-polls allowed).
+const QUIET: Duration = Duration::from_millis(5);
+
+/// Handles one message from the receiver during streaming.
+fn on_receiver_message(
+    msg: Option<Result<ReceiverMessage, walship_protocol::FrameError>>,
+    timeline: TimelineId,
+    sent: Lsn,
+    acked: &mut Lsn,
+    progressed: &mut bool,
+) -> Result<(), Failure> {
+    match msg {
+        Some(Ok(ReceiverMessage::Ack {
+            timeline: t,
+            durable_lsn,
+        })) => {
+            if t == timeline && durable_lsn > *acked {
+                if durable_lsn > sent {
+                    return Err(retry(anyhow!(
+                        "protocol violation: ack of {durable_lsn} beyond what was sent ({sent})"
+                    )));
+                }
+                *acked = durable_lsn;
+                *progressed = true;
+            }
+            Ok(())
+        }
+        Some(Ok(ReceiverMessage::Error { reason })) => {
+            Err(retry(anyhow!("the receiver closed the session: {reason}")))
+        }
+        Some(Ok(other)) => Err(retry(anyhow!(
+            "protocol violation: unexpected {other:?} from the receiver"
+        ))),
+        Some(Err(e)) => Err(retry(
+            anyhow::Error::new(e).context("bad frame from the receiver"),
+        )),
+        None => Err(retry(anyhow!("the receiver closed the connection"))),
     }
 }
 

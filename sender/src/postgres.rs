@@ -14,7 +14,7 @@ use walship_protocol::{Lsn, TimelineId, WalSegSize};
 /// The SQL and paths of one PostgreSQL generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dialect {
-    /// Flushed position, written position, and the name of the segment file of the flushed position (its
+    /// Flushed position, insert position (WAL reserved, maybe not yet written), and the name of the segment file of the flushed position (its
     /// first 8 hex digits are the current timeline).
     pub position_sql: &'static str,
     /// The WAL directory inside the data directory.
@@ -29,13 +29,13 @@ impl Dialect {
         Ok(if server_version_num >= 100_000 {
             Dialect {
                 position_sql:
-                    "SELECT pg_current_wal_flush_lsn()::text, pg_current_wal_lsn()::text, \
+                    "SELECT pg_current_wal_flush_lsn()::text, pg_current_wal_insert_lsn()::text, \
                                pg_walfile_name(pg_current_wal_flush_lsn())",
                 wal_dir: "pg_wal",
             }
         } else {
             Dialect {
-                position_sql: "SELECT pg_current_xlog_flush_location()::text, pg_current_xlog_location()::text, \
+                position_sql: "SELECT pg_current_xlog_flush_location()::text, pg_current_xlog_insert_location()::text, \
                                pg_xlogfile_name(pg_current_xlog_flush_location())",
                 wal_dir: "pg_xlog",
             }
@@ -76,8 +76,8 @@ pub struct ServerInfo {
 pub struct Position {
     /// Flushed to disk: the sender never ships beyond it.
     pub flush: Lsn,
-    /// Written to the kernel (maybe not yet flushed).
-    pub write: Lsn,
+    /// Inserted (reserved by a backend; maybe not yet written or flushed): while it is ahead of `flush`, a flush is coming.
+    pub insert: Lsn,
     pub timeline: TimelineId,
 }
 
@@ -165,7 +165,7 @@ impl Primary {
             .await
             .context("query the WAL flush position")?;
         let flush: Lsn = row.get::<_, String>(0).parse()?;
-        let write: Lsn = row.get::<_, String>(1).parse()?;
+        let insert: Lsn = row.get::<_, String>(1).parse()?;
         let name: String = row.get(2);
         let timeline = name
             .get(0..8)
@@ -174,7 +174,7 @@ impl Primary {
             .with_context(|| format!("cannot read a timeline from WAL file name {name:?}"))?;
         Ok(Position {
             flush,
-            write,
+            insert,
             timeline,
         })
     }
@@ -226,7 +226,9 @@ mod tests {
         assert!(d96
             .position_sql
             .contains("pg_current_xlog_flush_location()"));
-        assert!(d96.position_sql.contains("pg_current_xlog_location()"));
+        assert!(d96
+            .position_sql
+            .contains("pg_current_xlog_insert_location()"));
         assert!(d96.position_sql.contains("pg_xlogfile_name("));
         assert!(!d96.position_sql.contains("_wal_"));
         for v in [100020, 110022, 150018, 180004] {

@@ -77,6 +77,8 @@ pub struct Cluster {
     pub log: PathBuf,
     pub major: u32,
     running: bool,
+    /// The port (of the Unix socket, and of TCP when `listen_addresses` is set).
+    pub port: u16,
 }
 
 /// The major version of the server binaries in `bin`.
@@ -159,6 +161,7 @@ impl Cluster {
             log,
             major,
             running: false,
+            port: 5432,
         }
     }
 
@@ -187,17 +190,9 @@ impl Cluster {
                 .arg(&data)
                 .arg("-h")
                 .arg(&self.socket_dir)
-                .args([
-                    "-p",
-                    "5432",
-                    "-U",
-                    "postgres",
-                    "-X",
-                    "none",
-                    "-c",
-                    "fast",
-                    "--no-sync",
-                ]),
+                .arg("-p")
+                .arg(self.port.to_string())
+                .args(["-U", "postgres", "-X", "none", "-c", "fast", "--no-sync"]),
         );
         let c = Cluster {
             name: name.to_owned(),
@@ -207,6 +202,7 @@ impl Cluster {
             log: root.join("postgres.log"),
             major: self.major,
             running: false,
+            port: self.port,
         };
         c.configure(&[
             "# standby",
@@ -246,6 +242,12 @@ impl Cluster {
             crate::env::chown_to_db_user(&self.data.join("recovery.conf"));
             self.configure(extra);
         }
+    }
+
+    /// Sets the port (takes effect at the next start).
+    pub fn set_port(&mut self, port: u16) {
+        self.configure(&[&format!("port = {port}")]);
+        self.port = port;
     }
 
     /// Starts without waiting until the server accepts connections (a standby may wait for WAL first).
@@ -304,8 +306,9 @@ impl Cluster {
 
     pub fn conninfo(&self) -> String {
         format!(
-            "host={} port=5432 user=postgres dbname=postgres",
-            self.socket_dir.display()
+            "host={} port={} user=postgres dbname=postgres",
+            self.socket_dir.display(),
+            self.port
         )
     }
 
@@ -387,7 +390,9 @@ impl Cluster {
         let mut cmd = Command::new(self.pgbench_bin());
         cmd.arg("-h")
             .arg(&self.socket_dir)
-            .args(["-p", "5432", "-U", "postgres"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["-U", "postgres"])
             .args(args)
             .arg("postgres");
         as_db_user(&mut cmd);

@@ -214,6 +214,11 @@ impl Daemon {
         }
     }
 
+    /// The process id (0 once it was reaped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     /// SIGKILL, like a crash.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -1,0 +1,60 @@
+//! The benchmark's one-minute smoke run: every scenario, walship and the references, against a real server.
+//! It proves the bench works; the figures of a debug build prove nothing and are not asserted.
+
+use std::process::Command;
+
+#[test]
+fn quick_bench_runs_every_scenario_for_every_tool() {
+    let exe = env!("CARGO_BIN_EXE_walship-bench");
+    let bin_dir = std::path::Path::new(exe).parent().unwrap();
+    let json =
+        std::env::temp_dir().join(format!("walship-bench-quick-{}.json", std::process::id()));
+    let out = Command::new(exe)
+        .args(["--quick", "--json"])
+        .arg(&json)
+        .env("WALSHIP_BIN_DIR", bin_dir)
+        .output()
+        .expect("run walship-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "walship-bench --quick failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+
+    let lag = report["lag"].as_array().unwrap();
+    for target in [
+        "walship",
+        "pg_receivewal",
+        "pg_receivewal --synchronous",
+        "pg_receivewal --synchronous (TLS)",
+    ] {
+        for profile in ["unthrottled", "rate 20 tps"] {
+            let r = lag
+                .iter()
+                .find(|r| r["target"] == target && r["profile"] == profile)
+                .unwrap_or_else(|| panic!("no lag result for {target} / {profile}"));
+            assert!(
+                r["probe_ms"]["n"].as_u64().unwrap() > 0,
+                "{target} {profile}: no probe"
+            );
+            assert!(
+                r["probe_ms"]["max"].as_f64().unwrap() < 60_000.0,
+                "{target} {profile}: a probe never arrived"
+            );
+        }
+    }
+    assert!(lag
+        .iter()
+        .any(|r| r["target"].as_str().unwrap().starts_with("archive_command")));
+    let catchup = report["catchup"].as_array().unwrap();
+    assert_eq!(catchup.len(), 2);
+    for c in catchup {
+        assert!(c["mb_per_s"].as_f64().unwrap() > 0.0, "{c}");
+    }
+    assert!(report["ceilings"]["write_fsync_mb_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["overhead"]["walship_ratio"].as_f64().unwrap() > 0.0);
+}
