@@ -634,8 +634,20 @@ async fn measure_lag(
         }
     }
     let out = load.await??;
-    let end_flush = flushes.last().map(|f| f.1).unwrap_or(start_flush);
     let elapsed = started.elapsed().as_secs_f64();
+    // One more tiny commit after the load: WAL after the last probe, so that a target whose position is
+    // read from zero-padded files (pg_receivewal) can show it held the last probe.
+    probe_client.execute(&probe_insert, &[]).await?;
+    let trailer: Lsn = probe_client
+        .query_one(&probe_flush, &[])
+        .await?
+        .get::<_, String>(0)
+        .parse()?;
+    let end_flush = flushes
+        .last()
+        .map(|f| f.1)
+        .unwrap_or(start_flush)
+        .max(trailer);
     // wait until the target holds everything flushed during the load (bounded)
     let deadline = Instant::now()
         + Duration::from_secs(if name.starts_with("archive_command") {
@@ -1207,39 +1219,11 @@ Primary overhead (pgbench -c 4 -j 2 TPS)"
     }
 }
 
-fn build_daemons() -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
-    let release = std::env::current_exe()?
-        .components()
-        .any(|c| c.as_os_str() == "release");
-    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "-q",
-        "--manifest-path",
-        manifest,
-        "-p",
-        "walship-sender",
-        "-p",
-        "walship-receiver",
-        "--bins",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    anyhow::ensure!(
-        cmd.status().context("cargo build")?.success(),
-        "building the daemons failed"
-    );
-    Ok(())
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let settings = Settings::from_args()?;
     if std::env::var_os("WALSHIP_BIN_DIR").is_none() {
-        build_daemons()?;
+        walship_tests::daemon::build_daemons()?;
     }
     let postgres = String::from_utf8_lossy(
         &Command::new(pg_bin().join("postgres"))

@@ -154,6 +154,8 @@ async fn session(
     token: CancellationToken,
 ) -> Result<()> {
     let opts = &shared.opts;
+    // TLS reads the socket in small pieces; a large buffer under it turns many small reads into few
+    let tcp = tokio::io::BufReader::with_capacity(SOCKET_BUFFER, tcp);
     let tls = tokio::time::timeout(opts.handshake_timeout, shared.acceptor.accept(tcp))
         .await
         .context("TLS handshake timed out")?
@@ -269,6 +271,17 @@ enum Cmd {
 /// Publishes the durable position of the session's timeline.
 type AckTx = watch::Sender<Option<(TimelineId, Lsn)>>;
 
+/// Read buffer under the TLS layer.
+const SOCKET_BUFFER: usize = 256 << 10;
+
+/// A WAL message this large means the sender is sending a backlog.
+const LARGE_MESSAGE: usize = 512 << 10;
+/// Most bytes one fsync covers.
+const MAX_BATCH: usize = 64 << 20;
+/// While catching up, how long and how often the writer waits for more before an fsync.
+const CATCHUP_WAIT: std::time::Duration = std::time::Duration::from_micros(250);
+const CATCHUP_WAITS: u32 = 8;
+
 /// Applies commands to the archive, one fsync per batch. Runs on a blocking thread; not cancellation safe.
 fn writer_loop(
     mut archive: OwnedMutexGuard<Archive>,
@@ -280,17 +293,29 @@ fn writer_loop(
         while let Some(cmd) = rx.blocking_recv() {
             let mut next = Some(cmd);
             let mut taken = 0usize;
-            while let Some(cmd) = next.take() {
-                match cmd {
+            let mut waits = 0;
+            loop {
+                let Some(cmd) = next.take() else { break };
+                let large = match cmd {
                     Cmd::Wal(w) => {
                         taken += w.bytes.len();
-                        archive.append(w.timeline, w.start_lsn, &w.bytes)?
+                        archive.append(w.timeline, w.start_lsn, &w.bytes)?;
+                        w.bytes.len() >= LARGE_MESSAGE
                     }
                     Cmd::History { timeline, content } => {
-                        archive.store_history(timeline, &content)?
+                        archive.store_history(timeline, &content)?;
+                        false
                     }
+                };
+                if taken >= MAX_BATCH {
+                    break;
                 }
-                if taken < 64 << 20 {
+                next = rx.try_recv().ok();
+                // Large messages mean the sender is catching up: a moment's wait for the next one makes one
+                // fsync cover many megabytes instead of one (live streaming sends small messages: no wait).
+                while next.is_none() && large && waits < CATCHUP_WAITS && taken < MAX_BATCH / 2 {
+                    waits += 1;
+                    std::thread::sleep(CATCHUP_WAIT);
                     next = rx.try_recv().ok();
                 }
             }
@@ -318,7 +343,7 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     token: CancellationToken,
 ) -> Result<()> {
     let timeline = hello.timeline;
-    let (tx, rx) = mpsc::channel::<Cmd>(64);
+    let (tx, rx) = mpsc::channel::<Cmd>(16);
     let (ack_tx, mut ack_rx) = watch::channel(start);
     let mut writer_task =
         tokio::task::spawn_blocking(move || writer_loop(guard, rx, ack_tx, timeline));

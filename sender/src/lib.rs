@@ -85,7 +85,7 @@ impl SenderConfig {
             wal_dir: None,
             start_lsn: None,
             name: default_name(),
-            window: 16 << 20,
+            window: 64 << 20,
             max_message: 1 << 20,
             poll_interval: Duration::from_millis(200),
             keepalive_interval: Duration::from_secs(1),

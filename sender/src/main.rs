@@ -59,7 +59,7 @@ struct RunArgs {
     #[arg(long, env = "WALSHIP_NAME")]
     name: Option<String>,
     /// Most WAL bytes in flight without the receiver's acknowledgement, in MiB.
-    #[arg(long, env = "WALSHIP_WINDOW_MB", default_value_t = 16)]
+    #[arg(long, env = "WALSHIP_WINDOW_MB", default_value_t = 64)]
     window_mb: u64,
     /// Fallback poll of the flush position, in milliseconds (file-system events wake the sender first).
     #[arg(long, env = "WALSHIP_POLL_MS", default_value_t = 200)]

@@ -22,6 +22,37 @@ fn build_dir() -> PathBuf {
     dir.parent().expect("target dir").to_owned()
 }
 
+/// Builds the daemons next to the running binary (`cargo build -p walship-sender -p walship-receiver
+/// --bins`, `--release` when the caller is a release build), so that tools run through cargo (the demo, the
+/// bench) never use stale daemons. The test suite does not call it: `cargo test --workspace` builds them.
+pub fn build_daemons() -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
+    let release = std::env::current_exe()?
+        .components()
+        .any(|c| c.as_os_str() == "release");
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "-q",
+        "--manifest-path",
+        manifest,
+        "-p",
+        "walship-sender",
+        "-p",
+        "walship-receiver",
+        "--bins",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    anyhow::ensure!(
+        cmd.status()?.success(),
+        "building walship-sender and walship-receiver failed"
+    );
+    Ok(())
+}
+
 /// The walship binaries, copied into a test directory (CI's checkout may sit where `postgres` cannot enter).
 #[derive(Clone, Debug)]
 pub struct Walship {

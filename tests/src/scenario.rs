@@ -15,6 +15,8 @@ use crate::{wait_for, Cluster, Daemon, InitOptions, TestDir, Walship};
 /// A primary shipping to a receiver. Fields drop in order: the test directory last.
 pub struct Shipping {
     pub walship: Walship,
+    /// `certs` made by `walship-receiver certs`: the CA, server and client certificates in use.
+    pub certs: PathBuf,
     pub archive: PathBuf,
     pub seg: WalSegSize,
     pub sender: Daemon,
@@ -45,6 +47,7 @@ pub async fn shipping(name: &str, opts: &InitOptions) -> Shipping {
         WalSegSize::new((opts.wal_segsize_mb.unwrap_or(16) as u64) << 20).expect("segment size");
     Shipping {
         walship,
+        certs,
         archive,
         seg,
         sender,

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use walship_protocol::{Lsn, WalSegSize};
 use walship_tests::archive::{archive_end, assert_matches_primary, snapshot};
 use walship_tests::cluster::{run_ok, WAIT};
+use walship_tests::scenario::shipping;
 use walship_tests::{wait_for, Cluster, Daemon, InitOptions, TestDir, Walship};
 
 /// A TLS client that trusts the receiver's CA and presents no certificate.
@@ -221,31 +222,23 @@ fn crc32(data: &[u8]) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_closes_only_that_connection() {
-    let dir = TestDir::new("garbage");
-    let walship = Walship::install(&dir);
-    let certs = walship.certs(&dir, "certs");
-    let mut primary = Cluster::init(
-        &dir,
-        "primary",
+    let s = shipping(
+        "garbage",
         &InitOptions {
             wal_segsize_mb: Some(1),
             ..Default::default()
         },
+    )
+    .await;
+    let (certs, archive, seg, primary, receiver, sender) = (
+        &s.certs,
+        &s.archive,
+        s.seg,
+        &s.primary,
+        &s.receiver,
+        &s.sender,
     );
-    primary.start();
     let client = primary.connect().await;
-    let seg = WalSegSize::new(1 << 20).unwrap();
-    let archive = dir.path().join("archive");
-    let receiver = walship.receiver(&dir, &archive, &certs, 0);
-    let mut sender = walship.sender(
-        &dir,
-        &primary.conninfo(),
-        receiver.port,
-        &certs,
-        &certs,
-        &[],
-    );
-    sender.wait_for_log("streaming", Duration::from_secs(30));
     let mut bench = primary
         .pgbench(&["-i", "-s", "1", "-q"])
         .spawn()
@@ -280,13 +273,13 @@ async fn garbage_closes_only_that_connection() {
         if let Ok(a) = &answer {
             assert!(a.first() != Some(&b'w'), "garbage got a Welcome");
         }
-        wait_log(&receiver, reason).await;
+        wait_log(receiver, reason).await;
     }
     // the real sender's session was never disturbed
     assert!(bench.wait().expect("pgbench").success());
     let flush = primary.switch_wal(&client).await;
     wait_for("the archive to reach the switch", WAIT, || async {
-        archive_end(&archive, seg, 1)
+        archive_end(archive, seg, 1)
             .filter(|e| *e >= flush)
             .map(|_| ())
     })
@@ -296,7 +289,7 @@ async fn garbage_closes_only_that_connection() {
         "the real sender was disturbed:\n{}",
         sender.log_text()
     );
-    let compared = assert_matches_primary(&archive, &primary.wal_dir(), seg, 1);
+    let compared = assert_matches_primary(archive, &primary.wal_dir(), seg, 1);
     println!("after five garbage connections the archive still matches: {compared:?}");
     let _ = Lsn(0);
     run_ok(&mut primary.pgbench(&["-c", "1", "-t", "10", "-n"]));

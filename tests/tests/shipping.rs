@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use walship_protocol::{Lsn, WalSegSize};
 use walship_tests::archive::{archive_end, assert_matches_primary};
 use walship_tests::cluster::{run_ok, WAIT};
+use walship_tests::scenario::shipping;
 use walship_tests::{wait_for, Cluster, InitOptions, TestDir, Walship};
 
 /// Waits until the archive holds timeline 1 up to at least `target`.
@@ -27,25 +28,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_wal_arrives_byte_identical() {
-    let dir = TestDir::new("ship");
-    let walship = Walship::install(&dir);
-    let certs = walship.certs(&dir, "certs");
-    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
-    primary.start();
+    let s = shipping("ship", &InitOptions::default()).await;
+    let (walship, archive, seg, primary) = (&s.walship, &s.archive, s.seg, &s.primary);
     let client = primary.connect().await;
-    let seg = WalSegSize::DEFAULT;
-
-    let archive = dir.path().join("archive");
-    let receiver = walship.receiver(&dir, &archive, &certs, 0);
-    let mut sender = walship.sender(
-        &dir,
-        &primary.conninfo(),
-        receiver.port,
-        &certs,
-        &certs,
-        &[],
-    );
-    sender.wait_for_log("streaming", Duration::from_secs(30));
 
     run_ok(&mut primary.pgbench(&["-i", "-s", "4", "-q"]));
 
@@ -59,7 +44,7 @@ async fn pgbench_wal_arrives_byte_identical() {
     while bench.try_wait().expect("pgbench status").is_none() {
         tick.tick().await;
         let flush = primary.flush_lsn(&client).await;
-        let archived = archive_end(&archive, seg, 1).unwrap_or(Lsn(0));
+        let archived = archive_end(archive, seg, 1).unwrap_or(Lsn(0));
         samples.push((Instant::now(), flush, archived));
     }
     assert!(bench.wait().expect("pgbench").success());
@@ -88,7 +73,7 @@ async fn pgbench_wal_arrives_byte_identical() {
     );
 
     let switched = primary.switch_wal(&client).await;
-    wait_archived(&archive, seg, switched).await;
+    wait_archived(archive, seg, switched).await;
     // a little more WAL after the switch, so the archive ends in a .partial
     client
         .execute(
@@ -98,9 +83,9 @@ async fn pgbench_wal_arrives_byte_identical() {
         .await
         .unwrap();
     let flush = primary.flush_lsn(&client).await;
-    wait_archived(&archive, seg, flush).await;
+    wait_archived(archive, seg, flush).await;
 
-    let compared = assert_matches_primary(&archive, &primary.wal_dir(), seg, 1);
+    let compared = assert_matches_primary(archive, &primary.wal_dir(), seg, 1);
     println!("archive byte-identical to pg_wal: {compared:?}");
     assert!(
         compared.complete_segments >= 3,
@@ -117,7 +102,7 @@ async fn pgbench_wal_arrives_byte_identical() {
         let out = run_ok(
             std::process::Command::new(walship.path(Walship::RECEIVER))
                 .args(["status", "--json", "--archive"])
-                .arg(&archive),
+                .arg(archive),
         );
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         (text.contains("\"sender_connected\": true") && text.contains("\"primary_flush_lsn\": \""))
@@ -135,10 +120,9 @@ async fn pgbench_wal_arrives_byte_identical() {
     let human = run_ok(
         std::process::Command::new(walship.path(Walship::RECEIVER))
             .args(["status", "--archive"])
-            .arg(&archive),
+            .arg(archive),
     );
     println!("{}", String::from_utf8_lossy(&human.stdout));
-    drop(sender);
 }
 
 /// Waits until the archive has grown past where it is now (the stream is alive).

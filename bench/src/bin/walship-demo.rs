@@ -18,35 +18,6 @@ use walship_tests::{Cluster, InitOptions, TestDir, Walship};
 
 const LOAD_SECONDS: u64 = 10;
 
-/// Builds the daemons next to this binary when run through cargo (so they are never stale).
-fn build_daemons() -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
-    let release = std::env::current_exe()?
-        .components()
-        .any(|c| c.as_os_str() == "release");
-    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "-q",
-        "--manifest-path",
-        manifest,
-        "-p",
-        "walship-sender",
-        "-p",
-        "walship-receiver",
-        "--bins",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    anyhow::ensure!(
-        cmd.status().context("cargo build")?.success(),
-        "building walship-sender and walship-receiver failed"
-    );
-    Ok(())
-}
-
 fn step(n: u32, text: &str) {
     println!("[{n}/6] {text}");
 }
@@ -180,7 +151,7 @@ async fn demo() -> Result<()> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    build_daemons()?;
+    walship_tests::daemon::build_daemons()?;
     tokio::select! {
         r = demo() => r,
         _ = tokio::signal::ctrl_c() => {
