@@ -125,7 +125,17 @@ fn write_status(dir: &Path, status: &StatusFile) {
     let tmp = dir.join(format!("{STATUS_FILE}.tmp"));
     let result = serde_json::to_vec_pretty(status)
         .map_err(std::io::Error::other)
-        .and_then(|json| std::fs::write(&tmp, json))
+        .and_then(|json| {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&json)
+        })
         .and_then(|()| std::fs::rename(&tmp, dir.join(STATUS_FILE)));
     if let Err(e) = result {
         tracing::debug!(error = %e, "could not write {STATUS_FILE}");
