@@ -52,6 +52,9 @@ pub struct SenderConfig {
     pub wal_dir: Option<PathBuf>,
     /// Where to start when the archive is empty (rounded down to its segment's start).
     pub start_lsn: Option<Lsn>,
+    /// A physical replication slot kept at the receiver's durable position, so the primary never removes
+    /// WAL walship has not archived.
+    pub slot: Option<String>,
     /// How this sender names itself to the receiver.
     pub name: String,
     /// Most bytes sent and not yet acknowledged.
@@ -84,6 +87,7 @@ impl SenderConfig {
             tls,
             wal_dir: None,
             start_lsn: None,
+            slot: None,
             name: default_name(),
             window: 64 << 20,
             max_message: 1 << 20,
@@ -318,6 +322,17 @@ async fn session(
         }
     };
 
+    if let Some(slot) = &cfg.slot {
+        pg.ensure_slot(slot).await.map_err(|e| {
+            if e.to_string().contains("needs PostgreSQL")
+                || e.to_string().contains("not a physical")
+            {
+                Failure::Fatal(e)
+            } else {
+                Failure::Retry(e)
+            }
+        })?;
+    }
     let start = decide_start(
         &resume,
         timeline,
@@ -357,6 +372,8 @@ async fn session(
     let mut keepalive = tokio::time::interval(cfg.keepalive_interval);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_report = Instant::now();
+    let mut slot_at = Lsn(0);
+    let mut slot_moved = Instant::now();
     let mut hot = 0u32;
     let mut event_due = false;
     let mut last_query = Instant::now();
@@ -381,6 +398,16 @@ async fn session(
         }
         if wrote {
             tx.flush().await.context("send WAL").map_err(retry)?;
+        }
+        if let Some(slot) = &cfg.slot {
+            // at most once a second: release WAL the receiver has made durable
+            if acked > slot_at && acked > start && slot_moved.elapsed() >= Duration::from_secs(1) {
+                slot_moved = Instant::now();
+                match pg.advance_slot(slot, acked).await {
+                    Ok(()) => slot_at = acked,
+                    Err(e) => warn!("{e:#}"),
+                }
+            }
         }
         if last_report.elapsed() >= Duration::from_secs(60) {
             last_report = Instant::now();

@@ -55,6 +55,11 @@ struct RunArgs {
     /// position. Use the start LSN of the standby's base backup so the archive has everything it needs.
     #[arg(long, env = "WALSHIP_START_LSN")]
     start_lsn: Option<Lsn>,
+    /// Keep WAL on the primary with this physical replication slot (created if missing, PostgreSQL 11+),
+    /// advanced to what the receiver has made durable: the primary never removes WAL walship still needs.
+    /// Monitor it: a slot whose sender is gone keeps WAL forever (max_slot_wal_keep_size bounds it).
+    #[arg(long, env = "WALSHIP_SLOT")]
+    slot: Option<String>,
     /// Name this sender gives the receiver (logs, status). Default: the host name.
     #[arg(long, env = "WALSHIP_NAME")]
     name: Option<String>,
@@ -76,6 +81,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut cfg = SenderConfig::new(args.pgconn, args.receiver, server_name, tls);
     cfg.wal_dir = args.wal_dir;
     cfg.start_lsn = args.start_lsn;
+    cfg.slot = args.slot;
     if let Some(name) = args.name {
         cfg.name = name;
     }

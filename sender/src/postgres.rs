@@ -179,6 +179,55 @@ impl Primary {
         })
     }
 
+    /// Makes sure the physical replication slot `name` exists (created reserving WAL at once), so that the
+    /// primary keeps every segment the receiver has not acknowledged. Needs PostgreSQL 11+
+    /// (`pg_replication_slot_advance`).
+    pub async fn ensure_slot(&self, name: &str) -> Result<()> {
+        if self.info.version_num < 110_000 {
+            bail!("--slot needs PostgreSQL 11 or later (pg_replication_slot_advance); keep WAL with wal_keep_segments instead");
+        }
+        let row = self
+            .client
+            .query_opt(
+                "SELECT slot_type, active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await
+            .with_context(|| format!("look up replication slot {name}"))?;
+        match row {
+            Some(r) if r.get::<_, String>(0) != "physical" => {
+                bail!("replication slot {name} exists but is not a physical slot")
+            }
+            Some(_) => Ok(()),
+            None => {
+                self.client
+                    .execute(
+                        "SELECT pg_create_physical_replication_slot($1, true)",
+                        &[&name],
+                    )
+                    .await
+                    .with_context(|| format!("create physical replication slot {name}"))?;
+                tracing::info!(
+                    slot = name,
+                    "created a physical replication slot to keep WAL until walship has it"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Moves the slot to `lsn` (what the receiver made durable), releasing older WAL.
+    pub async fn advance_slot(&self, name: &str, lsn: Lsn) -> Result<()> {
+        self.client
+            .execute(
+                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                &[&name, &lsn.to_string()],
+            )
+            .await
+            .with_context(|| format!("advance replication slot {name} to {lsn}"))?;
+        Ok(())
+    }
+
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
     }

@@ -63,6 +63,17 @@ pub fn assert_matches_primary(
     seg: WalSegSize,
     timeline: TimelineId,
 ) -> Compared {
+    assert_matches_primary_from(archive, pg_wal, seg, timeline, 0)
+}
+
+/// [`assert_matches_primary`] for the segments from `from` on (older ones may be gone from pg_wal).
+pub fn assert_matches_primary_from(
+    archive: &Path,
+    pg_wal: &Path,
+    seg: WalSegSize,
+    timeline: TimelineId,
+    from: SegNo,
+) -> Compared {
     let files = wal_files(archive, seg);
     let segs = files.get(&timeline).unwrap_or_else(|| {
         panic!(
@@ -71,7 +82,7 @@ pub fn assert_matches_primary(
         )
     });
     let mut c = Compared::default();
-    let first = *segs.keys().next().expect("segments");
+    let first = (*segs.keys().next().expect("segments")).max(from);
     let last = *segs.keys().next_back().expect("segments");
     c.first = Some(first);
     c.last = Some(last);

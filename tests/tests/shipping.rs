@@ -208,3 +208,95 @@ async fn crashes_restarts_and_network_cuts_leave_no_gap() {
     );
     assert!(receiver.log_text().contains("receiver stopped"));
 }
+
+async fn restart_lsn(c: &tokio_postgres::Client) -> Option<Lsn> {
+    let s: Option<String> = c
+        .query_one(
+            "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'walship'",
+            &[],
+        )
+        .await
+        .expect("the slot exists")
+        .get(0);
+    s.map(|s| s.parse::<Lsn>().expect("lsn"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_slot_keeps_wal_until_it_is_archived() {
+    let dir = TestDir::new("slot");
+    let walship = Walship::install(&dir);
+    let certs = walship.certs(&dir, "certs");
+    // no wal_keep_size: only the slot keeps WAL
+    let opts = InitOptions {
+        wal_segsize_mb: Some(1),
+        conf: vec![
+            "wal_keep_size = 0".into(),
+            "max_wal_size = '32MB'".into(),
+            "min_wal_size = '2MB'".into(),
+        ],
+        ..Default::default()
+    };
+    let mut primary = Cluster::init(&dir, "primary", &opts);
+    primary.start();
+    let client = primary.connect().await;
+    let seg = WalSegSize::new(1 << 20).unwrap();
+    let archive = dir.path().join("archive");
+    let receiver = walship.receiver(&dir, &archive, &certs, 0);
+    let slot_args = ["--slot", "walship"];
+    let mut sender = walship.sender(
+        &dir,
+        &primary.conninfo(),
+        receiver.port,
+        &certs,
+        &certs,
+        &slot_args,
+    );
+    sender.wait_for_log("streaming", Duration::from_secs(30));
+    let created = restart_lsn(&client).await.expect("the slot reserves WAL");
+
+    run_ok(&mut primary.pgbench(&["-i", "-s", "1", "-q"]));
+    let switched = primary.switch_wal(&client).await;
+    wait_archived(&archive, seg, switched).await;
+    // the slot follows what the receiver made durable, never beyond it
+    let moved = wait_for("the slot to advance", WAIT, || async {
+        let r = restart_lsn(&client).await?;
+        (r > created).then_some(r)
+    })
+    .await;
+    assert!(
+        moved <= archive_end(&archive, seg, 1).unwrap(),
+        "slot {moved} is ahead of the archive"
+    );
+
+    // with the sender stopped, checkpoints do not remove what the archive lacks
+    assert!(sender.terminate(Duration::from_secs(10)).success());
+    let held = restart_lsn(&client).await.unwrap();
+    run_ok(&mut primary.pgbench(&["-c", "2", "-t", "8000", "-n"]));
+    client.batch_execute("CHECKPOINT").await.unwrap();
+    client.batch_execute("CHECKPOINT").await.unwrap();
+    let name = walship_protocol::wal::segment_file_name(1, seg.segno(held), seg);
+    assert!(
+        primary.wal_dir().join(&name).exists(),
+        "{name} (needed by the archive) was removed despite the slot"
+    );
+
+    let _sender = walship.sender(
+        &dir,
+        &primary.conninfo(),
+        receiver.port,
+        &certs,
+        &certs,
+        &slot_args,
+    );
+    let switched = primary.switch_wal(&client).await;
+    wait_archived(&archive, seg, switched).await;
+    let compared = walship_tests::archive::assert_matches_primary_from(
+        &archive,
+        &primary.wal_dir(),
+        seg,
+        1,
+        seg.segno(held),
+    );
+    println!("slot kept WAL through checkpoints; archive matches: {compared:?}");
+    assert!(compared.complete_segments > 3, "{compared:?}");
+}
