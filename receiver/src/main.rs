@@ -47,18 +47,18 @@ struct RestoreArgs {
     archive: PathBuf,
     /// Wait for a segment that has not arrived yet, or for failover (archive recovery, like pg_standby).
     /// Without it, a missing segment is answered at once (standby mode: PostgreSQL retries by itself).
-    #[arg(long)]
+    #[arg(long, env = "WALSHIP_RESTORE_WAIT")]
     wait: bool,
     /// Also hand over the current partial segment, zero-padded, before any failover, so that a standby in
     /// standby mode replays shipped WAL continuously (set wal_retrieve_retry_interval low, e.g. 100ms).
-    #[arg(long)]
+    #[arg(long, env = "WALSHIP_RESTORE_LIVE")]
     live: bool,
     /// A file whose existence triggers failover (for HA tools), besides `walship-receiver promote`.
     #[arg(long, env = "WALSHIP_TRIGGER")]
     trigger: Option<PathBuf>,
     /// Hand over zero-padded partial segments even when the standby runs archive_mode = always (it would
     /// archive them under their real names).
-    #[arg(long)]
+    #[arg(long, env = "WALSHIP_ALLOW_ARCHIVE_MODE_ALWAYS")]
     allow_archive_mode_always: bool,
     /// %f: the file recovery wants.
     file: String,
@@ -77,10 +77,10 @@ struct PromoteArgs {
     #[arg(long, env = "PGDATA")]
     pgdata: PathBuf,
     /// Directory holding pg_ctl. Default: the running server's.
-    #[arg(long, env = "WALSHIP_PG_BIN")]
+    #[arg(long, env = "WALSHIP_PROMOTE_PG_BIN")]
     pg_bin: Option<PathBuf>,
     /// Seconds to wait for recovery to take the end of the archive and for promotion.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, env = "WALSHIP_PROMOTE_TIMEOUT", default_value_t = 120)]
     timeout: u64,
 }
 
@@ -99,7 +99,7 @@ struct StatusArgs {
     #[arg(long, env = "WALSHIP_ARCHIVE")]
     archive: PathBuf,
     /// Print JSON.
-    #[arg(long)]
+    #[arg(long, env = "WALSHIP_STATUS_JSON")]
     json: bool,
 }
 
@@ -142,7 +142,7 @@ struct CertsArgs {
     #[arg(long, env = "WALSHIP_CLIENT_NAME", default_value = "walship-sender")]
     client_name: String,
     /// Overwrite existing files.
-    #[arg(long)]
+    #[arg(long, env = "WALSHIP_CERTS_FORCE")]
     force: bool,
 }
 
