@@ -153,16 +153,9 @@ impl Target for WalshipTarget {
     }
 }
 
-/// `walship.position` (the receiver's durable end; fixed-width text rewritten in place).
+/// The receiver's durable end (`walship.position`, rewritten after every group commit).
 fn walship_receiver_position(archive: &Path) -> Option<Lsn> {
-    let mut buf = [0u8; 26];
-    File::open(archive.join("walship.position"))
-        .ok()?
-        .read_exact_at(&mut buf, 0)
-        .ok()?;
-    let text = std::str::from_utf8(&buf).ok()?;
-    let (_, l) = text.trim_end().split_once(' ')?;
-    u64::from_str_radix(l, 16).ok().map(Lsn)
+    walship_receiver::archive::read_position(archive).map(|(_, lsn)| lsn)
 }
 
 /// pg_receivewal's target directory: complete segments, and a `.partial` pre-padded with zeros, so the
@@ -241,6 +234,18 @@ impl Drop for ReceivewalTarget {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts pg_receivewal (as the database user) into `dir` through `slot`.
+fn spawn_receivewal(dir: &Path, conn: &str, slot: &str, synchronous: bool) -> Result<Child> {
+    let mut cmd = Command::new(pg_bin().join("pg_receivewal"));
+    cmd.arg("-D").arg(dir).args(["-d", conn, "-S", slot, "-n"]);
+    if synchronous {
+        cmd.arg("--synchronous");
+    }
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    as_db_user(&mut cmd);
+    cmd.spawn().context("start pg_receivewal")
 }
 
 /// archive_command = 'cp %p DIR/%f': the target holds whole segments only.
@@ -372,16 +377,7 @@ impl World {
                 self.port
             )
         };
-        let mut cmd = Command::new(pg_bin().join("pg_receivewal"));
-        cmd.arg("-D")
-            .arg(&dir)
-            .args(["-d", &conn, "-S", &slot, "-n"]);
-        if synchronous {
-            cmd.arg("--synchronous");
-        }
-        cmd.stdout(Stdio::null()).stderr(Stdio::null());
-        as_db_user(&mut cmd);
-        let child = cmd.spawn().context("start pg_receivewal")?;
+        let child = spawn_receivewal(&dir, &conn, &slot, synchronous)?;
         let mut label = String::from("pg_receivewal");
         if synchronous {
             label.push_str(" --synchronous");
@@ -856,20 +852,11 @@ async fn catchup_scenario(settings: &Settings) -> Result<(Vec<CatchupResult>, Ce
     let target_lsn = make_backlog(&world, settings.backlog_mb).await?;
     let backlog_mb = target_lsn.saturating_sub(from) as f64 / 1e6;
     let started = Instant::now();
-    let mut cmd = Command::new(pg_bin().join("pg_receivewal"));
-    cmd.arg("-D").arg(&dir).args([
-        "-d",
-        &format!(
-            "host=127.0.0.1 port={} user=postgres sslmode=require",
-            world.port
-        ),
-        "-S",
-        "bench_catchup",
-        "-n",
-    ]);
-    cmd.stdout(Stdio::null()).stderr(Stdio::null());
-    as_db_user(&mut cmd);
-    let child = cmd.spawn()?;
+    let conn = format!(
+        "host=127.0.0.1 port={} user=postgres sslmode=require",
+        world.port
+    );
+    let child = spawn_receivewal(&dir, &conn, "bench_catchup", false)?;
     let mut again = ReceivewalTarget {
         label: "pg_receivewal (TLS)".into(),
         dir,
