@@ -38,6 +38,8 @@ struct Settings {
     lag_seconds: u64,
     rate_seconds: u64,
     backlog_mb: u64,
+    /// Catch-up rounds; the order of the targets alternates between rounds (ABBA).
+    catchup_rounds: u32,
     overhead_seconds: u64,
     scale: u32,
     archive_timeout: u64,
@@ -52,6 +54,7 @@ impl Settings {
             lag_seconds: 30,
             rate_seconds: 20,
             backlog_mb: 1536,
+            catchup_rounds: 2,
             overhead_seconds: 30,
             scale: 10,
             archive_timeout: 10,
@@ -64,6 +67,7 @@ impl Settings {
                     s.lag_seconds = 4;
                     s.rate_seconds = 3;
                     s.backlog_mb = 64;
+                    s.catchup_rounds = 1;
                     s.overhead_seconds = 4;
                     s.scale = 1;
                     s.archive_timeout = 2;
@@ -135,6 +139,8 @@ struct WalshipTarget {
     archive: PathBuf,
     sender: Option<Daemon>,
     receiver: Daemon,
+    /// The sender's PostgreSQL backend (its queries cost the primary CPU too).
+    backend: Option<u32>,
 }
 
 impl Target for WalshipTarget {
@@ -148,6 +154,9 @@ impl Target for WalshipTarget {
         let mut v = vec![("receiver".to_string(), self.receiver.pid())];
         if let Some(s) = &self.sender {
             v.push(("sender".into(), s.pid()));
+        }
+        if let Some(b) = self.backend {
+            v.push(("backend".into(), b));
         }
         v
     }
@@ -285,6 +294,8 @@ struct World {
     port: u16,
     seg: WalSegSize,
     dir: TestDir,
+    /// A directory in memory (/dev/shm), for targets whose disk must not be the primary's.
+    memory: Option<TestDir>,
 }
 
 impl World {
@@ -322,17 +333,48 @@ impl World {
             port,
             seg: WalSegSize::DEFAULT,
             dir,
+            memory: Path::new("/dev/shm")
+                .is_dir()
+                .then(|| TestDir::new_in(name, Path::new("/dev/shm"))),
         })
     }
 
-    fn start_walship(&self, tag: &str) -> WalshipTarget {
-        let archive = self.dir.path().join(format!("archive-{tag}"));
+    async fn start_walship(&self, tag: &str) -> Result<WalshipTarget> {
+        self.start_walship_in(self.dir.path(), tag).await
+    }
+
+    /// A receiver with its archive under `base`, and a sender.
+    async fn start_walship_in(&self, base: &Path, tag: &str) -> Result<WalshipTarget> {
+        let archive = base.join(format!("archive-{tag}"));
         let receiver = self.walship.receiver(&self.dir, &archive, &self.certs, 0);
         let sender = self.start_sender(receiver.port);
-        WalshipTarget {
+        let backend = Some(self.walship_backend().await?);
+        Ok(WalshipTarget {
             archive,
             sender: Some(sender),
             receiver,
+            backend,
+        })
+    }
+
+    /// The pid of the running sender's backend (found by its application_name).
+    async fn walship_backend(&self) -> Result<u32> {
+        let client = self.primary.connect().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let row = client
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = $1 ORDER BY backend_start DESC LIMIT 1",
+                    &[&walship_sender::postgres::APPLICATION_NAME],
+                )
+                .await?;
+            if let Some(r) = row {
+                return Ok(r.get::<_, i32>(0) as u32);
+            }
+            if Instant::now() > deadline {
+                bail!("the walship sender's session did not show in pg_stat_activity");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -355,7 +397,19 @@ impl World {
         synchronous: bool,
         tls: bool,
     ) -> Result<ReceivewalTarget> {
-        let dir = self.dir.subdir(&format!("receivewal-{tag}"));
+        self.start_receivewal_in(&self.dir, tag, synchronous, tls)
+            .await
+    }
+
+    /// pg_receivewal with a slot, writing into a directory under `base`.
+    async fn start_receivewal_in(
+        &self,
+        base: &TestDir,
+        tag: &str,
+        synchronous: bool,
+        tls: bool,
+    ) -> Result<ReceivewalTarget> {
+        let dir = base.subdir(&format!("receivewal-{tag}"));
         let client = self.primary.connect().await;
         let slot = format!("bench_{tag}").replace('-', "_");
         client
@@ -711,7 +765,7 @@ async fn lag_scenario(settings: &Settings) -> Result<Vec<LagResult>> {
     ];
     for which in 0..5 {
         let target: Box<dyn Target> = match which {
-            0 => Box::new(world.start_walship("lag")),
+            0 => Box::new(world.start_walship("lag").await?),
             1 => Box::new(world.start_receivewal("plain", false, false).await?),
             2 => Box::new(world.start_receivewal("sync", true, false).await?),
             3 => Box::new(world.start_receivewal("tls", true, true).await?),
@@ -741,6 +795,7 @@ async fn lag_scenario(settings: &Settings) -> Result<Vec<LagResult>> {
 #[derive(Clone, Debug, Serialize)]
 struct CatchupResult {
     target: String,
+    round: u32,
     backlog_mb: f64,
     seconds: f64,
     mb_per_s: f64,
@@ -787,14 +842,30 @@ async fn wait_position(target: &mut dyn Target, lsn: Lsn, limit: Duration) -> Re
 async fn catchup_scenario(settings: &Settings) -> Result<(Vec<CatchupResult>, Ceilings)> {
     let world = World::new("bench-catchup", settings).await?;
     let mut results = Vec::new();
+    // This machine's page cache gets slower and faster with what ran just before (a virtual machine's fresh
+    // memory costs more on first touch): alternate the order between rounds so neither target always goes first.
+    for round in 0..settings.catchup_rounds {
+        if round % 2 == 0 {
+            results.push(catchup_walship(&world, settings, round).await?);
+            results.push(catchup_receivewal(&world, settings, round).await?);
+        } else {
+            results.push(catchup_receivewal(&world, settings, round).await?);
+            results.push(catchup_walship(&world, settings, round).await?);
+        }
+    }
+    let ceilings = ceilings(&world, settings)?;
+    Ok((results, ceilings))
+}
 
-    // walship: stop the sender, build the backlog, start it again
-    let mut w = world.start_walship("catchup");
+/// walship: stop the sender, build the backlog, start it again.
+async fn catchup_walship(world: &World, settings: &Settings, round: u32) -> Result<CatchupResult> {
+    let mut w = world.start_walship(&format!("catchup{round}")).await?;
     if let Some(mut s) = w.sender.take() {
         s.terminate(Duration::from_secs(10));
     }
+    w.backend = None;
     let from = walship_receiver_position(&w.archive).unwrap_or(Lsn(0));
-    let target_lsn = make_backlog(&world, settings.backlog_mb).await?;
+    let target_lsn = make_backlog(world, settings.backlog_mb).await?;
     let backlog_mb = target_lsn.saturating_sub(from) as f64 / 1e6;
     let r0 = cpu_seconds(w.receiver.pid()).unwrap_or(0.0);
     let started = Instant::now();
@@ -807,6 +878,9 @@ async fn catchup_scenario(settings: &Settings) -> Result<(Vec<CatchupResult>, Ce
         &[],
     );
     w.sender = Some(sender);
+    // the backend of the new session is counted from its start (found while the catch-up runs)
+    let backend = world.walship_backend().await?;
+    w.backend = Some(backend);
     wait_position(&mut w, target_lsn, Duration::from_secs(600)).await?;
     let seconds = started.elapsed().as_secs_f64();
     let gb = backlog_mb / 1000.0;
@@ -820,43 +894,54 @@ async fn catchup_scenario(settings: &Settings) -> Result<(Vec<CatchupResult>, Ce
         "sender".to_string(),
         cpu_seconds(sender_pid).unwrap_or(0.0) / gb,
     );
+    cpu.insert(
+        "backend".to_string(),
+        cpu_seconds(backend).unwrap_or(0.0) / gb,
+    );
     let rss = w
         .pids()
         .into_iter()
+        .filter(|(r, _)| r != "backend")
         .map(|(r, p)| (r, peak_rss_mb(p).unwrap_or(0.0)))
         .collect();
-    results.push(CatchupResult {
+    Ok(CatchupResult {
         target: "walship (TLS)".into(),
+        round,
         backlog_mb,
         seconds,
         mb_per_s: backlog_mb / seconds,
         cpu_s_per_gb_total: cpu.values().sum(),
         cpu_s_per_gb: cpu,
         peak_rss_mb: rss,
-    });
-    drop(w);
+    })
+}
 
-    // pg_receivewal over TLS with a slot: connect, stop, backlog, restart
-    let first = world.start_receivewal("catchup", false, true).await?;
+/// pg_receivewal over TLS with a slot: connect, stop, backlog, restart.
+async fn catchup_receivewal(
+    world: &World,
+    settings: &Settings,
+    round: u32,
+) -> Result<CatchupResult> {
+    let tag = format!("catchup{round}");
+    let mut first = world.start_receivewal(&tag, false, true).await?;
     let client = world.primary.connect().await;
     let now: Lsn = client
         .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
         .await?
         .get::<_, String>(0)
         .parse()?;
-    let mut first = first;
     wait_position(&mut first, now, Duration::from_secs(120)).await?;
     let from = first.position().unwrap_or(now);
     let dir = first.dir.clone();
     drop(first);
-    let target_lsn = make_backlog(&world, settings.backlog_mb).await?;
+    let target_lsn = make_backlog(world, settings.backlog_mb).await?;
     let backlog_mb = target_lsn.saturating_sub(from) as f64 / 1e6;
     let started = Instant::now();
     let conn = format!(
         "host=127.0.0.1 port={} user=postgres sslmode=require",
         world.port
     );
-    let child = spawn_receivewal(&dir, &conn, "bench_catchup", false)?;
+    let child = spawn_receivewal(&dir, &conn, &format!("bench_{tag}"), false)?;
     let mut again = ReceivewalTarget {
         label: "pg_receivewal (TLS)".into(),
         dir,
@@ -908,20 +993,19 @@ async fn catchup_scenario(settings: &Settings) -> Result<(Vec<CatchupResult>, Ce
         .into_iter()
         .map(|(r, p)| (r, peak_rss_mb(p).unwrap_or(0.0)))
         .collect();
-    results.push(CatchupResult {
+    let result = CatchupResult {
         target: again.label.clone(),
+        round,
         backlog_mb,
         seconds,
         mb_per_s: backlog_mb / seconds,
         cpu_s_per_gb_total: cpu.values().sum(),
         cpu_s_per_gb: cpu,
         peak_rss_mb: rss,
-    });
+    };
     drop(again);
     world.drop_slots().await;
-
-    let ceilings = ceilings(&world, settings)?;
-    Ok((results, ceilings))
+    Ok(result)
 }
 
 /// Raw speeds of this machine: reading the primary's WAL files, writing with fsync, AES-GCM.
@@ -1018,6 +1102,11 @@ struct OverheadResult {
     tps_with_pg_receivewal: f64,
     walship_ratio: f64,
     pg_receivewal_ratio: f64,
+    /// The same with the receiving side's files in /dev/shm (its fsyncs off the primary's disk).
+    tps_with_walship_target_in_memory: Option<f64>,
+    tps_with_pg_receivewal_target_in_memory: Option<f64>,
+    walship_ratio_target_in_memory: Option<f64>,
+    pg_receivewal_ratio_target_in_memory: Option<f64>,
 }
 
 async fn tps(world: &World, seconds: u64) -> Result<f64> {
@@ -1039,13 +1128,28 @@ async fn overhead_scenario(settings: &Settings) -> Result<OverheadResult> {
     // warm up, then alternate so drift hits all three alike
     tps(&world, s.min(5)).await?;
     let without1 = tps(&world, s).await?;
-    let w = world.start_walship("overhead");
+    let w = world.start_walship("overhead").await?;
     let with_walship = tps(&world, s).await?;
     drop(w);
     let r = world.start_receivewal("overhead", true, true).await?;
     let with_receivewal = tps(&world, s).await?;
     drop(r);
     world.drop_slots().await;
+    // In production the standby's disk is not the primary's: the same two with their files in memory, so
+    // only what the shipper costs the primary's CPU (and not its fsyncs on the primary's disk) remains.
+    let mut in_memory = None;
+    if let Some(memory) = &world.memory {
+        let w = world.start_walship_in(memory.path(), "overhead").await?;
+        let walship = tps(&world, s).await?;
+        drop(w);
+        let r = world
+            .start_receivewal_in(memory, "overhead_memory", true, true)
+            .await?;
+        let receivewal = tps(&world, s).await?;
+        drop(r);
+        world.drop_slots().await;
+        in_memory = Some((walship, receivewal));
+    }
     let without2 = tps(&world, s).await?;
     let without = (without1 + without2) / 2.0;
     Ok(OverheadResult {
@@ -1054,6 +1158,10 @@ async fn overhead_scenario(settings: &Settings) -> Result<OverheadResult> {
         tps_with_pg_receivewal: with_receivewal,
         walship_ratio: with_walship / without,
         pg_receivewal_ratio: with_receivewal / without,
+        tps_with_walship_target_in_memory: in_memory.map(|m| m.0),
+        tps_with_pg_receivewal_target_in_memory: in_memory.map(|m| m.1),
+        walship_ratio_target_in_memory: in_memory.map(|m| m.0 / without),
+        pg_receivewal_ratio_target_in_memory: in_memory.map(|m| m.1 / without),
     })
 }
 
@@ -1158,8 +1266,8 @@ Lag: ms from a commit's acknowledgement until the target holds it (probe, ~10/s)
 Catch-up after an outage"
         );
         println!(
-            "{:<24} {:>10} {:>8} {:>8} {:>12} {:<40} peak RSS MB",
-            "target", "backlog MB", "s", "MB/s", "CPU s/GB", "per process (s/GB)"
+            "{:<24} {:>5} {:>10} {:>8} {:>8} {:>12} {:<56} peak RSS MB",
+            "target", "round", "backlog MB", "s", "MB/s", "CPU s/GB", "per process (s/GB)"
         );
         for c in &r.catchup {
             let per: Vec<String> = c
@@ -1173,8 +1281,9 @@ Catch-up after an outage"
                 .map(|(k, v)| format!("{k} {v:.0}"))
                 .collect();
             println!(
-                "{:<24} {:>10.0} {:>8.2} {:>8.0} {:>12.2} {:<40} {}",
+                "{:<24} {:>5} {:>10.0} {:>8.2} {:>8.0} {:>12.2} {:<56} {}",
                 c.target,
+                c.round + 1,
                 c.backlog_mb,
                 c.seconds,
                 c.mb_per_s,
@@ -1183,9 +1292,15 @@ Catch-up after an outage"
                 rss.join(", ")
             );
         }
-        if let [w, p, ..] = &r.catchup[..] {
+        let best = |walship: bool| {
+            r.catchup
+                .iter()
+                .filter(|c| c.target.starts_with("walship") == walship)
+                .max_by(|a, b| a.mb_per_s.total_cmp(&b.mb_per_s))
+        };
+        if let (Some(w), Some(p)) = (best(true), best(false)) {
             println!(
-                "  walship / pg_receivewal: {:.1}x the speed, {:.2}x the CPU per GB",
+                "  best rounds, walship / pg_receivewal: {:.2}x the speed, {:.2}x the CPU per GB",
                 w.mb_per_s / p.mb_per_s,
                 w.cpu_s_per_gb_total / p.cpu_s_per_gb_total.max(0.001)
             );
@@ -1203,6 +1318,12 @@ Catch-up after an outage"
 Primary overhead (pgbench -c 4 -j 2 TPS)"
         );
         println!("  without a shipper {:.0}, with walship {:.0} ({:.1} %), with pg_receivewal --synchronous over TLS {:.0} ({:.1} %)", o.tps_without, o.tps_with_walship, o.walship_ratio * 100.0, o.tps_with_pg_receivewal, o.pg_receivewal_ratio * 100.0);
+        if let (Some(w), Some(p)) = (
+            o.tps_with_walship_target_in_memory,
+            o.tps_with_pg_receivewal_target_in_memory,
+        ) {
+            println!("  receiving side's files in /dev/shm (its fsyncs off the primary's disk): with walship {:.0} ({:.1} %), with pg_receivewal --synchronous over TLS {:.0} ({:.1} %)", w, w / o.tps_without * 100.0, p, p / o.tps_without * 100.0);
+        }
     }
 }
 

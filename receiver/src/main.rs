@@ -9,6 +9,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use walship_receiver::{archive, certs, cleanup, promote, restore, server, status, tls};
 
+/// jemalloc keeps freed pages for reuse: with glibc's malloc, the ~1 MiB frame buffers of a catch-up were
+/// handed back to the kernel and faulted in (and zeroed) again for every frame, 16 % of the receiver's CPU.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// walship receiver: archives the WAL that walship senders stream from PostgreSQL primaries, and hands it to
 /// recovery on the standby.
 #[derive(Parser, Debug)]

@@ -8,6 +8,11 @@ use clap::{Parser, Subcommand};
 use walship_protocol::Lsn;
 use walship_sender::{link, SenderConfig};
 
+/// jemalloc keeps freed pages for reuse; with glibc's malloc, the ~1 MiB message buffers of a catch-up went
+/// back to the kernel and were faulted in (and zeroed) again for every message (see the receiver's main).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// walship sender: streams every flushed WAL byte of a PostgreSQL primary to a walship receiver over
 /// mutually authenticated TLS. Run it on the primary's host, as the database's OS user (it reads pg_wal).
 #[derive(Parser, Debug)]

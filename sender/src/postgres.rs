@@ -81,6 +81,9 @@ pub struct Position {
     pub timeline: TimelineId,
 }
 
+/// `application_name` of the sender's session unless its connection string sets one.
+pub const APPLICATION_NAME: &str = "walship-sender";
+
 /// A connection to the primary with the position query prepared.
 pub struct Primary {
     client: Client,
@@ -91,7 +94,15 @@ pub struct Primary {
 impl Primary {
     /// Connects with a libpq-style conninfo and reads the server's facts.
     pub async fn connect(conninfo: &str) -> Result<Primary> {
-        let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
+        let mut config: tokio_postgres::Config = conninfo
+            .parse()
+            .with_context(|| format!("parse the connection string ({})", redact(conninfo)))?;
+        // How a DBA finds walship's session in pg_stat_activity (unless the connection string names one).
+        if config.get_application_name().is_none() {
+            config.application_name(APPLICATION_NAME);
+        }
+        let (client, connection) = config
+            .connect(NoTls)
             .await
             .with_context(|| format!("connect to PostgreSQL ({})", redact(conninfo)))?;
         tokio::spawn(async move {

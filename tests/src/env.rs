@@ -65,9 +65,14 @@ pub struct TestDir {
 
 impl TestDir {
     pub fn new(name: &str) -> TestDir {
+        TestDir::new_in(name, &std::env::temp_dir())
+    }
+
+    /// Like [`TestDir::new`], under `parent` (which the database user must be able to enter).
+    pub fn new_in(name: &str, parent: &Path) -> TestDir {
         let dir = tempfile::Builder::new()
             .prefix(&format!("walship-{name}-"))
-            .tempdir_in(std::env::temp_dir())
+            .tempdir_in(parent)
             .expect("create test directory");
         let path = dir.path().to_owned();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
