@@ -131,6 +131,10 @@ trait Target: Send {
     fn name(&self) -> String;
     /// Where the target's copy of the WAL ends (timeline 1).
     fn position(&mut self) -> Option<Lsn>;
+    /// For a target whose `position` is durable: where its written (not yet fsynced) copy ends.
+    fn written(&mut self) -> Option<Lsn> {
+        None
+    }
     /// Processes whose CPU counts: (role, pid).
     fn pids(&self) -> Vec<(String, u32)>;
 }
@@ -149,6 +153,19 @@ impl Target for WalshipTarget {
     }
     fn position(&mut self) -> Option<Lsn> {
         walship_receiver_position(&self.archive)
+    }
+    /// The newest segment's size (written into the page cache, the way pg_receivewal's target is measured).
+    fn written(&mut self) -> Option<Lsn> {
+        let seg = WalSegSize::DEFAULT;
+        let (segno, complete) = latest_segment(&self.archive, seg)?;
+        if complete {
+            return Some(seg.segment_start(segno + 1));
+        }
+        let name = walship_protocol::wal::segment_file_name(1, segno, seg);
+        let len = std::fs::metadata(self.archive.join(format!("{name}.partial")))
+            .ok()?
+            .len();
+        Some(Lsn(seg.segment_start(segno).0 + len))
     }
     fn pids(&self) -> Vec<(String, u32)> {
         let mut v = vec![("receiver".to_string(), self.receiver.pid())];
@@ -179,23 +196,22 @@ struct ReceivewalTarget {
     scan: (u64, u64),
 }
 
-impl ReceivewalTarget {
-    fn latest(&self) -> Option<(u64, bool)> {
-        let mut best: Option<(u64, bool)> = None;
-        for e in std::fs::read_dir(&self.dir).ok()?.flatten() {
-            let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let (segno, complete) = match WalFileName::parse(name, self.seg) {
-                Ok(WalFileName::Segment { segno, .. }) => (segno, true),
-                Ok(WalFileName::Partial { segno, .. }) => (segno, false),
-                _ => continue,
-            };
-            if best.is_none_or(|(s, c)| segno > s || (segno == s && complete && !c)) {
-                best = Some((segno, complete));
-            }
+/// The newest segment in a directory of segment files and `.partial`s: (segno, complete).
+fn latest_segment(dir: &Path, seg: WalSegSize) -> Option<(u64, bool)> {
+    let mut best: Option<(u64, bool)> = None;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let (segno, complete) = match WalFileName::parse(name, seg) {
+            Ok(WalFileName::Segment { segno, .. }) => (segno, true),
+            Ok(WalFileName::Partial { segno, .. }) => (segno, false),
+            _ => continue,
+        };
+        if best.is_none_or(|(s, c)| segno > s || (segno == s && complete && !c)) {
+            best = Some((segno, complete));
         }
-        best
     }
+    best
 }
 
 impl Target for ReceivewalTarget {
@@ -203,7 +219,7 @@ impl Target for ReceivewalTarget {
         self.label.clone()
     }
     fn position(&mut self) -> Option<Lsn> {
-        let (segno, complete) = self.latest()?;
+        let (segno, complete) = latest_segment(&self.dir, self.seg)?;
         if complete {
             return Some(self.seg.segment_start(segno + 1));
         }
@@ -497,10 +513,15 @@ impl World {
 
 // ---------------------------------------------------------------------------------------------- lag
 
+/// Positions over time (only changes).
+type Series = Vec<(Instant, Lsn)>;
+
 /// The target's positions over time, polled every ~200 µs on its own thread (only changes are kept).
 struct Poller {
     stop: Arc<AtomicBool>,
-    series: Arc<Mutex<Vec<(Instant, Lsn)>>>,
+    series: Arc<Mutex<Series>>,
+    /// The target's `written` positions, when it has them.
+    written: Arc<Mutex<Series>>,
     handle: std::thread::JoinHandle<Box<dyn Target>>,
 }
 
@@ -508,10 +529,19 @@ impl Poller {
     fn start(mut target: Box<dyn Target>) -> Poller {
         let stop = Arc::new(AtomicBool::new(false));
         let series = Arc::new(Mutex::new(Vec::new()));
-        let (s, v) = (stop.clone(), series.clone());
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let (s, v, w) = (stop.clone(), series.clone(), written.clone());
         let handle = std::thread::spawn(move || {
-            let mut last = Lsn(0);
+            let (mut last, mut last_written) = (Lsn(0), Lsn(0));
             while !s.load(Ordering::Relaxed) {
+                if let Some(p) = target.written() {
+                    if p > last_written {
+                        last_written = p;
+                        if let Ok(mut w) = w.lock() {
+                            w.push((Instant::now(), p));
+                        }
+                    }
+                }
                 if let Some(p) = target.position() {
                     if p > last {
                         last = p;
@@ -527,6 +557,7 @@ impl Poller {
         Poller {
             stop,
             series,
+            written,
             handle,
         }
     }
@@ -539,11 +570,13 @@ impl Poller {
             .unwrap_or(Lsn(0))
     }
 
-    fn finish(self) -> (Box<dyn Target>, Vec<(Instant, Lsn)>) {
+    /// The target back, its position series and its written series (empty if it has none).
+    fn finish(self) -> (Box<dyn Target>, Series, Series) {
         self.stop.store(true, Ordering::Relaxed);
         let target = self.handle.join().expect("poller thread");
         let series = self.series.lock().map(|v| v.clone()).unwrap_or_default();
-        (target, series)
+        let written = self.written.lock().map(|v| v.clone()).unwrap_or_default();
+        (target, series, written)
     }
 }
 
@@ -601,7 +634,7 @@ async fn measure_lag(
     target: Box<dyn Target>,
     profile: &str,
     seconds: u64,
-) -> Result<(LagResult, Box<dyn Target>)> {
+) -> Result<(Vec<LagResult>, Box<dyn Target>)> {
     let name = target.name();
     let pids = target.pids();
     let poller = Poller::start(target);
@@ -716,17 +749,21 @@ async fn measure_lag(
         .iter()
         .map(|(r, p)| (r.clone(), peak_rss_mb(*p).unwrap_or(0.0)))
         .collect();
-    let (target, series) = poller.finish();
+    let (target, series, written) = poller.finish();
 
     let never = 1e9;
-    let probe_ms: Vec<f64> = probes
-        .iter()
-        .map(|(t, l)| held_after(&series, *t, *l).unwrap_or(never))
-        .collect();
-    let flush_ms: Vec<f64> = flushes
-        .iter()
-        .map(|(t, l)| held_after(&series, *t, *l).unwrap_or(never))
-        .collect();
+    let probe_ms = |series: &[(Instant, Lsn)]| -> Vec<f64> {
+        probes
+            .iter()
+            .map(|(t, l)| held_after(series, *t, *l).unwrap_or(never))
+            .collect()
+    };
+    let flush_ms = |series: &[(Instant, Lsn)]| -> Vec<f64> {
+        flushes
+            .iter()
+            .map(|(t, l)| held_after(series, *t, *l).unwrap_or(never))
+            .collect()
+    };
     let gb = end_flush.saturating_sub(start_flush) as f64 / 1e9;
     let cpu_s_per_gb = pids
         .iter()
@@ -740,20 +777,29 @@ async fn measure_lag(
         .and_then(|l| l.split_whitespace().nth(2))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
-    Ok((
-        LagResult {
-            target: name,
-            profile: profile.into(),
-            probe_ms: percentiles(probe_ms),
-            flush_ms: percentiles(flush_ms),
-            behind_bytes: percentiles(behind),
-            wal_mb_per_s: end_flush.saturating_sub(start_flush) as f64 / 1e6 / elapsed,
-            tps,
-            cpu_s_per_gb,
-            peak_rss_mb: rss,
-        },
-        target,
-    ))
+    let durable = LagResult {
+        target: name.clone(),
+        profile: profile.into(),
+        probe_ms: percentiles(probe_ms(&series)),
+        flush_ms: percentiles(flush_ms(&series)),
+        behind_bytes: percentiles(behind),
+        wal_mb_per_s: end_flush.saturating_sub(start_flush) as f64 / 1e6 / elapsed,
+        tps,
+        cpu_s_per_gb,
+        peak_rss_mb: rss,
+    };
+    let mut results = Vec::new();
+    if !written.is_empty() {
+        // the same run, timed at the write (as the references are), before the fsync that the ack waits for
+        results.push(LagResult {
+            target: format!("{name} (written)"),
+            probe_ms: percentiles(probe_ms(&written)),
+            flush_ms: percentiles(flush_ms(&written)),
+            ..durable.clone()
+        });
+    }
+    results.insert(0, durable);
+    Ok((results, target))
 }
 
 async fn lag_scenario(settings: &Settings) -> Result<Vec<LagResult>> {
@@ -773,12 +819,14 @@ async fn lag_scenario(settings: &Settings) -> Result<Vec<LagResult>> {
         };
         let mut target = target;
         for (profile, seconds) in profiles {
-            let (r, t) = measure_lag(&world, target, profile, seconds).await?;
-            eprintln!(
-                "  {:<45} {:<12} probe p50 {:>7.2} p99 {:>8.2} max {:>8.2} ms",
-                r.target, r.profile, r.probe_ms.p50, r.probe_ms.p99, r.probe_ms.max
-            );
-            results.push(r);
+            let (rs, t) = measure_lag(&world, target, profile, seconds).await?;
+            for r in rs {
+                eprintln!(
+                    "  {:<45} {:<12} probe p50 {:>7.2} p99 {:>8.2} max {:>8.2} ms",
+                    r.target, r.profile, r.probe_ms.p50, r.probe_ms.p99, r.probe_ms.max
+                );
+                results.push(r);
+            }
             target = t;
         }
         drop(target);
@@ -1247,7 +1295,7 @@ Lag: ms from a commit's acknowledgement until the target holds it (probe, ~10/s)
                 for other in r
                     .lag
                     .iter()
-                    .filter(|l| l.target != "walship" && l.profile == profile)
+                    .filter(|l| !l.target.starts_with("walship") && l.profile == profile)
                 {
                     println!(
                         "  {profile}: {} / walship — p50 {:.1}x, p99 {:.1}x, max {:.1}x",
