@@ -43,6 +43,8 @@ struct Settings {
     overhead_seconds: u64,
     scale: u32,
     archive_timeout: u64,
+    /// Lag of walship alone (for comparing two builds of walship; no reference runs).
+    walship_only: bool,
 }
 
 impl Settings {
@@ -58,6 +60,7 @@ impl Settings {
             overhead_seconds: 30,
             scale: 10,
             archive_timeout: 10,
+            walship_only: false,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -72,6 +75,7 @@ impl Settings {
                     s.scale = 1;
                     s.archive_timeout = 2;
                 }
+                "--walship-only" => s.walship_only = true,
                 "--json" => s.json = PathBuf::from(args.next().context("--json needs a file")?),
                 "--scenario" => {
                     s.scenarios = args
@@ -83,10 +87,11 @@ impl Settings {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "walship-bench [--quick] [--scenario lag,catchup,overhead] [--json FILE]\n\n\
+                        "walship-bench [--quick] [--scenario lag,catchup,overhead] [--walship-only] [--json FILE]\n\n\
                          Benchmarks walship against pg_receivewal and archive_command file shipping on this machine,\n\
                          with PostgreSQL from WALSHIP_PG_BIN or /usr/lib/postgresql/*/bin. --quick runs a short smoke\n\
-                         version of every scenario. Results: tables on stdout, JSON in bench-results.json."
+                         version of every scenario. --walship-only leaves the references out of the lag scenario\n\
+                         (to compare two builds of walship). Results: tables on stdout, JSON in bench-results.json."
                     );
                     std::process::exit(0);
                 }
@@ -809,7 +814,8 @@ async fn lag_scenario(settings: &Settings) -> Result<Vec<LagResult>> {
         ("unthrottled", settings.lag_seconds),
         ("rate 20 tps", settings.rate_seconds),
     ];
-    for which in 0..5 {
+    let targets = if settings.walship_only { 1 } else { 5 };
+    for which in 0..targets {
         let target: Box<dyn Target> = match which {
             0 => Box::new(world.start_walship("lag").await?),
             1 => Box::new(world.start_receivewal("plain", false, false).await?),

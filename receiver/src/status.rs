@@ -104,7 +104,9 @@ impl StatusBoard {
     /// Writes the status file every `every` until `shutdown`, and once more (without a sender) at the end.
     pub async fn run_writer(self, dir: PathBuf, every: Duration, shutdown: CancellationToken) {
         loop {
-            write_status(&dir, &self.snapshot());
+            // off the network thread: a rename can wait for the file system's journal
+            let (d, snapshot) = (dir.clone(), self.snapshot());
+            let _ = tokio::task::spawn_blocking(move || write_status(&d, &snapshot)).await;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(every) => {}

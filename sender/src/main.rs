@@ -124,8 +124,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let result = match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+        // One thread: the loop, the PostgreSQL connection and the TLS link wake each other without crossing
+        // threads (a multi-threaded runtime cost two futex hand-offs per position query).
+        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("start runtime")
