@@ -914,11 +914,19 @@ async fn catchup_scenario(settings: &Settings) -> Result<(Vec<CatchupResult>, Ce
 /// walship: stop the sender, build the backlog, start it again.
 async fn catchup_walship(world: &World, settings: &Settings, round: u32) -> Result<CatchupResult> {
     let mut w = world.start_walship(&format!("catchup{round}")).await?;
+    // hold what is there first: the restarted sender resumes where the archive ends
+    let client = world.primary.connect().await;
+    let now: Lsn = client
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        .await?
+        .get::<_, String>(0)
+        .parse()?;
+    wait_position(&mut w, now, Duration::from_secs(120)).await?;
     if let Some(mut s) = w.sender.take() {
         s.terminate(Duration::from_secs(10));
     }
     w.backend = None;
-    let from = walship_receiver_position(&w.archive).unwrap_or(Lsn(0));
+    let from = walship_receiver_position(&w.archive).context("walship's archive holds nothing")?;
     let target_lsn = make_backlog(world, settings.backlog_mb).await?;
     let backlog_mb = target_lsn.saturating_sub(from) as f64 / 1e6;
     let r0 = cpu_seconds(w.receiver.pid()).unwrap_or(0.0);
