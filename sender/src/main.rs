@@ -32,6 +32,7 @@ enum Command {
 struct RunArgs {
     /// libpq-style connection string of the primary, e.g. "host=/var/run/postgresql user=postgres".
     /// The role needs superuser, or pg_monitor plus pg_read_all_settings (or pass --wal-dir).
+    /// The session shows as application_name "walship-sender" in pg_stat_activity unless this sets one.
     #[arg(
         long,
         env = "WALSHIP_PGCONN",
