@@ -32,6 +32,17 @@ async fn pgbench_wal_arrives_byte_identical() {
     let (walship, archive, seg, primary) = (&s.walship, &s.archive, s.seg, &s.primary);
     let client = primary.connect().await;
 
+    // a DBA finds the sender's session by its application_name
+    let sessions: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'walship-sender'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0);
+    assert_eq!(sessions, 1, "the sender's session in pg_stat_activity");
+
     run_ok(&mut primary.pgbench(&["-i", "-s", "4", "-q"]));
 
     // pgbench load while sampling how far the archive trails the primary's flush position
