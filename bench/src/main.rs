@@ -873,11 +873,7 @@ async fn make_backlog(world: &World, mb: u64) -> Result<Lsn> {
             "DROP TABLE IF EXISTS backlog; CREATE TABLE backlog AS SELECT g, repeat(md5(g::text), 28) AS pad FROM generate_series(1, {rows}) g"
         ))
         .await?;
-    Ok(client
-        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-        .await?
-        .get::<_, String>(0)
-        .parse()?)
+    Ok(world.primary.flush_lsn(&client).await)
 }
 
 async fn wait_position(target: &mut dyn Target, lsn: Lsn, limit: Duration) -> Result<f64> {
@@ -916,11 +912,7 @@ async fn catchup_walship(world: &World, settings: &Settings, round: u32) -> Resu
     let mut w = world.start_walship(&format!("catchup{round}")).await?;
     // hold what is there first: the restarted sender resumes where the archive ends
     let client = world.primary.connect().await;
-    let now: Lsn = client
-        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-        .await?
-        .get::<_, String>(0)
-        .parse()?;
+    let now = world.primary.flush_lsn(&client).await;
     wait_position(&mut w, now, Duration::from_secs(120)).await?;
     if let Some(mut s) = w.sender.take() {
         s.terminate(Duration::from_secs(10));
@@ -987,11 +979,7 @@ async fn catchup_receivewal(
     let tag = format!("catchup{round}");
     let mut first = world.start_receivewal(&tag, false, true).await?;
     let client = world.primary.connect().await;
-    let now: Lsn = client
-        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-        .await?
-        .get::<_, String>(0)
-        .parse()?;
+    let now = world.primary.flush_lsn(&client).await;
     wait_position(&mut first, now, Duration::from_secs(120)).await?;
     let from = first.position().unwrap_or(now);
     let dir = first.dir.clone();
