@@ -858,6 +858,29 @@ struct CatchupResult {
     peak_rss_mb: BTreeMap<String, f64>,
 }
 
+impl CatchupResult {
+    /// A round's result; speed and total CPU are derived from the parts.
+    fn new(
+        target: String,
+        round: u32,
+        backlog_mb: f64,
+        seconds: f64,
+        cpu_s_per_gb: BTreeMap<String, f64>,
+        peak_rss_mb: BTreeMap<String, f64>,
+    ) -> CatchupResult {
+        CatchupResult {
+            target,
+            round,
+            backlog_mb,
+            seconds,
+            mb_per_s: backlog_mb / seconds,
+            cpu_s_per_gb_total: cpu_s_per_gb.values().sum(),
+            cpu_s_per_gb,
+            peak_rss_mb,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 struct Ceilings {
     read_wal_mb_per_s: f64,
@@ -958,16 +981,14 @@ async fn catchup_walship(world: &World, settings: &Settings, round: u32) -> Resu
         .filter(|(r, _)| r != "backend")
         .map(|(r, p)| (r, peak_rss_mb(p).unwrap_or(0.0)))
         .collect();
-    Ok(CatchupResult {
-        target: "walship (TLS)".into(),
+    Ok(CatchupResult::new(
+        "walship (TLS)".into(),
         round,
         backlog_mb,
         seconds,
-        mb_per_s: backlog_mb / seconds,
-        cpu_s_per_gb_total: cpu.values().sum(),
-        cpu_s_per_gb: cpu,
-        peak_rss_mb: rss,
-    })
+        cpu,
+        rss,
+    ))
 }
 
 /// pg_receivewal over TLS with a slot: connect, stop, backlog, restart.
@@ -1043,16 +1064,7 @@ async fn catchup_receivewal(
         .into_iter()
         .map(|(r, p)| (r, peak_rss_mb(p).unwrap_or(0.0)))
         .collect();
-    let result = CatchupResult {
-        target: again.label.clone(),
-        round,
-        backlog_mb,
-        seconds,
-        mb_per_s: backlog_mb / seconds,
-        cpu_s_per_gb_total: cpu.values().sum(),
-        cpu_s_per_gb: cpu,
-        peak_rss_mb: rss,
-    };
+    let result = CatchupResult::new(again.label.clone(), round, backlog_mb, seconds, cpu, rss);
     drop(again);
     world.drop_slots().await;
     Ok(result)
