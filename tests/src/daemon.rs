@@ -258,6 +258,30 @@ impl Daemon {
         }
     }
 
+    /// Stops this sender (SIGTERM) and waits until `receiver` has no session open: it logs a session's end
+    /// only after its writer has applied and fsynced everything received, so then the archive is final.
+    pub fn stop_sender_of(&mut self, receiver: &Daemon) -> ExitStatus {
+        let status = self.terminate(Duration::from_secs(10));
+        let open = || {
+            let log = receiver.log_text();
+            let ended =
+                log.matches("session ended").count() + log.matches("closing connection").count();
+            log.matches("sender accepted").count() > ended
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while open() {
+            assert!(
+                Instant::now() < deadline,
+                "{} still had a session open 30 s after {} stopped:\n{}",
+                receiver.name,
+                self.name,
+                receiver.log_text()
+            );
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+        status
+    }
+
     /// SIGTERM and wait for a clean exit; returns the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let pid = self.child.as_ref().map(|c| c.id()).expect("daemon running");

@@ -152,7 +152,7 @@ pub async fn crash_and_fail_over(name: &str, opts: &InitOptions, mode: Mode) -> 
     s.primary.kill();
     let rows = ledger.finish().await;
     // the sender cannot learn anything more; stop it so the archive is final
-    s.sender.terminate(Duration::from_secs(10));
+    s.sender.stop_sender_of(&s.receiver);
     let end = s.end();
 
     let started = Instant::now();

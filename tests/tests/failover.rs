@@ -49,7 +49,7 @@ async fn quiet_primary_fails_over_without_loss() {
     })
     .await;
     s.primary.kill();
-    s.sender.terminate(Duration::from_secs(10));
+    s.sender.stop_sender_of(&s.receiver);
     let end = s.end();
     let (_, start_lsn, text) = s.promote(&standby);
     println!("quiet primary: {}", text.trim());
@@ -160,7 +160,7 @@ async fn damaged_segments_are_never_handed_to_recovery() {
             .map(|_| ())
     })
     .await;
-    s.sender.terminate(Duration::from_secs(10));
+    s.sender.stop_sender_of(&s.receiver);
     let mut standby = standby_backup;
 
     let segs = walship_tests::archive::wal_files(&s.archive, s.seg)[&1].clone();

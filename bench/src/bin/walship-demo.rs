@@ -100,7 +100,7 @@ async fn demo() -> Result<()> {
     step(6, "crash: the primary is killed (pg_ctl stop -m immediate); failover with walship-receiver promote");
     primary.kill();
     let rows = ledger.finish().await;
-    sender.terminate(Duration::from_secs(10));
+    sender.stop_sender_of(&receiver);
     let end = archive_end(&archive, seg, 1).context("the archive is empty")?;
     let out = run_ok(
         Command::new(walship.path(Walship::RECEIVER))
