@@ -12,10 +12,11 @@
 //! Durability rule: [`Archive::sync`] returns a position only after everything before it is on disk (file
 //! data by `fdatasync`, names by an fsync of the directory). The receiver acknowledges nothing else.
 //!
-//! Crash rule: on open the end of every timeline is re-derived from the files. A `.partial` whose tail is not
-//! valid WAL (a page with a bad header, or trailing zeros that a power loss may leave) is truncated back to
-//! the last byte that is; the sender then resends from there. Trailing zeros are cut even when they were real
-//! WAL: the sender resends them, and the zero padding of a handed-over partial reproduces them anyway.
+//! Crash rule: on open the end of every timeline is re-derived from the files, and everything counted is
+//! fsynced first (a crashed receiver's last writes may sit only in the page cache). A `.partial` whose tail is
+//! not valid WAL (a page with a bad header, or trailing zeros that a power loss may leave) is truncated back
+//! to the last byte that is; the sender then resends from there. Trailing zeros are cut only beyond the
+//! durable end recorded in `walship.position`: acknowledged bytes are never taken back.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -75,6 +76,31 @@ impl Identity {
             seg_size: self.wal_segment_size,
             timeline,
         })
+    }
+
+    /// Whether a sender of the `offered` cluster may write to an archive pinned to this identity.
+    pub fn admits(&self, offered: &Identity) -> std::result::Result<(), IdentityMismatch> {
+        if self.system_identifier != offered.system_identifier {
+            return Err(IdentityMismatch::ForeignCluster {
+                archive: self.system_identifier,
+                sender: offered.system_identifier,
+                archive_seg: self.wal_segment_size,
+                sender_seg: offered.wal_segment_size,
+            });
+        }
+        if self.wal_segment_size != offered.wal_segment_size {
+            return Err(IdentityMismatch::SegmentSize {
+                archive: self.wal_segment_size,
+                sender: offered.wal_segment_size,
+            });
+        }
+        if self.pg_major() != offered.pg_major() {
+            return Err(IdentityMismatch::MajorVersion {
+                archive: self.pg_major(),
+                sender: offered.pg_major(),
+            });
+        }
+        Ok(())
     }
 
     fn render(&self) -> String {
@@ -166,6 +192,7 @@ pub enum IdentityMismatch {
 struct OpenPartial {
     timeline: TimelineId,
     segno: SegNo,
+    path: PathBuf,
     file: File,
     /// Bytes in the file (all written by this process or found valid on open).
     len: u64,
@@ -188,15 +215,60 @@ pub struct Archive {
     current: Option<OpenPartial>,
     /// A file was created or renamed since the directory was last fsynced.
     dir_dirty: bool,
+    /// Set when an error could not be undone (see [`Archive::recover_after_error`]): nothing more is written.
+    poisoned: Option<String>,
     /// The position [`Archive::sync`] last made durable, per timeline.
     durable: BTreeMap<TimelineId, Lsn>,
 }
 
-/// Opens `path` read-only and fsyncs it (used for directories).
+/// Fsyncs an archive directory (names created or renamed in it).
 fn fsync_dir(dir: &File, path: &Path) -> Result<()> {
+    fail::fail_point!("archive-fsync-dir", |_| Err(injected_eio())
+        .with_context(|| format!("fsync directory {}", path.display())));
     dir.sync_all()
         .with_context(|| format!("fsync directory {}", path.display()))
 }
+
+/// `fdatasync` (or `fsync` with `all`) of an archive file, naming it in the error.
+fn sync_file(file: &File, path: &Path, all: bool) -> Result<()> {
+    fail::fail_point!("archive-fsync", |_| Err(injected_eio())
+        .with_context(|| format!("fsync {}", path.display())));
+    if all {
+        file.sync_all()
+    } else {
+        file.sync_data()
+    }
+    .with_context(|| format!("fsync {}", path.display()))
+}
+
+fn write_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    fail::fail_point!("archive-write-enospc", |_| Err(
+        io::Error::from_raw_os_error(libc::ENOSPC)
+    ));
+    file.write_all_at(data, offset)
+}
+
+fn file_len(file: &File) -> Option<u64> {
+    file.metadata().ok().map(|m| m.len())
+}
+
+/// The error a failpoint injects for a failed fsync (tests only).
+#[allow(dead_code)]
+fn injected_eio() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+/// A crash point for tests (cargo feature `failpoints`): with `FAILPOINTS=name=return` the process dies here
+/// at once, as under `kill -9`, leaving the files as they are.
+macro_rules! crash_point {
+    ($name:expr) => {
+        fail::fail_point!($name, |_| {
+            eprintln!("failpoint {}: crashing", $name);
+            std::process::abort()
+        })
+    };
+}
+pub(crate) use crash_point;
 
 fn create_options() -> OpenOptions {
     let mut o = OpenOptions::new();
@@ -262,6 +334,7 @@ impl Archive {
             ends: BTreeMap::new(),
             current: None,
             dir_dirty: false,
+            poisoned: None,
             durable: BTreeMap::new(),
         };
         archive.scan()?;
@@ -329,11 +402,20 @@ impl Archive {
                 self.dir.display()
             );
         }
+        if !newest.is_empty() {
+            // names renamed just before a crash count only once the directory is on disk
+            fsync_dir(&self.dir_handle, &self.dir)?;
+        }
         for (timeline, (segno, partial)) in newest {
             let Some(identity) = self.identity else { break };
             let seg = identity.wal_segment_size;
             let end = if partial {
-                let len = self.recover_partial(timeline, segno)?;
+                // trailing zeros at or below the last recorded durable end were acknowledged: keep them
+                let floor = read_position(&self.dir)
+                    .filter(|(t, l)| *t == timeline && seg.segno(*l) == segno)
+                    .map(|(_, l)| seg.offset(l))
+                    .unwrap_or(0);
+                let len = self.recover_partial(timeline, segno, floor)?;
                 Lsn(seg.segment_start(segno).0 + len)
             } else {
                 seg.segment_start(segno + 1)
@@ -344,8 +426,11 @@ impl Archive {
         Ok(())
     }
 
-    /// Validates the tail of a `.partial` after a restart and truncates what is not WAL. Returns its length.
-    fn recover_partial(&mut self, timeline: TimelineId, segno: SegNo) -> Result<u64> {
+    /// Validates the tail of a `.partial` after a restart and truncates what is not WAL. Trailing zeros are
+    /// cut back to `floor` at most: the durable end that `walship.position` recorded, exact after a crash
+    /// of the process (it is written after every fsync), at worst older after a power loss. Returns the
+    /// partial's length.
+    fn recover_partial(&mut self, timeline: TimelineId, segno: SegNo, floor: u64) -> Result<u64> {
         let Some(identity) = self.identity else {
             return Ok(0);
         };
@@ -380,7 +465,8 @@ impl Archive {
                 at += XLOG_BLCKSZ;
             }
         }
-        while keep > 0 && data[keep - 1] == 0 {
+        let floor = (floor as usize).min(keep);
+        while keep > floor && data[keep - 1] == 0 {
             keep -= 1;
         }
         if keep as u64 != found {
@@ -392,19 +478,19 @@ impl Archive {
             );
             file.set_len(keep as u64)
                 .with_context(|| format!("truncate {}", path.display()))?;
-            file.sync_all()
-                .with_context(|| format!("fsync {}", path.display()))?;
         }
+        // What a crashed receiver wrote may still sit only in the page cache: it counts as durable (and is
+        // offered in the first Welcome) only once this fsync has put it on disk.
+        sync_file(&file, &path, true)?;
         if keep as u64 == seg.as_u64() {
             // complete, but the rename did not happen before a crash
-            file.sync_data()
-                .with_context(|| format!("fsync {}", path.display()))?;
             self.finish_segment_file(timeline, segno)?;
             fsync_dir(&self.dir_handle, &self.dir)?;
         } else {
             self.current = Some(OpenPartial {
                 timeline,
                 segno,
+                path,
                 file,
                 len: keep as u64,
                 synced: keep as u64,
@@ -419,27 +505,7 @@ impl Archive {
         offered: Identity,
     ) -> Result<std::result::Result<(), IdentityMismatch>> {
         if let Some(id) = self.identity {
-            if id.system_identifier != offered.system_identifier {
-                return Ok(Err(IdentityMismatch::ForeignCluster {
-                    archive: id.system_identifier,
-                    sender: offered.system_identifier,
-                    archive_seg: id.wal_segment_size,
-                    sender_seg: offered.wal_segment_size,
-                }));
-            }
-            if id.wal_segment_size != offered.wal_segment_size {
-                return Ok(Err(IdentityMismatch::SegmentSize {
-                    archive: id.wal_segment_size,
-                    sender: offered.wal_segment_size,
-                }));
-            }
-            if id.pg_major() != offered.pg_major() {
-                return Ok(Err(IdentityMismatch::MajorVersion {
-                    archive: id.pg_major(),
-                    sender: offered.pg_major(),
-                }));
-            }
-            return Ok(Ok(()));
+            return Ok(id.admits(&offered));
         }
         self.write_atomically(ID_FILE, offered.render().as_bytes())?;
         tracing::info!(
@@ -471,6 +537,7 @@ impl Archive {
 
     /// Stores a timeline history file. A file already present must be identical.
     pub fn store_history(&mut self, timeline: TimelineId, content: &[u8]) -> Result<()> {
+        self.check_usable()?;
         let name = history_file_name(timeline);
         let path = self.dir.join(&name);
         match fs::read(&path) {
@@ -500,6 +567,7 @@ impl Archive {
     /// stored ones (a resend after a reconnect); a gap or a difference is an error and nothing is written.
     /// Not cancellation safe (disk I/O); call from a blocking context.
     pub fn append(&mut self, timeline: TimelineId, start: Lsn, bytes: &[u8]) -> Result<()> {
+        self.check_usable()?;
         let seg = self.seg()?;
         if let Some(latest) = self.latest_timeline() {
             if timeline < latest {
@@ -549,11 +617,12 @@ impl Archive {
         let seg = self.seg()?;
         let same = matches!(&self.current, Some(c) if c.timeline == timeline && c.segno == segno);
         if !same {
-            if let Some(mut old) = self.current.take() {
+            if let Some(old) = self.current.as_mut() {
                 // leaving a partial behind (timeline switch): make it durable first
-                old.file.sync_data().context("fsync partial segment")?;
+                sync_file(&old.file, &old.path, false)?;
                 old.synced = old.len;
             }
+            self.current = None;
             if offset != 0 {
                 bail!("internal: new segment {} of timeline {timeline} would start at offset {offset}", segno);
             }
@@ -567,6 +636,7 @@ impl Archive {
             self.current = Some(OpenPartial {
                 timeline,
                 segno,
+                path,
                 file,
                 len: 0,
                 synced: 0,
@@ -579,22 +649,22 @@ impl Archive {
                 cur.len
             );
         }
-        cur.file.write_all_at(data, offset).with_context(|| {
+        let written = write_at(&cur.file, data, offset);
+        written.with_context(|| {
             format!(
-                "write {} bytes to {}.partial at offset {offset}",
+                "write {} bytes to {} at offset {offset}",
                 data.len(),
-                segment_file_name(timeline, segno, seg)
+                cur.path.display()
             )
         })?;
         cur.len += data.len() as u64;
         if cur.len == seg.as_u64() {
-            cur.file.sync_data().with_context(|| {
-                format!("fsync {}.partial", segment_file_name(timeline, segno, seg))
-            })?;
+            sync_file(&cur.file, &cur.path, false)?;
             cur.synced = cur.len;
             self.current = None;
             self.finish_segment_file(timeline, segno)?;
             self.dir_dirty = true;
+            crash_point!("archive-renamed-before-dir-fsync");
         }
         Ok(())
     }
@@ -651,9 +721,10 @@ impl Archive {
     /// Makes everything appended so far durable and returns the new durable end of `timeline`.
     /// One call covers every append before it (group commit).
     pub fn sync(&mut self, timeline: TimelineId) -> Result<Option<Lsn>> {
+        self.check_usable()?;
         if let Some(cur) = self.current.as_mut() {
             if cur.synced < cur.len {
-                cur.file.sync_data().context("fsync partial segment")?;
+                sync_file(&cur.file, &cur.path, false)?;
                 cur.synced = cur.len;
             }
         }
@@ -674,15 +745,56 @@ impl Archive {
         Ok(self.durable.get(&timeline).copied())
     }
 
-    /// Forgets in-memory state and re-derives it from the files, as after a restart. Called after any write
-    /// or fsync error: after a failed fsync, only what a fresh read of the disk shows can be trusted.
-    pub fn reload(&mut self) -> Result<()> {
-        self.current = None;
-        self.ends.clear();
-        self.durable.clear();
-        self.dir_dirty = false;
-        self.identity = Identity::load(&self.dir)?;
-        self.scan()
+    /// Called after any write or fsync error: drops every byte written since the last successful fsync and
+    /// re-derives the archive's state from what is then on disk.
+    ///
+    /// After a failed fsync Linux marks the unwritten pages clean: a fresh read would show bytes that never
+    /// reached the disk. So the open partial is first truncated back to what its last good fsync covered (the
+    /// sender resends the rest), and the re-scan fsyncs everything it then counts as durable (PostgreSQL
+    /// PANICs for the same reason; walship can do better because the sender still holds the bytes). If even
+    /// that fails, the archive is unusable until the receiver is restarted: every later call fails with the
+    /// reason, and the caller should stop.
+    pub fn recover_after_error(&mut self) -> Result<()> {
+        let result = (|| -> Result<()> {
+            if let Some(cur) = self.current.take() {
+                if cur.synced < cur.len || file_len(&cur.file) != Some(cur.len) {
+                    cur.file.set_len(cur.synced).with_context(|| {
+                        format!(
+                            "truncate {} back to its last fsynced length {}",
+                            cur.path.display(),
+                            cur.synced
+                        )
+                    })?;
+                    tracing::warn!(
+                        file = %cur.path.display(),
+                        kept = cur.synced,
+                        dropped = cur.len.saturating_sub(cur.synced),
+                        "dropped the bytes written since the last successful fsync; the sender resends them"
+                    );
+                }
+                sync_file(&cur.file, &cur.path, true)?;
+            }
+            self.ends.clear();
+            self.durable.clear();
+            self.dir_dirty = false;
+            self.identity = Identity::load(&self.dir)?;
+            self.scan()
+        })();
+        if let Err(e) = &result {
+            self.poisoned = Some(format!("{e:#}"));
+        }
+        result
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(why) => bail!(
+                "archive {} cannot be trusted after a failed write or fsync that could not be undone ({why}); \
+                 check the disk and the kernel log, then restart the receiver",
+                self.dir.display()
+            ),
+            None => Ok(()),
+        }
     }
 
     /// The durable end of `timeline`.

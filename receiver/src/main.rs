@@ -188,6 +188,8 @@ async fn run(args: RunArgs) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // crash and error injection for the fault tests; does nothing unless built with the `failpoints` feature
+    let _failpoints = fail::FailScenario::setup();
     walship_receiver::init_logging();
     let result = match cli.command {
         Command::Run(args) => tokio::runtime::Runtime::new().context("start runtime").and_then(|rt| rt.block_on(run(args))),

@@ -5,13 +5,24 @@
 //! from the channel, makes it durable with one fsync (group commit) and publishes the durable position; the
 //! connection task sends it as an `Ack`. A slow disk therefore slows the socket; memory stays bounded.
 //!
+//! Admission: a connection that has not completed its TLS handshake is *unauthenticated*. At most
+//! `max_handshakes` of them exist at once; a new one evicts the oldest (never the other way round), and each
+//! has `tls_timeout` to finish, so idle or half-open connections cannot crowd out a sender with a valid
+//! certificate. Authenticated connections are limited separately (`max_sessions`).
+//!
 //! A new session for the archive takes over from an older one (a sender that reconnects after a network cut
-//! must not wait for the old connection to time out): the old session is cancelled, its writer finishes what
-//! it took, and only then the new one gets the archive.
+//! must not wait for the old connection to time out), but only after its `Hello` has been validated against
+//! the archive's identity and newest timeline: a foreign cluster or a superseded primary is refused without
+//! disturbing the live session. The old session is then cancelled, its writer finishes what it took, and only
+//! then the new one gets the archive.
+//!
+//! Every network stage has a deadline: the TLS handshake, the `Hello`, each frame (the idle timeout), and
+//! every message sent (`send_timeout`).
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::{SinkExt, StreamExt};
@@ -29,47 +40,136 @@ use walship_protocol::{
     PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 
-use crate::archive::{Archive, Identity};
+use crate::archive::{Archive, Identity, IdentityMismatch};
 use crate::status::{SenderStatus, StatusBoard};
 
 /// Tunables of the server, with defaults in one place.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
-    /// Time for the TLS handshake and the `Hello`.
+    /// Time for the TLS handshake of a new connection (short: until it completes, the peer is unknown).
+    pub tls_timeout: Duration,
+    /// Time for the `Hello` after the TLS handshake.
     pub handshake_timeout: Duration,
-    /// A session with no frame for this long is closed (senders send keepalives every few seconds).
+    /// A session with no frame for this long is closed (senders send keepalives every second).
     pub idle_timeout: Duration,
+    /// Longest time one message to a sender may take to send (a stalled peer ends its session).
+    pub send_timeout: Duration,
     /// How long a new session waits for an old one to hand over the archive before it is refused as busy.
     pub takeover_timeout: Duration,
     /// Largest frame payload accepted.
     pub max_payload: u32,
-    /// Connections allowed at once (handshakes included).
-    pub max_connections: usize,
+    /// Connections still in their TLS handshake allowed at once; a new one evicts the oldest.
+    pub max_handshakes: usize,
+    /// Authenticated connections (valid client certificate) allowed at once.
+    pub max_sessions: usize,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
+            tls_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(30),
             takeover_timeout: Duration::from_secs(30),
             max_payload: walship_protocol::DEFAULT_MAX_PAYLOAD,
-            max_connections: 64,
+            max_handshakes: 64,
+            max_sessions: 16,
         }
     }
+}
+
+/// What the server knows of the archive without taking its lock: enough to refuse a sender that must not
+/// write to it before disturbing the session that holds it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Known {
+    identity: Option<Identity>,
+    latest_timeline: Option<TimelineId>,
 }
 
 struct Shared {
     archive: Arc<tokio::sync::Mutex<Archive>>,
     /// The token of the session that holds or is about to hold the archive.
     active: Mutex<Option<CancellationToken>>,
+    known: Mutex<Known>,
     opts: ServerOptions,
     acceptor: TlsAcceptor,
     status: StatusBoard,
+    /// Connections in their TLS handshake, oldest first.
+    handshakes: Mutex<Admission>,
+    sessions: Arc<tokio::sync::Semaphore>,
+    /// Set when the archive cannot be trusted any more: the server stops with this error.
+    fatal: Mutex<Option<anyhow::Error>>,
+    stop: CancellationToken,
+}
+
+#[derive(Default)]
+struct Admission {
+    next_id: u64,
+    pending: VecDeque<(u64, CancellationToken)>,
+    evicted: u64,
+    last_report: Option<Instant>,
+}
+
+impl Shared {
+    /// Registers a new unauthenticated connection, evicting the oldest one when all places are taken.
+    fn admit(&self) -> (u64, CancellationToken) {
+        let mut a = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        if a.pending.len() >= self.opts.max_handshakes.max(1) {
+            if let Some((_, oldest)) = a.pending.pop_front() {
+                oldest.cancel();
+                a.evicted += 1;
+                let due = a
+                    .last_report
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+                if due {
+                    warn!(
+                        evicted = a.evicted,
+                        max_handshakes = self.opts.max_handshakes,
+                        "too many connections without a completed TLS handshake: closing the oldest ones (a port scan or a flood?)"
+                    );
+                    a.last_report = Some(Instant::now());
+                    a.evicted = 0;
+                }
+            }
+        }
+        let id = a.next_id;
+        a.next_id += 1;
+        let token = CancellationToken::new();
+        a.pending.push_back((id, token.clone()));
+        (id, token)
+    }
+
+    fn authenticated(&self, id: u64) {
+        let mut a = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        a.pending.retain(|(i, _)| *i != id);
+    }
+
+    fn known(&self) -> Known {
+        *self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers the archive's identity and newest timeline (`accepted`: the timeline of a session about to
+    /// write, newer than anything in the archive yet).
+    fn learn(&self, archive: &Archive, accepted: Option<TimelineId>) {
+        *self.known.lock().unwrap_or_else(|p| p.into_inner()) = Known {
+            identity: archive.identity(),
+            latest_timeline: archive.latest_timeline().max(accepted),
+        };
+    }
+
+    fn fail(&self, e: anyhow::Error) {
+        let mut f = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(e);
+        }
+        self.stop.cancel();
+    }
 }
 
 /// Serves senders on `listener` until `shutdown` is cancelled, then waits for every session to finish its
-/// last fsync.
+/// last fsync. Returns an error when the archive became unusable (a write or fsync error that could not be
+/// undone): the receiver must stop then, like PostgreSQL after a failed fsync of its WAL.
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -78,18 +178,27 @@ pub async fn serve(
     status: StatusBoard,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
+    let stop = shutdown.child_token();
+    let known = Known {
+        identity: archive.identity(),
+        latest_timeline: archive.latest_timeline(),
+    };
     let shared = Arc::new(Shared {
         archive: Arc::new(tokio::sync::Mutex::new(archive)),
         active: Mutex::new(None),
+        known: Mutex::new(known),
+        sessions: Arc::new(tokio::sync::Semaphore::new(opts.max_sessions.max(1))),
         opts,
         acceptor,
         status,
+        handshakes: Mutex::new(Admission::default()),
+        fatal: Mutex::new(None),
+        stop: stop.clone(),
     });
     let tracker = TaskTracker::new();
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             accepted = listener.accept() => {
                 let (tcp, peer) = match accepted {
                     Ok(x) => x,
@@ -99,19 +208,19 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    warn!(%peer, "too many connections; closing this one");
-                    continue;
-                };
                 let _ = tcp.set_nodelay(true);
                 let shared = shared.clone();
-                let token = shutdown.child_token();
+                let token = stop.child_token();
                 tracker.spawn(
                     async move {
-                        let _permit = permit;
                         match session(&shared, tcp, token).await {
                             Ok(()) => info!("session ended"),
-                            Err(e) => warn!("closing connection: {e:#}"),
+                            Err(SessionError::Unauthenticated(e)) => tracing::debug!("closing connection: {e:#}"),
+                            Err(SessionError::Closed(e)) => warn!("closing connection: {e:#}"),
+                            Err(SessionError::Fatal(e)) => {
+                                tracing::error!("closing connection: {e:#}");
+                                shared.fail(e);
+                            }
                         }
                     }
                     .instrument(tracing::info_span!("session", %peer)),
@@ -121,7 +230,31 @@ pub async fn serve(
     }
     tracker.close();
     tracker.wait().await;
-    Ok(())
+    let fatal = shared
+        .fatal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    match fatal {
+        Some(e) => Err(e.context("the receiver stopped: the archive cannot be trusted")),
+        None => Ok(()),
+    }
+}
+
+/// How a connection ended.
+enum SessionError {
+    /// Before the TLS handshake completed (a stranger, a scan, an evicted idle connection): logged at debug.
+    Unauthenticated(anyhow::Error),
+    /// An authenticated session ended on an error.
+    Closed(anyhow::Error),
+    /// The archive cannot be trusted any more: the receiver stops.
+    Fatal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for SessionError {
+    fn from(e: anyhow::Error) -> Self {
+        SessionError::Closed(e)
+    }
 }
 
 type Reader<S> = FramedRead<ReadHalf<S>, MessageCodec<SenderMessage, ReceiverMessage>>;
@@ -130,6 +263,21 @@ type Writer<S> = FramedWrite<WriteHalf<S>, MessageCodec<SenderMessage, ReceiverM
 async fn say<S: AsyncWrite>(writer: &mut Writer<S>, msg: ReceiverMessage) {
     // best effort: the peer may be gone already
     let _ = tokio::time::timeout(Duration::from_secs(2), writer.send(msg)).await;
+}
+
+/// Sends `msg` within `deadline`.
+async fn send<S: AsyncWrite>(
+    writer: &mut Writer<S>,
+    msg: ReceiverMessage,
+    deadline: Duration,
+    what: &str,
+) -> Result<()> {
+    match tokio::time::timeout(deadline, writer.send(msg)).await {
+        Ok(r) => r.with_context(|| format!("send {what}")),
+        Err(_) => {
+            bail!("sending {what} did not complete within {deadline:?}: the sender stopped reading")
+        }
+    }
 }
 
 async fn refuse<S: AsyncWrite>(
@@ -148,27 +296,56 @@ async fn refuse<S: AsyncWrite>(
     anyhow!("refused sender: {reason}")
 }
 
+fn refuse_code(m: &IdentityMismatch) -> RefuseCode {
+    match m {
+        IdentityMismatch::ForeignCluster { .. } => RefuseCode::ForeignCluster,
+        IdentityMismatch::SegmentSize { .. } => RefuseCode::SegmentSizeMismatch,
+        IdentityMismatch::MajorVersion { .. } => RefuseCode::Other,
+    }
+}
+
+fn superseded(latest: TimelineId, hello: &Hello) -> String {
+    format!(
+        "the archive already holds timeline {latest}, newer than this primary's timeline {}: this server was superseded by a failover and must not ship WAL into this archive",
+        hello.timeline
+    )
+}
+
 async fn session(
     shared: &Arc<Shared>,
     tcp: tokio::net::TcpStream,
     token: CancellationToken,
-) -> Result<()> {
+) -> Result<(), SessionError> {
     let opts = &shared.opts;
     // TLS reads the socket in small pieces; a large buffer under it turns many small reads into few
     let tcp = tokio::io::BufReader::with_capacity(SOCKET_BUFFER, tcp);
-    let tls = tokio::time::timeout(opts.handshake_timeout, shared.acceptor.accept(tcp))
-        .await
-        .context("TLS handshake timed out")?
-        .context(
-            "TLS handshake failed (client without a certificate signed by --tls-client-ca?)",
-        )?;
+    let (id, evict) = shared.admit();
+    let accepted = tokio::select! {
+        _ = evict.cancelled() => Err(anyhow!("evicted before completing the TLS handshake: newer connections needed the place")),
+        _ = token.cancelled() => Err(anyhow!("the receiver is shutting down")),
+        r = tokio::time::timeout(opts.tls_timeout, shared.acceptor.accept(tcp)) => match r {
+            Err(_) => Err(anyhow!("no TLS handshake within {:?}", opts.tls_timeout)),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context(
+                "TLS handshake failed (client without a certificate signed by --tls-client-ca?)",
+            )),
+            Ok(Ok(tls)) => Ok(tls),
+        },
+    };
+    shared.authenticated(id);
+    let tls = accepted.map_err(SessionError::Unauthenticated)?;
+    let Ok(_permit) = shared.sessions.clone().try_acquire_owned() else {
+        return Err(SessionError::Closed(anyhow!(
+            "too many authenticated connections ({}); closing this one",
+            opts.max_sessions
+        )));
+    };
     let (rd, wr) = tokio::io::split(tls);
     let mut reader: Reader<_> = FramedRead::new(rd, MessageCodec::new(opts.max_payload));
     let mut writer: Writer<_> = FramedWrite::new(wr, MessageCodec::new(opts.max_payload));
 
     let hello = match tokio::time::timeout(opts.handshake_timeout, reader.next()).await {
-        Err(_) => bail!("no Hello within {:?}", opts.handshake_timeout),
-        Ok(None) => bail!("connection closed before Hello"),
+        Err(_) => return Err(anyhow!("no Hello within {:?}", opts.handshake_timeout).into()),
+        Ok(None) => return Err(anyhow!("connection closed before Hello").into()),
         Ok(Some(Err(e))) => {
             say(
                 &mut writer,
@@ -177,7 +354,9 @@ async fn session(
                 },
             )
             .await;
-            return Err(e).context("malformed frame instead of Hello");
+            return Err(anyhow::Error::new(e)
+                .context("malformed frame instead of Hello")
+                .into());
         }
         Ok(Some(Ok(SenderMessage::Hello(h)))) => h,
         Ok(Some(Ok(_))) => {
@@ -189,7 +368,7 @@ async fn session(
                 },
             )
             .await;
-            bail!(reason);
+            return Err(anyhow!(reason).into());
         }
     };
     let span = tracing::info_span!("sender", name = %hello.sender_name, timeline = hello.timeline);
@@ -200,31 +379,45 @@ async fn session(
                 "no common protocol version: sender speaks {}..={}, this receiver {}..={}",
                 hello.version_min, hello.version_max, PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX
             );
-            return Err(refuse(&mut writer, RefuseCode::UnsupportedVersion, reason).await);
+            return Err(refuse(&mut writer, RefuseCode::UnsupportedVersion, reason).await.into());
         }
         let seg = match WalSegSize::new(hello.wal_segment_size as u64) {
             Ok(seg) => seg,
-            Err(e) => return Err(refuse(&mut writer, RefuseCode::Other, e.to_string()).await),
+            Err(e) => return Err(refuse(&mut writer, RefuseCode::Other, e.to_string()).await.into()),
         };
         if walship_protocol::wal::page_magic_for_version(hello.pg_version_num).is_none() {
             let reason = format!("PostgreSQL server_version_num {} is not supported (9.6 to 18 are)", hello.pg_version_num);
-            return Err(refuse(&mut writer, RefuseCode::Other, reason).await);
+            return Err(refuse(&mut writer, RefuseCode::Other, reason).await.into());
+        }
+        let offered = Identity { system_identifier: hello.system_identifier, wal_segment_size: seg, pg_version_num: hello.pg_version_num };
+
+        // Validate before disturbing anyone: a sender that must not write here is refused while the live
+        // session goes on.
+        let known = shared.known();
+        if let Some(Err(mismatch)) = known.identity.map(|id| id.admits(&offered)) {
+            return Err(refuse(&mut writer, refuse_code(&mismatch), mismatch.to_string()).await.into());
+        }
+        if let Some(latest) = known.latest_timeline.filter(|t| *t > hello.timeline) {
+            return Err(refuse(&mut writer, RefuseCode::TimelineBehind, superseded(latest, &hello)).await.into());
         }
 
         // take the archive over from an older session
-        let previous = shared.active.lock().map_err(|_| anyhow!("poisoned"))?.replace(token.clone());
+        let previous = shared.active.lock().unwrap_or_else(|p| p.into_inner()).replace(token.clone());
         if let Some(previous) = previous {
             info!("a session holds the archive; asking it to hand over");
             previous.cancel();
         }
-        let guard = match tokio::time::timeout(opts.takeover_timeout, shared.archive.clone().lock_owned()).await {
-            Ok(guard) => guard,
-            Err(_) => {
-                let reason = format!("the archive is busy: the previous session did not hand it over within {:?}", opts.takeover_timeout);
-                return Err(refuse(&mut writer, RefuseCode::Busy, reason).await);
-            }
+        let guard = tokio::select! {
+            _ = token.cancelled() => return Err(anyhow!("a newer session took over before this one started").into()),
+            g = tokio::time::timeout(opts.takeover_timeout, shared.archive.clone().lock_owned()) => match g {
+                Ok(guard) => guard,
+                Err(_) => {
+                    let reason = format!("the archive is busy: the previous session did not hand it over within {:?}", opts.takeover_timeout);
+                    return Err(refuse(&mut writer, RefuseCode::Busy, reason).await.into());
+                }
+            },
         };
-        let offered = Identity { system_identifier: hello.system_identifier, wal_segment_size: seg, pg_version_num: hello.pg_version_num };
+        // the authoritative check, under the archive's lock (pins the identity on first contact)
         let (guard, checked) = tokio::task::spawn_blocking(move || {
             let mut guard = guard;
             let r = guard.check_or_pin_identity(offered);
@@ -232,27 +425,17 @@ async fn session(
         })
         .await
         .context("identity check task")?;
+        shared.learn(&guard, None);
         if let Err(mismatch) = checked.context("pin archive identity")? {
-            let code = match mismatch {
-                crate::archive::IdentityMismatch::ForeignCluster { .. } => RefuseCode::ForeignCluster,
-                crate::archive::IdentityMismatch::SegmentSize { .. } => RefuseCode::SegmentSizeMismatch,
-                crate::archive::IdentityMismatch::MajorVersion { .. } => RefuseCode::Other,
-            };
-            return Err(refuse(&mut writer, code, mismatch.to_string()).await);
+            return Err(refuse(&mut writer, refuse_code(&mismatch), mismatch.to_string()).await.into());
         }
         if let Some(latest) = guard.latest_timeline().filter(|t| *t > hello.timeline) {
-            let reason = format!(
-                "the archive already holds timeline {latest}, newer than this primary's timeline {}: this server was superseded by a failover and must not ship WAL into this archive",
-                hello.timeline
-            );
-            return Err(refuse(&mut writer, RefuseCode::TimelineBehind, reason).await);
+            return Err(refuse(&mut writer, RefuseCode::TimelineBehind, superseded(latest, &hello)).await.into());
         }
+        shared.learn(&guard, Some(hello.timeline));
         let resume = guard.resume_points();
         info!(?resume, version, pg_version_num = hello.pg_version_num, "sender accepted");
-        writer
-            .send(ReceiverMessage::Welcome { protocol_version: version, resume: resume.clone() })
-            .await
-            .context("send Welcome")?;
+        send(&mut writer, ReceiverMessage::Welcome { protocol_version: version, resume: resume.clone() }, opts.send_timeout, "Welcome").await?;
         let start = resume.iter().find(|(t, _)| *t == hello.timeline).map(|(t, l)| (*t, *l));
         stream(shared, &hello, guard, reader, writer, start, token).await
     }
@@ -288,7 +471,7 @@ fn writer_loop(
     mut rx: mpsc::Receiver<Cmd>,
     acks: AckTx,
     timeline: TimelineId,
-) -> Result<()> {
+) -> Result<(), WriterError> {
     let result = (|| -> Result<()> {
         while let Some(cmd) = rx.blocking_recv() {
             let mut next = Some(cmd);
@@ -319,18 +502,38 @@ fn writer_loop(
                     next = rx.try_recv().ok();
                 }
             }
+            crate::archive::crash_point!("receiver-written-before-fsync");
             if let Some(durable) = archive.sync(timeline)? {
+                crate::archive::crash_point!("receiver-fsynced-before-ack");
                 acks.send_replace(Some((timeline, durable)));
             }
         }
         Ok(())
     })();
-    if result.is_err() {
-        if let Err(e) = archive.reload() {
-            warn!("re-reading the archive after an error failed too: {e:#}");
+    let Err(e) = result else { return Ok(()) };
+    // nothing written since the last good fsync is trusted: undo it, so the sender resends it
+    match archive.recover_after_error() {
+        Ok(()) => {
+            info!(
+                resume = ?archive.resume_points(),
+                "archive rolled back to its last durable position after: {e:#}"
+            );
+            Err(WriterError::Recovered(e))
         }
+        Err(again) => Err(WriterError::Unrecoverable(
+            e.context(format!("undoing it failed: {again:#}")),
+        )),
     }
-    result
+}
+
+/// How the archive writer of a session ended.
+#[derive(Debug)]
+enum WriterError {
+    /// A write or fsync failed and the archive was rolled back to its last durable position: the session
+    /// ends, the receiver stays up, the sender resends.
+    Recovered(anyhow::Error),
+    /// The archive could not be brought back to a known durable state: the receiver must stop.
+    Unrecoverable(anyhow::Error),
 }
 
 async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
@@ -341,13 +544,14 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     mut writer: Writer<S>,
     start: Option<(TimelineId, Lsn)>,
     token: CancellationToken,
-) -> Result<()> {
+) -> Result<(), SessionError> {
     let timeline = hello.timeline;
+    let send_timeout = shared.opts.send_timeout;
     let (tx, rx) = mpsc::channel::<Cmd>(16);
     let (ack_tx, mut ack_rx) = watch::channel(start);
     let mut writer_task =
         tokio::task::spawn_blocking(move || writer_loop(guard, rx, ack_tx, timeline));
-    let mut writer_done = false;
+    let mut writer_result = None;
     let mut last_ack = start;
     shared.status.sender_connected(SenderStatus::new(
         &hello.sender_name,
@@ -362,15 +566,15 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                     info!("session ends: receiver shutting down or a newer session took over");
                     return Ok(());
                 }
-                done = &mut writer_task, if !writer_done => {
-                    writer_done = true;
-                    let err = match done {
-                        Ok(Ok(())) => anyhow!("archive writer stopped"),
-                        Ok(Err(e)) => e,
-                        Err(e) => anyhow!("archive writer task failed: {e}"),
+                done = &mut writer_task, if writer_result.is_none() => {
+                    let done = done.unwrap_or_else(|e| Err(WriterError::Unrecoverable(anyhow!("archive writer task failed: {e}"))));
+                    let reason = match &done {
+                        Ok(()) => "archive writer stopped".to_string(),
+                        Err(WriterError::Recovered(e) | WriterError::Unrecoverable(e)) => format!("archive write failed: {e:#}"),
                     };
-                    say(&mut writer, ReceiverMessage::Error { reason: format!("archive write failed: {err:#}") }).await;
-                    return Err(err.context("archive write failed; nothing past the last acknowledgement was confirmed"));
+                    writer_result = Some(done);
+                    say(&mut writer, ReceiverMessage::Error { reason: reason.clone() }).await;
+                    bail!("{reason}; nothing past the last acknowledgement was confirmed");
                 }
                 changed = ack_rx.changed() => {
                     if changed.is_err() {
@@ -380,7 +584,7 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                     if let Some((t, lsn)) = ack {
                         last_ack = ack;
                         shared.status.durable(lsn);
-                        writer.send(ReceiverMessage::Ack { timeline: t, durable_lsn: lsn }).await.context("send Ack")?;
+                        send(&mut writer, ReceiverMessage::Ack { timeline: t, durable_lsn: lsn }, send_timeout, "Ack").await?;
                     }
                 }
                 frame = tokio::time::timeout(shared.opts.idle_timeout, reader.next()) => {
@@ -415,7 +619,7 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                         SenderMessage::Keepalive { primary_flush_lsn, sent_at_unix_micros, .. } => {
                             shared.status.keepalive(primary_flush_lsn, sent_at_unix_micros);
                             if let Some((t, lsn)) = last_ack {
-                                writer.send(ReceiverMessage::Ack { timeline: t, durable_lsn: lsn }).await.context("send Ack")?;
+                                send(&mut writer, ReceiverMessage::Ack { timeline: t, durable_lsn: lsn }, send_timeout, "Ack").await?;
                             }
                         }
                         SenderMessage::Hello(_) => {
@@ -432,15 +636,39 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
 
     // Let the writer finish what it took (so it is durable) and hand the archive back.
     drop(tx);
-    if !writer_done {
-        match writer_task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!("archive write failed while closing the session: {e:#}"),
-            Err(e) => warn!("archive writer task failed: {e}"),
+    let writer_result = match writer_result {
+        Some(r) => r,
+        None => {
+            let r = writer_task.await.unwrap_or_else(|e| {
+                Err(WriterError::Unrecoverable(anyhow!(
+                    "archive writer task failed: {e}"
+                )))
+            });
+            // tell a sender that is still listening (a graceful stop) what became durable at the end
+            let last = *ack_rx.borrow_and_update();
+            if let Some((t, lsn)) = last.filter(|_| last != last_ack) {
+                shared.status.durable(lsn);
+                say(
+                    &mut writer,
+                    ReceiverMessage::Ack {
+                        timeline: t,
+                        durable_lsn: lsn,
+                    },
+                )
+                .await;
+            }
+            r
         }
-    }
+    };
     shared.status.sender_disconnected();
-    outcome
+    match writer_result {
+        Err(WriterError::Unrecoverable(e)) => Err(SessionError::Fatal(e)),
+        Err(WriterError::Recovered(e)) if outcome.is_ok() => {
+            warn!("archive write failed while closing the session: {e:#}");
+            Ok(())
+        }
+        _ => outcome.map_err(SessionError::Closed),
+    }
 }
 
 /// Binds `addr`; a separate step so callers can learn the port (port 0 in tests).

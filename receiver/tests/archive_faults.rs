@@ -1,0 +1,107 @@
+//! The archive under injected faults (the `failpoints` feature, which `cargo test --workspace` enables through
+//! the end-to-end test crate): a failed fsync is never counted as durable, and the archive rolls back to what
+//! its last good fsync covered. One test per binary: failpoints are process-wide.
+
+use std::fs;
+
+use walship_protocol::wal::{write_page_header, XLOG_BLCKSZ};
+use walship_protocol::{Lsn, WalSegSize};
+use walship_receiver::archive::{Archive, Identity};
+
+const SEG: u64 = 1 << 20;
+
+fn identity() -> Identity {
+    Identity {
+        system_identifier: 7,
+        wal_segment_size: WalSegSize::new(SEG).unwrap(),
+        pg_version_num: 150004,
+    }
+}
+
+/// Valid-looking WAL for `[0, len)`.
+fn wal(len: usize) -> Vec<u8> {
+    let exp = identity().page_expectation(1).unwrap();
+    let mut buf: Vec<u8> = (0..len + XLOG_BLCKSZ)
+        .map(|i| (i % 251) as u8 | 1)
+        .collect();
+    let mut p = 0;
+    while p < len {
+        write_page_header(&mut buf[p..], Lsn(p as u64), &exp);
+        p += XLOG_BLCKSZ;
+    }
+    buf.truncate(len);
+    buf
+}
+
+#[test]
+fn a_failed_fsync_is_rolled_back_never_counted() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a");
+    let mut a = Archive::open(&path).unwrap();
+    a.check_or_pin_identity(identity()).unwrap().unwrap();
+    let data = wal(100_000);
+    a.append(1, Lsn(0), &data[..40_000]).unwrap();
+    assert_eq!(a.sync(1).unwrap(), Some(Lsn(40_000)));
+
+    // the next fsync fails: nothing of what it should have covered counts
+    a.append(1, Lsn(40_000), &data[40_000..70_000]).unwrap();
+    fail::cfg("archive-fsync", "1*return").unwrap();
+    let err = a.sync(1).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("000000010000000000000000.partial"),
+        "{err:#}"
+    );
+    assert_eq!(a.durable_end(1), Some(Lsn(40_000)));
+    a.recover_after_error().unwrap();
+    assert_eq!(a.resume_points(), vec![(1, Lsn(40_000))]);
+    let partial = path.join("000000010000000000000000.partial");
+    assert_eq!(
+        fs::metadata(&partial).unwrap().len(),
+        40_000,
+        "unsynced bytes must be dropped"
+    );
+    // the sender resends; it is written and counted normally
+    a.append(1, Lsn(40_000), &data[40_000..]).unwrap();
+    assert_eq!(a.sync(1).unwrap(), Some(Lsn(100_000)));
+    assert_eq!(fs::read(&partial).unwrap(), data);
+
+    // a write that fails half-way (disk full) leaves nothing behind either
+    fail::cfg("archive-write-enospc", "1*return").unwrap();
+    let more = wal(120_000);
+    let err = a.append(1, Lsn(100_000), &more[100_000..]).unwrap_err();
+    assert!(format!("{err:#}").contains("No space left"), "{err:#}");
+    a.recover_after_error().unwrap();
+    assert_eq!(a.resume_points(), vec![(1, Lsn(100_000))]);
+
+    // fsync failing for good: the archive refuses every further write and says why
+    a.append(1, Lsn(100_000), &more[100_000..]).unwrap();
+    fail::cfg("archive-fsync", "return").unwrap();
+    a.sync(1).unwrap_err();
+    a.recover_after_error().unwrap_err();
+    let err = a.append(1, Lsn(120_000), &[1]).unwrap_err();
+    assert!(format!("{err:#}").contains("cannot be trusted"), "{err:#}");
+    fail::remove("archive-fsync");
+    drop(a);
+
+    // reopened, the archive holds exactly what was acknowledged, byte for byte
+    let a = Archive::open(&path).unwrap();
+    assert_eq!(a.resume_points(), vec![(1, Lsn(100_000))]);
+    assert_eq!(fs::read(&partial).unwrap(), data);
+    scenario.teardown();
+}
+
+#[test]
+fn acknowledged_trailing_zeros_are_kept_on_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a");
+    let mut a = Archive::open(&path).unwrap();
+    a.check_or_pin_identity(identity()).unwrap().unwrap();
+    let mut data = wal(50_000);
+    data[49_990..].fill(0); // a record ending in zeros, and alignment padding
+    a.append(1, Lsn(0), &data).unwrap();
+    assert_eq!(a.sync(1).unwrap(), Some(Lsn(50_000)));
+    drop(a);
+    let a = Archive::open(&path).unwrap();
+    assert_eq!(a.resume_points(), vec![(1, Lsn(50_000))]);
+}
