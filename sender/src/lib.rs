@@ -25,17 +25,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
 use futures::{FutureExt, SinkExt, StreamExt};
-use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use walship_protocol::message::{Hello, Wal};
+use walship_protocol::message::Hello;
 use walship_protocol::wal::parse_history;
 use walship_protocol::{
-    Lsn, MessageCodec, ReceiverMessage, SenderMessage, TimelineId, WalSegSize,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    Lsn, ReceiverMessage, SenderMessage, TimelineId, WalSegSize, PROTOCOL_VERSION_MAX,
+    PROTOCOL_VERSION_MIN,
 };
 
-use crate::postgres::Primary;
+use crate::link::{Backoff, Link, LinkError};
+use crate::postgres::{Position, Primary};
 use crate::wal_reader::{ReadError, WalReader};
 
 /// Everything the sender needs, with defaults in [`SenderConfig::new`].
@@ -71,6 +71,8 @@ pub struct SenderConfig {
     pub connect_timeout: Duration,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// At SIGTERM, how long to wait for the receiver to acknowledge everything sent before closing.
+    pub shutdown_grace: Duration,
 }
 
 impl SenderConfig {
@@ -96,6 +98,7 @@ impl SenderConfig {
             receiver_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             max_backoff: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -121,25 +124,44 @@ fn retry<E: Into<anyhow::Error>>(e: E) -> Failure {
     Failure::Retry(e.into())
 }
 
+impl From<LinkError> for Failure {
+    fn from(e: LinkError) -> Self {
+        // every link failure is the network's or the receiver's: a new session may succeed
+        Failure::Retry(e.into())
+    }
+}
+
+/// A crash point for tests (cargo feature `failpoints`): with `FAILPOINTS=name=return` the process dies here
+/// at once, as under `kill -9`.
+macro_rules! crash_point {
+    ($name:expr) => {
+        fail::fail_point!($name, |_| {
+            eprintln!("failpoint {}: crashing", $name);
+            std::process::abort()
+        })
+    };
+}
+
 /// Runs the sender until `shutdown` is cancelled (returns `Ok`) or a fatal error (returns it).
 pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(cfg.max_backoff);
+    let mut acked_before: Option<(TimelineId, Lsn)> = None;
     loop {
         let mut progressed = false;
-        let outcome = session(&cfg, &shutdown, &mut progressed).await;
+        let outcome = session(&cfg, &shutdown, &mut progressed, &mut acked_before).await;
         match outcome {
             Ok(()) => return Ok(()),
             Err(Failure::Fatal(e)) => return Err(e),
             Err(Failure::Retry(e)) => {
                 if progressed {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                 }
-                warn!("{e:#}; reconnecting in {} ms", backoff.as_millis());
+                let wait = backoff.next_wait();
+                warn!("{e:#}; reconnecting in {} ms", wait.as_millis());
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(cfg.max_backoff);
             }
         }
     }
@@ -215,11 +237,43 @@ fn decide_start(
     Ok(seg.floor(start_lsn.unwrap_or(flush)))
 }
 
+/// Connects to PostgreSQL and the receiver, says `Hello`, and streams until shutdown or a failure.
+/// `acked_before` is the highest position any receiver acknowledged to this process.
 async fn session(
     cfg: &SenderConfig,
     shutdown: &CancellationToken,
     progressed: &mut bool,
+    acked_before: &mut Option<(TimelineId, Lsn)>,
 ) -> Result<(), Failure> {
+    // Connecting and the handshake send no WAL: shutdown may interrupt them anywhere.
+    let opened = tokio::select! {
+        r = open(cfg, *acked_before) => r?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    let mut streaming = opened;
+    let outcome = streaming.run(shutdown, progressed).await;
+    let acked = streaming.link.acked();
+    if acked > streaming.start {
+        *acked_before = Some((streaming.timeline, acked));
+    }
+    match outcome {
+        Ok(Stop::Drain) => {
+            let Streaming { link, pos, .. } = streaming;
+            let sent = link.sent();
+            let acked = link.drain_and_close(cfg.shutdown_grace).await;
+            info!(flush = %pos.flush, %sent, %acked, "stopped: the receiver holds everything up to {acked}");
+            Ok(())
+        }
+        Ok(Stop::Abandon) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Connects to PostgreSQL and to the receiver and completes the handshake. Cancellation safe.
+async fn open(
+    cfg: &SenderConfig,
+    acked_before: Option<(TimelineId, Lsn)>,
+) -> Result<Streaming<'_>, Failure> {
     let pg = tokio::time::timeout(cfg.connect_timeout, Primary::connect(&cfg.pgconn))
         .await
         .map_err(|_| retry(anyhow!("connecting to PostgreSQL timed out")))?
@@ -240,15 +294,15 @@ async fn session(
             )))
         }
     };
-    let mut reader = WalReader::new(&wal_dir, info.seg, info.magic, info.system_identifier);
-    let mut events = match watch_dir(&wal_dir) {
+    let reader = WalReader::new(&wal_dir, info.seg, info.magic, info.system_identifier);
+    let events = match watch_dir(&wal_dir) {
         Ok(s) => Some(s),
         Err(e) => {
             warn!(dir = %wal_dir.display(), error = %e, "no inotify on the WAL directory; polling every {:?}", cfg.poll_interval);
             None
         }
     };
-    let mut pos = pg.position().await.map_err(retry)?;
+    let pos = pg.position().await.map_err(retry)?;
     let timeline = pos.timeline;
 
     let tls = crate::link::connect(
@@ -259,16 +313,8 @@ async fn session(
     )
     .await
     .map_err(retry)?;
-    let (rd, wr) = tokio::io::split(tls);
-    let mut rx = FramedRead::new(
-        rd,
-        MessageCodec::<ReceiverMessage, SenderMessage>::default(),
-    );
-    let mut tx = FramedWrite::new(
-        wr,
-        MessageCodec::<ReceiverMessage, SenderMessage>::default(),
-    );
-    tx.send(SenderMessage::Hello(Hello {
+    let (mut rx, mut tx) = Link::frame(tls);
+    let hello = SenderMessage::Hello(Hello {
         version_min: PROTOCOL_VERSION_MIN,
         version_max: PROTOCOL_VERSION_MAX,
         system_identifier: info.system_identifier,
@@ -276,10 +322,17 @@ async fn session(
         wal_segment_size: info.seg.bytes(),
         pg_version_num: info.version_num,
         sender_name: cfg.name.clone(),
-    }))
-    .await
-    .context("send Hello")
-    .map_err(retry)?;
+    });
+    tokio::time::timeout(cfg.connect_timeout, tx.send(hello))
+        .await
+        .map_err(|_| {
+            retry(anyhow!(
+                "sending Hello timed out after {:?}",
+                cfg.connect_timeout
+            ))
+        })?
+        .context("send Hello")
+        .map_err(retry)?;
     let resume = match tokio::time::timeout(cfg.connect_timeout, rx.next()).await {
         Err(_) => {
             return Err(retry(anyhow!(
@@ -341,19 +394,18 @@ async fn session(
         cfg.start_lsn,
         &reader,
     )?;
+    let mut link = Link::new(rx, tx, timeline, start, cfg.window, cfg.receiver_timeout);
     for t in 2..=timeline {
         if let Some(content) = reader
             .history(t)
             .context("read timeline history file")
             .map_err(retry)?
         {
-            tx.send(SenderMessage::History {
+            let msg = SenderMessage::History {
                 timeline: t,
                 content: content.into(),
-            })
-            .await
-            .context("send history file")
-            .map_err(retry)?;
+            };
+            link.send(msg, "sending a history file").await?;
         }
     }
     info!(
@@ -365,130 +417,243 @@ async fn session(
         segment_size = %info.seg,
         "streaming"
     );
+    if let Some((t, acked)) = acked_before.filter(|(t, _)| *t == timeline) {
+        if start < acked {
+            // The archive lost WAL it had acknowledged (restored from a backup, a disk that lied about its
+            // fsync, or a bug). Resending from the receiver's position repairs the archive while pg_wal still
+            // holds the bytes; say so loudly.
+            tracing::error!(
+                acknowledged = %acked,
+                resume = %start,
+                "the receiver acknowledged timeline {t} up to {acked} earlier but now resumes at {start}: \
+                 its archive lost acknowledged WAL; resending it from pg_wal"
+            );
+        }
+    }
+    Ok(Streaming {
+        cfg,
+        pg,
+        reader,
+        events,
+        link,
+        seg: info.seg,
+        timeline,
+        start,
+        pos,
+        hot: 0,
+        event_due: false,
+        last_query: Instant::now(),
+        last_flush_change: Instant::now(),
+        slot_at: Lsn(0),
+        slot_moved: Instant::now(),
+        last_report: Instant::now(),
+    })
+}
 
-    let mut sent = start;
-    let mut acked = start;
-    let mut last_heard = Instant::now();
-    let mut keepalive = tokio::time::interval(cfg.keepalive_interval);
-    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_report = Instant::now();
-    let mut slot_at = Lsn(0);
-    let mut slot_moved = Instant::now();
-    let mut hot = 0u32;
-    let mut event_due = false;
-    let mut last_query = Instant::now();
-    let mut last_flush_change = Instant::now();
-    loop {
+/// How streaming ended on shutdown.
+enum Stop {
+    /// Wait for the receiver to acknowledge what was sent, then close.
+    Drain,
+    /// A send to the receiver was blocked when shutdown came: closing at once (nothing would drain).
+    Abandon,
+}
+
+/// The streaming phase of a session.
+///
+/// Invariants: `link.acked() <= link.sent() <= pos.flush` (nothing beyond the primary's flush position is
+/// ever read or sent), and everything in `[start, link.sent())` was read from `pg_wal` and validated.
+struct Streaming<'a> {
+    cfg: &'a SenderConfig,
+    pg: Primary,
+    reader: WalReader,
+    events: Option<Events>,
+    link: Link,
+    seg: WalSegSize,
+    timeline: TimelineId,
+    /// Where this session started (the receiver's durable end then).
+    start: Lsn,
+    /// The primary's positions at the last query.
+    pos: Position,
+    /// Precise re-polls left in the current burst of file-system events.
+    hot: u32,
+    /// An event arrived while the last query was too recent: query at `last_query + MIN_QUERY_GAP`.
+    event_due: bool,
+    last_query: Instant,
+    last_flush_change: Instant,
+    /// Where the replication slot was last advanced to, and when.
+    slot_at: Lsn,
+    slot_moved: Instant,
+    last_report: Instant,
+}
+
+impl Streaming<'_> {
+    async fn run(
+        &mut self,
+        shutdown: &CancellationToken,
+        progressed: &mut bool,
+    ) -> Result<Stop, Failure> {
+        let mut keepalive = tokio::time::interval(self.cfg.keepalive_interval);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if let Some(stop) = self.pump(shutdown).await? {
+                return Ok(stop);
+            }
+            self.maintain_slot().await;
+            if self.last_report.elapsed() >= Duration::from_secs(60) {
+                self.last_report = Instant::now();
+                info!(flush = %self.pos.flush, sent = %self.link.sent(), acked = %self.link.acked(), behind = self.pos.flush.saturating_sub(self.link.acked()), "progress");
+            }
+            // No file-system event announces a flush (only the write before it). While WAL is inserted but not
+            // yet flushed, re-poll soon. After a quiet spell (a commit arriving alone) the first event starts
+            // precise short re-polls, since the primary's fsync takes a fraction of a millisecond. Under
+            // sustained load the events keep coming; then at most one query per MIN_QUERY_GAP keeps the cost on
+            // the primary low.
+            let pending = self.pos.insert > self.pos.flush;
+            let mut query = false;
+            if pending && self.hot > 0 {
+                self.hot -= 1;
+                // tokio's timers tick in milliseconds; nothing else waits on this thread meanwhile
+                std::thread::sleep(HOT_POLL);
+                *progressed |= self.link.poll_received()?;
+                query = true;
+            } else {
+                let poll = if self.event_due {
+                    MIN_QUERY_GAP.saturating_sub(self.last_query.elapsed())
+                } else if pending {
+                    Duration::from_millis(1)
+                } else {
+                    self.cfg.poll_interval
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        info!(sent = %self.link.sent(), acked = %self.link.acked(), "shutting down: waiting for the receiver to acknowledge what was sent");
+                        return Ok(Stop::Drain);
+                    }
+                    moved = self.link.recv() => *progressed |= moved?,
+                    _ = next_event(&mut self.events), if !self.event_due => {
+                        // one query covers every event already queued
+                        while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {}
+                        if self.last_query.elapsed() >= MIN_QUERY_GAP {
+                            query = true;
+                        } else {
+                            self.event_due = true;
+                        }
+                        if self.last_flush_change.elapsed() >= QUIET {
+                            self.hot = HOT_POLLS;
+                        }
+                    }
+                    _ = tokio::time::sleep(poll) => query = true,
+                    _ = keepalive.tick() => {
+                        let flush = self.pos.flush;
+                        let grace = self.cfg.shutdown_grace;
+                        if let Some(stop) = finish_on_shutdown(self.link.keepalive(flush, now_micros()), shutdown, grace).await? {
+                            return Ok(stop);
+                        }
+                    }
+                }
+            }
+            if query {
+                self.query().await?;
+            }
+        }
+    }
+
+    /// Sends `[sent, flush)` while the window has room. Returns how to stop if shutdown came meanwhile.
+    async fn pump(&mut self, shutdown: &CancellationToken) -> Result<Option<Stop>, Failure> {
+        let grace = self.cfg.shutdown_grace;
         let mut wrote = false;
-        while sent < pos.flush && sent.0 - acked.0 < cfg.window {
-            let seg_end = info.seg.segment_start(info.seg.segno(sent) + 1);
-            let end = Lsn(pos.flush.0.min(seg_end.0).min(sent.0 + cfg.max_message));
+        while self.link.sent() < self.pos.flush && self.link.has_room() {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let sent = self.link.sent();
+            let seg_end = self.seg.segment_start(self.seg.segno(sent) + 1);
+            let end = Lsn(self
+                .pos
+                .flush
+                .0
+                .min(seg_end.0)
+                .min(sent.0 + self.cfg.max_message));
             // A plain blocking read: the runtime is this one thread, and WAL just written is in the page cache.
-            let bytes = reader.read(timeline, sent, end).map_err(read_failure)?;
-            tx.feed(SenderMessage::Wal(Wal {
-                timeline,
-                start_lsn: sent,
-                bytes,
-            }))
-            .await
-            .context("send WAL")
-            .map_err(retry)?;
-            sent = end;
+            let bytes = self
+                .reader
+                .read(self.timeline, sent, end)
+                .map_err(read_failure)?;
+            crash_point!("sender-read-before-send");
+            if let Some(stop) =
+                finish_on_shutdown(self.link.feed_wal(sent, bytes), shutdown, grace).await?
+            {
+                return Ok(Some(stop));
+            }
             wrote = true;
         }
         if wrote {
-            tx.flush().await.context("send WAL").map_err(retry)?;
-        }
-        if let Some(slot) = &cfg.slot {
-            // at most once a second: release WAL the receiver has made durable
-            if acked > slot_at && acked > start && slot_moved.elapsed() >= Duration::from_secs(1) {
-                slot_moved = Instant::now();
-                match pg.advance_slot(slot, acked).await {
-                    Ok(()) => slot_at = acked,
-                    Err(e) => warn!("{e:#}"),
-                }
+            if let Some(stop) = finish_on_shutdown(self.link.flush(), shutdown, grace).await? {
+                return Ok(Some(stop));
             }
         }
-        if last_report.elapsed() >= Duration::from_secs(60) {
-            last_report = Instant::now();
-            info!(flush = %pos.flush, %sent, %acked, behind = pos.flush.saturating_sub(acked), "progress");
-        }
-        // No file-system event announces a flush (only the write before it). While WAL is inserted but not yet
-        // flushed, re-poll soon. After a quiet spell (a commit arriving alone) the first event starts precise
-        // short re-polls, since the primary's fsync takes a fraction of a millisecond. Under sustained load the
-        // events keep coming; then at most one query per MIN_QUERY_GAP keeps the cost on the primary low.
-        let pending = pos.insert > pos.flush;
-        let mut query = false;
-        if pending && hot > 0 {
-            hot -= 1;
-            // tokio's timers tick in milliseconds; nothing else waits on this thread meanwhile
-            std::thread::sleep(HOT_POLL);
-            while let Some(msg) = rx.next().now_or_never() {
-                last_heard = Instant::now();
-                on_receiver_message(msg, timeline, sent, &mut acked, progressed)?;
-            }
-            query = true;
-        } else {
-            let poll = if event_due {
-                MIN_QUERY_GAP.saturating_sub(last_query.elapsed())
-            } else if pending {
-                Duration::from_millis(1)
-            } else {
-                cfg.poll_interval
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => {
-                    info!(%sent, %acked, "shutting down");
-                    // end the TLS session properly (close_notify); the receiver keeps what it acknowledged
-                    let _ = tokio::time::timeout(Duration::from_secs(2), tx.close()).await;
-                    return Ok(());
-                }
-                msg = rx.next() => {
-                    last_heard = Instant::now();
-                    on_receiver_message(msg, timeline, sent, &mut acked, progressed)?;
-                }
-                _ = next_event(&mut events), if !event_due => {
-                    // one query covers every event already queued
-                    while let Some(Some(_)) = events.as_mut().and_then(|e| e.next().now_or_never()) {}
-                    if last_query.elapsed() >= MIN_QUERY_GAP {
-                        query = true;
-                    } else {
-                        event_due = true;
-                    }
-                    if last_flush_change.elapsed() >= QUIET {
-                        hot = HOT_POLLS;
-                    }
-                }
-                _ = tokio::time::sleep(poll) => query = true,
-                _ = keepalive.tick() => {
-                    if last_heard.elapsed() > cfg.receiver_timeout {
-                        return Err(retry(anyhow!("no answer from the receiver for {:?}", cfg.receiver_timeout)));
-                    }
-                    tx.send(SenderMessage::Keepalive { primary_flush_lsn: pos.flush, timeline, sent_at_unix_micros: now_micros() })
-                        .await
-                        .context("send keepalive")
-                        .map_err(retry)?;
-                }
+        Ok(shutdown.is_cancelled().then_some(Stop::Drain))
+    }
+
+    /// At most once a second: release WAL the receiver has made durable.
+    async fn maintain_slot(&mut self) {
+        let Some(slot) = &self.cfg.slot else { return };
+        let acked = self.link.acked();
+        if acked > self.slot_at
+            && acked > self.start
+            && self.slot_moved.elapsed() >= Duration::from_secs(1)
+        {
+            self.slot_moved = Instant::now();
+            match self.pg.advance_slot(slot, acked).await {
+                Ok(()) => self.slot_at = acked,
+                Err(e) => warn!("{e:#}"),
             }
         }
-        if query {
-            event_due = false;
-            last_query = Instant::now();
-            let before = pos.flush;
-            if pg.is_closed() {
-                return Err(retry(anyhow!("the PostgreSQL connection closed")));
-            }
-            pos = pg.position().await.map_err(retry)?;
-            if pos.flush != before {
-                last_flush_change = Instant::now();
-            }
-            if pos.timeline != timeline {
-                return Err(retry(anyhow!(
-                    "the primary moved from timeline {timeline} to {}; starting a new session",
-                    pos.timeline
-                )));
-            }
+    }
+
+    /// Asks the primary where WAL is flushed.
+    async fn query(&mut self) -> Result<(), Failure> {
+        self.event_due = false;
+        self.last_query = Instant::now();
+        let before = self.pos.flush;
+        if self.pg.is_closed() {
+            return Err(retry(anyhow!("the PostgreSQL connection closed")));
         }
+        self.pos = self.pg.position().await.map_err(retry)?;
+        if self.pos.flush != before {
+            self.last_flush_change = Instant::now();
+        }
+        if self.pos.timeline != self.timeline {
+            return Err(retry(anyhow!(
+                "the primary moved from timeline {} to {}; starting a new session",
+                self.timeline,
+                self.pos.timeline
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Runs a send to completion. If shutdown comes meanwhile, the send gets `grace` more to finish (then the
+/// session drains); a send still blocked after that means the receiver takes nothing: stop at once.
+async fn finish_on_shutdown<F>(
+    send: F,
+    shutdown: &CancellationToken,
+    grace: Duration,
+) -> Result<Option<Stop>, Failure>
+where
+    F: std::future::Future<Output = Result<(), LinkError>>,
+{
+    tokio::pin!(send);
+    tokio::select! {
+        r = &mut send => { r?; Ok(None) }
+        _ = shutdown.cancelled() => match tokio::time::timeout(grace, &mut send).await {
+            Ok(r) => { r?; Ok(Some(Stop::Drain)) }
+            Err(_) => {
+                warn!("shutting down while the receiver was not taking WAL for {grace:?}; closing without waiting");
+                Ok(Some(Stop::Abandon))
+            }
+        },
     }
 }
 
@@ -500,43 +665,6 @@ const HOT_POLLS: u32 = 12;
 const MIN_QUERY_GAP: Duration = Duration::from_micros(500);
 /// No flush for this long makes the next event the start of a burst (precise re-polls allowed).
 const QUIET: Duration = Duration::from_millis(5);
-
-/// Handles one message from the receiver during streaming.
-fn on_receiver_message(
-    msg: Option<Result<ReceiverMessage, walship_protocol::FrameError>>,
-    timeline: TimelineId,
-    sent: Lsn,
-    acked: &mut Lsn,
-    progressed: &mut bool,
-) -> Result<(), Failure> {
-    match msg {
-        Some(Ok(ReceiverMessage::Ack {
-            timeline: t,
-            durable_lsn,
-        })) => {
-            if t == timeline && durable_lsn > *acked {
-                if durable_lsn > sent {
-                    return Err(retry(anyhow!(
-                        "protocol violation: ack of {durable_lsn} beyond what was sent ({sent})"
-                    )));
-                }
-                *acked = durable_lsn;
-                *progressed = true;
-            }
-            Ok(())
-        }
-        Some(Ok(ReceiverMessage::Error { reason })) => {
-            Err(retry(anyhow!("the receiver closed the session: {reason}")))
-        }
-        Some(Ok(other)) => Err(retry(anyhow!(
-            "protocol violation: unexpected {other:?} from the receiver"
-        ))),
-        Some(Err(e)) => Err(retry(
-            anyhow::Error::new(e).context("bad frame from the receiver"),
-        )),
-        None => Err(retry(anyhow!("the receiver closed the connection"))),
-    }
-}
 
 type Events = inotify::EventStream<Vec<u8>>;
 

@@ -1,8 +1,17 @@
-//! The TLS link to the receiver.
+//! The TLS link to the receiver: connecting, the framed message stream with a deadline on every send, the
+//! window of unacknowledged WAL, the graceful close that waits for the last acknowledgement, and the backoff
+//! between reconnection attempts.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tracing::warn;
+use walship_protocol::message::Wal;
+use walship_protocol::{Lsn, MessageCodec, ReceiverMessage, SenderMessage, TimelineId};
 
 use anyhow::{Context, Result};
 use rustls::{ClientConfig, RootCertStore};
@@ -83,6 +92,291 @@ pub async fn connect(
         .with_context(|| format!("connecting to receiver {addr} timed out"))?
 }
 
+type Tls = TlsStream<TcpStream>;
+type Rx = FramedRead<ReadHalf<Tls>, MessageCodec<ReceiverMessage, SenderMessage>>;
+type Tx = FramedWrite<WriteHalf<Tls>, MessageCodec<ReceiverMessage, SenderMessage>>;
+
+/// Why the link failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The receiver did not take a message, or did not answer, within the deadline (a stalled peer).
+    #[error("the receiver stalled: {what} did not complete within {deadline:?}")]
+    Stalled {
+        what: &'static str,
+        deadline: Duration,
+    },
+    /// The connection failed or closed.
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: walship_protocol::FrameError,
+    },
+    #[error("the receiver closed the connection")]
+    Closed,
+    /// The receiver broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The receiver ended the session and said why.
+    #[error("the receiver closed the session: {0}")]
+    Receiver(String),
+}
+
+/// A handshaken session with the receiver, streaming WAL of one timeline.
+///
+/// Invariant: `acked <= sent`; `sent - acked` never exceeds the window by more than one message.
+pub struct Link {
+    rx: Rx,
+    tx: Tx,
+    timeline: TimelineId,
+    /// Everything before this was handed to the connection.
+    sent: Lsn,
+    /// Everything before this is durable in the archive (the receiver's last `Ack`).
+    acked: Lsn,
+    window: u64,
+    /// Deadline for each send and for the receiver's silence.
+    timeout: Duration,
+    last_heard: Instant,
+}
+
+impl Link {
+    /// Splits a TLS stream into the framed halves used for the handshake.
+    pub fn frame(tls: Tls) -> (Rx, Tx) {
+        let (rd, wr) = tokio::io::split(tls);
+        (
+            FramedRead::new(rd, MessageCodec::default()),
+            FramedWrite::new(wr, MessageCodec::default()),
+        )
+    }
+
+    /// The streaming phase, starting at `start` (what the receiver already holds).
+    pub fn new(
+        rx: Rx,
+        tx: Tx,
+        timeline: TimelineId,
+        start: Lsn,
+        window: u64,
+        timeout: Duration,
+    ) -> Link {
+        Link {
+            rx,
+            tx,
+            timeline,
+            sent: start,
+            acked: start,
+            window,
+            timeout,
+            last_heard: Instant::now(),
+        }
+    }
+
+    pub fn sent(&self) -> Lsn {
+        self.sent
+    }
+
+    pub fn acked(&self) -> Lsn {
+        self.acked
+    }
+
+    /// Whether the window has room for more WAL.
+    pub fn has_room(&self) -> bool {
+        self.sent.0 - self.acked.0 < self.window
+    }
+
+    /// Queues WAL `[start, start + bytes.len())`, which must continue what was sent. Sends once the codec's
+    /// buffer is large; [`Link::flush`] sends the rest.
+    pub async fn feed_wal(&mut self, start: Lsn, bytes: bytes::Bytes) -> Result<(), LinkError> {
+        if start != self.sent {
+            return Err(LinkError::Protocol(format!(
+                "internal: WAL from {start} does not continue what was sent ({})",
+                self.sent
+            )));
+        }
+        let end = Lsn(start.0 + bytes.len() as u64);
+        let msg = SenderMessage::Wal(Wal {
+            timeline: self.timeline,
+            start_lsn: start,
+            bytes,
+        });
+        deadline(self.timeout, "sending WAL", self.tx.feed(msg)).await?;
+        self.sent = end;
+        Ok(())
+    }
+
+    /// Sends everything queued.
+    pub async fn flush(&mut self) -> Result<(), LinkError> {
+        deadline(self.timeout, "sending WAL", self.tx.flush()).await
+    }
+
+    /// Sends any other message (history files, keepalives).
+    pub async fn send(&mut self, msg: SenderMessage, what: &'static str) -> Result<(), LinkError> {
+        deadline(self.timeout, what, self.tx.send(msg)).await
+    }
+
+    /// Sends a keepalive, or fails if the receiver has been silent for longer than the timeout.
+    pub async fn keepalive(
+        &mut self,
+        primary_flush: Lsn,
+        now_micros: u64,
+    ) -> Result<(), LinkError> {
+        if self.last_heard.elapsed() > self.timeout {
+            return Err(LinkError::Stalled {
+                what: "an answer from the receiver",
+                deadline: self.timeout,
+            });
+        }
+        let msg = SenderMessage::Keepalive {
+            primary_flush_lsn: primary_flush,
+            timeline: self.timeline,
+            sent_at_unix_micros: now_micros,
+        };
+        self.send(msg, "sending a keepalive").await
+    }
+
+    /// Waits for the next message from the receiver and applies it. Cancellation safe. Returns whether the
+    /// acknowledged position moved.
+    pub async fn recv(&mut self) -> Result<bool, LinkError> {
+        let msg = self.rx.next().await;
+        self.apply(msg)
+    }
+
+    /// Applies every message already received, without waiting. Returns whether the acknowledged position
+    /// moved.
+    pub fn poll_received(&mut self) -> Result<bool, LinkError> {
+        let mut moved = false;
+        while let Some(msg) = self.rx.next().now_or_never() {
+            moved |= self.apply(msg)?;
+        }
+        Ok(moved)
+    }
+
+    fn apply(
+        &mut self,
+        msg: Option<Result<ReceiverMessage, walship_protocol::FrameError>>,
+    ) -> Result<bool, LinkError> {
+        self.last_heard = Instant::now();
+        match msg {
+            Some(Ok(ReceiverMessage::Ack {
+                timeline,
+                durable_lsn,
+            })) => {
+                if timeline != self.timeline || durable_lsn <= self.acked {
+                    return Ok(false);
+                }
+                if durable_lsn > self.sent {
+                    return Err(LinkError::Protocol(format!(
+                        "ack of {durable_lsn} beyond what was sent ({})",
+                        self.sent
+                    )));
+                }
+                self.acked = durable_lsn;
+                Ok(true)
+            }
+            Some(Ok(ReceiverMessage::Error { reason })) => Err(LinkError::Receiver(reason)),
+            Some(Ok(other)) => Err(LinkError::Protocol(format!(
+                "unexpected {other:?} from the receiver"
+            ))),
+            Some(Err(source)) => Err(LinkError::Io {
+                what: "bad frame from the receiver",
+                source,
+            }),
+            None => Err(LinkError::Closed),
+        }
+    }
+
+    /// A graceful stop: sends what is queued, waits until the receiver has acknowledged everything sent (or
+    /// `grace` runs out), then closes the TLS session. Without the wait, a close with acknowledgements still
+    /// unread in the socket makes Linux reset the connection and drop what was still in flight.
+    /// Returns the acknowledged position.
+    pub async fn drain_and_close(mut self, grace: Duration) -> Lsn {
+        let until = tokio::time::Instant::now() + grace;
+        let drained = tokio::time::timeout_at(until, async {
+            self.tx.flush().await.map_err(|source| LinkError::Io {
+                what: "sending WAL",
+                source,
+            })?;
+            while self.acked < self.sent {
+                self.recv().await?;
+            }
+            Ok::<(), LinkError>(())
+        })
+        .await;
+        match drained {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(sent = %self.sent, acked = %self.acked, "stopping without the last acknowledgement: {e}")
+            }
+            Err(_) => {
+                warn!(sent = %self.sent, acked = %self.acked, "stopping: the receiver did not acknowledge everything within {grace:?}")
+            }
+        }
+        // close_notify, then keep reading until the receiver closes too, so no unread data turns the close
+        // into a reset
+        let _ = tokio::time::timeout_at(until + Duration::from_secs(1), async {
+            let _ = self.tx.close().await;
+            while let Some(msg) = self.rx.next().await {
+                if let Ok(ReceiverMessage::Ack {
+                    timeline,
+                    durable_lsn,
+                }) = msg
+                {
+                    if timeline == self.timeline
+                        && durable_lsn > self.acked
+                        && durable_lsn <= self.sent
+                    {
+                        self.acked = durable_lsn;
+                    }
+                }
+            }
+        })
+        .await;
+        self.acked
+    }
+}
+
+async fn deadline<F, T>(limit: Duration, what: &'static str, fut: F) -> Result<T, LinkError>
+where
+    F: std::future::Future<Output = Result<T, walship_protocol::FrameError>>,
+{
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r.map_err(|source| LinkError::Io { what, source }),
+        Err(_) => Err(LinkError::Stalled {
+            what,
+            deadline: limit,
+        }),
+    }
+}
+
+/// Exponential backoff between reconnection attempts, reset after a session that made progress.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub const FIRST: Duration = Duration::from_millis(100);
+
+    pub fn new(max: Duration) -> Backoff {
+        Backoff {
+            next: Self::FIRST,
+            max,
+        }
+    }
+
+    /// Starts over (the last session made progress).
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    /// The wait before the next attempt; doubles the one after.
+    pub fn next_wait(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(self.max);
+        wait
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -90,5 +384,14 @@ mod tests {
         assert_eq!(super::host_of("db2.example.com:7433"), "db2.example.com");
         assert_eq!(super::host_of("[::1]:7433"), "::1");
         assert_eq!(super::host_of("127.0.0.1:1"), "127.0.0.1");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_limit_and_resets() {
+        let mut b = super::Backoff::new(std::time::Duration::from_millis(350));
+        let waits: Vec<u128> = (0..4).map(|_| b.next_wait().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 350, 350]);
+        b.reset();
+        assert_eq!(b.next_wait().as_millis(), 100);
     }
 }

@@ -75,6 +75,13 @@ struct RunArgs {
     /// Fallback poll of the flush position, in milliseconds (file-system events wake the sender first).
     #[arg(long, env = "WALSHIP_POLL_MS", default_value_t = 200)]
     poll_ms: u64,
+    /// Seconds a send to the receiver may take, and the receiver may stay silent (it acknowledges at least
+    /// every second), before the connection counts as stalled and is made anew.
+    #[arg(long, env = "WALSHIP_RECEIVER_TIMEOUT", default_value_t = 30)]
+    receiver_timeout: u64,
+    /// At SIGTERM/SIGINT, seconds to wait for the receiver to acknowledge every byte already sent.
+    #[arg(long, env = "WALSHIP_SHUTDOWN_GRACE", default_value_t = 10)]
+    shutdown_grace: u64,
 }
 
 async fn run(args: RunArgs) -> Result<()> {
@@ -93,6 +100,8 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     cfg.window = args.window_mb.max(1) << 20;
     cfg.poll_interval = std::time::Duration::from_millis(args.poll_ms.max(1));
+    cfg.receiver_timeout = std::time::Duration::from_secs(args.receiver_timeout.max(1));
+    cfg.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace);
     walship_sender::run(cfg, shutdown).await?;
     tracing::info!("sender stopped");
     Ok(())
@@ -116,6 +125,8 @@ fn shutdown_on_signals() -> Result<tokio_util::sync::CancellationToken> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // crash and error injection for the fault tests; does nothing unless built with the `failpoints` feature
+    let _failpoints = fail::FailScenario::setup();
     let filter = std::env::var("WALSHIP_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into());
