@@ -99,7 +99,21 @@ impl Walship {
 
     /// Starts `walship-receiver run` on 127.0.0.1:`port` (0: any) and waits until it listens.
     pub fn receiver(&self, dir: &TestDir, archive: &Path, certs: &Path, port: u16) -> Daemon {
+        self.receiver_with(dir, archive, certs, port, &[], &[])
+    }
+
+    /// [`Walship::receiver`] with extra flags and environment (e.g. `FAILPOINTS`).
+    pub fn receiver_with(
+        &self,
+        dir: &TestDir,
+        archive: &Path,
+        certs: &Path,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let mut cmd = Command::new(self.path(Self::RECEIVER));
+        cmd.envs(env.iter().copied());
         cmd.arg("run")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--archive")
@@ -109,7 +123,8 @@ impl Walship {
             .arg("--tls-key")
             .arg(certs.join("server.key"))
             .arg("--tls-client-ca")
-            .arg(certs.join("ca.crt"));
+            .arg(certs.join("ca.crt"))
+            .args(extra);
         let mut d = Daemon::spawn(dir, "receiver", cmd);
         let line = d.wait_for_log("listening on", Duration::from_secs(30));
         let addr = line
@@ -137,7 +152,23 @@ impl Walship {
         client_dir: &Path,
         extra: &[&str],
     ) -> Daemon {
+        self.sender_with(dir, conninfo, port, ca_dir, client_dir, extra, &[])
+    }
+
+    /// [`Walship::sender`] with environment (e.g. `FAILPOINTS`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sender_with(
+        &self,
+        dir: &TestDir,
+        conninfo: &str,
+        port: u16,
+        ca_dir: &Path,
+        client_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let mut cmd = Command::new(self.path(Self::SENDER));
+        cmd.envs(env.iter().copied());
         cmd.arg("run")
             .args(["--pgconn", conninfo])
             .args(["--receiver", &format!("127.0.0.1:{port}")])
@@ -248,6 +279,24 @@ impl Daemon {
     /// The process id (0 once it was reaped).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Resident memory of the process in KiB (VmRSS), 0 if it is gone.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.is_some() && self.try_status().is_none()
     }
 
     /// SIGKILL, like a crash.

@@ -1,17 +1,42 @@
-//! A TCP proxy on loopback whose connections a test can cut, to simulate a network failure.
+//! A TCP proxy on loopback whose connections a test can cut, or stall, to simulate network failures.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// Forwards 127.0.0.1:`port` to `target`. [`Proxy::cut`] drops every open connection at once.
+/// Forwards 127.0.0.1:`port` to `target`. [`Proxy::cut`] drops every open connection at once;
+/// [`Proxy::stall`] keeps them open but stops moving bytes (a hung peer or a black-holed route).
 pub struct Proxy {
     pub port: u16,
     generation: Arc<Mutex<CancellationToken>>,
     stop: CancellationToken,
     cuts: Arc<Mutex<u32>>,
+    stalled: watch::Sender<bool>,
+}
+
+/// Copies `from` to `to`, holding each chunk while the proxy is stalled.
+async fn pump<R, W>(mut from: R, mut to: W, mut stalled: watch::Receiver<bool>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -20,6 +45,7 @@ impl Proxy {
         let port = listener.local_addr().expect("proxy addr").port();
         let generation = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
+        let (stalled, stalled_rx) = watch::channel(false);
         let (g, s) = (generation.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
@@ -28,14 +54,19 @@ impl Proxy {
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
                 };
                 let token = g.lock().expect("lock").clone();
+                let stalled = stalled_rx.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
                     };
-                    let mut inbound = inbound;
+                    let _ = outbound.set_nodelay(true);
+                    let _ = inbound.set_nodelay(true);
+                    let (ir, iw) = inbound.into_split();
+                    let (or, ow) = outbound.into_split();
                     tokio::select! {
                         _ = token.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = pump(ir, ow, stalled.clone()) => {}
+                        _ = pump(or, iw, stalled) => {}
                     }
                 });
             }
@@ -45,6 +76,7 @@ impl Proxy {
             generation,
             stop,
             cuts: Arc::new(Mutex::new(0)),
+            stalled,
         }
     }
 
@@ -54,6 +86,12 @@ impl Proxy {
         g.cancel();
         *g = CancellationToken::new();
         *self.cuts.lock().expect("lock") += 1;
+    }
+
+    /// Stops (true) or resumes (false) forwarding bytes on every connection, open now or later; connections
+    /// stay open meanwhile.
+    pub fn stall(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
     }
 }
 
