@@ -221,6 +221,26 @@ pub struct Archive {
     durable: BTreeMap<TimelineId, Lsn>,
 }
 
+/// Writes the archive file `name` crash-safely: a temp file, fsync, rename over the old one, fsync of the
+/// directory. A crash leaves the old content or the new, never a mix; a `.tmp` left over is removed when the
+/// archive is next opened. Every small archive file (identity, history, failover state) is written here.
+pub fn write_atomically(dir: &Path, name: &str, content: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    let mut f = create_options()
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(content)
+        .with_context(|| format!("write {}", tmp.display()))?;
+    sync_file(&f, &tmp, true)?;
+    fs::rename(&tmp, &path)
+        .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
+    let d = File::open(dir).with_context(|| format!("open directory {}", dir.display()))?;
+    fsync_dir(&d, dir)
+}
+
 /// Fsyncs an archive directory (names created or renamed in it).
 fn fsync_dir(dir: &File, path: &Path) -> Result<()> {
     fail::fail_point!("archive-fsync-dir", |_| Err(injected_eio())
@@ -517,22 +537,9 @@ impl Archive {
         Ok(Ok(()))
     }
 
-    /// Writes `name` durably: temp file, fsync, rename, fsync directory.
+    /// Writes `name` durably (see [`write_atomically`]).
     fn write_atomically(&mut self, name: &str, content: &[u8]) -> Result<()> {
-        let tmp = self.dir.join(format!("{name}.tmp"));
-        let path = self.dir.join(name);
-        let mut f = create_options()
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .with_context(|| format!("create {}", tmp.display()))?;
-        f.write_all(content)
-            .with_context(|| format!("write {}", tmp.display()))?;
-        f.sync_all()
-            .with_context(|| format!("fsync {}", tmp.display()))?;
-        fs::rename(&tmp, &path)
-            .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
-        fsync_dir(&self.dir_handle, &self.dir)
+        write_atomically(&self.dir, name, content)
     }
 
     /// Stores a timeline history file. A file already present must be identical.
@@ -582,6 +589,8 @@ impl Archive {
                         "first WAL of timeline {timeline} starts at {start}, not at a segment boundary ({seg} segments)"
                     );
                 }
+                // a failover of an older timeline is over once WAL of a newer one arrives
+                retire_failover(&self.dir, timeline)?;
                 start
             }
         };
@@ -801,6 +810,154 @@ impl Archive {
     pub fn durable_end(&self, timeline: TimelineId) -> Option<Lsn> {
         self.durable.get(&timeline).copied()
     }
+}
+
+/// Whether `dir` is a walship archive (it has `walship.id`); the error says what to fix.
+pub fn ensure_archive(dir: &Path) -> Result<Identity> {
+    if !dir.is_dir() {
+        bail!(
+            "archive directory {} does not exist: check --archive (the receiver's --archive directory)",
+            dir.display()
+        );
+    }
+    Identity::load(dir)?.with_context(|| {
+        format!(
+            "{} is not a walship archive (no {ID_FILE}): check --archive; a receiver writes {ID_FILE} when the first sender connects",
+            dir.display()
+        )
+    })
+}
+
+/// The failover state file's name.
+pub const FAILOVER_FILE: &str = "walship.failover";
+
+/// What recovery got at failover.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Handover {
+    pub timeline: TimelineId,
+    /// The segment recovery asked for when the archive ended.
+    pub segment: String,
+    /// Bytes of that segment's `.partial` handed over, zero-padded (0: the archive ended on a segment boundary).
+    pub partial_bytes: u64,
+    /// The end of the WAL handed to recovery (`X/X`).
+    pub end_lsn: String,
+    pub at_unix_micros: u64,
+}
+
+/// A failover of the archive's timeline `timeline`: requested by `walship-receiver promote` (or a trigger
+/// file), completed by `restore` when it hands the end of the archive to recovery. Kept in `walship.failover`,
+/// written crash-safely; superseded (and removed by the receiver) once WAL of a newer timeline arrives, so a
+/// later failover never sees an old one's state.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Failover {
+    /// The archive's newest timeline when failover was requested: the one being failed over from.
+    pub timeline: TimelineId,
+    /// The standby's data directory (informational).
+    pub requested_for: String,
+    pub requested_at_unix_micros: u64,
+    /// What recovery got, once it asked.
+    pub handover: Option<Handover>,
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+impl Failover {
+    /// The failover state of the archive in `dir`, unless it was superseded by WAL of a newer timeline.
+    pub fn load(dir: &Path) -> Result<Option<Failover>> {
+        let path = dir.join(FAILOVER_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        let state: Failover = serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} is damaged; remove it and run promote again",
+                path.display()
+            )
+        })?;
+        let newest = newest_timeline(dir)?;
+        Ok((newest.is_none_or(|t| t <= state.timeline)).then_some(state))
+    }
+
+    /// Requests failover of the archive in `dir` (which must be a walship archive). A request for the same
+    /// timeline as an earlier one starts over: recovery must hand over the end of the archive again.
+    pub fn request(dir: &Path, pgdata: &Path) -> Result<Failover> {
+        ensure_archive(dir)?;
+        let timeline = newest_timeline(dir)?.with_context(|| {
+            format!(
+                "archive {} holds no WAL yet: nothing to fail over to",
+                dir.display()
+            )
+        })?;
+        let state = Failover {
+            timeline,
+            requested_for: pgdata.display().to_string(),
+            requested_at_unix_micros: now_micros(),
+            handover: None,
+        };
+        state.store(dir)?;
+        Ok(state)
+    }
+
+    /// Records what recovery got. Creates the state when failover was triggered by a trigger file.
+    pub fn record_handover(dir: &Path, handover: Handover) -> Result<()> {
+        let mut state = Failover::load(dir)?.unwrap_or_else(|| Failover {
+            timeline: handover.timeline,
+            requested_for: "trigger file".into(),
+            requested_at_unix_micros: handover.at_unix_micros,
+            handover: None,
+        });
+        state.handover = Some(handover);
+        state.store(dir)
+    }
+
+    fn store(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).context("encode the failover state")?;
+        write_atomically(dir, FAILOVER_FILE, &json)
+    }
+
+    /// The handover, if it was made after this request (not one left from an earlier request).
+    pub fn current_handover(&self) -> Option<&Handover> {
+        self.handover
+            .as_ref()
+            .filter(|h| h.at_unix_micros >= self.requested_at_unix_micros)
+    }
+}
+
+/// Removes the failover state of a timeline older than `timeline` (its failover is over).
+fn retire_failover(dir: &Path, timeline: TimelineId) -> Result<()> {
+    let path = dir.join(FAILOVER_FILE);
+    let Ok(bytes) = fs::read(&path) else {
+        return Ok(());
+    };
+    let old = serde_json::from_slice::<Failover>(&bytes)
+        .map(|f| f.timeline)
+        .unwrap_or(0);
+    if old < timeline {
+        fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+        tracing::info!(
+            old_timeline = old,
+            timeline,
+            "WAL of a newer timeline arrived: the failover of timeline {old} is over"
+        );
+    }
+    Ok(())
+}
+
+/// The newest timeline with WAL in the archive in `dir`.
+pub fn newest_timeline(dir: &Path) -> Result<Option<TimelineId>> {
+    let Some(id) = Identity::load(dir)? else {
+        return Ok(None);
+    };
+    Ok(list_segments(dir, id.wal_segment_size)?
+        .last()
+        .map(|s| s.timeline))
 }
 
 /// A WAL file found in an archive.

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use walship_protocol::wal::{parse_history, WalFileName};
 use walship_protocol::{Lsn, TimelineId, WalSegSize};
 
-use crate::restore::{Handover, FAILOVER_FILE};
+use crate::archive::{ensure_archive, Failover, Handover, FAILOVER_FILE};
 
 #[derive(Clone, Debug)]
 pub struct PromoteOptions {
@@ -144,6 +144,8 @@ fn newest_timeline(pgdata: &Path) -> Option<(TimelineId, Lsn)> {
 
 pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
     let deadline = Instant::now() + opts.timeout;
+    // nothing is written anywhere before the archive and the standby are known to be what they claim
+    ensure_archive(&opts.archive)?;
     let pid = postmaster_pid(&opts.pgdata).with_context(|| {
         format!(
             "no PostgreSQL server is running in {}",
@@ -168,15 +170,20 @@ pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
         }
     }
 
-    let trigger = opts.archive.join(FAILOVER_FILE);
-    fs::write(
-        &trigger,
-        format!("failover requested for {}\n", opts.pgdata.display()),
-    )
-    .with_context(|| format!("create {}", trigger.display()))?;
-    eprintln!("walship: failover triggered; waiting for recovery to take the end of the archive");
+    let request = Failover::request(&opts.archive, &opts.pgdata)?;
+    eprintln!(
+        "walship: failover of timeline {} triggered; waiting for recovery to take the end of the archive",
+        request.timeline
+    );
 
-    let got = wait_until(deadline, || Ok(Handover::load(&opts.archive).is_some()))?;
+    let mut handover: Option<Handover> = None;
+    let got = wait_until(deadline, || {
+        // a handover recorded for this request (not one left over from an earlier failover)
+        handover = Failover::load(&opts.archive)?
+            .filter(|f| f.requested_at_unix_micros == request.requested_at_unix_micros)
+            .and_then(|f| f.current_handover().cloned());
+        Ok(handover.is_some())
+    })?;
     if !got {
         bail!(
             "recovery did not ask for the end of the archive within {:?}: is restore_command \
@@ -187,7 +194,7 @@ pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
             FAILOVER_FILE
         );
     }
-    let handover = Handover::load(&opts.archive).context("read the handover record")?;
+    let handover = handover.context("read the handover record")?;
     eprintln!(
         "walship: recovery took {}: {} bytes of its partial segment, zero-padded (WAL up to {})",
         handover.segment, handover.partial_bytes, handover.end_lsn

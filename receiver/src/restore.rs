@@ -20,43 +20,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 use walship_protocol::wal::{segment_file_name, SegNo, WalFileName, LONG_PAGE_HEADER};
 use walship_protocol::{Lsn, TimelineId, WalSegSize};
 
 use crate::archive::{list_segments, Identity};
 
-/// Created by `walship-receiver promote`: failover is triggered.
-pub const FAILOVER_FILE: &str = "walship.failover";
-/// Written by `restore` when it hands the last partial segment (or nothing) to recovery after failover.
-pub const HANDOVER_FILE: &str = "walship.handover";
-
-/// What recovery got at failover.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Handover {
-    pub timeline: TimelineId,
-    /// The segment recovery asked for when the archive ended.
-    pub segment: String,
-    /// Bytes of that segment's `.partial` handed over, zero-padded (0: the archive ended on a segment boundary).
-    pub partial_bytes: u64,
-    /// The end of the WAL handed to recovery (`X/X`).
-    pub end_lsn: String,
-    pub at_unix: u64,
-}
-
-impl Handover {
-    pub fn load(archive: &Path) -> Option<Handover> {
-        serde_json::from_slice(&fs::read(archive.join(HANDOVER_FILE)).ok()?).ok()
-    }
-
-    fn segno(&self, seg: WalSegSize) -> Option<SegNo> {
-        match WalFileName::parse(&self.segment, seg) {
-            Ok(WalFileName::Segment { segno, .. }) => Some(segno),
-            _ => None,
-        }
-    }
-}
+pub use crate::archive::{Failover, Handover, FAILOVER_FILE};
 
 /// Options of one `restore` call.
 #[derive(Clone, Debug)]
@@ -96,10 +66,10 @@ impl Outcome {
     }
 }
 
-fn now_unix() -> u64 {
+fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
 
@@ -197,12 +167,31 @@ impl Watcher {
     }
 }
 
-fn failover_triggered(opts: &RestoreOptions) -> bool {
-    opts.archive.join(FAILOVER_FILE).exists() || opts.trigger.as_ref().is_some_and(|t| t.exists())
+/// The failover in progress, if any: requested by `promote` (and not superseded by a newer timeline), or a
+/// trigger file.
+fn failover(opts: &RestoreOptions) -> Result<Option<Failover>> {
+    if let Some(state) = Failover::load(&opts.archive)? {
+        return Ok(Some(state));
+    }
+    if opts.trigger.as_ref().is_some_and(|t| t.exists()) {
+        return Ok(Some(Failover {
+            timeline: 0,
+            requested_for: "trigger file".into(),
+            requested_at_unix_micros: 0,
+            handover: None,
+        }));
+    }
+    Ok(None)
 }
 
 /// One look at the archive: `Some(answer)`, or `None` when the segment is not there yet.
 fn attempt(opts: &RestoreOptions) -> Result<Option<Outcome>> {
+    if !opts.archive.is_dir() {
+        bail!(
+            "archive directory {} does not exist: check --archive in restore_command",
+            opts.archive.display()
+        );
+    }
     let identity = Identity::load(&opts.archive)?;
     let seg = identity
         .map(|i| i.wal_segment_size)
@@ -245,9 +234,10 @@ fn segment(
 ) -> Result<Option<Outcome>> {
     let seg = id.wal_segment_size;
     let name = segment_file_name(timeline, segno, seg);
-    let handover = Handover::load(&opts.archive);
-    if let Some(h) = &handover {
-        if let Some(h_segno) = h.segno(seg) {
+    let failover = failover(opts)?;
+    let handover = failover.as_ref().and_then(|f| f.handover.clone());
+    if let Some(h) = handover.as_ref().filter(|h| h.timeline == timeline) {
+        if let Some(h_segno) = handover_segno(h, seg) {
             if segno > h_segno {
                 debug!(file = %name, handed_over = %h.segment, "after the handed-over partial: missing, so recovery ends");
                 return Ok(Some(Outcome::Missing));
@@ -270,10 +260,9 @@ fn segment(
     }
 
     let partial = opts.archive.join(format!("{name}.partial"));
-    let failover = failover_triggered(opts);
-    if failover || opts.live {
+    if failover.is_some() || opts.live {
         let handed = hand_over_partial(opts, id, timeline, segno, &partial)?;
-        if failover {
+        if let Some(state) = &failover {
             let bytes = handed.unwrap_or(0);
             let at_end = handed.is_some() || archive_ends_before(opts, seg, timeline, segno)?;
             if at_end {
@@ -282,12 +271,19 @@ fn segment(
                     segment: name.clone(),
                     partial_bytes: bytes,
                     end_lsn: Lsn(seg.segment_start(segno).0 + bytes).to_string(),
-                    at_unix: now_unix(),
+                    at_unix_micros: now_micros(),
                 };
-                if handover.as_ref().map(|h| (&h.segment, h.partial_bytes))
-                    != Some((&record.segment, record.partial_bytes))
-                {
-                    write_handover(&opts.archive, &record)?;
+                let recorded = state.current_handover().is_some_and(|h| {
+                    (&h.segment, h.partial_bytes, h.timeline)
+                        == (&record.segment, record.partial_bytes, record.timeline)
+                });
+                if !recorded {
+                    // a failure here (injected in tests) leaves %p written but unrecorded: PostgreSQL is told
+                    // "missing" or asked to wait, and the next call hands over again and records it
+                    fail::fail_point!("restore-handover-before-record", |_| Err(anyhow::anyhow!(
+                        "injected failure before recording the handover"
+                    )));
+                    Failover::record_handover(&opts.archive, record.clone())?;
                     info!(file = %name, partial_bytes = bytes, end = %record.end_lsn, "failover: handed the end of the archive to recovery");
                 }
                 return Ok(Some(if handed.is_some() {
@@ -381,6 +377,9 @@ fn hand_over_partial(
     }
     check_first_page(&f, id, timeline, segno)
         .with_context(|| format!("partial segment {} is damaged", partial.display()))?;
+    // hand over only what is on disk: what a crashed receiver left in the page cache is made durable first
+    f.sync_data()
+        .with_context(|| format!("fsync {}", partial.display()))?;
     if !opts.allow_archive_mode_always && archive_mode_always(&opts.data_dir) {
         bail!(
             "this standby runs with archive_mode = always: it would archive the zero-padded partial segment under the \
@@ -404,23 +403,11 @@ fn hand_over_partial(
     Ok(Some(copied))
 }
 
-fn write_handover(archive: &Path, h: &Handover) -> Result<()> {
-    let tmp = archive.join(format!("{HANDOVER_FILE}.tmp"));
-    let json = serde_json::to_vec_pretty(h).context("encode handover")?;
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("create {}", tmp.display()))?;
-    io::Write::write_all(&mut f, &json).context("write handover")?;
-    f.sync_all().context("fsync handover")?;
-    fs::rename(&tmp, archive.join(HANDOVER_FILE)).context("rename handover")?;
-    File::open(archive)
-        .and_then(|d| d.sync_all())
-        .context("fsync archive directory")?;
-    Ok(())
+fn handover_segno(h: &Handover, seg: WalSegSize) -> Option<SegNo> {
+    match WalFileName::parse(&h.segment, seg) {
+        Ok(WalFileName::Segment { segno, .. }) => Some(segno),
+        _ => None,
+    }
 }
 
 /// Whether the server whose data directory is `data_dir` runs with `archive_mode = always` (from

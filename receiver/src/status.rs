@@ -176,6 +176,7 @@ pub struct Report {
 /// Gathers the status of the archive in `dir` (read-only).
 pub fn report(dir: &Path) -> anyhow::Result<Report> {
     let id = crate::archive::Identity::load(dir)?;
+    let failover = crate::archive::Failover::load(dir)?;
     let mut r = Report {
         archive: dir.display().to_string(),
         system_identifier: id.map(|i| i.system_identifier),
@@ -192,8 +193,8 @@ pub fn report(dir: &Path) -> anyhow::Result<Report> {
         primary_flush_lsn: None,
         lag_bytes: None,
         lag_seconds: None,
-        failover_triggered: dir.join(crate::restore::FAILOVER_FILE).exists(),
-        handover: crate::restore::Handover::load(dir),
+        failover_triggered: failover.is_some(),
+        handover: failover.and_then(|f| f.handover),
     };
     let mut archived = None;
     if let Some(id) = id {

@@ -67,7 +67,7 @@ impl Shipping {
     }
 
     pub fn end(&self) -> Lsn {
-        archive_end(&self.archive, self.seg, 1).expect("archive has WAL")
+        archive_end(&self.archive, self.seg, 1).unwrap_or(Lsn(0))
     }
 
     /// Runs `walship-receiver promote` for `standby`; returns (new timeline, its start LSN, stdout).
@@ -147,6 +147,17 @@ pub async fn crash_and_fail_over(name: &str, opts: &InitOptions, mode: Mode) -> 
         (ledger.acknowledged().len() > 200).then_some(())
     })
     .await;
+    // The check is meaningful only if the archive holds most of the load: wait (with a deadline) until it has
+    // what the primary had flushed by now. The ledger goes on meanwhile, so the crash still hits it mid-flight.
+    let client = s.primary.connect().await;
+    let target = s.primary.flush_lsn(&client).await;
+    wait_for(
+        &format!("{name}: the archive to reach {target} before the crash"),
+        WAIT,
+        || async { (s.end() >= target).then_some(()) },
+    )
+    .await;
+    drop(client);
 
     // the primary crashes (no shutdown checkpoint, nothing more is flushed)
     s.primary.kill();
@@ -195,8 +206,8 @@ pub async fn crash_and_fail_over(name: &str, opts: &InitOptions, mode: Mode) -> 
         start_lsn.0 + 8192 >= last_covered.0 || start_lsn >= last_covered,
         "timeline starts at {start_lsn}, well before the last shipped commit at {last_covered}"
     );
-    let handover =
-        std::fs::read_to_string(s.archive.join("walship.handover")).expect("handover record");
+    let handover = std::fs::read_to_string(s.archive.join("walship.failover"))
+        .expect("failover state with the handover record");
     assert!(
         handover.contains(&end.to_string()),
         "handover record {handover} does not end at {end}"
