@@ -22,31 +22,4 @@ pub mod server;
 pub mod status;
 pub mod tls;
 
-/// Sets up `tracing` logs on stderr; `WALSHIP_LOG` (or `RUST_LOG`) filters them, `info` by default.
-pub fn init_logging() {
-    let filter = std::env::var("WALSHIP_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
-}
-
-/// A token cancelled by the first SIGINT or SIGTERM.
-pub fn shutdown_on_signals() -> anyhow::Result<tokio_util::sync::CancellationToken> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let token = tokio_util::sync::CancellationToken::new();
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let t = token.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        }
-        t.cancel();
-    });
-    Ok(token)
-}
+pub use walship_daemon::{init_logging, shutdown_on_signals};

@@ -14,42 +14,22 @@ use walship_protocol::message::Wal;
 use walship_protocol::{Lsn, MessageCodec, ReceiverMessage, SenderMessage, TimelineId};
 
 use anyhow::{Context, Result};
-use rustls::{ClientConfig, RootCertStore};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("read certificates from {}", path.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("parse PEM certificates in {}", path.display()))?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "{} holds no PEM certificate",
-        path.display()
-    );
-    Ok(certs)
-}
-
 /// TLS 1.3 client configuration: trust `ca`, authenticate with `cert`/`key`.
 pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    for c in certs(ca)? {
-        roots
-            .add(c)
-            .with_context(|| format!("add CA certificate from {}", ca.display()))?;
-    }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("read a PEM private key from {}", key.display()))?;
+    let roots = walship_daemon::trust_store(ca)?;
+    let key = walship_daemon::private_key(key)?;
     let config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3")?
         .with_root_certificates(roots)
-        .with_client_auth_cert(certs(cert)?, key)
+        .with_client_auth_cert(walship_daemon::certificates(cert)?, key)
         .with_context(|| {
             format!(
                 "client certificate {} does not match its key",

@@ -85,7 +85,7 @@ struct RunArgs {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let shutdown = shutdown_on_signals()?;
+    let shutdown = walship_daemon::shutdown_on_signals()?;
     let tls = link::client_config(&args.tls_ca, &args.tls_cert, &args.tls_key)?;
     let server_name = args
         .tls_server_name
@@ -107,34 +107,11 @@ async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn shutdown_on_signals() -> Result<tokio_util::sync::CancellationToken> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let token = tokio_util::sync::CancellationToken::new();
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let t = token.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        }
-        t.cancel();
-    });
-    Ok(token)
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // crash and error injection for the fault tests; does nothing unless built with the `failpoints` feature
     let _failpoints = fail::FailScenario::setup();
-    let filter = std::env::var("WALSHIP_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    walship_daemon::init_logging();
     let result = match cli.command {
         // One thread: the loop, the PostgreSQL connection and the TLS link wake each other without crossing
         // threads (a multi-threaded runtime cost two futex hand-offs per position query).

@@ -1,0 +1,85 @@
+//! What walship's two daemons share, written once: logging set-up, shutdown on SIGINT/SIGTERM, and loading
+//! certificates, keys and CA sets from PEM files with errors that name the file.
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_util::sync::CancellationToken;
+
+/// Sets up `tracing` logs on stderr; `WALSHIP_LOG` (or `RUST_LOG`) filters them, `info` by default.
+pub fn init_logging() {
+    let filter = std::env::var("WALSHIP_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM. Call inside a tokio runtime.
+pub fn shutdown_on_signals() -> Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = CancellationToken::new();
+    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+        t.cancel();
+    });
+    Ok(token)
+}
+
+/// Every certificate in a PEM file (at least one).
+pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("read certificates from {}", path.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parse PEM certificates in {}", path.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{} holds no PEM certificate",
+        path.display()
+    );
+    Ok(certs)
+}
+
+/// The private key in a PEM file.
+pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path)
+        .with_context(|| format!("read a PEM private key from {}", path.display()))
+}
+
+/// The CA certificates of a PEM file as a trust store.
+pub fn trust_store(path: &Path) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for ca in certificates(path)? {
+        roots
+            .add(ca)
+            .with_context(|| format!("add CA certificate from {}", path.display()))?;
+    }
+    Ok(roots)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "nothing here\n").unwrap();
+        let e = super::certificates(&empty).unwrap_err();
+        assert!(format!("{e:#}").contains("empty.pem"), "{e:#}");
+        let e = super::private_key(&dir.path().join("missing.key")).unwrap_err();
+        assert!(format!("{e:#}").contains("missing.key"), "{e:#}");
+    }
+}
