@@ -7,6 +7,7 @@
 //! |-------------|---------------|
 //! | [`lsn`]     | [`Lsn`], the 64-bit WAL position printed as `X/X` |
 //! | [`wal`]     | segment sizes, segment/history file names (strictly validated), page-header parsing and checks |
+//! | [`walker`]  | the WAL record walker (`xlogreader.c`'s checks: page headers, continuation, `xl_prev`, CRC-32C) |
 //! | [`message`] | the messages of both directions and their body encoding |
 //! | [`codec`]   | the frame codec (tokio-util `Decoder`/`Encoder`) with CRC and a size limit |
 //! | [`error`]   | typed errors |
@@ -41,6 +42,7 @@ pub mod error;
 pub mod lsn;
 pub mod message;
 pub mod wal;
+pub mod walker;
 
 pub use codec::{Frame, FrameCodec, MessageCodec, DEFAULT_MAX_PAYLOAD};
 pub use error::{FrameError, PageError, WalNameError};

@@ -92,7 +92,33 @@ fn a_failed_fsync_is_rolled_back_never_counted() {
 }
 
 #[test]
+fn opening_fsyncs_before_counting_anything_durable() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a");
+    let mut a = Archive::open(&path).unwrap();
+    a.check_or_pin_identity(identity()).unwrap().unwrap();
+    let data = wal(60_000);
+    a.append(1, Lsn(0), &data[..30_000]).unwrap();
+    assert_eq!(a.sync(1).unwrap(), Some(Lsn(30_000)));
+    // written, never fsynced, then the receiver dies: the bytes sit in the page cache only
+    a.append(1, Lsn(30_000), &data[30_000..]).unwrap();
+    drop(a);
+    // if the fsync on open fails, nothing is counted or offered to a sender
+    fail::cfg("archive-fsync", "1*return").unwrap();
+    let err = Archive::open(&path).unwrap_err();
+    assert!(format!("{err:#}").contains("fsync"), "{err:#}");
+    fail::remove("archive-fsync");
+    // once it succeeds, the bytes are on disk and count
+    let a = Archive::open(&path).unwrap();
+    assert_eq!(a.resume_points(), vec![(1, Lsn(60_000))]);
+    scenario.teardown();
+}
+
+#[test]
 fn acknowledged_trailing_zeros_are_kept_on_reopen() {
+    // failpoints are process-wide: run alone
+    let scenario = fail::FailScenario::setup();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a");
     let mut a = Archive::open(&path).unwrap();
@@ -104,4 +130,5 @@ fn acknowledged_trailing_zeros_are_kept_on_reopen() {
     drop(a);
     let a = Archive::open(&path).unwrap();
     assert_eq!(a.resume_points(), vec![(1, Lsn(50_000))]);
+    scenario.teardown();
 }

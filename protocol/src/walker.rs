@@ -1,0 +1,671 @@
+//! The WAL record walker: from a record boundary, decodes record after record the way PostgreSQL's
+//! `xlogreader.c` does (`XLogDecodeNextRecord`), and answers "where does the last complete, valid record
+//! end". No I/O and no clock: the caller hands it contiguous WAL bytes and the LSN of their first byte.
+//!
+//! What it checks, per record:
+//! - every page header it crosses (magic, info bits, page address, timeline, and on a segment's first page
+//!   the system identifier, segment size and block size: [`PageExpectation::check`]);
+//! - `xl_tot_len` at least the record header (24 bytes) and at most PostgreSQL's limit (1020 MB);
+//! - a record continued on the next page: that page has `XLP_FIRST_IS_CONTRECORD` and its `xlp_rem_len` is
+//!   what is still missing of the record (and not `XLP_FIRST_IS_OVERWRITE_CONTRECORD`);
+//! - the `xl_prev` chain: equal to the previous record's start when walking on from a known record, lower
+//!   than the record's own address after a resynchronisation (as `XLogFindNextRecord` does);
+//! - the CRC-32C of the record (body first, then the header up to `xl_crc`).
+//!
+//! Records are 8-byte aligned (MAXALIGN); one that starts at a page boundary starts after the page header;
+//! an `XLOG_SWITCH` record ends its segment (the rest is padding).
+
+use crate::error::PageError;
+use crate::lsn::Lsn;
+use crate::wal::{
+    PageExpectation, PageHeader, LONG_PAGE_HEADER, SHORT_PAGE_HEADER, XLOG_BLCKSZ,
+    XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_OVERWRITE_CONTRECORD,
+};
+
+/// `SizeOfXLogRecord`: the fixed record header.
+pub const RECORD_HEADER: usize = 24;
+/// `XLogRecordMaxSize` (PostgreSQL 16; older servers never write larger records either).
+pub const MAX_RECORD: u32 = 1020 * 1024 * 1024;
+/// `RM_XLOG_ID`.
+pub const RM_XLOG_ID: u8 = 0;
+/// `XLOG_SWITCH` (in `xl_info & !XLR_INFO_MASK`).
+pub const XLOG_SWITCH: u8 = 0x40;
+/// `XLR_INFO_MASK`: the bits of `xl_info` that belong to the record machinery, not the resource manager.
+pub const XLR_INFO_MASK: u8 = 0x0F;
+
+const BLCKSZ: u64 = XLOG_BLCKSZ as u64;
+
+/// `MAXALIGN` on x86-64 and arm64: 8 bytes.
+pub fn maxalign(n: u64) -> u64 {
+    (n + 7) & !7
+}
+
+/// One decoded record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Where the record starts.
+    pub start: Lsn,
+    /// Where the next record starts (`EndRecPtr`): past the alignment padding, or the end of the segment
+    /// after an `XLOG_SWITCH`. Everything before it is this record or what precedes it.
+    pub end: Lsn,
+    pub tot_len: u32,
+    pub xid: u32,
+    pub prev: Lsn,
+    pub info: u8,
+    pub rmid: u8,
+}
+
+impl Record {
+    pub fn is_switch(&self) -> bool {
+        self.rmid == RM_XLOG_ID && self.info & !XLR_INFO_MASK == XLOG_SWITCH
+    }
+}
+
+/// Why the walk stopped.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WalkStop {
+    /// The bytes end before the next record is complete: more WAL may still come (or this is where a torn
+    /// write ends it).
+    #[error("WAL ends in the middle of the record at {at} (more bytes needed)")]
+    NeedMore { at: Lsn },
+    /// The next record is not valid: WAL ends at `at`.
+    #[error("no valid record at {at}: {reason}")]
+    Invalid { at: Lsn, reason: RecordError },
+}
+
+/// What is wrong with a record.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    #[error("{0}")]
+    Page(#[from] PageError),
+    #[error("record length {len} is out of bounds")]
+    Length { len: u32 },
+    #[error("record offset {offset} in its page is inside the page header")]
+    Offset { offset: u64 },
+    #[error("the page says its first bytes continue a record, but a new record was expected")]
+    ContrecordRequested,
+    #[error("the record continues on page {page} but that page has no continuation flag")]
+    NoContrecordFlag { page: Lsn },
+    #[error("page {page} marks an overwritten continuation (the record was torn by a crash)")]
+    OverwrittenContrecord { page: Lsn },
+    #[error("page {page} continues {found} bytes, {expected} were missing")]
+    ContrecordLength {
+        page: Lsn,
+        found: u32,
+        expected: u32,
+    },
+    #[error("prev-link {found} where {expected} was expected")]
+    PrevLink { found: Lsn, expected: Lsn },
+    #[error("prev-link {found} is not before the record")]
+    PrevLinkAhead { found: Lsn },
+    #[error("CRC-32C {found:08X} in the record, {computed:08X} computed")]
+    Checksum { found: u32, computed: u32 },
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// WAL bytes `[base, base + bytes.len())`.
+#[derive(Clone, Copy)]
+struct Window<'a> {
+    bytes: &'a [u8],
+    base: Lsn,
+}
+
+impl<'a> Window<'a> {
+    /// `len` bytes at `at`, if the window holds them.
+    fn get(&self, at: Lsn, len: usize) -> Option<&'a [u8]> {
+        let from = usize::try_from(at.0.checked_sub(self.base.0)?).ok()?;
+        self.bytes.get(from..from.checked_add(len)?)
+    }
+}
+
+/// Walks records forward. See the module docs.
+#[derive(Clone, Debug)]
+pub struct Walker {
+    exp: PageExpectation,
+    /// Where the next record starts (or the page boundary before it).
+    next: Lsn,
+    /// The start of the record before `next`, when known (then `xl_prev` must equal it).
+    prev: Option<Lsn>,
+}
+
+impl Walker {
+    /// A walker whose next record starts at `next` (a record boundary, or a page boundary where a record
+    /// starts after the header); `prev` is the start of the record before it, if known.
+    pub fn new(exp: PageExpectation, next: Lsn, prev: Option<Lsn>) -> Walker {
+        Walker { exp, next, prev }
+    }
+
+    /// Where the next record starts: the end of the last record decoded.
+    pub fn next_lsn(&self) -> Lsn {
+        self.next
+    }
+
+    /// The start of the last record decoded, if any.
+    pub fn prev_lsn(&self) -> Option<Lsn> {
+        self.prev
+    }
+
+    /// Finds the first record that starts on the page at `page` (page-aligned) or, when that page is filled
+    /// by the continuation of an earlier record, on a later page (`XLogFindNextRecord`). `bytes` are WAL from
+    /// `page` on. Returns a walker positioned there, with an unknown previous record.
+    pub fn resync(exp: PageExpectation, bytes: &[u8], page: Lsn) -> Result<Walker, WalkStop> {
+        debug_assert_eq!(page.0 % BLCKSZ, 0);
+        let w = Window { bytes, base: page };
+        let mut p = page;
+        loop {
+            let h = page_header(&exp, &w, p)?;
+            if h.info & XLP_FIRST_IS_CONTRECORD == 0 {
+                return Ok(Walker::new(exp, Lsn(p.0 + h.len() as u64), None));
+            }
+            let room = BLCKSZ - h.len() as u64;
+            let rem = maxalign(h.rem_len as u64);
+            if rem >= room {
+                p = Lsn(p.0 + BLCKSZ);
+                continue;
+            }
+            return Ok(Walker::new(exp, Lsn(p.0 + h.len() as u64 + rem), None));
+        }
+    }
+
+    /// Decodes the next record from `bytes` (WAL from `base` on; `base` at or before the next record, or at
+    /// least at or before its page's header when the record starts on a page boundary) and moves past it.
+    pub fn next_record(&mut self, bytes: &[u8], base: Lsn) -> Result<Record, WalkStop> {
+        let w = Window { bytes, base };
+        let rec = self.decode(&w)?;
+        self.prev = Some(rec.start);
+        self.next = rec.end;
+        Ok(rec)
+    }
+
+    /// Decodes every record `bytes` holds completely; calls `each` for each. Returns why it stopped: at the
+    /// end of the bytes ([`WalkStop::NeedMore`]) or at an invalid record. [`Walker::next_lsn`] is then the
+    /// end of the last valid record.
+    pub fn walk(&mut self, bytes: &[u8], base: Lsn, mut each: impl FnMut(&Record)) -> WalkStop {
+        loop {
+            match self.next_record(bytes, base) {
+                Ok(rec) => each(&rec),
+                Err(stop) => return stop,
+            }
+        }
+    }
+
+    fn decode(&self, w: &Window<'_>) -> Result<Record, WalkStop> {
+        let invalid = |at: Lsn, reason: RecordError| WalkStop::Invalid { at, reason };
+        let mut start = self.next;
+        let page = Lsn(start.0 - start.0 % BLCKSZ);
+        let off = start.0 - page.0;
+        // the page's header: validated when the window holds it (it may start after it)
+        let header = if w.base <= page {
+            Some(page_header(&self.exp, w, page)?)
+        } else {
+            None
+        };
+        if let Some(h) = header {
+            let hlen = h.len() as u64;
+            if off == 0 {
+                start = Lsn(page.0 + hlen);
+            } else if off < hlen {
+                return Err(invalid(start, RecordError::Offset { offset: off }));
+            }
+            if h.info & XLP_FIRST_IS_CONTRECORD != 0 && start.0 == page.0 + hlen {
+                return Err(invalid(start, RecordError::ContrecordRequested));
+            }
+        } else if off == 0 {
+            return Err(WalkStop::NeedMore { at: start });
+        }
+        let need_more = WalkStop::NeedMore { at: start };
+        // xl_tot_len is always on the record's first page (records are MAXALIGNed)
+        let tot_len = le_u32(w.get(start, 4).ok_or(need_more.clone())?, 0);
+        if (tot_len as usize) < RECORD_HEADER || tot_len > MAX_RECORD {
+            return Err(invalid(start, RecordError::Length { len: tot_len }));
+        }
+        let first = (BLCKSZ - start.0 % BLCKSZ).min(tot_len as u64) as usize;
+        let mut assembled: Vec<u8>;
+        let record: &[u8];
+        let end;
+        if first == tot_len as usize {
+            record = w.get(start, first).ok_or(need_more.clone())?;
+            self.check_header(record, start)?;
+            end = Lsn(start.0 + maxalign(tot_len as u64));
+        } else {
+            // reassemble across pages
+            assembled = Vec::with_capacity(tot_len as usize);
+            assembled.extend_from_slice(w.get(start, first).ok_or(need_more.clone())?);
+            let mut p = Lsn(page.0 + BLCKSZ);
+            let mut checked = false;
+            loop {
+                let h = page_header(&self.exp, w, p).map_err(|e| match e {
+                    WalkStop::NeedMore { .. } => need_more.clone(),
+                    other => other,
+                })?;
+                if h.info & XLP_FIRST_IS_OVERWRITE_CONTRECORD != 0 {
+                    return Err(invalid(
+                        start,
+                        RecordError::OverwrittenContrecord { page: p },
+                    ));
+                }
+                if h.info & XLP_FIRST_IS_CONTRECORD == 0 {
+                    return Err(invalid(start, RecordError::NoContrecordFlag { page: p }));
+                }
+                let missing = tot_len - assembled.len() as u32;
+                if h.rem_len == 0 || h.rem_len != missing {
+                    return Err(invalid(
+                        start,
+                        RecordError::ContrecordLength {
+                            page: p,
+                            found: h.rem_len,
+                            expected: missing,
+                        },
+                    ));
+                }
+                let hlen = h.len() as u64;
+                let take = (BLCKSZ - hlen).min(h.rem_len as u64) as usize;
+                let data = w.get(Lsn(p.0 + hlen), take).ok_or(need_more.clone())?;
+                assembled.extend_from_slice(data);
+                if !checked && assembled.len() >= RECORD_HEADER {
+                    self.check_header(&assembled, start)?;
+                    checked = true;
+                }
+                if assembled.len() == tot_len as usize {
+                    end = Lsn(p.0 + hlen + maxalign(h.rem_len as u64));
+                    break;
+                }
+                p = Lsn(p.0 + BLCKSZ);
+            }
+            record = &assembled;
+        }
+        let found = le_u32(record, 20);
+        let computed =
+            crc32c::crc32c_append(crc32c::crc32c(&record[RECORD_HEADER..]), &record[..20]);
+        if found != computed {
+            return Err(invalid(start, RecordError::Checksum { found, computed }));
+        }
+        let mut rec = Record {
+            start,
+            end,
+            tot_len,
+            xid: le_u32(record, 4),
+            prev: Lsn(le_u64(record, 8)),
+            info: record[16],
+            rmid: record[17],
+        };
+        if rec.is_switch() {
+            let seg = self.exp.seg_size.as_u64();
+            let offset = rec.end.0 % seg;
+            if offset != 0 {
+                rec.end = Lsn(rec.end.0 + seg - offset);
+            }
+        }
+        Ok(rec)
+    }
+
+    /// `ValidXLogRecordHeader`'s prev-link check (the length was checked before).
+    fn check_header(&self, header: &[u8], start: Lsn) -> Result<(), WalkStop> {
+        let found = Lsn(le_u64(header, 8));
+        let reason = match self.prev {
+            Some(expected) if found != expected => RecordError::PrevLink { found, expected },
+            None if found >= start => RecordError::PrevLinkAhead { found },
+            _ => return Ok(()),
+        };
+        Err(WalkStop::Invalid { at: start, reason })
+    }
+}
+
+/// The validated header of the page at `page`, or NeedMore when the window does not hold it yet.
+fn page_header(exp: &PageExpectation, w: &Window<'_>, page: Lsn) -> Result<PageHeader, WalkStop> {
+    let long = exp.seg_size.offset(page) == 0;
+    let need = if long {
+        LONG_PAGE_HEADER
+    } else {
+        SHORT_PAGE_HEADER
+    };
+    let Some(bytes) = w.get(page, need) else {
+        return Err(WalkStop::NeedMore { at: page });
+    };
+    let h = exp.check(bytes, page).map_err(|e| WalkStop::Invalid {
+        at: page,
+        reason: RecordError::Page(e),
+    })?;
+    if h.len() > need {
+        // a long header where a short one was expected: check() accepts it; make sure it is all there
+        if w.get(page, h.len()).is_none() {
+            return Err(WalkStop::NeedMore { at: page });
+        }
+    }
+    Ok(h)
+}
+
+/// Builds valid WAL with records of chosen sizes, for tests and fuzzing: page headers with the
+/// continuation flags and lengths, MAXALIGN padding, the `xl_prev` chain and CRC-32C. The records' contents
+/// are filler; only their framing is PostgreSQL's.
+#[derive(Clone, Debug)]
+pub struct WalBuilder {
+    exp: PageExpectation,
+    /// The WAL written so far, from `start` on.
+    pub bytes: Vec<u8>,
+    pub start: Lsn,
+    prev: Lsn,
+    /// Start of every record written.
+    pub records: Vec<Record>,
+}
+
+impl WalBuilder {
+    /// Starts at the segment-aligned or page-aligned `start` (a page header comes first).
+    pub fn new(exp: PageExpectation, start: Lsn) -> WalBuilder {
+        assert_eq!(start.0 % BLCKSZ, 0, "start on a page boundary");
+        WalBuilder {
+            exp,
+            bytes: Vec::new(),
+            start,
+            prev: Lsn(start.0.saturating_sub(64)),
+            records: Vec::new(),
+        }
+    }
+
+    /// The position after everything written.
+    pub fn end(&self) -> Lsn {
+        Lsn(self.start.0 + self.bytes.len() as u64)
+    }
+
+    /// Writes `n` bytes of record data at the end, inserting page headers where pages start (`rem` is what
+    /// the record still has to write, for `xlp_rem_len`).
+    fn put(&mut self, mut data: &[u8], mut rem: u32, mut first_of_record: bool) {
+        while !data.is_empty() {
+            let at = self.end();
+            if at.0.is_multiple_of(BLCKSZ) {
+                let continues = !first_of_record;
+                self.page_header(at, if continues { rem } else { 0 });
+            }
+            let at = self.end();
+            let room = (BLCKSZ - at.0 % BLCKSZ) as usize;
+            let n = room.min(data.len());
+            self.bytes.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            rem -= n as u32;
+            first_of_record = false;
+        }
+    }
+
+    fn page_header(&mut self, at: Lsn, rem: u32) {
+        let long = self.exp.seg_size.offset(at) == 0;
+        let len = if long {
+            LONG_PAGE_HEADER
+        } else {
+            SHORT_PAGE_HEADER
+        };
+        let mut h = vec![0u8; len];
+        crate::wal::write_page_header(&mut h, at, &self.exp);
+        if rem > 0 {
+            let info = u16::from_le_bytes([h[2], h[3]]) | XLP_FIRST_IS_CONTRECORD;
+            h[2..4].copy_from_slice(&info.to_le_bytes());
+            h[16..20].copy_from_slice(&rem.to_le_bytes());
+        }
+        self.bytes.extend_from_slice(&h);
+    }
+
+    /// Appends a record with a body of `body_len` bytes (`rmid`, `info` as given); returns it.
+    pub fn record(&mut self, body_len: usize, rmid: u8, info: u8) -> Record {
+        // a record that would start at a page boundary starts after the header
+        if self.end().0.is_multiple_of(BLCKSZ) {
+            self.page_header(self.end(), 0);
+        }
+        let start = self.end();
+        let tot_len = (RECORD_HEADER + body_len) as u32;
+        let body: Vec<u8> = (0..body_len)
+            .map(|i| (i as u64 * 31 + start.0) as u8)
+            .collect();
+        let mut header = [0u8; RECORD_HEADER];
+        header[0..4].copy_from_slice(&tot_len.to_le_bytes());
+        header[4..8].copy_from_slice(&7u32.to_le_bytes());
+        header[8..16].copy_from_slice(&self.prev.0.to_le_bytes());
+        header[16] = info;
+        header[17] = rmid;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&body), &header[..20]);
+        header[20..24].copy_from_slice(&crc.to_le_bytes());
+        let mut all = header.to_vec();
+        all.extend_from_slice(&body);
+        self.put(&all, tot_len, true);
+        // padding to MAXALIGN (never crosses a page: pages are 8-aligned)
+        let pad = (maxalign(self.end().0) - self.end().0) as usize;
+        self.bytes.extend(std::iter::repeat_n(0u8, pad));
+        let mut rec = Record {
+            start,
+            end: self.end(),
+            tot_len,
+            xid: 7,
+            prev: self.prev,
+            info,
+            rmid,
+        };
+        if rec.is_switch() {
+            let seg = self.exp.seg_size.as_u64();
+            let offset = self.end().0 % seg;
+            if offset != 0 {
+                let fill = (seg - offset) as usize;
+                self.bytes.extend(std::iter::repeat_n(0u8, fill));
+            }
+            rec.end = self.end();
+        }
+        self.prev = start;
+        self.records.push(rec);
+        rec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::WalSegSize;
+
+    const SEG: u64 = 1 << 20;
+
+    fn exp() -> PageExpectation {
+        PageExpectation {
+            magic: 0xD110,
+            system_identifier: 42,
+            seg_size: WalSegSize::new(SEG).unwrap(),
+            timeline: 1,
+        }
+    }
+
+    /// Records of many sizes: small ones, ones crossing one page, several pages, and a segment boundary.
+    fn sample() -> WalBuilder {
+        let mut b = WalBuilder::new(exp(), Lsn(SEG));
+        let sizes = [
+            10usize, 0, 50, 8000, 100, 30_000, 3, 8168, 8150, 70_000, 5, 200,
+        ];
+        while b.end().0 < 2 * SEG + 40_000 {
+            for s in sizes {
+                b.record(s, 10, 0);
+            }
+        }
+        b
+    }
+
+    fn walk_all(b: &WalBuilder, bytes: &[u8]) -> (Vec<Record>, WalkStop, Lsn) {
+        let mut w = Walker::new(exp(), b.start, None);
+        let mut got = Vec::new();
+        let stop = w.walk(bytes, b.start, |r| got.push(*r));
+        (got, stop, w.next_lsn())
+    }
+
+    #[test]
+    fn walks_every_record_across_pages_and_segments() {
+        let b = sample();
+        let (got, stop, end) = walk_all(&b, &b.bytes);
+        assert_eq!(got, b.records);
+        assert_eq!(end, b.end());
+        assert!(matches!(stop, WalkStop::NeedMore { .. }), "{stop:?}");
+        assert!(got.iter().any(|r| r.start.0 / SEG != (r.end.0 - 1) / SEG));
+    }
+
+    #[test]
+    fn a_torn_tail_ends_at_the_last_complete_record() {
+        let b = sample();
+        for cut in [1usize, 7, 24, 100, 8192, 20_000, 100_000, 1_000_001] {
+            let len = b.bytes.len().saturating_sub(cut);
+            let (got, stop, end) = walk_all(&b, &b.bytes[..len]);
+            let expected: Vec<Record> = b
+                .records
+                .iter()
+                .copied()
+                .filter(|r| r.end.0 - b.start.0 <= len as u64)
+                .collect();
+            assert_eq!(got, expected, "cut {cut}");
+            assert_eq!(end, expected.last().map(|r| r.end).unwrap_or(b.start));
+            assert!(
+                matches!(stop, WalkStop::NeedMore { .. }),
+                "cut {cut}: {stop:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn zeros_after_the_last_record_end_the_walk() {
+        let mut b = sample();
+        let end = b.end();
+        b.bytes.extend(std::iter::repeat_n(0u8, 20_000));
+        let (got, stop, at) = walk_all(&b, &b.bytes);
+        assert_eq!(got.len(), b.records.len());
+        assert_eq!(at, end);
+        assert!(
+            matches!(
+                stop,
+                WalkStop::Invalid {
+                    reason: RecordError::Length { len: 0 },
+                    ..
+                } | WalkStop::Invalid {
+                    reason: RecordError::Page(_),
+                    ..
+                }
+            ),
+            "{stop:?}"
+        );
+    }
+
+    #[test]
+    fn a_bad_crc_stops_the_walk_before_that_record() {
+        let b = sample();
+        let victim = b.records[20];
+        let mut bytes = b.bytes.clone();
+        let at = (victim.start.0 - b.start.0) as usize + RECORD_HEADER;
+        bytes[at] ^= 0x01;
+        let (got, stop, end) = walk_all(&b, &bytes);
+        assert_eq!(got, b.records[..20]);
+        assert_eq!(end, victim.start);
+        assert!(
+            matches!(stop, WalkStop::Invalid { reason: RecordError::Checksum { .. }, at } if at == victim.start),
+            "{stop:?}"
+        );
+    }
+
+    #[test]
+    fn a_stale_record_with_a_valid_crc_is_caught_by_the_prev_link() {
+        // WAL of another history at the same place: valid CRCs, but its xl_prev does not chain
+        let b = sample();
+        let k = 30;
+        let mut other = WalBuilder::new(exp(), Lsn(SEG));
+        for r in &b.records[..k] {
+            other.record((r.tot_len as usize) - RECORD_HEADER, r.rmid, r.info);
+        }
+        other.prev = Lsn(5); // breaks the chain from record k on
+        while other.end() < b.end() {
+            other.record(100, 10, 0);
+        }
+        let (got, stop, _) = walk_all(&b, &other.bytes);
+        assert_eq!(got, b.records[..k]);
+        assert!(
+            matches!(
+                stop,
+                WalkStop::Invalid {
+                    reason: RecordError::PrevLink { .. },
+                    ..
+                }
+            ),
+            "{stop:?}"
+        );
+    }
+
+    #[test]
+    fn a_recycled_page_stops_a_continued_record() {
+        let b = sample();
+        // the record of 70_000 bytes crosses several pages; make one of them an old page
+        let big = b.records.iter().find(|r| r.tot_len > 60_000).unwrap();
+        let page = (big.start.0 / BLCKSZ + 3) * BLCKSZ;
+        let mut bytes = b.bytes.clone();
+        let at = (page - b.start.0) as usize;
+        bytes[at + 8..at + 16].copy_from_slice(&(page + 16 * SEG).to_le_bytes());
+        let (got, stop, end) = walk_all(&b, &bytes);
+        assert_eq!(end, big.start);
+        assert_eq!(got.last().map(|r| r.end), Some(big.start));
+        assert!(
+            matches!(
+                stop,
+                WalkStop::Invalid {
+                    reason: RecordError::Page(PageError::UnexpectedPageAddr { .. }),
+                    ..
+                }
+            ),
+            "{stop:?}"
+        );
+    }
+
+    #[test]
+    fn a_switch_record_ends_its_segment() {
+        let mut b = WalBuilder::new(exp(), Lsn(SEG));
+        b.record(100, 10, 0);
+        let switch = b.record(0, RM_XLOG_ID, XLOG_SWITCH);
+        assert_eq!(switch.end, Lsn(2 * SEG));
+        let after = b.record(50, 10, 0);
+        assert_eq!(after.start, Lsn(2 * SEG + LONG_PAGE_HEADER as u64));
+        let (got, _, end) = walk_all(&b, &b.bytes);
+        assert_eq!(got, b.records);
+        assert_eq!(end, after.end);
+        assert!(got[1].is_switch());
+    }
+
+    #[test]
+    fn resync_finds_the_first_record_on_a_page() {
+        let b = sample();
+        for r in b.records.iter().skip(1) {
+            let page = Lsn(r.start.0 / BLCKSZ * BLCKSZ);
+            let from = (page.0 - b.start.0) as usize;
+            let w = Walker::resync(exp(), &b.bytes[from..], page).unwrap();
+            // the first record starting on or after that page, never one that started before it
+            let first = b.records.iter().find(|x| x.start >= page).unwrap();
+            assert_eq!(w.next_lsn(), first.start, "page {page}");
+            let mut w = w;
+            let mut got = Vec::new();
+            w.walk(&b.bytes[from..], page, |x| got.push(*x));
+            assert_eq!(got.last(), b.records.last());
+        }
+    }
+
+    #[test]
+    fn fed_in_pieces_it_reaches_the_same_end() {
+        let b = sample();
+        let mut w = Walker::new(exp(), b.start, None);
+        let mut count = 0;
+        let mut have = 0usize;
+        while have < b.bytes.len() {
+            have = (have + 5_000).min(b.bytes.len());
+            // the caller re-reads from the page holding the next record
+            let from = (w.next_lsn().0 / BLCKSZ * BLCKSZ).max(b.start.0);
+            let slice = &b.bytes[(from - b.start.0) as usize..have];
+            w.walk(slice, Lsn(from), |_| count += 1);
+        }
+        assert_eq!(count, b.records.len());
+        assert_eq!(w.next_lsn(), b.end());
+    }
+}
