@@ -1,4 +1,4 @@
-//! Frames each input with a correct CRC (the first byte picks one of the eight message tags, the rest is the
+//! Frames each input with a correct CRC (the first byte picks one of the nine message tags, the rest is the
 //! payload), so every input reaches the message decoders; raw bytes (the `decode` target) almost never get
 //! past the CRC. A message that decodes must re-encode to one that decodes to the same message.
 //! Seed corpus: `fuzz/seeds/messages` (one valid body per message kind; `.ci/run` copies it to a scratch corpus).

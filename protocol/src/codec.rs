@@ -137,17 +137,18 @@ pub fn encode_raw_frame(kind: u8, payload: &[u8], dst: &mut BytesMut) {
     dst.put_u32(crc);
 }
 
-/// Decodes `data` framed as a message of the `kind` its first byte picks (one of the eight tags), with a
+/// Decodes `data` framed as a message of the `kind` its first byte picks (one of the nine tags), with a
 /// correct CRC, in the direction the tag belongs to; a message that decodes must encode to a frame that
 /// decodes to the same message. Panics on any violation. The body of the fuzz target `messages` and of the
 /// property test of the same name.
 pub fn check_framed_message(data: &[u8]) {
     use crate::message::tag;
-    const TAGS: [u8; 8] = [
+    const TAGS: [u8; 9] = [
         tag::HELLO,
         tag::WAL,
         tag::HISTORY,
         tag::KEEPALIVE,
+        tag::PRIMARY_DOWN,
         tag::WELCOME,
         tag::REFUSE,
         tag::ACK,
@@ -159,7 +160,7 @@ pub fn check_framed_message(data: &[u8]) {
     let kind = TAGS[pick as usize % TAGS.len()];
     let mut frame = BytesMut::new();
     encode_raw_frame(kind, payload, &mut frame);
-    if pick as usize % TAGS.len() < 4 {
+    if pick as usize % TAGS.len() < 5 {
         round_trip_decoded::<SenderMessage>(frame);
     } else {
         round_trip_decoded::<ReceiverMessage>(frame);
@@ -265,6 +266,11 @@ mod tests {
                 primary_flush_lsn: Lsn(99),
                 timeline: 1,
                 sent_at_unix_micros: 1_700_000_000_000_000,
+            },
+            SenderMessage::PrimaryDown {
+                timeline: 3,
+                wal_end: Lsn(0x1_0000_0028),
+                down_since_unix_micros: 1_700_000_000_000_001,
             },
         ]
     }
@@ -487,7 +493,7 @@ mod tests {
     /// Valid message bodies with a few bytes changed, cut or appended: most reach deep into the decoders.
     fn mutated_message() -> impl Strategy<Value = Vec<u8>> {
         let mut bodies: Vec<Vec<u8>> = Vec::new();
-        let tags = [b'H', b'W', b'T', b'K', b'w', b'r', b'a', b'e'];
+        let tags = [b'H', b'W', b'T', b'K', b'D', b'w', b'r', b'a', b'e'];
         let mut push = |kind: u8, body: &[u8]| {
             let pick = tags.iter().position(|t| *t == kind).unwrap() as u8;
             let mut v = vec![pick];

@@ -29,6 +29,7 @@
 //! | S→R | `W` | `Wal` | timeline u32, start_lsn u64, bytes… (rest of the payload) |
 //! | S→R | `T` | `History` | timeline u32, file content… |
 //! | S→R | `K` | `Keepalive` | primary_flush_lsn u64, timeline u32, sent_at_unix_micros u64 |
+//! | S→R | `D` | `PrimaryDown` (version 2) | timeline u32, wal_end u64, down_since_unix_micros u64 |
 //! | R→S | `w` | `Welcome` | protocol_version u16, count u16, count × (timeline u32, end_lsn u64) |
 //! | R→S | `r` | `Refuse` | code u8, reason str |
 //! | R→S | `a` | `Ack` | timeline u32, durable_lsn u64 |
@@ -54,4 +55,4 @@ pub use wal::{TimelineId, WalSegSize};
 /// highest common one and names it in `Welcome`.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// See [`PROTOCOL_VERSION_MIN`].
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 2;

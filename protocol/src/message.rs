@@ -12,6 +12,8 @@ pub mod tag {
     pub const WAL: u8 = b'W';
     pub const HISTORY: u8 = b'T';
     pub const KEEPALIVE: u8 = b'K';
+    /// Protocol version 2.
+    pub const PRIMARY_DOWN: u8 = b'D';
     /// Receiver → sender.
     pub const WELCOME: u8 = b'w';
     pub const REFUSE: u8 = b'r';
@@ -67,6 +69,13 @@ pub enum SenderMessage {
         primary_flush_lsn: Lsn,
         timeline: TimelineId,
         sent_at_unix_micros: u64,
+    },
+    /// Protocol version 2: the primary's server is down (its host is up) and the sender has sent every
+    /// complete, valid record still in `pg_wal/`: the primary's WAL of `timeline` ends at `wal_end`.
+    PrimaryDown {
+        timeline: TimelineId,
+        wal_end: Lsn,
+        down_since_unix_micros: u64,
     },
 }
 
@@ -239,6 +248,7 @@ impl Encode for SenderMessage {
             SenderMessage::Wal(_) => tag::WAL,
             SenderMessage::History { .. } => tag::HISTORY,
             SenderMessage::Keepalive { .. } => tag::KEEPALIVE,
+            SenderMessage::PrimaryDown { .. } => tag::PRIMARY_DOWN,
         }
     }
 
@@ -248,6 +258,7 @@ impl Encode for SenderMessage {
             SenderMessage::Wal(w) => 12 + w.bytes.len(),
             SenderMessage::History { content, .. } => 4 + content.len(),
             SenderMessage::Keepalive { .. } => 20,
+            SenderMessage::PrimaryDown { .. } => 20,
         }
     }
 
@@ -279,6 +290,15 @@ impl Encode for SenderMessage {
                 dst.put_u64(primary_flush_lsn.0);
                 dst.put_u32(*timeline);
                 dst.put_u64(*sent_at_unix_micros);
+            }
+            SenderMessage::PrimaryDown {
+                timeline,
+                wal_end,
+                down_since_unix_micros,
+            } => {
+                dst.put_u32(*timeline);
+                dst.put_u64(wal_end.0);
+                dst.put_u64(*down_since_unix_micros);
             }
         }
     }
@@ -346,6 +366,19 @@ impl Decode for SenderMessage {
                     primary_flush_lsn: Lsn(b.u64("primary_flush_lsn")?),
                     timeline: b.timeline(1)?,
                     sent_at_unix_micros: b.u64("sent_at_unix_micros")?,
+                };
+                b.finish()?;
+                m
+            }
+            tag::PRIMARY_DOWN => {
+                let mut b = Body {
+                    message: "PrimaryDown",
+                    buf: payload,
+                };
+                let m = SenderMessage::PrimaryDown {
+                    timeline: b.timeline(1)?,
+                    wal_end: Lsn(b.u64("wal_end")?),
+                    down_since_unix_micros: b.u64("down_since_unix_micros")?,
                 };
                 b.finish()?;
                 m

@@ -806,6 +806,37 @@ impl Archive {
         }
     }
 
+    /// Records that the primary is down and its WAL ends at `wal_end` (after a sync: `archived_end` is
+    /// what is durable then).
+    pub fn record_primary_down(
+        &mut self,
+        timeline: TimelineId,
+        wal_end: Lsn,
+        down_since_unix_micros: u64,
+    ) -> Result<PrimaryDown> {
+        self.check_usable()?;
+        let archived = self.sync(timeline)?.unwrap_or(Lsn(0));
+        let state = PrimaryDown {
+            timeline,
+            wal_end: wal_end.to_string(),
+            down_since_unix_micros,
+            archived_end: archived.to_string(),
+        };
+        let json = serde_json::to_vec_pretty(&state).context("encode the primary's state")?;
+        self.write_atomically(PRIMARY_FILE, &json)?;
+        Ok(state)
+    }
+
+    /// Forgets that the primary was down (a sender connected again).
+    pub fn clear_primary_down(&mut self) -> Result<()> {
+        let path = self.dir.join(PRIMARY_FILE);
+        match fs::remove_file(&path) {
+            Ok(()) => fsync_dir(&self.dir_handle, &self.dir),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("remove {}", path.display())),
+        }
+    }
+
     /// The durable end of `timeline`.
     pub fn durable_end(&self, timeline: TimelineId) -> Option<Lsn> {
         self.durable.get(&timeline).copied()
@@ -826,6 +857,39 @@ pub fn ensure_archive(dir: &Path) -> Result<Identity> {
             dir.display()
         )
     })
+}
+
+/// The file where the receiver keeps the sender's word that the primary's server is down.
+pub const PRIMARY_FILE: &str = "walship.primary";
+
+/// The primary's server is down (its host was up): the sender drained `pg_wal/` and said where the
+/// primary's WAL ends. Kept in `walship.primary` until a sender connects again (the primary is back, or a
+/// promoted standby ships its own WAL).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PrimaryDown {
+    pub timeline: TimelineId,
+    /// Where the primary's WAL ends (`X/X`): the end of its last complete, valid record.
+    pub wal_end: String,
+    pub down_since_unix_micros: u64,
+    /// The archive's durable end of that timeline when this was recorded (`X/X`).
+    pub archived_end: String,
+}
+
+impl PrimaryDown {
+    pub fn load(dir: &Path) -> Option<PrimaryDown> {
+        serde_json::from_slice(&fs::read(dir.join(PRIMARY_FILE)).ok()?).ok()
+    }
+
+    /// Whether the archive holds every byte of the primary's WAL.
+    pub fn complete(&self) -> bool {
+        match (
+            self.wal_end.parse::<Lsn>(),
+            self.archived_end.parse::<Lsn>(),
+        ) {
+            (Ok(w), Ok(a)) => a >= w,
+            _ => false,
+        }
+    }
 }
 
 /// The failover state file's name.

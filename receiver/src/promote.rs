@@ -195,6 +195,22 @@ pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
         );
     }
     let handover = handover.context("read the handover record")?;
+    if let Some(down) =
+        crate::archive::PrimaryDown::load(&opts.archive).filter(|d| d.timeline == handover.timeline)
+    {
+        let end: Option<Lsn> = handover.end_lsn.parse().ok();
+        let wal_end: Option<Lsn> = down.wal_end.parse().ok();
+        match (end, wal_end) {
+            (Some(e), Some(w)) if e >= w => eprintln!(
+                "walship: all WAL the primary wrote is in the archive (up to {w}): no acknowledged commit is lost"
+            ),
+            (Some(e), Some(w)) => eprintln!(
+                "walship: the archive misses {} bytes of the primary's WAL: it ends at {w}, the archive at {e}",
+                w.0 - e.0
+            ),
+            _ => {}
+        }
+    }
     eprintln!(
         "walship: recovery took {}: {} bytes of its partial segment, zero-padded (WAL up to {})",
         handover.segment, handover.partial_bytes, handover.end_lsn

@@ -433,6 +433,16 @@ async fn session(
             return Err(refuse(&mut writer, RefuseCode::TimelineBehind, superseded(latest, &hello)).await.into());
         }
         shared.learn(&guard, Some(hello.timeline));
+        // a sender connected: the primary (or its successor) is up again
+        let guard = tokio::task::spawn_blocking(move || {
+            let mut guard = guard;
+            if let Err(e) = guard.clear_primary_down() {
+                warn!("{e:#}");
+            }
+            guard
+        })
+        .await
+        .context("clear the primary's down state")?;
         let resume = guard.resume_points();
         info!(?resume, version, pg_version_num = hello.pg_version_num, "sender accepted");
         send(&mut writer, ReceiverMessage::Welcome { protocol_version: version, resume: resume.clone() }, opts.send_timeout, "Welcome").await?;
@@ -448,6 +458,11 @@ enum Cmd {
     History {
         timeline: TimelineId,
         content: bytes::Bytes,
+    },
+    PrimaryDown {
+        timeline: TimelineId,
+        wal_end: Lsn,
+        since_unix_micros: u64,
     },
 }
 
@@ -487,6 +502,20 @@ fn writer_loop(
                     }
                     Cmd::History { timeline, content } => {
                         archive.store_history(timeline, &content)?;
+                        false
+                    }
+                    Cmd::PrimaryDown {
+                        timeline,
+                        wal_end,
+                        since_unix_micros,
+                    } => {
+                        let state =
+                            archive.record_primary_down(timeline, wal_end, since_unix_micros)?;
+                        if state.complete() {
+                            info!(%wal_end, "the primary is down; the archive holds all of its WAL (up to {wal_end})");
+                        } else {
+                            warn!(%wal_end, archived = %state.archived_end, "the primary is down; the archive does not hold all of its WAL");
+                        }
                         false
                     }
                 };
@@ -620,6 +649,15 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                             shared.status.keepalive(primary_flush_lsn, sent_at_unix_micros);
                             if let Some((t, lsn)) = last_ack {
                                 send(&mut writer, ReceiverMessage::Ack { timeline: t, durable_lsn: lsn }, send_timeout, "Ack").await?;
+                            }
+                        }
+                        SenderMessage::PrimaryDown { timeline: t, wal_end, down_since_unix_micros } => {
+                            if t != timeline {
+                                bail!("PrimaryDown for timeline {t} in a session opened for timeline {timeline}");
+                            }
+                            shared.status.primary_down(wal_end, down_since_unix_micros);
+                            if tx.send(Cmd::PrimaryDown { timeline: t, wal_end, since_unix_micros: down_since_unix_micros }).await.is_err() {
+                                continue;
                             }
                         }
                         SenderMessage::Hello(_) => {

@@ -84,6 +84,16 @@ impl StatusBoard {
         });
     }
 
+    /// The sender says the primary's server is down and its WAL ends at `wal_end`.
+    pub fn primary_down(&self, wal_end: Lsn, _since_unix_micros: u64) {
+        self.update(|g| {
+            if let Some(s) = g {
+                s.primary_flush_lsn = Some(wal_end.to_string());
+                s.last_keepalive_unix_micros = Some(now_micros());
+            }
+        });
+    }
+
     pub fn keepalive(&self, primary_flush: Lsn, _sent_at_unix_micros: u64) {
         self.update(|g| {
             if let Some(s) = g {
@@ -171,6 +181,10 @@ pub struct Report {
     pub lag_seconds: Option<f64>,
     pub failover_triggered: bool,
     pub handover: Option<crate::restore::Handover>,
+    /// The sender's word that the primary's server is down, and where its WAL ends.
+    pub primary_down: Option<crate::archive::PrimaryDown>,
+    /// Whether the archive holds every byte of the down primary's WAL.
+    pub primary_wal_archived: Option<bool>,
 }
 
 /// Gathers the status of the archive in `dir` (read-only).
@@ -195,6 +209,8 @@ pub fn report(dir: &Path) -> anyhow::Result<Report> {
         lag_seconds: None,
         failover_triggered: failover.is_some(),
         handover: failover.and_then(|f| f.handover),
+        primary_down: crate::archive::PrimaryDown::load(dir),
+        primary_wal_archived: None,
     };
     let mut archived = None;
     if let Some(id) = id {
@@ -214,6 +230,13 @@ pub fn report(dir: &Path) -> anyhow::Result<Report> {
             r.timeline = Some(t);
             r.archived_lsn = Some(end.to_string());
             archived = Some(end);
+        }
+        if let Some(down) = &r.primary_down {
+            let wal_end = down.wal_end.parse::<Lsn>().ok();
+            r.primary_wal_archived = match (wal_end, r.timeline) {
+                (Some(w), Some(t)) if t == down.timeline => archived.map(|a| a >= w),
+                _ => Some(down.complete()),
+            };
         }
     }
     if let Some(s) = read_status(dir) {
@@ -290,6 +313,23 @@ impl std::fmt::Display for Report {
             )?;
         } else {
             writeln!(f, "sender:             not connected")?;
+        }
+        if let Some(down) = &self.primary_down {
+            let since = time::OffsetDateTime::from_unix_timestamp_nanos(
+                down.down_since_unix_micros as i128 * 1000,
+            )
+            .map(|t| t.to_string())
+            .unwrap_or_else(|_| "?".into());
+            writeln!(
+                f,
+                "primary:            down since {since}, its WAL ends at {}; the archive holds all of it: {}",
+                down.wal_end,
+                match self.primary_wal_archived {
+                    Some(true) => "yes",
+                    Some(false) => "no",
+                    None => "unknown",
+                }
+            )?;
         }
         if self.failover_triggered {
             writeln!(f, "failover:           triggered")?;

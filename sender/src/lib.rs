@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, Context};
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use walship_protocol::message::Hello;
 use walship_protocol::wal::parse_history;
 use walship_protocol::{
@@ -34,8 +34,10 @@ use walship_protocol::{
     PROTOCOL_VERSION_MIN,
 };
 
+use walship_protocol::walker::{WalkStop, Walker};
+
 use crate::link::{Backoff, Link, LinkError};
-use crate::postgres::{Position, Primary};
+use crate::postgres::{Position, Primary, ServerInfo};
 use crate::wal_reader::{ReadError, WalReader};
 
 /// Everything the sender needs, with defaults in [`SenderConfig::new`].
@@ -146,9 +148,17 @@ macro_rules! crash_point {
 pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(cfg.max_backoff);
     let mut acked_before: Option<(TimelineId, Lsn)> = None;
+    let mut remembered: Option<Origin> = None;
     loop {
         let mut progressed = false;
-        let outcome = session(&cfg, &shutdown, &mut progressed, &mut acked_before).await;
+        let outcome = session(
+            &cfg,
+            &shutdown,
+            &mut progressed,
+            &mut acked_before,
+            &mut remembered,
+        )
+        .await;
         match outcome {
             Ok(()) => return Ok(()),
             Err(Failure::Fatal(e)) => return Err(e),
@@ -244,14 +254,22 @@ async fn session(
     shutdown: &CancellationToken,
     progressed: &mut bool,
     acked_before: &mut Option<(TimelineId, Lsn)>,
+    remembered: &mut Option<Origin>,
 ) -> Result<(), Failure> {
     // Connecting and the handshake send no WAL: shutdown may interrupt them anywhere.
     let opened = tokio::select! {
-        r = open(cfg, *acked_before) => r?,
+        r = open(cfg, *acked_before, remembered) => r?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     let mut streaming = opened;
-    let outcome = streaming.run(shutdown, progressed).await;
+    let mut outcome = if streaming.pg.is_none() {
+        Ok(Stop::PrimaryLost(anyhow!("PostgreSQL is down")))
+    } else {
+        streaming.run(shutdown, progressed).await
+    };
+    if let Ok(Stop::PrimaryLost(cause)) = outcome {
+        outcome = streaming.drain(shutdown, cause, progressed).await;
+    }
     let acked = streaming.link.acked();
     if acked > streaming.start {
         *acked_before = Some((streaming.timeline, acked));
@@ -265,35 +283,61 @@ async fn session(
             Ok(())
         }
         Ok(Stop::Abandon) => Ok(()),
+        Ok(Stop::PrimaryLost(e)) => Err(retry(e)),
         Err(e) => Err(e),
     }
 }
 
 /// Connects to PostgreSQL and to the receiver and completes the handshake. Cancellation safe.
-async fn open(
-    cfg: &SenderConfig,
+async fn open<'a>(
+    cfg: &'a SenderConfig,
     acked_before: Option<(TimelineId, Lsn)>,
-) -> Result<Streaming<'_>, Failure> {
-    let pg = tokio::time::timeout(cfg.connect_timeout, Primary::connect(&cfg.pgconn))
+    remembered: &mut Option<Origin>,
+) -> Result<Streaming<'a>, Failure> {
+    let connected = tokio::time::timeout(cfg.connect_timeout, Primary::connect(&cfg.pgconn))
         .await
-        .map_err(|_| retry(anyhow!("connecting to PostgreSQL timed out")))?
-        .map_err(|e| {
-            if e.to_string().contains("not supported") || e.to_string().contains("in recovery") {
-                Failure::Fatal(e)
-            } else {
-                Failure::Retry(e)
-            }
-        })?;
-    let info = pg.info.clone();
-    let wal_dir = match (&cfg.wal_dir, &info.data_directory) {
-        (Some(d), _) => d.clone(),
-        (None, Some(data)) => data.join(info.dialect.wal_dir),
-        (None, None) => {
-            return Err(Failure::Fatal(anyhow!(
-                "this role cannot read data_directory: pass --wal-dir, or connect as a superuser or a member of pg_read_all_settings"
-            )))
+        .map_err(|_| retry(anyhow!("connecting to PostgreSQL timed out")))
+        .and_then(|r| {
+            r.map_err(|e| {
+                if e.to_string().contains("not supported") || e.to_string().contains("in recovery")
+                {
+                    Failure::Fatal(e)
+                } else {
+                    Failure::Retry(e)
+                }
+            })
+        });
+    let (pg, origin) = match connected {
+        Ok(pg) => {
+            let info = pg.info.clone();
+            let wal_dir = match (&cfg.wal_dir, &info.data_directory) {
+                (Some(d), _) => d.clone(),
+                (None, Some(data)) => data.join(info.dialect.wal_dir),
+                (None, None) => {
+                    return Err(Failure::Fatal(anyhow!(
+                        "this role cannot read data_directory: pass --wal-dir, or connect as a superuser or a member of pg_read_all_settings"
+                    )))
+                }
+            };
+            let pos = pg.position().await.map_err(retry)?;
+            let origin = Origin { info, wal_dir, pos };
+            *remembered = Some(origin.clone());
+            (Some(pg), origin)
         }
+        Err(Failure::Retry(e)) => {
+            // PostgreSQL went down while this process was not streaming (between sessions): its WAL may
+            // still hold records the archive lacks. Drain them with what this process knows of the primary.
+            let Some(origin) = remembered.clone() else {
+                return Err(Failure::Retry(e));
+            };
+            match server_state(origin.data_dir().as_deref(), &cfg.pgconn).await {
+                ServerState::Down(_) => (None, origin),
+                _ => return Err(Failure::Retry(e)),
+            }
+        }
+        Err(fatal) => return Err(fatal),
     };
+    let Origin { info, wal_dir, pos } = origin;
     let reader = WalReader::new(&wal_dir, info.seg, info.magic, info.system_identifier);
     let events = match watch_dir(&wal_dir) {
         Ok(s) => Some(s),
@@ -302,7 +346,6 @@ async fn open(
             None
         }
     };
-    let pos = pg.position().await.map_err(retry)?;
     let timeline = pos.timeline;
 
     let tls = crate::link::connect(
@@ -333,7 +376,9 @@ async fn open(
         })?
         .context("send Hello")
         .map_err(retry)?;
-    let resume = match tokio::time::timeout(cfg.connect_timeout, rx.next()).await {
+    let (resume, protocol_version) = match tokio::time::timeout(cfg.connect_timeout, rx.next())
+        .await
+    {
         Err(_) => {
             return Err(retry(anyhow!(
                 "the receiver did not answer Hello within {:?}",
@@ -356,7 +401,10 @@ async fn open(
                 e.context("handshake with the receiver")
             }));
         }
-        Ok(Some(Ok(ReceiverMessage::Welcome { resume, .. }))) => resume,
+        Ok(Some(Ok(ReceiverMessage::Welcome {
+            resume,
+            protocol_version,
+        }))) => (resume, protocol_version),
         Ok(Some(Ok(ReceiverMessage::Refuse { code, reason }))) => {
             let e = anyhow!("the receiver refused this sender: {reason}");
             return Err(if code.is_transient() {
@@ -375,7 +423,7 @@ async fn open(
         }
     };
 
-    if let Some(slot) = &cfg.slot {
+    if let (Some(slot), Some(pg)) = (&cfg.slot, &pg) {
         pg.ensure_slot(slot).await.map_err(|e| {
             if e.to_string().contains("needs PostgreSQL")
                 || e.to_string().contains("not a physical")
@@ -430,9 +478,12 @@ async fn open(
             );
         }
     }
+    let data_dir = Origin::data_dir_of(&info, &wal_dir);
     Ok(Streaming {
         cfg,
         pg,
+        data_dir,
+        protocol_version,
         reader,
         events,
         link,
@@ -450,12 +501,35 @@ async fn open(
     })
 }
 
-/// How streaming ended on shutdown.
+/// What a session learned of the primary: kept between sessions so that a primary found down can still be
+/// drained.
+#[derive(Clone, Debug)]
+struct Origin {
+    info: ServerInfo,
+    wal_dir: PathBuf,
+    pos: Position,
+}
+
+impl Origin {
+    fn data_dir_of(info: &ServerInfo, wal_dir: &std::path::Path) -> Option<PathBuf> {
+        info.data_directory
+            .clone()
+            .or_else(|| wal_dir.parent().map(PathBuf::from))
+    }
+
+    fn data_dir(&self) -> Option<PathBuf> {
+        Self::data_dir_of(&self.info, &self.wal_dir)
+    }
+}
+
+/// How streaming ended.
 enum Stop {
-    /// Wait for the receiver to acknowledge what was sent, then close.
+    /// Shutdown: wait for the receiver to acknowledge what was sent, then close.
     Drain,
     /// A send to the receiver was blocked when shutdown came: closing at once (nothing would drain).
     Abandon,
+    /// The PostgreSQL connection failed: find out whether the server is down, and if so drain `pg_wal/`.
+    PrimaryLost(anyhow::Error),
 }
 
 /// The streaming phase of a session.
@@ -464,7 +538,12 @@ enum Stop {
 /// ever read or sent), and everything in `[start, link.sent())` was read from `pg_wal` and validated.
 struct Streaming<'a> {
     cfg: &'a SenderConfig,
-    pg: Primary,
+    /// None when the session started while PostgreSQL was down (it only drains).
+    pg: Option<Primary>,
+    /// The primary's data directory (for `postmaster.pid`), when known.
+    data_dir: Option<PathBuf>,
+    /// The protocol version of the session (2+: the receiver understands `PrimaryDown`).
+    protocol_version: u16,
     reader: WalReader,
     events: Option<Events>,
     link: Link,
@@ -553,7 +632,9 @@ impl Streaming<'_> {
                 }
             }
             if query {
-                self.query().await?;
+                if let Some(stop) = self.query().await? {
+                    return Ok(stop);
+                }
             }
         }
     }
@@ -604,7 +685,8 @@ impl Streaming<'_> {
             && self.slot_moved.elapsed() >= Duration::from_secs(1)
         {
             self.slot_moved = Instant::now();
-            match self.pg.advance_slot(slot, acked).await {
+            let Some(pg) = &self.pg else { return };
+            match pg.advance_slot(slot, acked).await {
                 Ok(()) => self.slot_at = acked,
                 Err(e) => warn!("{e:#}"),
             }
@@ -612,14 +694,19 @@ impl Streaming<'_> {
     }
 
     /// Asks the primary where WAL is flushed.
-    async fn query(&mut self) -> Result<(), Failure> {
+    async fn query(&mut self) -> Result<Option<Stop>, Failure> {
         self.event_due = false;
         self.last_query = Instant::now();
         let before = self.pos.flush;
-        if self.pg.is_closed() {
-            return Err(retry(anyhow!("the PostgreSQL connection closed")));
-        }
-        self.pos = self.pg.position().await.map_err(retry)?;
+        let Some(pg) = self.pg.as_ref().filter(|pg| !pg.is_closed()) else {
+            return Ok(Some(Stop::PrimaryLost(anyhow!(
+                "the PostgreSQL connection closed"
+            ))));
+        };
+        self.pos = match pg.position().await {
+            Ok(pos) => pos,
+            Err(e) => return Ok(Some(Stop::PrimaryLost(e))),
+        };
         if self.pos.flush != before {
             self.last_flush_change = Instant::now();
         }
@@ -630,7 +717,266 @@ impl Streaming<'_> {
                 self.pos.timeline
             )));
         }
+        Ok(None)
+    }
+
+    /// The PostgreSQL connection failed. If the server is down while its host lives (a crash, the OOM
+    /// killer, `pg_ctl stop`), every record it flushed is still in `pg_wal/`: ship every complete, valid
+    /// record beyond what was sent, tell the receiver where the primary's WAL ends, then wait for the server
+    /// to come back (crash recovery continues the WAL exactly there) or for shutdown.
+    async fn drain(
+        &mut self,
+        shutdown: &CancellationToken,
+        cause: anyhow::Error,
+        progressed: &mut bool,
+    ) -> Result<Stop, Failure> {
+        // A crash takes a moment to show: the postmaster may still exist for a few milliseconds after its
+        // backends died. Decide within a few seconds; only a successful connection means "up".
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let why = loop {
+            match server_state(self.data_dir.as_deref(), &self.cfg.pgconn).await {
+                ServerState::Up => return Err(retry(cause.context("PostgreSQL is still up"))),
+                ServerState::Down(why) => break why,
+                ServerState::Unknown(why) if Instant::now() >= deadline => {
+                    return Err(retry(cause.context(format!(
+                        "PostgreSQL's state is unclear ({why}); not draining pg_wal"
+                    ))))
+                }
+                ServerState::Unknown(_) => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(Stop::Drain),
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                }
+            }
+        };
+        let down_since = now_micros();
+        let started = Instant::now();
+        let sent = self.link.sent();
+        warn!(%sent, "PostgreSQL is down ({why}; {cause:#}): shipping every complete record left in pg_wal");
+        // A server that is shutting down (or restarting) may still write WAL, e.g. its shutdown checkpoint:
+        // keep shipping what appears until its postmaster is gone (at most a minute), then report.
+        let settle = Instant::now() + Duration::from_secs(60);
+        let mut end = self.ship_valid_wal(shutdown, progressed).await?;
+        while postmaster_running(self.data_dir.as_deref()) && Instant::now() < settle {
+            if let ServerState::Up = server_state(self.data_dir.as_deref(), &self.cfg.pgconn).await
+            {
+                info!("PostgreSQL is back; resuming from {end}");
+                return Ok(Stop::PrimaryLost(anyhow!("PostgreSQL restarted")));
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Stop::Drain),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            end = self.ship_valid_wal(shutdown, progressed).await?;
+        }
+        self.report_down(end, down_since).await?;
+        info!(
+            wal_end = %end,
+            drained_bytes = end.0.saturating_sub(sent.0),
+            drain_ms = started.elapsed().as_millis() as u64,
+            "primary down: the receiver holds all of its WAL (up to {end}); waiting for PostgreSQL to come back"
+        );
+        let mut keepalive = tokio::time::interval(self.cfg.keepalive_interval);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probe = tokio::time::interval(Duration::from_secs(1));
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Stop::Drain),
+                moved = self.link.recv() => *progressed |= moved?,
+                _ = keepalive.tick() => {
+                    let grace = self.cfg.shutdown_grace;
+                    if let Some(stop) = finish_on_shutdown(self.link.keepalive(end, now_micros()), shutdown, grace).await? {
+                        return Ok(stop);
+                    }
+                }
+                _ = probe.tick() => {
+                    if let ServerState::Up = server_state(self.data_dir.as_deref(), &self.cfg.pgconn).await {
+                        info!("PostgreSQL is back; resuming from {end}");
+                        *progressed = true;
+                        return Ok(Stop::PrimaryLost(anyhow!("PostgreSQL restarted")));
+                    }
+                    // a server restarting after a crash writes WAL before it accepts connections
+                    let newer = self.ship_valid_wal(shutdown, progressed).await?;
+                    if newer > end {
+                        end = newer;
+                        self.report_down(end, down_since).await?;
+                        info!(wal_end = %end, drain_ms = started.elapsed().as_millis() as u64, "primary down: the receiver holds all of its WAL (up to {end}), including WAL that appeared while PostgreSQL was down");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ships every complete, valid record in `pg_wal/` beyond what was sent and waits until the receiver
+    /// has made it durable. Returns where the valid WAL ends.
+    async fn ship_valid_wal(
+        &mut self,
+        shutdown: &CancellationToken,
+        progressed: &mut bool,
+    ) -> Result<Lsn, Failure> {
+        let end = self.wal_end(self.link.sent())?;
+        // the records are complete and valid, and the server that wrote them is down
+        if end > self.pos.flush {
+            self.pos.flush = end;
+        }
+        self.pos.insert = self.pos.flush;
+        while self.link.sent() < end {
+            if self.pump(shutdown).await?.is_some() {
+                return Err(retry(anyhow!("shutting down during the drain")));
+            }
+            if self.link.sent() < end {
+                // the window is full: wait for acknowledgements
+                tokio::select! {
+                    moved = self.link.recv() => *progressed |= moved?,
+                    _ = shutdown.cancelled() => return Err(retry(anyhow!("shutting down during the drain"))),
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.cfg.receiver_timeout;
+        while self.link.acked() < end {
+            tokio::select! {
+                moved = self.link.recv() => *progressed |= moved?,
+                _ = shutdown.cancelled() => return Err(retry(anyhow!("shutting down during the drain"))),
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(retry(anyhow!("the receiver did not acknowledge the drained WAL up to {end} within {:?}", self.cfg.receiver_timeout)));
+                }
+            }
+        }
+        Ok(end)
+    }
+
+    /// Tells the receiver (protocol 2+) that the primary is down and where its WAL ends.
+    async fn report_down(&mut self, end: Lsn, since: u64) -> Result<(), Failure> {
+        if self.protocol_version >= 2 {
+            let msg = SenderMessage::PrimaryDown {
+                timeline: self.timeline,
+                wal_end: end,
+                down_since_unix_micros: since,
+            };
+            self.link.send(msg, "sending PrimaryDown").await?;
+        }
         Ok(())
+    }
+
+    /// Where the last complete, valid record in `pg_wal/` ends, walking from the page holding `sent`
+    /// (never before `sent`).
+    fn wal_end(&self, sent: Lsn) -> Result<Lsn, Failure> {
+        const CHUNK: usize = 1 << 20;
+        let exp = self.reader.expectation(self.timeline);
+        let base = Lsn(sent.0 - sent.0 % walship_protocol::wal::XLOG_BLCKSZ as u64);
+        let mut buf: Vec<u8> = Vec::new();
+        let mut walker: Option<Walker> = None;
+        loop {
+            let at = Lsn(base.0 + buf.len() as u64);
+            let chunk = self
+                .reader
+                .read_raw(self.timeline, at, CHUNK)
+                .map_err(|e| retry(anyhow::Error::new(e)))?;
+            if chunk.is_empty() {
+                break;
+            }
+            buf.extend_from_slice(&chunk);
+            let w = match &mut walker {
+                Some(w) => w,
+                None => match Walker::resync(exp, &buf, base) {
+                    Ok(w) => walker.insert(w),
+                    Err(WalkStop::NeedMore { .. }) => continue,
+                    Err(stop) => {
+                        warn!(%sent, "no valid record after what was sent: {stop}");
+                        break;
+                    }
+                },
+            };
+            match w.walk(&buf, base, |_| {}) {
+                WalkStop::NeedMore { .. } => continue,
+                stop => {
+                    debug!(%sent, "the WAL in pg_wal ends at {}: {stop}", w.next_lsn());
+                    break;
+                }
+            }
+        }
+        Ok(walker.map(|w| w.next_lsn()).unwrap_or(sent).max(sent))
+    }
+}
+
+/// What the sender can tell of the primary's server after its connection failed.
+enum ServerState {
+    /// A new connection works.
+    Up,
+    /// The postmaster of `postmaster.pid` is gone (or the file is: a clean shutdown), or the server refuses
+    /// connections while it restarts after a crash.
+    Down(String),
+    /// Neither (yet).
+    Unknown(String),
+}
+
+/// Whether the postmaster of `postmaster.pid` still runs (a server shutting down or restarting).
+fn postmaster_running(data_dir: Option<&std::path::Path>) -> bool {
+    let Some(dir) = data_dir else { return false };
+    let Ok(text) = std::fs::read_to_string(dir.join("postmaster.pid")) else {
+        return false;
+    };
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<u32>().ok())
+    else {
+        return false;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !stat.is_empty() && state != Some("Z") && state != Some("X")
+}
+
+async fn server_state(data_dir: Option<&std::path::Path>, pgconn: &str) -> ServerState {
+    if let Some(dir) = data_dir {
+        match std::fs::read_to_string(dir.join("postmaster.pid")) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return ServerState::Down("postmaster.pid is gone".into())
+            }
+            Ok(text) => {
+                if let Some(pid) = text
+                    .lines()
+                    .next()
+                    .and_then(|l| l.trim().parse::<u32>().ok())
+                {
+                    let stat =
+                        std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    // gone, or a zombie waiting to be reaped
+                    let state = stat
+                        .rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().next());
+                    if stat.is_empty() || state == Some("Z") || state == Some("X") {
+                        return ServerState::Down(format!("its postmaster (pid {pid}) is gone"));
+                    }
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    match tokio::time::timeout(Duration::from_secs(2), Primary::connect(pgconn)).await {
+        Ok(Ok(_)) => ServerState::Up,
+        Ok(Err(e)) => {
+            let text = format!("{e:#}");
+            let down = [
+                "starting up",
+                "shutting down",
+                "in recovery mode",
+                "not yet accepting connections",
+                "Connection refused",
+                "No such file or directory",
+            ];
+            if down.iter().any(|p| text.contains(p)) {
+                ServerState::Down(format!("it refuses connections: {text}"))
+            } else {
+                ServerState::Unknown(text)
+            }
+        }
+        Err(_) => ServerState::Unknown("a connection attempt timed out".into()),
     }
 }
 

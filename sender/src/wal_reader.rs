@@ -98,6 +98,47 @@ impl WalReader {
         unreachable!("the loop returns on its second attempt")
     }
 
+    /// The page checks for segments of `timeline`.
+    pub fn expectation(&self, timeline: TimelineId) -> PageExpectation {
+        PageExpectation {
+            magic: self.magic,
+            system_identifier: self.system_identifier,
+            seg_size: self.seg,
+            timeline,
+        }
+    }
+
+    /// Up to `max` bytes of `timeline` from `start`, not past its segment's end, as they are in the file,
+    /// unvalidated (the record walker validates them): fewer where the file ends, none where it is missing.
+    pub fn read_raw(
+        &self,
+        timeline: TimelineId,
+        start: Lsn,
+        max: usize,
+    ) -> Result<Vec<u8>, ReadError> {
+        let segno = self.seg.segno(start);
+        let name = segment_file_name(timeline, segno, self.seg);
+        let offset = self.seg.offset(start);
+        let len = ((self.seg.as_u64() - offset) as usize).min(max);
+        let file = match File::open(self.dir.join(&name)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(ReadError::Io { file: name, source }),
+        };
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            match file.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(ReadError::Io { file: name, source }),
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+
     /// Checks every page that starts in `buf` (which starts at the page-aligned `start`). After an
     /// `XLOG_SWITCH` record PostgreSQL leaves the rest of the segment as zeros, so all-zero pages are accepted
     /// below the flush position, but never as a segment's first page and never followed by a non-zero page in

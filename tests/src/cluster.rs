@@ -304,6 +304,46 @@ impl Cluster {
         self.stop("immediate");
     }
 
+    /// SIGKILL of the postmaster and all its children at once (the OOM killer, an operator's `kill -9`):
+    /// nothing is flushed, `postmaster.pid` stays behind. Returns once the postmaster is gone.
+    pub fn kill9(&mut self) {
+        let text =
+            std::fs::read_to_string(self.data.join("postmaster.pid")).expect("postmaster.pid");
+        let pid: u32 = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("postmaster pid");
+        let mut pids = vec![pid.to_string()];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                pids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        let _ = Command::new("kill")
+            .arg("-9")
+            .args(&pids)
+            .stderr(std::process::Stdio::null())
+            .status();
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "postmaster {pid} survived kill -9"
+            );
+            std::thread::park_timeout(std::time::Duration::from_millis(10));
+        }
+        self.running = false;
+    }
+
     pub fn conninfo(&self) -> String {
         format!(
             "host={} port={} user=postgres dbname=postgres",

@@ -59,7 +59,15 @@ async fn run(client: Client, flush_sql: &'static str, rows: Arc<Mutex<Vec<(i64, 
     let Ok(flush) = client.prepare(flush_sql).await else {
         return;
     };
-    for id in 1i64.. {
+    // after a crash and restart the ledger goes on where it stopped
+    let Ok(first) = client
+        .query_one("SELECT coalesce(max(id), 0) + 1 FROM ledger", &[])
+        .await
+    else {
+        return;
+    };
+    let first: i64 = first.get(0);
+    for id in first.. {
         if client.execute(&insert, &[&id]).await.is_err() {
             return;
         }

@@ -113,6 +113,8 @@ pub enum Mode {
 /// What a failover gave.
 #[derive(Debug, Clone)]
 pub struct FailoverResult {
+    /// How long the sender took to ship the rest of pg_wal after postgres died.
+    pub drain_ms: u64,
     pub acknowledged: usize,
     pub covered: usize,
     pub present: usize,
@@ -159,10 +161,11 @@ pub async fn crash_and_fail_over(name: &str, opts: &InitOptions, mode: Mode) -> 
     .await;
     drop(client);
 
-    // the primary crashes (no shutdown checkpoint, nothing more is flushed)
-    s.primary.kill();
+    // postgres crashes (SIGKILL of the postmaster and its children; its host lives): the sender drains the
+    // rest of pg_wal and says so
+    s.primary.kill9();
     let rows = ledger.finish().await;
-    // the sender cannot learn anything more; stop it so the archive is final
+    let drain_ms = wait_drained(&mut s.sender);
     s.sender.stop_sender_of(&s.receiver);
     let end = s.end();
 
@@ -182,13 +185,17 @@ pub async fn crash_and_fail_over(name: &str, opts: &InitOptions, mode: Mode) -> 
     );
     let v = verdict(&rows, end, &promoted).await;
     println!(
-        "{name} {mode:?}: acknowledged {}, covered by the archive (LSN <= {end}) {}, present after failover {}, lost beyond the archive {}",
+        "{name} {mode:?}: acknowledged {}, covered by the archive (LSN <= {end}) {}, present after failover {}, lost beyond the archive {}; the sender drained pg_wal {drain_ms} ms after the crash",
         v.acknowledged, v.covered, v.present, v.lost_beyond
     );
     assert!(
         v.missing_covered.is_empty(),
         "acknowledged rows the archive held are missing: {:?}",
         v.missing_covered
+    );
+    assert_eq!(
+        v.lost_beyond, 0,
+        "acknowledged rows lost although postgres died with its host alive (the drain should have shipped them): {v:?}"
     );
     assert!(v.covered > 100, "{v:?}");
     assert_eq!(timeline, 2);
@@ -218,6 +225,7 @@ pub async fn crash_and_fail_over(name: &str, opts: &InitOptions, mode: Mode) -> 
         .await
         .expect("write on the promoted standby");
     FailoverResult {
+        drain_ms,
         acknowledged: v.acknowledged,
         covered: v.covered,
         present: v.present,
@@ -226,6 +234,15 @@ pub async fn crash_and_fail_over(name: &str, opts: &InitOptions, mode: Mode) -> 
         timeline_start: start_lsn,
         promote_seconds,
     }
+}
+
+/// Waits until the sender has drained pg_wal after postgres died; returns the drain time it logged (ms).
+pub fn wait_drained(sender: &mut Daemon) -> u64 {
+    let line = sender.wait_for_log("primary down: the receiver holds all of its WAL", WAIT);
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("drain_ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no drain_ms in {line}"))
 }
 
 /// A pgbench load, a segment switch and a little more WAL, then the archive must be byte-identical to the

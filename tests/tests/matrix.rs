@@ -56,14 +56,16 @@ async fn case(name: &str, major: u32, segsize_mb: Option<u32>) {
     let archive = crash_and_fail_over(&format!("{name}-archive"), &opts, Mode::Archive).await;
     let standby = crash_and_fail_over(&format!("{name}-standby"), &opts, Mode::Standby).await;
     let line = format!(
-        "{name}\tPASS\t{} segments identical\tarchive recovery: {}/{} rows, {} lost beyond\tstandby mode: {}/{} rows, {} lost beyond\t{:.0} s\n",
+        "{name}\tPASS\t{} segments identical\tarchive recovery: {}/{} rows, {} lost, drained in {} ms\tstandby mode: {}/{} rows, {} lost, drained in {} ms\t{:.0} s\n",
         shipped.complete_segments,
         archive.present,
         archive.acknowledged,
         archive.lost_beyond,
+        archive.drain_ms,
         standby.present,
         standby.acknowledged,
         standby.lost_beyond,
+        standby.drain_ms,
         started.elapsed().as_secs_f64()
     );
     std::fs::write(rows_dir().join(format!("{name}.row")), &line).expect("write summary row");

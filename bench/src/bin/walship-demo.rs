@@ -97,9 +97,11 @@ async fn demo() -> Result<()> {
         );
     }
 
-    step(6, "crash: the primary is killed (pg_ctl stop -m immediate); failover with walship-receiver promote");
-    primary.kill();
+    step(6, "crash: postgres is killed (kill -9 of the postmaster and its children; the host lives); the sender ships what is left in pg_wal; failover with walship-receiver promote");
+    primary.kill9();
     let rows = ledger.finish().await;
+    let drain_ms = walship_tests::scenario::wait_drained(&mut sender);
+    println!("      the sender shipped the rest of pg_wal {drain_ms} ms after the crash");
     sender.stop_sender_of(&receiver);
     let end = archive_end(&archive, seg, 1).context("the archive is empty")?;
     let out = run_ok(

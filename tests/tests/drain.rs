@@ -1,0 +1,258 @@
+//! postgres dies, its host lives: every record it flushed is still in `pg_wal/`, and the sender ships it
+//! (the drain). Crashes at random moments under a ledger of acknowledged commits plus pgbench, each followed
+//! by crash recovery on the same host; a clean `pg_ctl stop -m fast`; and the failover after the last crash.
+
+use std::time::Duration;
+
+use walship_protocol::wal::page_magic_for_version;
+use walship_protocol::wal::PageExpectation;
+use walship_protocol::walker::Walker;
+use walship_protocol::Lsn;
+use walship_tests::archive::{archive_end, assert_matches_primary};
+use walship_tests::cluster::{run_ok, WAIT};
+use walship_tests::ledger::{verdict, Ledger};
+use walship_tests::scenario::{shipping, wait_drained};
+use walship_tests::{wait_for, InitOptions};
+
+/// Where the valid WAL in the primary's pg_wal ends (what crash recovery will find), walking from `from`.
+fn pg_wal_end(s: &walship_tests::scenario::Shipping, sysid: u64, major: u32, from: Lsn) -> Lsn {
+    let exp = PageExpectation {
+        magic: page_magic_for_version(major * 10_000).expect("major"),
+        system_identifier: sysid,
+        seg_size: s.seg,
+        timeline: 1,
+    };
+    let segno = s.seg.segno(from);
+    let base = s.seg.segment_start(segno);
+    let mut bytes = Vec::new();
+    for n in segno..segno + 64 {
+        let name = walship_protocol::wal::segment_file_name(1, n, s.seg);
+        match std::fs::read(s.primary.wal_dir().join(name)) {
+            Ok(b) => bytes.extend_from_slice(&b),
+            Err(_) => break,
+        }
+    }
+    let mut w = Walker::resync(exp, &bytes, base).expect("a record in the segment");
+    w.walk(&bytes, base, |_| {});
+    w.next_lsn()
+}
+
+/// A tiny deterministic generator (the seed is printed, so a failure can be replayed).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_of_postgres_lose_no_acknowledged_commit() {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let mut rng = Lcg(seed);
+    println!("crash moments from seed {seed}");
+    let opts = InitOptions {
+        wal_segsize_mb: Some(1),
+        ..Default::default()
+    };
+    let mut s = shipping("drain", &opts).await;
+    let client = s.primary.connect().await;
+    let sysid = s.primary.system_identifier(&client).await;
+    let major = s.primary.major;
+    drop(client);
+    run_ok(&mut s.primary.pgbench(&["-i", "-s", "1", "-q"]));
+    let mut standby = s.primary.base_backup(&s.dir, "standby");
+    standby.configure_recovery(&s.restore_command("--wait"), false, &[]);
+    standby.start_no_wait();
+
+    let mut drains = Vec::new();
+    let mut all_rows = Vec::new();
+    for round in 1..=5 {
+        let ledger = Ledger::start(&s.primary).await;
+        let mut bench = s
+            .primary
+            .pgbench(&["-c", "2", "-j", "2", "-T", "600", "-n"])
+            .spawn()
+            .expect("pgbench");
+        wait_for("ledger rows", WAIT, || async {
+            (ledger.acknowledged().len() > 50).then_some(())
+        })
+        .await;
+        std::thread::sleep(Duration::from_millis(rng.below(1500)));
+        let drained_before = s
+            .sender
+            .log_text()
+            .matches("primary down: the receiver holds")
+            .count();
+        s.primary.kill9();
+        let rows = ledger.finish().await;
+        let _ = bench.kill();
+        let _ = bench.wait();
+        wait_for("the sender to drain pg_wal", WAIT, || async {
+            (s.sender
+                .log_text()
+                .matches("primary down: the receiver holds")
+                .count()
+                > drained_before)
+                .then_some(())
+        })
+        .await;
+        let drain_ms = s
+            .sender
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("primary down: the receiver holds"))
+            .last()
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("drain_ms="))
+                    .map(str::to_owned)
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("drain_ms");
+        let end = archive_end(&s.archive, s.seg, 1).expect("archive end");
+        let last_acked = rows.iter().map(|(_, l)| *l).max().expect("rows");
+        let valid_end = pg_wal_end(&s, sysid, major, last_acked);
+        println!(
+            "crash {round}: {} commits acknowledged, the last flushed at {last_acked}; pg_wal's valid WAL ends at {valid_end}; the archive ends at {end}; drained in {drain_ms} ms",
+            rows.len()
+        );
+        assert!(end >= last_acked, "crash {round}: the archive ends at {end}, before the last acknowledged commit at {last_acked}");
+        assert_eq!(
+            end, valid_end,
+            "crash {round}: the archive must end where pg_wal's valid WAL ends"
+        );
+        drains.push(drain_ms);
+        all_rows.extend(rows);
+        if round < 5 {
+            // crash recovery on the same host: shipping resumes with no gap and no duplicate
+            let back_before = s.sender.log_text().matches("PostgreSQL is back").count();
+            s.primary.start();
+            wait_for("the sender to see PostgreSQL back", WAIT, || async {
+                (s.sender.log_text().matches("PostgreSQL is back").count() > back_before)
+                    .then_some(())
+            })
+            .await;
+        }
+    }
+    // the primary's host is given up: fail over to the standby
+    s.sender.stop_sender_of(&s.receiver);
+    let end = s.end();
+    let compared = assert_matches_primary(&s.archive, &s.primary.wal_dir(), s.seg, 1);
+    println!("after 5 crashes the archive matches pg_wal: {compared:?}");
+    let (timeline, start, text) = s.promote(&standby);
+    println!("{}", text.trim());
+    assert_eq!(timeline, 2);
+    assert!(start <= end);
+    let promoted = standby.connect().await;
+    let v = verdict(&all_rows, end, &promoted).await;
+    println!(
+        "5 crashes of postgres (archive recovery): acknowledged {}, present after failover {}, lost {}; drain times {drains:?} ms",
+        v.acknowledged, v.present, v.acknowledged - v.present
+    );
+    assert!(v.missing_covered.is_empty(), "{v:?}");
+    assert_eq!(
+        v.present, v.acknowledged,
+        "acknowledged commits lost: {v:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_shutdown_is_drained_to_its_checkpoint() {
+    let opts = InitOptions {
+        wal_segsize_mb: Some(1),
+        ..Default::default()
+    };
+    let mut s = shipping("drain-clean", &opts).await;
+    let client = s.primary.connect().await;
+    let sysid = s.primary.system_identifier(&client).await;
+    let major = s.primary.major;
+    run_ok(&mut s.primary.pgbench(&["-i", "-s", "1", "-q"]));
+    let mut standby = s.primary.base_backup(&s.dir, "standby");
+    standby.configure_recovery(
+        &s.restore_command(""),
+        true,
+        &["wal_retrieve_retry_interval = '200ms'"],
+    );
+    standby.start_no_wait();
+    let ledger = Ledger::start(&s.primary).await;
+    wait_for("ledger rows", WAIT, || async {
+        (ledger.acknowledged().len() > 100).then_some(())
+    })
+    .await;
+    let before = s.primary.flush_lsn(&client).await;
+    drop(client);
+    s.primary.stop("fast");
+    let rows = ledger.finish().await;
+    let drain_ms = wait_drained(&mut s.sender);
+    let end = archive_end(&s.archive, s.seg, 1).expect("archive end");
+    let valid_end = pg_wal_end(&s, sysid, major, before);
+    assert_eq!(
+        end, valid_end,
+        "the archive must hold the shutdown checkpoint"
+    );
+    // the last record is the shutdown checkpoint (RM_XLOG_ID, XLOG_CHECKPOINT_SHUTDOWN = 0x00)
+    let status = run_ok(
+        std::process::Command::new(s.walship.path(walship_tests::Walship::RECEIVER))
+            .arg("status")
+            .arg("--archive")
+            .arg(&s.archive),
+    );
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status.contains(&format!(
+            "its WAL ends at {end}; the archive holds all of it: yes"
+        )),
+        "{status}"
+    );
+    println!("clean shutdown drained in {drain_ms} ms; archive ends at {end}\n{status}");
+    s.sender.stop_sender_of(&s.receiver);
+    let (_, _, text) = s.promote(&standby);
+    println!("{}", text.trim());
+    let promoted = standby.connect().await;
+    let v = verdict(&rows, end, &promoted).await;
+    assert_eq!(v.present, v.acknowledged, "{v:?}");
+    assert!(
+        last_record_is_shutdown_checkpoint(&s, sysid, major, before),
+        "the archive's last record is not the shutdown checkpoint"
+    );
+}
+
+/// Whether the last valid record in the archive is a shutdown checkpoint.
+fn last_record_is_shutdown_checkpoint(
+    s: &walship_tests::scenario::Shipping,
+    sysid: u64,
+    major: u32,
+    from: Lsn,
+) -> bool {
+    let exp = PageExpectation {
+        magic: page_magic_for_version(major * 10_000).expect("major"),
+        system_identifier: sysid,
+        seg_size: s.seg,
+        timeline: 1,
+    };
+    let segno = s.seg.segno(from);
+    let base = s.seg.segment_start(segno);
+    let mut bytes = Vec::new();
+    for n in segno..segno + 64 {
+        let name = walship_protocol::wal::segment_file_name(1, n, s.seg);
+        let b = std::fs::read(s.archive.join(&name))
+            .or_else(|_| std::fs::read(s.archive.join(format!("{name}.partial"))));
+        match b {
+            Ok(b) => bytes.extend_from_slice(&b),
+            Err(_) => break,
+        }
+    }
+    let mut w = Walker::resync(exp, &bytes, base).expect("a record");
+    let mut last = None;
+    w.walk(&bytes, base, |r| last = Some(*r));
+    let last = last.expect("records");
+    last.rmid == 0 && last.info & 0xF0 == 0x00
+}
