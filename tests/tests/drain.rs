@@ -108,8 +108,7 @@ async fn crashes_of_postgres_lose_no_acknowledged_commit() {
             .sender
             .log_text()
             .lines()
-            .filter(|l| l.contains("primary down: the receiver holds"))
-            .last()
+            .rfind(|l| l.contains("primary down: the receiver holds"))
             .and_then(|l| {
                 l.split_whitespace()
                     .find_map(|w| w.strip_prefix("drain_ms="))
