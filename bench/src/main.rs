@@ -11,6 +11,8 @@
 //!
 //! Results are printed as tables with ratios and written as JSON. `--quick` is a one-minute smoke version.
 
+mod crash;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -52,7 +54,12 @@ impl Settings {
         let mut s = Settings {
             quick: false,
             json: PathBuf::from("bench-results.json"),
-            scenarios: vec!["lag".into(), "catchup".into(), "overhead".into()],
+            scenarios: vec![
+                "lag".into(),
+                "catchup".into(),
+                "overhead".into(),
+                "crash".into(),
+            ],
             lag_seconds: 30,
             rate_seconds: 20,
             backlog_mb: 1536,
@@ -80,14 +87,14 @@ impl Settings {
                 "--scenario" => {
                     s.scenarios = args
                         .next()
-                        .context("--scenario needs lag, catchup or overhead")?
+                        .context("--scenario needs lag, catchup, overhead or crash")?
                         .split(',')
                         .map(str::to_owned)
                         .collect()
                 }
                 "-h" | "--help" => {
                     println!(
-                        "walship-bench [--quick] [--scenario lag,catchup,overhead] [--walship-only] [--json FILE]\n\n\
+                        "walship-bench [--quick] [--scenario lag,catchup,overhead,crash] [--walship-only] [--json FILE]\n\n\
                          Benchmarks walship against pg_receivewal and archive_command file shipping on this machine,\n\
                          with PostgreSQL from WALSHIP_PG_BIN or /usr/lib/postgresql/*/bin. --quick runs a short smoke\n\
                          version of every scenario. --walship-only leaves the references out of the lag scenario\n\
@@ -1238,6 +1245,7 @@ struct Report {
     catchup: Vec<CatchupResult>,
     ceilings: Option<Ceilings>,
     overhead: Option<OverheadResult>,
+    crash: Vec<crash::CrashTrial>,
 }
 
 fn machine() -> String {
@@ -1265,6 +1273,30 @@ fn machine() -> String {
             .map(|n| n.get())
             .unwrap_or(0)
     )
+}
+
+fn print_crash(r: &Report) {
+    if r.crash.is_empty() {
+        return;
+    }
+    println!(
+        "\nPostgres crash (kill -9 of the postmaster and its children; the host lives), both shippers in the same trial:\n\
+         acknowledged commits not in the target: lost for certain / possibly (bounds from the ledger's flush positions)"
+    );
+    println!(
+        "{:>5} {:>12} | {:>22} {:>9} | {:>22}",
+        "trial", "acknowledged", "walship lost", "drain ms", "pg_receivewal --sync lost"
+    );
+    for t in &r.crash {
+        println!(
+            "{:>5} {:>12} | {:>22} {:>9} | {:>22}",
+            t.trial,
+            t.acknowledged,
+            format!("{} / {}", t.walship_lost, t.walship_possibly_lost),
+            t.walship_drain_ms,
+            format!("{} / {}", t.receivewal_lost, t.receivewal_possibly_lost)
+        );
+    }
 }
 
 fn print_report(r: &Report) {
@@ -1424,6 +1456,10 @@ async fn main() -> Result<()> {
             eprintln!("overhead ...");
             report.overhead = Some(overhead_scenario(&settings).await?);
         }
+        if settings.scenarios.iter().any(|s| s == "crash") {
+            eprintln!("crash of postgres ...");
+            report.crash = crash::crash_scenario(&settings).await?;
+        }
         anyhow::Ok(())
     };
     tokio::select! {
@@ -1431,6 +1467,7 @@ async fn main() -> Result<()> {
         _ = tokio::signal::ctrl_c() => bail!("interrupted"),
     }
     print_report(&report);
+    print_crash(&report);
     std::fs::write(&settings.json, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("write {}", settings.json.display()))?;
     println!(

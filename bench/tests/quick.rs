@@ -57,4 +57,14 @@ fn quick_bench_runs_every_scenario_for_every_tool() {
     }
     assert!(report["ceilings"]["write_fsync_mb_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["overhead"]["walship_ratio"].as_f64().unwrap() > 0.0);
+    let crash = report["crash"].as_array().unwrap();
+    assert_eq!(crash.len(), 2);
+    for t in crash {
+        assert!(t["acknowledged"].as_u64().unwrap() > 0, "{t}");
+        assert_eq!(
+            t["walship_possibly_lost"].as_u64(),
+            Some(0),
+            "walship lost commits: {t}"
+        );
+    }
 }

@@ -1,0 +1,148 @@
+//! postgres crashes, its host lives (kill -9 of the postmaster and its children under a ledger of
+//! acknowledged commits plus pgbench): how many acknowledged commits are not in each target when the dust
+//! settles. walship (which drains pg_wal after the crash) and pg_receivewal --synchronous (with a slot) ship
+//! from the same primary in the same trial, so both see the same crash.
+//!
+//! A commit's end is not known to the client; the ledger records the primary's flush position right after
+//! each commit, which bounds it: the commit ended after the previous row's recorded position and at or before
+//! its own. A row is **lost for certain** when even the previous row's position is at or beyond the target's
+//! end, and **possibly lost** when its own recorded position is beyond it.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use walship_protocol::Lsn;
+use walship_tests::cluster::WAIT;
+use walship_tests::ledger::Ledger;
+
+use crate::{Settings, Target, World};
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CrashTrial {
+    pub trial: u32,
+    pub acknowledged: usize,
+    pub walship_end: String,
+    pub walship_lost: usize,
+    pub walship_possibly_lost: usize,
+    pub walship_drain_ms: u64,
+    pub receivewal_end: String,
+    pub receivewal_lost: usize,
+    pub receivewal_possibly_lost: usize,
+}
+
+/// (lost for certain, possibly lost) among `rows` for a target ending at `end`.
+fn losses(rows: &[(i64, Lsn)], end: Lsn) -> (usize, usize) {
+    let mut certain = 0;
+    let mut possible = 0;
+    let mut prev = Lsn(0);
+    for (_, lsn) in rows {
+        if prev >= end {
+            certain += 1;
+        }
+        if *lsn > end {
+            possible += 1;
+        }
+        prev = *lsn;
+    }
+    (certain, possible)
+}
+
+fn log_text(log: &std::path::Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+fn count(log: &std::path::Path, pattern: &str) -> usize {
+    log_text(log).matches(pattern).count()
+}
+
+pub async fn crash_scenario(settings: &Settings) -> Result<Vec<CrashTrial>> {
+    let trials = if settings.quick { 2 } else { 5 };
+    let mut world = World::new("bench-crash", settings).await?;
+    let mut walship = world.start_walship("crash").await?;
+    let mut results = Vec::new();
+    let mut rng = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    for trial in 1..=trials {
+        let mut receivewal = world
+            .start_receivewal(&format!("crash-{trial}"), true, false)
+            .await?;
+        let ledger = Ledger::start(&world.primary).await;
+        let mut bench = world
+            .primary
+            .pgbench(&["-c", "2", "-j", "2", "-T", "600", "-n"])
+            .spawn()
+            .context("pgbench")?;
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let wait = Duration::from_millis(2000 + (rng >> 33) % 1000);
+        tokio::time::sleep(wait).await;
+        let sender = walship.sender.as_ref().context("sender")?.log.clone();
+        let sender = sender.as_path();
+        let drained_before = count(sender, "primary down: the receiver holds");
+        world.primary.kill9();
+        let rows = ledger.finish().await;
+        let _ = bench.kill();
+        let _ = bench.wait();
+        // walship: wait for the drain
+        let deadline = Instant::now() + WAIT;
+        while count(sender, "primary down: the receiver holds") <= drained_before {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the walship sender did not drain"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let drain_ms = log_text(sender)
+            .lines()
+            .rfind(|l| l.contains("primary down: the receiver holds"))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("drain_ms="))
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        // pg_receivewal: it exits when its connection is gone
+        let deadline = Instant::now() + WAIT;
+        while receivewal.child.try_wait()?.is_none() {
+            anyhow::ensure!(Instant::now() < deadline, "pg_receivewal did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let w_end = walship.position().context("walship position")?;
+        let r_end = receivewal.position().context("pg_receivewal position")?;
+        let (wl, wp) = losses(&rows, w_end);
+        let (rl, rp) = losses(&rows, r_end);
+        eprintln!(
+            "crash {trial}: {} acknowledged; walship ends at {w_end} (lost {wl}, possibly {wp}; drained in {drain_ms} ms), pg_receivewal at {r_end} (lost {rl}, possibly {rp})",
+            rows.len()
+        );
+        results.push(CrashTrial {
+            trial,
+            acknowledged: rows.len(),
+            walship_end: w_end.to_string(),
+            walship_lost: wl,
+            walship_possibly_lost: wp,
+            walship_drain_ms: drain_ms,
+            receivewal_end: r_end.to_string(),
+            receivewal_lost: rl,
+            receivewal_possibly_lost: rp,
+        });
+        drop(receivewal);
+        // crash recovery on the same host; walship resumes by itself
+        let back_before = count(sender, "PostgreSQL is back");
+        world.primary.start();
+        let deadline = Instant::now() + WAIT;
+        while count(sender, "PostgreSQL is back") <= back_before {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the walship sender did not resume"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        world.drop_slots().await;
+    }
+    Ok(results)
+}
