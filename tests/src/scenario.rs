@@ -81,7 +81,12 @@ impl Shipping {
                 .arg(&standby.data)
                 .args(["--timeout", "120"]),
         );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // stdout, then what promote told the operator on stderr
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         // "promoted: timeline 2 starts at 0/3000158; ..."
         let words: Vec<&str> = text.split_whitespace().collect();
         let tli = words

@@ -148,6 +148,12 @@ async fn crashes_of_postgres_lose_no_acknowledged_commit() {
     println!("after 5 crashes the archive matches pg_wal: {compared:?}");
     let (timeline, start, text) = s.promote(&standby);
     println!("{}", text.trim());
+    assert!(
+        text.contains(&format!(
+            "all WAL the primary wrote is in the archive (up to {end})"
+        )),
+        "promote must say the archive holds all of the primary's WAL:\n{text}"
+    );
     assert_eq!(timeline, 2);
     assert!(start <= end);
     let promoted = standby.connect().await;
