@@ -18,7 +18,7 @@
 use crate::error::PageError;
 use crate::lsn::Lsn;
 use crate::wal::{
-    PageExpectation, PageHeader, LONG_PAGE_HEADER, SHORT_PAGE_HEADER, XLOG_BLCKSZ,
+    le_u32, le_u64, PageExpectation, PageHeader, LONG_PAGE_HEADER, SHORT_PAGE_HEADER, XLOG_BLCKSZ,
     XLP_FIRST_IS_CONTRECORD, XLP_FIRST_IS_OVERWRITE_CONTRECORD,
 };
 
@@ -102,16 +102,6 @@ pub enum RecordError {
     PrevLinkAhead { found: Lsn },
     #[error("CRC-32C {found:08X} in the record, {computed:08X} computed")]
     Checksum { found: u32, computed: u32 },
-}
-
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// WAL bytes `[base, base + bytes.len())`.

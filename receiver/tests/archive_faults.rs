@@ -4,34 +4,11 @@
 
 use std::fs;
 
-use walship_protocol::wal::{write_page_header, XLOG_BLCKSZ};
-use walship_protocol::{Lsn, WalSegSize};
-use walship_receiver::archive::{Archive, Identity};
+mod common;
+use common::{identity, wal};
 
-const SEG: u64 = 1 << 20;
-
-fn identity() -> Identity {
-    Identity {
-        system_identifier: 7,
-        wal_segment_size: WalSegSize::new(SEG).unwrap(),
-        pg_version_num: 150004,
-    }
-}
-
-/// Valid-looking WAL for `[0, len)`.
-fn wal(len: usize) -> Vec<u8> {
-    let exp = identity().page_expectation(1).unwrap();
-    let mut buf: Vec<u8> = (0..len + XLOG_BLCKSZ)
-        .map(|i| (i % 251) as u8 | 1)
-        .collect();
-    let mut p = 0;
-    while p < len {
-        write_page_header(&mut buf[p..], Lsn(p as u64), &exp);
-        p += XLOG_BLCKSZ;
-    }
-    buf.truncate(len);
-    buf
-}
+use walship_protocol::Lsn;
+use walship_receiver::archive::Archive;
 
 #[test]
 fn a_failed_fsync_is_rolled_back_never_counted() {
@@ -40,7 +17,7 @@ fn a_failed_fsync_is_rolled_back_never_counted() {
     let path = dir.path().join("a");
     let mut a = Archive::open(&path).unwrap();
     a.check_or_pin_identity(identity()).unwrap().unwrap();
-    let data = wal(100_000);
+    let data = wal(1, 0, 100_000);
     a.append(1, Lsn(0), &data[..40_000]).unwrap();
     assert_eq!(a.sync(1).unwrap(), Some(Lsn(40_000)));
 
@@ -68,7 +45,7 @@ fn a_failed_fsync_is_rolled_back_never_counted() {
 
     // a write that fails half-way (disk full) leaves nothing behind either
     fail::cfg("archive-write-enospc", "1*return").unwrap();
-    let more = wal(120_000);
+    let more = wal(1, 0, 120_000);
     let err = a.append(1, Lsn(100_000), &more[100_000..]).unwrap_err();
     assert!(format!("{err:#}").contains("No space left"), "{err:#}");
     a.recover_after_error().unwrap();
@@ -98,7 +75,7 @@ fn opening_fsyncs_before_counting_anything_durable() {
     let path = dir.path().join("a");
     let mut a = Archive::open(&path).unwrap();
     a.check_or_pin_identity(identity()).unwrap().unwrap();
-    let data = wal(60_000);
+    let data = wal(1, 0, 60_000);
     a.append(1, Lsn(0), &data[..30_000]).unwrap();
     assert_eq!(a.sync(1).unwrap(), Some(Lsn(30_000)));
     // written, never fsynced, then the receiver dies: the bytes sit in the page cache only
@@ -123,7 +100,7 @@ fn acknowledged_trailing_zeros_are_kept_on_reopen() {
     let path = dir.path().join("a");
     let mut a = Archive::open(&path).unwrap();
     a.check_or_pin_identity(identity()).unwrap().unwrap();
-    let mut data = wal(50_000);
+    let mut data = wal(1, 0, 50_000);
     data[49_990..].fill(0); // a record ending in zeros, and alignment padding
     a.append(1, Lsn(0), &data).unwrap();
     assert_eq!(a.sync(1).unwrap(), Some(Lsn(50_000)));

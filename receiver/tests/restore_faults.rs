@@ -3,35 +3,13 @@
 
 use std::fs;
 
-use walship_protocol::wal::{segment_file_name, write_page_header, XLOG_BLCKSZ};
-use walship_protocol::{Lsn, WalSegSize};
-use walship_receiver::archive::{Archive, Failover, Identity, FAILOVER_FILE};
+mod common;
+use common::{identity, wal, SEG};
+
+use walship_protocol::wal::segment_file_name;
+use walship_protocol::Lsn;
+use walship_receiver::archive::{Archive, Failover, FAILOVER_FILE};
 use walship_receiver::restore::{restore, Outcome, RestoreOptions};
-
-const SEG: u64 = 1 << 20;
-
-fn identity() -> Identity {
-    Identity {
-        system_identifier: 7,
-        wal_segment_size: WalSegSize::new(SEG).unwrap(),
-        pg_version_num: 150004,
-    }
-}
-
-/// Valid-looking WAL of `timeline` for `[start, start + len)`, `start` page-aligned.
-fn wal(timeline: u32, start: u64, len: usize) -> Vec<u8> {
-    let exp = identity().page_expectation(timeline).unwrap();
-    let mut buf: Vec<u8> = (0..len + XLOG_BLCKSZ)
-        .map(|i| (i % 251) as u8 | 1)
-        .collect();
-    let mut p = 0;
-    while p < len {
-        write_page_header(&mut buf[p..], Lsn(start + p as u64), &exp);
-        p += XLOG_BLCKSZ;
-    }
-    buf.truncate(len);
-    buf
-}
 
 #[test]
 fn failover_state_is_keyed_by_timeline_and_the_handover_survives_a_failure() {

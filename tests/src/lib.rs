@@ -40,3 +40,25 @@ where
         }
     }
 }
+
+/// A tiny deterministic generator for random moments in tests (print the seed, so a failure can be replayed).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// Seeded from the clock.
+    pub fn from_clock() -> Lcg {
+        Lcg(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1))
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}

@@ -12,52 +12,52 @@ use walship_tests::archive::{archive_end, assert_matches_primary};
 use walship_tests::cluster::{run_ok, WAIT};
 use walship_tests::ledger::{verdict, Ledger};
 use walship_tests::scenario::{shipping, wait_drained};
-use walship_tests::{wait_for, InitOptions};
+use walship_tests::{wait_for, InitOptions, Lcg};
 
-/// Where the valid WAL in the primary's pg_wal ends (what crash recovery will find), walking from `from`.
-fn pg_wal_end(s: &walship_tests::scenario::Shipping, sysid: u64, major: u32, from: Lsn) -> Lsn {
-    let exp = PageExpectation {
+/// The page checks for timeline 1 of the cluster of `s`.
+fn expectation(s: &walship_tests::scenario::Shipping, sysid: u64, major: u32) -> PageExpectation {
+    PageExpectation {
         magic: page_magic_for_version(major * 10_000).expect("major"),
         system_identifier: sysid,
         seg_size: s.seg,
         timeline: 1,
-    };
+    }
+}
+
+/// The WAL of timeline 1 in `dir` from the segment holding `from` on, as long as segment files follow each
+/// other (`.partial` files too, for an archive); returns it with the LSN of its first byte.
+fn read_segments(
+    s: &walship_tests::scenario::Shipping,
+    dir: &std::path::Path,
+    from: Lsn,
+) -> (Vec<u8>, Lsn) {
     let segno = s.seg.segno(from);
-    let base = s.seg.segment_start(segno);
     let mut bytes = Vec::new();
     for n in segno..segno + 64 {
         let name = walship_protocol::wal::segment_file_name(1, n, s.seg);
-        match std::fs::read(s.primary.wal_dir().join(name)) {
+        let b = std::fs::read(dir.join(&name))
+            .or_else(|_| std::fs::read(dir.join(format!("{name}.partial"))));
+        match b {
             Ok(b) => bytes.extend_from_slice(&b),
             Err(_) => break,
         }
     }
-    let mut w = Walker::resync(exp, &bytes, base).expect("a record in the segment");
+    (bytes, s.seg.segment_start(segno))
+}
+
+/// Where the valid WAL in the primary's pg_wal ends (what crash recovery will find), walking from `from`.
+fn pg_wal_end(s: &walship_tests::scenario::Shipping, sysid: u64, major: u32, from: Lsn) -> Lsn {
+    let (bytes, base) = read_segments(s, &s.primary.wal_dir(), from);
+    let mut w = Walker::resync(expectation(s, sysid, major), &bytes, base)
+        .expect("a record in the segment");
     w.walk(&bytes, base, |_| {});
     w.next_lsn()
 }
 
-/// A tiny deterministic generator (the seed is printed, so a failure can be replayed).
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_of_postgres_lose_no_acknowledged_commit() {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    let mut rng = Lcg(seed);
-    println!("crash moments from seed {seed}");
+    let mut rng = Lcg::from_clock();
+    println!("crash moments from seed {}", rng.0);
     let opts = InitOptions {
         wal_segsize_mb: Some(1),
         ..Default::default()
@@ -237,25 +237,8 @@ fn last_record_is_shutdown_checkpoint(
     major: u32,
     from: Lsn,
 ) -> bool {
-    let exp = PageExpectation {
-        magic: page_magic_for_version(major * 10_000).expect("major"),
-        system_identifier: sysid,
-        seg_size: s.seg,
-        timeline: 1,
-    };
-    let segno = s.seg.segno(from);
-    let base = s.seg.segment_start(segno);
-    let mut bytes = Vec::new();
-    for n in segno..segno + 64 {
-        let name = walship_protocol::wal::segment_file_name(1, n, s.seg);
-        let b = std::fs::read(s.archive.join(&name))
-            .or_else(|_| std::fs::read(s.archive.join(format!("{name}.partial"))));
-        match b {
-            Ok(b) => bytes.extend_from_slice(&b),
-            Err(_) => break,
-        }
-    }
-    let mut w = Walker::resync(exp, &bytes, base).expect("a record");
+    let (bytes, base) = read_segments(s, &s.archive, from);
+    let mut w = Walker::resync(expectation(s, sysid, major), &bytes, base).expect("a record");
     let mut last = None;
     w.walk(&bytes, base, |r| last = Some(*r));
     let last = last.expect("records");

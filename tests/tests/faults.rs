@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use walship_protocol::{Lsn, WalSegSize};
 use walship_tests::archive::{archive_end, assert_matches_primary, Compared};
 use walship_tests::cluster::{run_ok, WAIT};
-use walship_tests::{wait_for, Cluster, Daemon, InitOptions, TestDir, Walship};
+use walship_tests::{wait_for, Cluster, Daemon, InitOptions, Lcg, TestDir, Walship};
 
 /// What the sender logs when a receiver resumes behind a position it had acknowledged.
 const LOST_ACKED: &str = "lost acknowledged WAL";
@@ -223,33 +223,15 @@ async fn fsync_errors_are_never_acknowledged() {
     println!("after fsync errors the archive matches pg_wal: {compared:?}");
 }
 
-/// A tiny deterministic generator (the seed is printed, so a failure can be replayed).
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
 /// kill -9 of the receiver or the sender at 20+ random moments under pgbench, each restarted at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_soak_leaves_the_archive_identical() {
-    let seed = std::env::var("WALSHIP_SOAK_SEED")
+    let mut rng = std::env::var("WALSHIP_SOAK_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    println!("kill -9 soak seed {seed} (WALSHIP_SOAK_SEED replays it)");
-    let mut rng = Lcg(seed);
+        .map(Lcg)
+        .unwrap_or_else(Lcg::from_clock);
+    println!("kill -9 soak seed {} (WALSHIP_SOAK_SEED replays it)", rng.0);
     let mut rig = Rig::start("soak", None, &[]).await;
     run_ok(&mut rig.primary.pgbench(&["-i", "-s", "1", "-q"]));
     let mut bench = rig.pgbench(600);
