@@ -27,7 +27,11 @@ where
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => {
+                // a black-holed route delivers no FIN either: keep the other side open while stalled
+                let _ = stalled.wait_for(|s| !*s).await;
+                return;
+            }
             Ok(n) => n,
         };
         if stalled.wait_for(|s| !*s).await.is_err() {
