@@ -8,13 +8,12 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use walship_protocol::wal::{segment_file_name, WalFileName};
 
-use crate::archive::{list_segments, Identity};
+use crate::archive::{ensure_archive, list_segments};
 
 /// Removes what `restartpoint` (`%r`) no longer needs; returns the names removed.
 pub fn cleanup(archive: &Path, restartpoint: &str) -> Result<Vec<String>> {
-    let Some(id) = Identity::load(archive)? else {
-        return Ok(Vec::new());
-    };
+    // a typo in --archive must not look like "nothing to clean": refuse before touching anything
+    let id = ensure_archive(archive)?;
     let seg = id.wal_segment_size;
     match WalFileName::parse(restartpoint, seg) {
         Ok(WalFileName::Segment { .. }) => {}

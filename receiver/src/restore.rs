@@ -219,7 +219,24 @@ fn attempt(opts: &RestoreOptions) -> Result<Option<Outcome>> {
         WalFileName::Partial { .. } => Ok(Some(Outcome::Missing)),
         WalFileName::Segment { timeline, segno } => {
             let Some(identity) = identity else {
-                return Ok(None); // nothing archived yet
+                // said on every call (PostgreSQL logs restore_command's stderr): a wrong --archive must not
+                // look like "the segment has not arrived yet"
+                if opts.archive.join(crate::archive::LOCK_FILE).exists() {
+                    warn!(
+                        file = %opts.wanted,
+                        "archive {} holds no WAL yet: no sender has connected to its receiver",
+                        opts.archive.display()
+                    );
+                } else {
+                    error!(
+                        file = %opts.wanted,
+                        "{} is not a walship archive (no {} or {}): check --archive in restore_command",
+                        opts.archive.display(),
+                        crate::archive::ID_FILE,
+                        crate::archive::LOCK_FILE
+                    );
+                }
+                return Ok(None);
             };
             segment(opts, &identity, timeline, segno)
         }

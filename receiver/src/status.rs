@@ -189,7 +189,21 @@ pub struct Report {
 
 /// Gathers the status of the archive in `dir` (read-only).
 pub fn report(dir: &Path) -> anyhow::Result<Report> {
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "archive directory {} does not exist: check --archive",
+            dir.display()
+        );
+    }
     let id = crate::archive::Identity::load(dir)?;
+    if id.is_none() && !dir.join(crate::archive::LOCK_FILE).exists() {
+        anyhow::bail!(
+            "{} is not a walship archive (no {} or {}): check --archive",
+            dir.display(),
+            crate::archive::ID_FILE,
+            crate::archive::LOCK_FILE
+        );
+    }
     let failover = crate::archive::Failover::load(dir)?;
     let mut r = Report {
         archive: dir.display().to_string(),

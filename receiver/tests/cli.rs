@@ -106,3 +106,47 @@ fn a_server_key_that_does_not_match_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not match key"), "{err}");
 }
+
+/// A wrong --archive is an error that names the directory, never "nothing there yet".
+#[test]
+fn a_directory_that_is_not_an_archive_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
+    let plain = dir.path().join("plain");
+    std::fs::create_dir(&plain).unwrap();
+    for target in [&missing, &plain] {
+        let out = receiver()
+            .arg("status")
+            .arg("--archive")
+            .arg(target)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "status on {}", target.display());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&target.display().to_string()), "{err}");
+
+        let out = receiver()
+            .arg("cleanup")
+            .arg("--archive")
+            .arg(target)
+            .arg("000000010000000000000003")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "cleanup on {}", target.display());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(&target.display().to_string()));
+
+        // restore says "missing" (exit 1: recovery keeps waiting) and explains why on stderr, every call
+        let out = receiver()
+            .arg("restore")
+            .arg("--archive")
+            .arg(target)
+            .arg("000000010000000000000003")
+            .arg(dir.path().join("RECOVERYXLOG"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&target.display().to_string()), "{err}");
+    }
+    assert!(!plain.join("walship.failover").exists());
+}
