@@ -348,8 +348,9 @@ pub struct WalBuilder {
     prev: Lsn,
     /// Every record written.
     pub records: Vec<Record>,
-    /// Bytes no check covers (alignment padding after a record, the 4 pad bytes of a short page header,
-    /// the low byte of `xlp_info` whose `XLP_BKP_REMOVABLE` bit nothing checks): PostgreSQL ignores them too.
+    /// Bytes no check covers (alignment padding after a record, the 4 pad bytes after `xlp_rem_len`,
+    /// the low byte of `xlp_info` whose `XLP_BKP_REMOVABLE` bit nothing checks, `xlp_rem_len` of a page that
+    /// does not start with a continuation): PostgreSQL ignores them too.
     pub unchecked: Vec<std::ops::Range<u64>>,
 }
 
@@ -400,15 +401,17 @@ impl WalBuilder {
         };
         let mut h = vec![0u8; len];
         crate::wal::write_page_header(&mut h, at, &self.exp);
-        if !long {
-            self.unchecked.push(at.0 + 20..at.0 + 24);
-        }
+        // the 4 bytes of alignment padding after xlp_rem_len (in short and long headers alike)
+        self.unchecked.push(at.0 + 20..at.0 + 24);
         // xlp_info's XLP_BKP_REMOVABLE bit is not checked by anyone either
         self.unchecked.push(at.0 + 2..at.0 + 3);
         if rem > 0 {
             let info = u16::from_le_bytes([h[2], h[3]]) | XLP_FIRST_IS_CONTRECORD;
             h[2..4].copy_from_slice(&info.to_le_bytes());
             h[16..20].copy_from_slice(&rem.to_le_bytes());
+        } else {
+            // xlp_rem_len means something only with XLP_FIRST_IS_CONTRECORD
+            self.unchecked.push(at.0 + 16..at.0 + 20);
         }
         self.bytes.extend_from_slice(&h);
     }
