@@ -912,51 +912,53 @@ enum ServerState {
     Unknown(String),
 }
 
-/// Whether the postmaster of `postmaster.pid` still runs (a server shutting down or restarting).
-fn postmaster_running(data_dir: Option<&std::path::Path>) -> bool {
-    let Some(dir) = data_dir else { return false };
-    let Ok(text) = std::fs::read_to_string(dir.join("postmaster.pid")) else {
-        return false;
+/// What `postmaster.pid` in `data_dir` says of the postmaster.
+enum Postmaster {
+    /// Running (a server that is up, shutting down or restarting).
+    Running,
+    /// The file is gone (a clean shutdown), or its process is gone or a zombie waiting to be reaped.
+    Gone(String),
+    /// No data directory, or the file cannot be read.
+    Unknown,
+}
+
+fn postmaster(data_dir: Option<&std::path::Path>) -> Postmaster {
+    let Some(dir) = data_dir else {
+        return Postmaster::Unknown;
+    };
+    let text = match std::fs::read_to_string(dir.join("postmaster.pid")) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Postmaster::Gone("postmaster.pid is gone".into())
+        }
+        Err(_) => return Postmaster::Unknown,
     };
     let Some(pid) = text
         .lines()
         .next()
         .and_then(|l| l.trim().parse::<u32>().ok())
     else {
-        return false;
+        return Postmaster::Unknown;
     };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let state = stat
         .rsplit_once(')')
         .and_then(|(_, rest)| rest.split_whitespace().next());
-    !stat.is_empty() && state != Some("Z") && state != Some("X")
+    if stat.is_empty() || state == Some("Z") || state == Some("X") {
+        Postmaster::Gone(format!("its postmaster (pid {pid}) is gone"))
+    } else {
+        Postmaster::Running
+    }
+}
+
+/// Whether the postmaster still runs (a server shutting down or restarting).
+fn postmaster_running(data_dir: Option<&std::path::Path>) -> bool {
+    matches!(postmaster(data_dir), Postmaster::Running)
 }
 
 async fn server_state(data_dir: Option<&std::path::Path>, pgconn: &str) -> ServerState {
-    if let Some(dir) = data_dir {
-        match std::fs::read_to_string(dir.join("postmaster.pid")) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return ServerState::Down("postmaster.pid is gone".into())
-            }
-            Ok(text) => {
-                if let Some(pid) = text
-                    .lines()
-                    .next()
-                    .and_then(|l| l.trim().parse::<u32>().ok())
-                {
-                    let stat =
-                        std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                    // gone, or a zombie waiting to be reaped
-                    let state = stat
-                        .rsplit_once(')')
-                        .and_then(|(_, rest)| rest.split_whitespace().next());
-                    if stat.is_empty() || state == Some("Z") || state == Some("X") {
-                        return ServerState::Down(format!("its postmaster (pid {pid}) is gone"));
-                    }
-                }
-            }
-            Err(_) => {}
-        }
+    if let Postmaster::Gone(why) = postmaster(data_dir) {
+        return ServerState::Down(why);
     }
     match tokio::time::timeout(Duration::from_secs(2), Primary::connect(pgconn)).await {
         Ok(Ok(_)) => ServerState::Up,
