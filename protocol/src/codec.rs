@@ -296,6 +296,12 @@ mod tests {
             ReceiverMessage::Ack {
                 timeline: 1,
                 durable_lsn: Lsn(0x16B_3748),
+                confirmed_lsn: None,
+            },
+            ReceiverMessage::Ack {
+                timeline: 1,
+                durable_lsn: Lsn(0x16B_3748),
+                confirmed_lsn: Some(Lsn(0x16B_0000)),
             },
             ReceiverMessage::Error {
                 reason: "bye".into(),

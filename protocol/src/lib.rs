@@ -28,14 +28,20 @@
 //! | S→R | `H` | `Hello` | version_min u16, version_max u16, system_identifier u64, timeline u32, wal_segment_size u32, pg_version_num u32, sender_name str |
 //! | S→R | `W` | `Wal` | timeline u32, start_lsn u64, bytes… (rest of the payload) |
 //! | S→R | `T` | `History` | timeline u32, file content… |
-//! | S→R | `K` | `Keepalive` | primary_flush_lsn u64, timeline u32, sent_at_unix_micros u64 |
+//! | S→R | `K` | `Keepalive` | primary_flush_lsn u64, timeline u32, sent_at_unix_micros u64 (version 3: confirms WAL up to primary_flush_lsn) |
 //! | S→R | `D` | `PrimaryDown` (version 2) | timeline u32, wal_end u64, down_since_unix_micros u64 |
 //! | R→S | `w` | `Welcome` | protocol_version u16, count u16, count × (timeline u32, end_lsn u64) |
 //! | R→S | `r` | `Refuse` | code u8, reason str |
-//! | R→S | `a` | `Ack` | timeline u32, durable_lsn u64 |
+//! | R→S | `a` | `Ack` | timeline u32, durable_lsn u64, confirmed_lsn u64 (version 3) |
 //! | R→S | `e` | `Error` | reason str |
 //!
 //! `str` is a u16 length followed by that many bytes of UTF-8.
+//!
+//! Version 3 (ship on write, confirm on flush): the sender may send complete, CRC-valid records the primary
+//! has written but not yet flushed; its `Keepalive`s confirm WAL up to the primary's flush position. The
+//! receiver's `Welcome` resumes at the confirmed end, so a reconnecting sender resends the provisional tail
+//! and the receiver compares it (replacing it where the primary's WAL now differs, refusing where a
+//! confirmed byte would change).
 #![forbid(unsafe_code)]
 
 pub mod codec;
@@ -55,4 +61,4 @@ pub use wal::{TimelineId, WalSegSize};
 /// highest common one and names it in `Welcome`.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// See [`PROTOCOL_VERSION_MIN`].
-pub const PROTOCOL_VERSION_MAX: u16 = 2;
+pub const PROTOCOL_VERSION_MAX: u16 = 3;

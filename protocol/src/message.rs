@@ -64,7 +64,11 @@ pub enum SenderMessage {
         timeline: TimelineId,
         content: Bytes,
     },
-    /// Sent when idle; carries the primary's flush position for lag reporting.
+    /// Carries the primary's flush position. Up to protocol 2 the sender sends only flushed WAL and this is
+    /// for lag reporting. From protocol 3 the sender also sends WAL the primary has written but not yet
+    /// flushed (complete, CRC-valid records): this message then *confirms* WAL up to `primary_flush_lsn`,
+    /// and is sent whenever that position moves. Unconfirmed bytes are provisional: the receiver may
+    /// replace them with differing ones (a primary whose OS lost unflushed WAL), never confirmed ones.
     Keepalive {
         primary_flush_lsn: Lsn,
         timeline: TimelineId,
@@ -129,10 +133,13 @@ pub enum ReceiverMessage {
         code: RefuseCode,
         reason: String,
     },
-    /// Everything of `timeline` before `durable_lsn` is fsynced in the archive.
+    /// Everything of `timeline` before `durable_lsn` that this session sent is fsynced in the archive.
+    /// Protocol 3 adds `confirmed_lsn`: how much of it the archive counts as confirmed (the primary had
+    /// flushed it, as the sender's Keepalives said); bytes beyond it are provisional.
     Ack {
         timeline: TimelineId,
         durable_lsn: Lsn,
+        confirmed_lsn: Option<Lsn>,
     },
     /// The receiver is closing the session for this reason.
     Error {
@@ -405,7 +412,7 @@ impl Encode for ReceiverMessage {
             ReceiverMessage::Refuse { reason, .. } | ReceiverMessage::Error { reason } => {
                 3 + reason.len()
             }
-            ReceiverMessage::Ack { .. } => 12,
+            ReceiverMessage::Ack { .. } => 20,
         }
     }
 
@@ -430,9 +437,13 @@ impl Encode for ReceiverMessage {
             ReceiverMessage::Ack {
                 timeline,
                 durable_lsn,
+                confirmed_lsn,
             } => {
                 dst.put_u32(*timeline);
                 dst.put_u64(durable_lsn.0);
+                if let Some(c) = confirmed_lsn {
+                    dst.put_u64(c.0);
+                }
             }
             ReceiverMessage::Error { reason } => put_string(dst, reason),
         }
@@ -483,9 +494,17 @@ impl Decode for ReceiverMessage {
                     message: "Ack",
                     buf: payload,
                 };
+                let timeline = b.timeline(1)?;
+                let durable_lsn = Lsn(b.u64("durable_lsn")?);
+                let confirmed_lsn = if b.buf.has_remaining() {
+                    Some(Lsn(b.u64("confirmed_lsn")?))
+                } else {
+                    None
+                };
                 let m = ReceiverMessage::Ack {
-                    timeline: b.timeline(1)?,
-                    durable_lsn: Lsn(b.u64("durable_lsn")?),
+                    timeline,
+                    durable_lsn,
+                    confirmed_lsn,
                 };
                 b.finish()?;
                 m

@@ -40,17 +40,49 @@ pub const POSITION_FILE: &str = "walship.position";
 
 /// Reads `walship.position`: the timeline and durable end last made durable by the running receiver.
 pub fn read_position(dir: &Path) -> Option<(TimelineId, Lsn)> {
-    let mut buf = [0u8; 26];
-    File::open(dir.join(POSITION_FILE))
+    read_positions(dir).map(|p| (p.timeline, p.durable))
+}
+
+/// What `walship.position` says (rewritten in place after every group commit; not fsynced).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Positions {
+    pub timeline: TimelineId,
+    /// Where the durable (fsynced) WAL of `timeline` ends.
+    pub durable: Lsn,
+    /// How much of it is confirmed: the primary had flushed it. Bytes between the two are provisional.
+    /// Files written before walship knew provisional WAL hold no such field: all was confirmed.
+    pub confirmed: Lsn,
+}
+
+impl Positions {
+    fn render(&self) -> String {
+        format!(
+            "{:08X} {:016X} {:016X}\n",
+            self.timeline, self.durable.0, self.confirmed.0
+        )
+    }
+}
+
+/// Reads `walship.position` (see [`Positions`]).
+pub fn read_positions(dir: &Path) -> Option<Positions> {
+    let mut buf = [0u8; 64];
+    let n = File::open(dir.join(POSITION_FILE))
         .ok()?
-        .read_exact_at(&mut buf, 0)
+        .read_at(&mut buf, 0)
         .ok()?;
-    let text = std::str::from_utf8(&buf).ok()?;
-    let (t, l) = text.trim_end().split_once(' ')?;
-    Some((
-        u32::from_str_radix(t, 16).ok()?,
-        Lsn(u64::from_str_radix(l, 16).ok()?),
-    ))
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    let mut fields = text.lines().next()?.split(' ');
+    let timeline = u32::from_str_radix(fields.next()?, 16).ok()?;
+    let durable = Lsn(u64::from_str_radix(fields.next()?, 16).ok()?);
+    let confirmed = match fields.next() {
+        Some(c) => Lsn(u64::from_str_radix(c, 16).ok()?).min(durable),
+        None => durable,
+    };
+    Some(Positions {
+        timeline,
+        durable,
+        confirmed,
+    })
 }
 
 /// Which cluster an archive belongs to.
@@ -219,6 +251,21 @@ pub struct Archive {
     poisoned: Option<String>,
     /// The position [`Archive::sync`] last made durable, per timeline.
     durable: BTreeMap<TimelineId, Lsn>,
+    /// Per timeline, how far the archived WAL is confirmed (the primary had flushed it). Bytes beyond are
+    /// provisional: shipped as soon as the primary wrote them, replaceable by a differing resend.
+    confirmed: BTreeMap<TimelineId, Lsn>,
+    /// Per timeline, where the WAL the current session sent (or resent and matched) ends. Nothing beyond it
+    /// is acknowledged or confirmed in this session: the archive may hold a stale provisional tail there.
+    verified: BTreeMap<TimelineId, Lsn>,
+}
+
+/// What [`Archive::sync`] made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Synced {
+    /// Everything before it that the session sent is on disk.
+    pub durable: Lsn,
+    /// How much of that is confirmed.
+    pub confirmed: Lsn,
 }
 
 /// Writes the archive file `name` crash-safely: a temp file, fsync, rename over the old one, fsync of the
@@ -356,6 +403,8 @@ impl Archive {
             dir_dirty: false,
             poisoned: None,
             durable: BTreeMap::new(),
+            confirmed: BTreeMap::new(),
+            verified: BTreeMap::new(),
         };
         archive.scan()?;
         Ok(archive)
@@ -369,9 +418,34 @@ impl Archive {
         self.identity
     }
 
-    /// Where the durable WAL of each timeline ends: what a sender resumes from.
+    /// Where the confirmed, durable WAL of each timeline ends: what a sender resumes from. A provisional
+    /// tail beyond it is resent and compared (see [`Archive::append`]).
     pub fn resume_points(&self) -> Vec<(TimelineId, Lsn)> {
-        self.durable.iter().map(|(t, l)| (*t, *l)).collect()
+        self.durable
+            .iter()
+            .map(|(t, l)| (*t, self.confirmed.get(t).map_or(*l, |c| (*c).min(*l))))
+            .collect()
+    }
+
+    /// Starts a session: nothing beyond the resume points counts as sent by it yet. Returns them.
+    pub fn begin_session(&mut self) -> Vec<(TimelineId, Lsn)> {
+        let resume = self.resume_points();
+        self.verified = resume.iter().copied().collect();
+        resume
+    }
+
+    /// The primary has flushed `timeline` up to `flush`: WAL the session sent before it is confirmed.
+    pub fn confirm(&mut self, timeline: TimelineId, flush: Lsn) {
+        let Some(verified) = self.verified.get(&timeline).copied() else {
+            return;
+        };
+        let c = self.confirmed.entry(timeline).or_insert(Lsn(0));
+        *c = (*c).max(flush.min(verified));
+    }
+
+    /// Where the confirmed WAL of `timeline` ends.
+    pub fn confirmed_end(&self, timeline: TimelineId) -> Option<Lsn> {
+        self.confirmed.get(&timeline).copied()
     }
 
     /// The newest timeline in the archive.
@@ -426,14 +500,16 @@ impl Archive {
             // names renamed just before a crash count only once the directory is on disk
             fsync_dir(&self.dir_handle, &self.dir)?;
         }
+        let recorded = read_positions(&self.dir);
         for (timeline, (segno, partial)) in newest {
             let Some(identity) = self.identity else { break };
             let seg = identity.wal_segment_size;
+            let recorded = recorded.filter(|p| p.timeline == timeline);
             let end = if partial {
                 // trailing zeros at or below the last recorded durable end were acknowledged: keep them
-                let floor = read_position(&self.dir)
-                    .filter(|(t, l)| *t == timeline && seg.segno(*l) == segno)
-                    .map(|(_, l)| seg.offset(l))
+                let floor = recorded
+                    .filter(|p| seg.segno(p.durable) == segno)
+                    .map(|p| seg.offset(p.durable))
                     .unwrap_or(0);
                 let len = self.recover_partial(timeline, segno, floor)?;
                 Lsn(seg.segment_start(segno).0 + len)
@@ -442,6 +518,10 @@ impl Archive {
             };
             self.ends.insert(timeline, end);
             self.durable.insert(timeline, end);
+            // Without a record (an older timeline, a lost file) everything counts as confirmed: a
+            // difference is then refused rather than replaced.
+            let confirmed = recorded.map_or(end, |p| p.confirmed.min(end));
+            self.confirmed.insert(timeline, confirmed);
         }
         Ok(())
     }
@@ -597,9 +677,12 @@ impl Archive {
         if start > end {
             bail!("gap in WAL of timeline {timeline}: archive ends at {end}, the sender sent bytes from {start}");
         }
-        let overlap = (end.0 - start.0).min(bytes.len() as u64) as usize;
+        let mut overlap = (end.0 - start.0).min(bytes.len() as u64) as usize;
         if overlap > 0 {
-            self.verify_overlap(timeline, start, &bytes[..overlap])?;
+            if let Some(differs) = self.verify_overlap(timeline, start, &bytes[..overlap])? {
+                self.replace_provisional(timeline, differs)?;
+                overlap = (differs.0 - start.0) as usize;
+            }
         }
         let mut pos = Lsn(start.0 + overlap as u64);
         let mut rest = &bytes[overlap..];
@@ -613,6 +696,54 @@ impl Archive {
             pos = Lsn(pos.0 + n as u64);
             self.ends.insert(timeline, pos);
         }
+        let end = Lsn(start.0 + bytes.len() as u64);
+        let v = self.verified.entry(timeline).or_insert(end);
+        *v = (*v).max(end);
+        Ok(())
+    }
+
+    /// The resent WAL of `timeline` differs from the archive's from `at` on. Allowed only where nothing is
+    /// confirmed and only in the open partial (a complete segment is never changed): the primary's OS lost
+    /// WAL it had written but not flushed, and the primary wrote other WAL there after restarting. Cuts the
+    /// partial back to `at` (durably) so the new bytes are appended there.
+    fn replace_provisional(&mut self, timeline: TimelineId, at: Lsn) -> Result<()> {
+        let seg = self.seg()?;
+        let confirmed = self.confirmed.get(&timeline).copied().unwrap_or(Lsn(0));
+        let name = segment_file_name(timeline, seg.segno(at), seg);
+        if at < confirmed {
+            bail!(
+                "resent WAL differs from the archive at {at} (segment {name}), where the archive holds WAL the primary                  had confirmed (flushed, up to {confirmed}): the sender's history diverged from what was archived;                  refusing to overwrite"
+            );
+        }
+        let Some(cur) = self
+            .current
+            .as_mut()
+            .filter(|c| c.timeline == timeline && c.segno == seg.segno(at))
+        else {
+            bail!(
+                "resent WAL differs from the archive at {at} (segment {name}, complete): a complete segment is never                  changed; refusing to overwrite"
+            );
+        };
+        let offset = seg.offset(at);
+        let dropped = cur.len - offset;
+        cur.file
+            .set_len(offset)
+            .with_context(|| format!("truncate {} to {offset}", cur.path.display()))?;
+        sync_file(&cur.file, &cur.path, false)?;
+        cur.len = offset;
+        cur.synced = offset;
+        let path = cur.path.clone();
+        self.ends.insert(timeline, at);
+        let durable = self.durable.entry(timeline).or_insert(at);
+        *durable = (*durable).min(at);
+        self.write_position();
+        tracing::warn!(
+            file = %path.display(),
+            from = %at,
+            dropped,
+            confirmed = %confirmed,
+            "replacing provisional WAL: the primary now has different WAL where it had written but not flushed              it (its operating system lost unflushed WAL); the archive follows the primary"
+        );
         Ok(())
     }
 
@@ -689,7 +820,13 @@ impl Archive {
         Ok(())
     }
 
-    fn verify_overlap(&self, timeline: TimelineId, start: Lsn, expected: &[u8]) -> Result<()> {
+    /// Compares resent WAL with the archive's; returns where it first differs, if it does.
+    fn verify_overlap(
+        &self,
+        timeline: TimelineId,
+        start: Lsn,
+        expected: &[u8],
+    ) -> Result<Option<Lsn>> {
         let seg = self.seg()?;
         let mut pos = start;
         let mut rest = expected;
@@ -716,20 +853,17 @@ impl Archive {
                     .zip(&rest[..n])
                     .position(|(a, b)| a != b)
                     .unwrap_or(0);
-                bail!(
-                    "resent WAL differs from the archive at {} (segment {name}): the sender's history diverged from what was archived; refusing to overwrite",
-                    Lsn(pos.0 + first as u64)
-                );
+                return Ok(Some(Lsn(pos.0 + first as u64)));
             }
             rest = &rest[n..];
             pos = Lsn(pos.0 + n as u64);
         }
-        Ok(())
+        Ok(None)
     }
 
-    /// Makes everything appended so far durable and returns the new durable end of `timeline`.
-    /// One call covers every append before it (group commit).
-    pub fn sync(&mut self, timeline: TimelineId) -> Result<Option<Lsn>> {
+    /// Makes everything appended so far durable and returns what of `timeline` is durable and confirmed
+    /// (never beyond what the session sent). One call covers every append before it (group commit).
+    pub fn sync(&mut self, timeline: TimelineId) -> Result<Option<Synced>> {
         self.check_usable()?;
         if let Some(cur) = self.current.as_mut() {
             if cur.synced < cur.len {
@@ -744,14 +878,34 @@ impl Archive {
         for (t, end) in &self.ends {
             self.durable.insert(*t, *end);
         }
-        if let Some((t, end)) = self.durable.iter().next_back() {
-            // fixed width, rewritten in place: one small pwrite per group commit
-            let line = format!("{t:08X} {:016X}\n", end.0);
-            if let Err(e) = self.position.write_all_at(line.as_bytes(), 0) {
-                tracing::debug!(error = %e, "could not update {POSITION_FILE}");
-            }
+        self.write_position();
+        let Some(durable) = self.durable.get(&timeline).copied() else {
+            return Ok(None);
+        };
+        let durable = self
+            .verified
+            .get(&timeline)
+            .map_or(durable, |v| durable.min(*v));
+        let confirmed = self
+            .confirmed
+            .get(&timeline)
+            .map_or(Lsn(0), |c| durable.min(*c));
+        Ok(Some(Synced { durable, confirmed }))
+    }
+
+    /// Rewrites `walship.position` in place (fixed width: one small pwrite per group commit).
+    fn write_position(&mut self) {
+        let Some((t, end)) = self.durable.iter().next_back() else {
+            return;
+        };
+        let p = Positions {
+            timeline: *t,
+            durable: *end,
+            confirmed: self.confirmed.get(t).map_or(Lsn(0), |c| (*c).min(*end)),
+        };
+        if let Err(e) = self.position.write_all_at(p.render().as_bytes(), 0) {
+            tracing::debug!(error = %e, "could not update {POSITION_FILE}");
         }
-        Ok(self.durable.get(&timeline).copied())
     }
 
     /// Called after any write or fsync error: drops every byte written since the last successful fsync and
@@ -785,6 +939,8 @@ impl Archive {
             }
             self.ends.clear();
             self.durable.clear();
+            self.confirmed.clear();
+            self.verified.clear();
             self.dir_dirty = false;
             self.identity = Identity::load(&self.dir)?;
             self.scan()
@@ -815,7 +971,7 @@ impl Archive {
         down_since_unix_micros: u64,
     ) -> Result<PrimaryDown> {
         self.check_usable()?;
-        let archived = self.sync(timeline)?.unwrap_or(Lsn(0));
+        let archived = self.sync(timeline)?.map_or(Lsn(0), |s| s.durable);
         let state = PrimaryDown {
             timeline,
             wal_end: wal_end.to_string(),
@@ -1093,6 +1249,12 @@ mod tests {
         }
     }
 
+    /// Appends and confirms, as a sender of protocol 1 or 2 does.
+    fn append_confirmed(a: &mut Archive, timeline: TimelineId, start: Lsn, bytes: &[u8]) {
+        a.append(timeline, start, bytes).unwrap();
+        a.confirm(timeline, Lsn(start.0 + bytes.len() as u64));
+    }
+
     /// Valid-looking WAL for `[start, start+len)`: page headers where pages start, non-zero filler elsewhere.
     fn wal(start: u64, len: usize) -> Vec<u8> {
         let exp = identity().page_expectation(1).unwrap();
@@ -1110,6 +1272,92 @@ mod tests {
         buf[skip..skip + len].to_vec()
     }
 
+    /// `data` with the bytes from `from` on changed (a different WAL tail; page headers left alone).
+    fn diverge(data: &[u8], from: usize) -> Vec<u8> {
+        let mut d = data.to_vec();
+        for (i, b) in d[from..].iter_mut().enumerate() {
+            if (from + i) % XLOG_BLCKSZ >= 40 {
+                *b ^= 0x5A;
+            }
+        }
+        d
+    }
+
+    #[test]
+    fn provisional_bytes_are_replaced_confirmed_bytes_never() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        let mut a = Archive::open(&path).unwrap();
+        a.check_or_pin_identity(identity()).unwrap().unwrap();
+        let start = 2 * SEG;
+        let data = wal(start, 60_000);
+        // a protocol-3 session: 60,000 bytes shipped on write, the primary confirmed 30,000 of them
+        assert_eq!(a.begin_session(), vec![]);
+        a.append(1, Lsn(start), &data).unwrap();
+        a.confirm(1, Lsn(start + 30_000));
+        let synced = a.sync(1).unwrap().unwrap();
+        assert_eq!(synced.durable, Lsn(start + 60_000));
+        assert_eq!(synced.confirmed, Lsn(start + 30_000));
+        drop(a);
+
+        // the primary's OS crashed; after its restart its WAL differs from 45,000 on
+        let mut a = Archive::open(&path).unwrap();
+        assert_eq!(a.durable_end(1), Some(Lsn(start + 60_000)));
+        assert_eq!(a.begin_session(), vec![(1, Lsn(start + 30_000))]);
+        let other = diverge(&data, 45_000);
+        // it resends from the confirmed end; the same bytes first, then the different ones
+        a.append(1, Lsn(start + 30_000), &other[30_000..40_000])
+            .unwrap();
+        let synced = a.sync(1).unwrap().unwrap();
+        assert_eq!(
+            synced.durable,
+            Lsn(start + 40_000),
+            "nothing beyond what this session sent is acknowledged"
+        );
+        a.append(1, Lsn(start + 40_000), &other[40_000..50_000])
+            .unwrap();
+        a.confirm(1, Lsn(start + 50_000));
+        let synced = a.sync(1).unwrap().unwrap();
+        assert_eq!(synced.durable, Lsn(start + 50_000));
+        assert_eq!(synced.confirmed, Lsn(start + 50_000));
+        let partial = path.join("000000010000000000000002.partial");
+        assert_eq!(fs::read(&partial).unwrap(), other[..50_000]);
+
+        // now confirmed, those bytes never change again: a differing resend is refused
+        drop(a);
+        let mut a = Archive::open(&path).unwrap();
+        assert_eq!(a.begin_session(), vec![(1, Lsn(start + 50_000))]);
+        let third = diverge(&other, 48_000);
+        let err = a
+            .append(1, Lsn(start + 40_000), &third[40_000..])
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("confirmed"), "{err:#}");
+        assert_eq!(fs::read(&partial).unwrap(), other[..50_000]);
+    }
+
+    #[test]
+    fn a_complete_segment_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        let mut a = Archive::open(&path).unwrap();
+        a.check_or_pin_identity(identity()).unwrap().unwrap();
+        let data = wal(0, SEG as usize + 8192);
+        a.begin_session();
+        a.append(1, Lsn(0), &data).unwrap();
+        a.confirm(1, Lsn(SEG - 8192));
+        a.sync(1).unwrap();
+        a.begin_session();
+        let other = diverge(&data, SEG as usize - 100);
+        let err = a
+            .append(1, Lsn(SEG - 8192), &other[(SEG - 8192) as usize..])
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("complete segment"), "{err:#}");
+        assert_eq!(
+            fs::read(path.join("000000010000000000000000")).unwrap(),
+            data[..SEG as usize]
+        );
+    }
+
     #[test]
     fn append_complete_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -1118,9 +1366,12 @@ mod tests {
         assert_eq!(a.check_or_pin_identity(identity()).unwrap(), Ok(()));
         let start = 3 * SEG;
         let data = wal(start, (SEG + 5000) as usize);
-        a.append(1, Lsn(start), &data[..100_000]).unwrap();
-        a.append(1, Lsn(start + 100_000), &data[100_000..]).unwrap();
-        assert_eq!(a.sync(1).unwrap(), Some(Lsn(start + SEG + 5000)));
+        append_confirmed(&mut a, 1, Lsn(start), &data[..100_000]);
+        append_confirmed(&mut a, 1, Lsn(start + 100_000), &data[100_000..]);
+        assert_eq!(
+            a.sync(1).unwrap().map(|s| s.durable),
+            Some(Lsn(start + SEG + 5000))
+        );
         assert_eq!(
             fs::read(path.join("000000010000000000000003")).unwrap(),
             data[..SEG as usize]
@@ -1139,7 +1390,7 @@ mod tests {
         let mut a = Archive::open(&path).unwrap();
         assert_eq!(a.resume_points(), vec![(1, Lsn(start + SEG + 5000))]);
         // identical resend is accepted, different is refused, a gap is refused
-        a.append(1, Lsn(start + 10), &data[10..20_000]).unwrap();
+        append_confirmed(&mut a, 1, Lsn(start + 10), &data[10..20_000]);
         let mut bad = data[10..20_000].to_vec();
         bad[500] ^= 0xFF;
         assert!(a
@@ -1178,7 +1429,7 @@ mod tests {
         let mut a = Archive::open(&path).unwrap();
         a.check_or_pin_identity(identity()).unwrap().unwrap();
         let data = wal(0, 40_000);
-        a.append(1, Lsn(0), &data).unwrap();
+        append_confirmed(&mut a, 1, Lsn(0), &data);
         a.sync(1).unwrap();
         drop(a);
         // a power loss may leave zeros past the durable end, or garbage pages

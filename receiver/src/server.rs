@@ -40,7 +40,7 @@ use walship_protocol::{
     PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 
-use crate::archive::{Archive, Identity, IdentityMismatch};
+use crate::archive::{Archive, Identity, IdentityMismatch, Synced};
 use crate::status::{SenderStatus, StatusBoard};
 
 /// Tunables of the server, with defaults in one place.
@@ -443,11 +443,12 @@ async fn session(
         })
         .await
         .context("clear the primary's down state")?;
-        let resume = guard.resume_points();
+        let mut guard = guard;
+        let resume = guard.begin_session();
         info!(?resume, version, pg_version_num = hello.pg_version_num, "sender accepted");
         send(&mut writer, ReceiverMessage::Welcome { protocol_version: version, resume: resume.clone() }, opts.send_timeout, "Welcome").await?;
         let start = resume.iter().find(|(t, _)| *t == hello.timeline).map(|(t, l)| (*t, *l));
-        stream(shared, &hello, guard, reader, writer, start, token).await
+        stream(shared, &hello, version, guard, reader, writer, start, token).await
     }
     .instrument(span)
     .await
@@ -455,6 +456,11 @@ async fn session(
 
 enum Cmd {
     Wal(walship_protocol::message::Wal),
+    /// The primary has flushed its WAL up to here (protocol 3).
+    Confirm {
+        timeline: TimelineId,
+        flush: Lsn,
+    },
     History {
         timeline: TimelineId,
         content: bytes::Bytes,
@@ -466,8 +472,8 @@ enum Cmd {
     },
 }
 
-/// Publishes the durable position of the session's timeline.
-type AckTx = watch::Sender<Option<(TimelineId, Lsn)>>;
+/// Publishes the durable and confirmed positions of the session's timeline.
+type AckTx = watch::Sender<Option<(TimelineId, Synced)>>;
 
 /// Read buffer under the TLS layer.
 const SOCKET_BUFFER: usize = 256 << 10;
@@ -486,6 +492,7 @@ fn writer_loop(
     mut rx: mpsc::Receiver<Cmd>,
     acks: AckTx,
     timeline: TimelineId,
+    version: u16,
 ) -> Result<(), WriterError> {
     let result = (|| -> Result<()> {
         while let Some(cmd) = rx.blocking_recv() {
@@ -498,7 +505,15 @@ fn writer_loop(
                     Cmd::Wal(w) => {
                         taken += w.bytes.len();
                         archive.append(w.timeline, w.start_lsn, &w.bytes)?;
+                        if version < 3 {
+                            // before protocol 3 a sender sends only WAL the primary has flushed
+                            archive.confirm(w.timeline, w.end_lsn());
+                        }
                         w.bytes.len() >= LARGE_MESSAGE
+                    }
+                    Cmd::Confirm { timeline, flush } => {
+                        archive.confirm(timeline, flush);
+                        false
                     }
                     Cmd::History { timeline, content } => {
                         archive.store_history(timeline, &content)?;
@@ -532,9 +547,9 @@ fn writer_loop(
                 }
             }
             crate::archive::crash_point!("receiver-written-before-fsync");
-            if let Some(durable) = archive.sync(timeline)? {
+            if let Some(synced) = archive.sync(timeline)? {
                 crate::archive::crash_point!("receiver-fsynced-before-ack");
-                acks.send_replace(Some((timeline, durable)));
+                acks.send_replace(Some((timeline, synced)));
             }
         }
         Ok(())
@@ -565,9 +580,11 @@ enum WriterError {
     Unrecoverable(anyhow::Error),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     shared: &Arc<Shared>,
     hello: &Hello,
+    version: u16,
     guard: OwnedMutexGuard<Archive>,
     mut reader: Reader<S>,
     mut writer: Writer<S>,
@@ -577,15 +594,24 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     let timeline = hello.timeline;
     let send_timeout = shared.opts.send_timeout;
     let (tx, rx) = mpsc::channel::<Cmd>(16);
+    let start = start.map(|(t, l)| {
+        (
+            t,
+            Synced {
+                durable: l,
+                confirmed: l,
+            },
+        )
+    });
     let (ack_tx, mut ack_rx) = watch::channel(start);
     let mut writer_task =
-        tokio::task::spawn_blocking(move || writer_loop(guard, rx, ack_tx, timeline));
+        tokio::task::spawn_blocking(move || writer_loop(guard, rx, ack_tx, timeline, version));
     let mut writer_result = None;
     let mut last_ack = start;
     shared.status.sender_connected(SenderStatus::new(
         &hello.sender_name,
         timeline,
-        start.map(|s| s.1),
+        start.map(|s| s.1.durable),
     ));
 
     let outcome: Result<()> = async {
@@ -610,10 +636,10 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                         continue;
                     }
                     let ack = *ack_rx.borrow_and_update();
-                    if let Some((t, lsn)) = ack {
+                    if let Some((t, synced)) = ack {
                         last_ack = ack;
-                        shared.status.durable(lsn);
-                        send(&mut writer, ReceiverMessage::Ack { timeline: t, durable_lsn: lsn }, send_timeout, "Ack").await?;
+                        shared.status.durable(synced.durable);
+                        send(&mut writer, ack_message(t, synced, version), send_timeout, "Ack").await?;
                     }
                 }
                 frame = tokio::time::timeout(shared.opts.idle_timeout, reader.next()) => {
@@ -647,8 +673,14 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                         }
                         SenderMessage::Keepalive { primary_flush_lsn, sent_at_unix_micros, .. } => {
                             shared.status.keepalive(primary_flush_lsn, sent_at_unix_micros);
-                            if let Some((t, lsn)) = last_ack {
-                                send(&mut writer, ReceiverMessage::Ack { timeline: t, durable_lsn: lsn }, send_timeout, "Ack").await?;
+                            if version >= 3 {
+                                // in order with the WAL before it; the writer acknowledges it
+                                let confirm = Cmd::Confirm { timeline, flush: primary_flush_lsn };
+                                if tx.send(confirm).await.is_err() {
+                                    continue;
+                                }
+                            } else if let Some((t, synced)) = last_ack {
+                                send(&mut writer, ack_message(t, synced, version), send_timeout, "Ack").await?;
                             }
                         }
                         SenderMessage::PrimaryDown { timeline: t, wal_end, down_since_unix_micros } => {
@@ -684,16 +716,9 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
             });
             // tell a sender that is still listening (a graceful stop) what became durable at the end
             let last = *ack_rx.borrow_and_update();
-            if let Some((t, lsn)) = last.filter(|_| last != last_ack) {
-                shared.status.durable(lsn);
-                say(
-                    &mut writer,
-                    ReceiverMessage::Ack {
-                        timeline: t,
-                        durable_lsn: lsn,
-                    },
-                )
-                .await;
+            if let Some((t, synced)) = last.filter(|_| last != last_ack) {
+                shared.status.durable(synced.durable);
+                say(&mut writer, ack_message(t, synced, version)).await;
             }
             r
         }
@@ -706,6 +731,15 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
             Ok(())
         }
         _ => outcome.map_err(SessionError::Closed),
+    }
+}
+
+/// The `Ack` for `synced` in a session of protocol `version`.
+fn ack_message(timeline: TimelineId, synced: Synced, version: u16) -> ReceiverMessage {
+    ReceiverMessage::Ack {
+        timeline,
+        durable_lsn: synced.durable,
+        confirmed_lsn: (version >= 3).then_some(synced.confirmed),
     }
 }
 

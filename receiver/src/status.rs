@@ -169,6 +169,9 @@ pub struct Report {
     pub timeline: Option<TimelineId>,
     /// Where the archived WAL of the newest timeline ends (`X/X`).
     pub archived_lsn: Option<String>,
+    /// How much of the archived WAL the primary had confirmed (flushed) when it arrived; beyond it the
+    /// archive holds provisional WAL (written by the primary, not yet flushed when shipped).
+    pub confirmed_lsn: Option<String>,
     pub complete_segments: usize,
     pub current_partial: Option<String>,
     pub current_partial_bytes: Option<u64>,
@@ -212,6 +215,7 @@ pub fn report(dir: &Path) -> anyhow::Result<Report> {
         pg_version_num: id.map(|i| i.pg_version_num),
         timeline: None,
         archived_lsn: None,
+        confirmed_lsn: None,
         complete_segments: 0,
         current_partial: None,
         current_partial_bytes: None,
@@ -244,6 +248,10 @@ pub fn report(dir: &Path) -> anyhow::Result<Report> {
             r.timeline = Some(t);
             r.archived_lsn = Some(end.to_string());
             archived = Some(end);
+            let confirmed = crate::archive::read_positions(dir)
+                .filter(|p| p.timeline == t)
+                .map_or(end, |p| p.confirmed.min(end));
+            r.confirmed_lsn = Some(confirmed.to_string());
         }
         if let Some(down) = &r.primary_down {
             let wal_end = down.wal_end.parse::<Lsn>().ok();
@@ -302,6 +310,13 @@ impl std::fmt::Display for Report {
                 .unwrap_or_else(|| "-".into())
         )?;
         writeln!(f, "archived up to:     {}", opt(&self.archived_lsn))?;
+        if self.confirmed_lsn != self.archived_lsn {
+            writeln!(
+                f,
+                "confirmed up to:    {} (beyond: provisional, written by the primary but not yet known flushed)",
+                opt(&self.confirmed_lsn)
+            )?;
+        }
         writeln!(f, "complete segments:  {}", self.complete_segments)?;
         match (&self.current_partial, self.current_partial_bytes) {
             (Some(p), Some(b)) => writeln!(f, "current partial:    {p} ({b} bytes)")?,

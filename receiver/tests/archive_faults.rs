@@ -5,7 +5,7 @@
 use std::fs;
 
 mod common;
-use common::{identity, wal};
+use common::{append_confirmed, identity, wal};
 
 use walship_protocol::Lsn;
 use walship_receiver::archive::Archive;
@@ -18,11 +18,11 @@ fn a_failed_fsync_is_rolled_back_never_counted() {
     let mut a = Archive::open(&path).unwrap();
     a.check_or_pin_identity(identity()).unwrap().unwrap();
     let data = wal(1, 0, 100_000);
-    a.append(1, Lsn(0), &data[..40_000]).unwrap();
-    assert_eq!(a.sync(1).unwrap(), Some(Lsn(40_000)));
+    append_confirmed(&mut a, 1, Lsn(0), &data[..40_000]);
+    assert_eq!(a.sync(1).unwrap().map(|s| s.durable), Some(Lsn(40_000)));
 
     // the next fsync fails: nothing of what it should have covered counts
-    a.append(1, Lsn(40_000), &data[40_000..70_000]).unwrap();
+    append_confirmed(&mut a, 1, Lsn(40_000), &data[40_000..70_000]);
     fail::cfg("archive-fsync", "1*return").unwrap();
     let err = a.sync(1).unwrap_err();
     assert!(
@@ -39,8 +39,8 @@ fn a_failed_fsync_is_rolled_back_never_counted() {
         "unsynced bytes must be dropped"
     );
     // the sender resends; it is written and counted normally
-    a.append(1, Lsn(40_000), &data[40_000..]).unwrap();
-    assert_eq!(a.sync(1).unwrap(), Some(Lsn(100_000)));
+    append_confirmed(&mut a, 1, Lsn(40_000), &data[40_000..]);
+    assert_eq!(a.sync(1).unwrap().map(|s| s.durable), Some(Lsn(100_000)));
     assert_eq!(fs::read(&partial).unwrap(), data);
 
     // a write that fails half-way (disk full) leaves nothing behind either
@@ -52,7 +52,7 @@ fn a_failed_fsync_is_rolled_back_never_counted() {
     assert_eq!(a.resume_points(), vec![(1, Lsn(100_000))]);
 
     // fsync failing for good: the archive refuses every further write and says why
-    a.append(1, Lsn(100_000), &more[100_000..]).unwrap();
+    append_confirmed(&mut a, 1, Lsn(100_000), &more[100_000..]);
     fail::cfg("archive-fsync", "return").unwrap();
     a.sync(1).unwrap_err();
     a.recover_after_error().unwrap_err();
@@ -76,10 +76,10 @@ fn opening_fsyncs_before_counting_anything_durable() {
     let mut a = Archive::open(&path).unwrap();
     a.check_or_pin_identity(identity()).unwrap().unwrap();
     let data = wal(1, 0, 60_000);
-    a.append(1, Lsn(0), &data[..30_000]).unwrap();
-    assert_eq!(a.sync(1).unwrap(), Some(Lsn(30_000)));
+    append_confirmed(&mut a, 1, Lsn(0), &data[..30_000]);
+    assert_eq!(a.sync(1).unwrap().map(|s| s.durable), Some(Lsn(30_000)));
     // written, never fsynced, then the receiver dies: the bytes sit in the page cache only
-    a.append(1, Lsn(30_000), &data[30_000..]).unwrap();
+    append_confirmed(&mut a, 1, Lsn(30_000), &data[30_000..]);
     drop(a);
     // if the fsync on open fails, nothing is counted or offered to a sender
     fail::cfg("archive-fsync", "1*return").unwrap();
@@ -88,7 +88,10 @@ fn opening_fsyncs_before_counting_anything_durable() {
     fail::remove("archive-fsync");
     // once it succeeds, the bytes are on disk and count
     let a = Archive::open(&path).unwrap();
-    assert_eq!(a.resume_points(), vec![(1, Lsn(60_000))]);
+    assert_eq!(a.durable_end(1), Some(Lsn(60_000)));
+    // confirmed only as far as the last sync recorded: the sender resends the rest and it is compared
+    assert_eq!(a.confirmed_end(1), Some(Lsn(30_000)));
+    assert_eq!(a.resume_points(), vec![(1, Lsn(30_000))]);
     scenario.teardown();
 }
 
@@ -102,8 +105,8 @@ fn acknowledged_trailing_zeros_are_kept_on_reopen() {
     a.check_or_pin_identity(identity()).unwrap().unwrap();
     let mut data = wal(1, 0, 50_000);
     data[49_990..].fill(0); // a record ending in zeros, and alignment padding
-    a.append(1, Lsn(0), &data).unwrap();
-    assert_eq!(a.sync(1).unwrap(), Some(Lsn(50_000)));
+    append_confirmed(&mut a, 1, Lsn(0), &data);
+    assert_eq!(a.sync(1).unwrap().map(|s| s.durable), Some(Lsn(50_000)));
     drop(a);
     let a = Archive::open(&path).unwrap();
     assert_eq!(a.resume_points(), vec![(1, Lsn(50_000))]);

@@ -4,7 +4,7 @@
 use std::fs;
 
 mod common;
-use common::{identity, wal, SEG};
+use common::{append_confirmed, identity, wal, SEG};
 
 use walship_protocol::wal::segment_file_name;
 use walship_protocol::Lsn;
@@ -33,7 +33,7 @@ fn failover_state_is_keyed_by_timeline_and_the_handover_survives_a_failure() {
     a.check_or_pin_identity(identity()).unwrap().unwrap();
     let start = 3 * SEG;
     let data = wal(1, start, 50_000);
-    a.append(1, Lsn(start), &data).unwrap();
+    append_confirmed(&mut a, 1, Lsn(start), &data);
     a.sync(1).unwrap();
 
     let state = Failover::request(&dir, tmp.path()).unwrap();

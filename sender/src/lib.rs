@@ -17,6 +17,7 @@
 
 pub mod link;
 pub mod postgres;
+pub mod scout;
 pub mod wal_reader;
 
 use std::path::PathBuf;
@@ -38,6 +39,7 @@ use walship_protocol::walker::{WalkStop, Walker};
 
 use crate::link::{Backoff, Link, LinkError};
 use crate::postgres::{Position, Primary, ServerInfo};
+use crate::scout::Scout;
 use crate::wal_reader::{ReadError, WalReader};
 
 /// Everything the sender needs, with defaults in [`SenderConfig::new`].
@@ -270,7 +272,8 @@ async fn session(
     if let Ok(Stop::PrimaryLost(cause)) = outcome {
         outcome = streaming.drain(shutdown, cause, progressed).await;
     }
-    let acked = streaming.link.acked();
+    // what the receiver holds durably and confirmed: it resumes there at the latest
+    let acked = streaming.link.confirmed();
     if acked > streaming.start {
         *acked_before = Some((streaming.timeline, acked));
     }
@@ -493,6 +496,8 @@ async fn open<'a>(
         pos,
         hot: 0,
         event_due: false,
+        scout: Scout::default(),
+        confirm_sent: start,
         last_query: Instant::now(),
         last_flush_change: Instant::now(),
         slot_at: Lsn(0),
@@ -534,8 +539,9 @@ enum Stop {
 
 /// The streaming phase of a session.
 ///
-/// Invariants: `link.acked() <= link.sent() <= pos.flush` (nothing beyond the primary's flush position is
-/// ever read or sent), and everything in `[start, link.sent())` was read from `pg_wal` and validated.
+/// Invariants: `link.acked() <= link.sent()`; everything in `[start, link.sent())` was read from `pg_wal`
+/// and validated; up to protocol 2 `link.sent() <= pos.flush`, from protocol 3 bytes beyond `pos.flush` are
+/// complete, CRC-valid records (the scout's walk) and never complete a segment.
 struct Streaming<'a> {
     cfg: &'a SenderConfig,
     /// None when the session started while PostgreSQL was down (it only drains).
@@ -555,8 +561,13 @@ struct Streaming<'a> {
     pos: Position,
     /// Precise re-polls left in the current burst of file-system events.
     hot: u32,
-    /// An event arrived while the last query was too recent: query at `last_query + MIN_QUERY_GAP`.
+    /// An event arrived while the last query was too recent: query at `last_query + MIN_QUERY_GAP` (protocol
+    /// 3: at `last_query + CONFIRM_GAP`).
     event_due: bool,
+    /// Protocol 3: where the WAL the primary has written (not only flushed) ends.
+    scout: Scout,
+    /// Protocol 3: what the last Keepalive confirmed (the primary's flush then, or what was sent if less).
+    confirm_sent: Lsn,
     last_query: Instant,
     last_flush_change: Instant,
     /// Where the replication slot was last advanced to, and when.
@@ -577,6 +588,9 @@ impl Streaming<'_> {
             if let Some(stop) = self.pump(shutdown).await? {
                 return Ok(stop);
             }
+            if let Some(stop) = self.confirm(shutdown).await? {
+                return Ok(stop);
+            }
             self.maintain_slot().await;
             if self.last_report.elapsed() >= Duration::from_secs(60) {
                 self.last_report = Instant::now();
@@ -589,7 +603,39 @@ impl Streaming<'_> {
             // the primary low.
             let pending = self.pos.insert > self.pos.flush;
             let mut query = false;
-            if pending && self.hot > 0 {
+            if self.ships_on_write() {
+                // Ship on write: a file-system event makes the scout walk what was written, and the loop ships
+                // it at once. The flush position only confirms: asked at most every CONFIRM_GAP while
+                // something is unconfirmed, else every poll interval.
+                let unconfirmed = self.event_due || pending || self.link.sent() > self.pos.flush;
+                let gap = if unconfirmed {
+                    CONFIRM_GAP
+                } else {
+                    self.cfg.poll_interval
+                };
+                let wait = gap.saturating_sub(self.last_query.elapsed());
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        info!(sent = %self.link.sent(), acked = %self.link.acked(), "shutting down: waiting for the receiver to acknowledge what was sent");
+                        return Ok(Stop::Drain);
+                    }
+                    moved = self.link.recv() => *progressed |= moved?,
+                    _ = next_event(&mut self.events) => {
+                        while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {}
+                        self.scout.advance(&self.reader, self.timeline, self.link.sent()).map_err(read_failure)?;
+                        self.event_due = true;
+                    }
+                    _ = tokio::time::sleep(wait) => query = true,
+                    _ = keepalive.tick() => {
+                        let flush = self.pos.flush;
+                        let grace = self.cfg.shutdown_grace;
+                        if let Some(stop) = finish_on_shutdown(self.link.keepalive(flush, now_micros()), shutdown, grace).await? {
+                            return Ok(stop);
+                        }
+                        self.confirm_sent = self.confirm_sent.max(flush.min(self.link.sent()));
+                    }
+                }
+            } else if pending && self.hot > 0 {
                 self.hot -= 1;
                 // tokio's timers tick in milliseconds; nothing else waits on this thread meanwhile
                 std::thread::sleep(HOT_POLL);
@@ -639,22 +685,52 @@ impl Streaming<'_> {
         }
     }
 
-    /// Sends `[sent, flush)` while the window has room. Returns how to stop if shutdown came meanwhile.
+    /// Protocol 3: the receiver takes WAL before it is flushed (provisional until confirmed).
+    fn ships_on_write(&self) -> bool {
+        self.protocol_version >= 3
+    }
+
+    /// How far to ship: the flush position, and from protocol 3 the written WAL beyond it that the scout
+    /// validated, except the last byte of a segment (a segment is completed in the archive, and handed to
+    /// recovery, only with confirmed bytes).
+    fn target(&self) -> Lsn {
+        let flush = self.pos.flush;
+        if !self.ships_on_write() {
+            return flush;
+        }
+        let Some(written) = self.scout.valid_from(self.link.sent()) else {
+            return flush;
+        };
+        let cap = Lsn(self.seg.segment_start(self.seg.segno(flush) + 1).0 - 1);
+        flush.max(written.min(cap))
+    }
+
+    /// Protocol 3: tells the receiver what the primary has flushed, once it confirms more of what was sent.
+    async fn confirm(&mut self, shutdown: &CancellationToken) -> Result<Option<Stop>, Failure> {
+        let flush = self.pos.flush;
+        let confirms = flush.min(self.link.sent());
+        if !self.ships_on_write() || confirms <= self.confirm_sent {
+            return Ok(None);
+        }
+        let grace = self.cfg.shutdown_grace;
+        let stop =
+            finish_on_shutdown(self.link.keepalive(flush, now_micros()), shutdown, grace).await?;
+        self.confirm_sent = confirms;
+        Ok(stop)
+    }
+
+    /// Sends `[sent, target)` while the window has room. Returns how to stop if shutdown came meanwhile.
     async fn pump(&mut self, shutdown: &CancellationToken) -> Result<Option<Stop>, Failure> {
         let grace = self.cfg.shutdown_grace;
         let mut wrote = false;
-        while self.link.sent() < self.pos.flush && self.link.has_room() {
+        let target = self.target();
+        while self.link.sent() < target && self.link.has_room() {
             if shutdown.is_cancelled() {
                 break;
             }
             let sent = self.link.sent();
             let seg_end = self.seg.segment_start(self.seg.segno(sent) + 1);
-            let end = Lsn(self
-                .pos
-                .flush
-                .0
-                .min(seg_end.0)
-                .min(sent.0 + self.cfg.max_message));
+            let end = Lsn(target.0.min(seg_end.0).min(sent.0 + self.cfg.max_message));
             // A plain blocking read: the runtime is this one thread, and WAL just written is in the page cache.
             let bytes = self
                 .reader
@@ -679,7 +755,8 @@ impl Streaming<'_> {
     /// At most once a second: release WAL the receiver has made durable.
     async fn maintain_slot(&mut self) {
         let Some(slot) = &self.cfg.slot else { return };
-        let acked = self.link.acked();
+        // durable and confirmed: a provisional byte may still be replaced
+        let acked = self.link.confirmed();
         if acked > self.slot_at
             && acked > self.start
             && self.slot_moved.elapsed() >= Duration::from_secs(1)
@@ -1011,6 +1088,9 @@ const HOT_POLL: Duration = Duration::from_micros(250);
 const HOT_POLLS: u32 = 12;
 /// Under sustained load, the shortest time between two position queries.
 const MIN_QUERY_GAP: Duration = Duration::from_micros(500);
+/// Protocol 3 (ship on write): while shipped or written WAL is unconfirmed, the time between two flush
+/// queries. Shipping does not wait for them; they only confirm (and release the slot).
+const CONFIRM_GAP: Duration = Duration::from_millis(5);
 /// No flush for this long makes the next event the start of a burst (precise re-polls allowed).
 const QUIET: Duration = Duration::from_millis(5);
 

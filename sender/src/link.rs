@@ -113,6 +113,8 @@ pub struct Link {
     sent: Lsn,
     /// Everything before this is durable in the archive (the receiver's last `Ack`).
     acked: Lsn,
+    /// How much of `acked` the receiver counts as confirmed (protocol 3; before, all of it).
+    confirmed: Lsn,
     window: u64,
     /// Deadline for each send and for the receiver's silence.
     timeout: Duration,
@@ -144,6 +146,7 @@ impl Link {
             timeline,
             sent: start,
             acked: start,
+            confirmed: start,
             window,
             timeout,
             last_heard: Instant::now(),
@@ -156,6 +159,12 @@ impl Link {
 
     pub fn acked(&self) -> Lsn {
         self.acked
+    }
+
+    /// The position up to which the receiver holds WAL durably and counts it confirmed: what it will
+    /// resume from after a reconnection.
+    pub fn confirmed(&self) -> Lsn {
+        self.confirmed
     }
 
     /// Whether the window has room for more WAL.
@@ -239,8 +248,16 @@ impl Link {
             Some(Ok(ReceiverMessage::Ack {
                 timeline,
                 durable_lsn,
+                confirmed_lsn,
             })) => {
-                if timeline != self.timeline || durable_lsn <= self.acked {
+                if timeline != self.timeline {
+                    return Ok(false);
+                }
+                let confirmed = confirmed_lsn.unwrap_or(durable_lsn).min(durable_lsn);
+                if confirmed > self.confirmed && confirmed <= self.sent {
+                    self.confirmed = confirmed;
+                }
+                if durable_lsn <= self.acked {
                     return Ok(false);
                 }
                 if durable_lsn > self.sent {
@@ -298,6 +315,7 @@ impl Link {
                 if let Ok(ReceiverMessage::Ack {
                     timeline,
                     durable_lsn,
+                    confirmed_lsn,
                 }) = msg
                 {
                     if timeline == self.timeline
@@ -305,6 +323,8 @@ impl Link {
                         && durable_lsn <= self.sent
                     {
                         self.acked = durable_lsn;
+                        let confirmed = confirmed_lsn.unwrap_or(durable_lsn).min(durable_lsn);
+                        self.confirmed = self.confirmed.max(confirmed);
                     }
                 }
             }

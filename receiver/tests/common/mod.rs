@@ -29,3 +29,14 @@ pub fn wal(timeline: u32, start: u64, len: usize) -> Vec<u8> {
     buf.truncate(len);
     buf
 }
+
+/// Appends and confirms, as a sender of protocol 1 or 2 does (it sends only WAL the primary has flushed).
+pub fn append_confirmed(
+    a: &mut walship_receiver::archive::Archive,
+    timeline: u32,
+    start: Lsn,
+    bytes: &[u8],
+) {
+    a.append(timeline, start, bytes).unwrap();
+    a.confirm(timeline, Lsn(start.0 + bytes.len() as u64));
+}

@@ -1,0 +1,167 @@
+//! Finds where the WAL the primary has *written* ends, before PostgreSQL has flushed it: the record walker
+//! over the bytes in `pg_wal/` beyond what was sent, kept between calls so each call walks only what is new.
+//!
+//! Only complete records whose CRC-32C, length, page headers and `xl_prev` link check out are counted, so a
+//! page read while PostgreSQL is still writing it (torn), a recycled segment's old content, or zeros all end
+//! the walk there. The next call starts again from the page of the last valid record's end.
+
+use walship_protocol::wal::{LONG_PAGE_HEADER, XLOG_BLCKSZ};
+use walship_protocol::walker::{WalkStop, Walker};
+use walship_protocol::{Lsn, TimelineId};
+
+use crate::wal_reader::{ReadError, WalReader};
+
+/// Bytes read per step; a walk that needs more reads on.
+const CHUNK: usize = 64 << 10;
+/// Most bytes one call holds (the largest record is 1 GB in theory; anything this far ahead is shipped once
+/// flushed instead).
+const MAX_BYTES: usize = 16 << 20;
+/// A walker this far behind what was sent starts over at what was sent (a catch-up moved past it).
+const RESET_BEHIND: u64 = 1 << 20;
+
+fn page_of(lsn: Lsn) -> Lsn {
+    Lsn(lsn.0 - lsn.0 % XLOG_BLCKSZ as u64)
+}
+
+/// The walker over written WAL of one timeline.
+#[derive(Debug, Default)]
+pub struct Scout {
+    walker: Option<Walker>,
+    /// Where the walker found its first record: everything in `[anchor, end())` is validated records.
+    anchor: Lsn,
+}
+
+impl Scout {
+    /// Where the validated WAL ends, if the scout has walked from at or before `from`: then every byte of
+    /// `[from, end)` belongs to complete, valid records.
+    pub fn valid_from(&self, from: Lsn) -> Option<Lsn> {
+        let w = self.walker.as_ref()?;
+        (self.anchor <= from && w.next_lsn() >= from).then(|| w.next_lsn())
+    }
+
+    /// Walks whatever the primary has written since the last call. `sent` is where shipping stands: a walker
+    /// far behind it starts over there.
+    pub fn advance(
+        &mut self,
+        reader: &WalReader,
+        timeline: TimelineId,
+        sent: Lsn,
+    ) -> Result<(), ReadError> {
+        if let Some(w) = &self.walker {
+            if w.next_lsn().0 + RESET_BEHIND < sent.0 {
+                self.walker = None;
+            }
+        }
+        let exp = reader.expectation(timeline);
+        let base = page_of(self.walker.as_ref().map_or(sent, |w| w.next_lsn()));
+        let mut buf: Vec<u8> = Vec::new();
+        while buf.len() < MAX_BYTES {
+            let at = Lsn(base.0 + buf.len() as u64);
+            let chunk = reader.read_raw(timeline, at, CHUNK)?;
+            if chunk.is_empty() {
+                break;
+            }
+            buf.extend_from_slice(&chunk);
+            let w = match &mut self.walker {
+                Some(w) => w,
+                None => match Walker::resync(exp, &buf, base) {
+                    Ok(w) => {
+                        // right after the page header (validated): the walk covers the page from its
+                        // start; after a continuation of an earlier record, from the first record found
+                        self.anchor = if w.next_lsn().0 - base.0 <= LONG_PAGE_HEADER as u64 {
+                            base
+                        } else {
+                            w.next_lsn()
+                        };
+                        self.walker.insert(w)
+                    }
+                    Err(WalkStop::NeedMore { .. }) => continue,
+                    Err(_) => break,
+                },
+            };
+            match w.walk(&buf, base, |_| {}) {
+                WalkStop::NeedMore { .. } => continue,
+                _ => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walship_protocol::wal::{PageExpectation, XLOG_BLCKSZ};
+    use walship_protocol::walker::WalBuilder;
+    use walship_protocol::WalSegSize;
+
+    const SEG: u64 = 1 << 20;
+
+    fn exp() -> PageExpectation {
+        PageExpectation {
+            magic: walship_protocol::wal::page_magic_for_version(150000).unwrap(),
+            system_identifier: 42,
+            seg_size: WalSegSize::new(SEG).unwrap(),
+            timeline: 1,
+        }
+    }
+
+    /// A segment file holding `wal` (from the segment's start) and then `rest` as the remainder.
+    fn write_segment(dir: &std::path::Path, wal: &[u8], tail: u8) {
+        let mut content = wal.to_vec();
+        content.resize(SEG as usize, tail);
+        std::fs::write(dir.join("000000010000000000000001"), content).unwrap();
+    }
+
+    #[test]
+    fn ships_only_complete_valid_records_as_they_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = WalBuilder::new(exp(), Lsn(SEG));
+        let sizes = [100usize, 3000, 20_000, 50, 9000, 400];
+        let recs: Vec<_> = sizes.iter().map(|n| b.record(*n, 10, 0)).collect();
+        let wal = b.bytes.clone();
+        let reader = WalReader::new(dir.path(), WalSegSize::new(SEG).unwrap(), exp().magic, 42);
+        let mut scout = Scout::default();
+
+        // written up to the middle of the third record, zeros after: the walk ends after the second
+        let cut = (recs[2].start.0 - SEG) as usize + 5000;
+        write_segment(dir.path(), &wal[..cut], 0);
+        scout.advance(&reader, 1, Lsn(SEG)).unwrap();
+        assert_eq!(scout.valid_from(Lsn(SEG)), Some(recs[1].end));
+
+        // the rest arrives, one byte of the fifth record torn (as read while PostgreSQL writes it)
+        let mut torn = wal.clone();
+        let at = (recs[4].start.0 - SEG) as usize + 4000;
+        torn[at] ^= 0xFF;
+        write_segment(dir.path(), &torn, 0);
+        scout.advance(&reader, 1, Lsn(SEG)).unwrap();
+        assert_eq!(scout.valid_from(Lsn(SEG)), Some(recs[3].end));
+
+        // written completely, with an old recycled segment's bytes after it
+        write_segment(dir.path(), &wal, 0x37);
+        scout.advance(&reader, 1, Lsn(SEG)).unwrap();
+        assert_eq!(scout.valid_from(Lsn(SEG)), Some(recs[5].end));
+        // from a position after the anchor and before the end
+        assert_eq!(scout.valid_from(recs[3].start), Some(recs[5].end));
+        assert_eq!(scout.valid_from(Lsn(recs[5].end.0 + 8)), None);
+    }
+
+    #[test]
+    fn starting_mid_record_validates_nothing_before_the_first_record_it_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = WalBuilder::new(exp(), Lsn(SEG));
+        let recs: Vec<_> = [20_000usize, 100, 100]
+            .iter()
+            .map(|n| b.record(*n, 10, 0))
+            .collect();
+        write_segment(dir.path(), &b.bytes, 0);
+        let reader = WalReader::new(dir.path(), WalSegSize::new(SEG).unwrap(), exp().magic, 42);
+        let mut scout = Scout::default();
+        // shipping stands inside the large first record (its third page)
+        let sent = Lsn(SEG + 2 * XLOG_BLCKSZ as u64 + 100);
+        scout.advance(&reader, 1, sent).unwrap();
+        // the continuation of the first record is not validated: nothing counts from `sent`
+        assert_eq!(scout.valid_from(sent), None);
+        assert_eq!(scout.valid_from(recs[1].start), Some(recs[2].end));
+    }
+}
