@@ -712,7 +712,7 @@ impl Archive {
         let name = segment_file_name(timeline, seg.segno(at), seg);
         if at < confirmed {
             bail!(
-                "resent WAL differs from the archive at {at} (segment {name}), where the archive holds WAL the primary                  had confirmed (flushed, up to {confirmed}): the sender's history diverged from what was archived;                  refusing to overwrite"
+                "resent WAL differs from the archive at {at} (segment {name}), where the archive holds WAL the primary had confirmed (flushed, up to {confirmed}): the sender's history diverged from what was archived; refusing to overwrite"
             );
         }
         let Some(cur) = self
@@ -721,7 +721,7 @@ impl Archive {
             .filter(|c| c.timeline == timeline && c.segno == seg.segno(at))
         else {
             bail!(
-                "resent WAL differs from the archive at {at} (segment {name}, complete): a complete segment is never                  changed; refusing to overwrite"
+                "resent WAL differs from the archive at {at} (segment {name}, complete): a complete segment is never changed; refusing to overwrite"
             );
         };
         let offset = seg.offset(at);
@@ -742,7 +742,7 @@ impl Archive {
             from = %at,
             dropped,
             confirmed = %confirmed,
-            "replacing provisional WAL: the primary now has different WAL where it had written but not flushed              it (its operating system lost unflushed WAL); the archive follows the primary"
+            "replacing provisional WAL: the primary now has different WAL where it had written but not flushed it (its operating system lost unflushed WAL); the archive follows the primary"
         );
         Ok(())
     }

@@ -72,9 +72,9 @@ pub async fn connect(
         .with_context(|| format!("connecting to receiver {addr} timed out"))?
 }
 
-type Tls = TlsStream<TcpStream>;
-type Rx = FramedRead<ReadHalf<Tls>, MessageCodec<ReceiverMessage, SenderMessage>>;
-type Tx = FramedWrite<WriteHalf<Tls>, MessageCodec<ReceiverMessage, SenderMessage>>;
+pub type Tls = TlsStream<TcpStream>;
+pub type Rx = FramedRead<ReadHalf<Tls>, MessageCodec<ReceiverMessage, SenderMessage>>;
+pub type Tx = FramedWrite<WriteHalf<Tls>, MessageCodec<ReceiverMessage, SenderMessage>>;
 
 /// Why the link failed.
 #[derive(Debug, thiserror::Error)]
