@@ -1,7 +1,11 @@
-//! postgres crashes, its host lives (kill -9 of the postmaster and its children under a ledger of
-//! acknowledged commits plus pgbench): how many acknowledged commits are not in each target when the dust
-//! settles. walship (which drains pg_wal after the crash) and pg_receivewal --synchronous (with a slot) ship
-//! from the same primary in the same trial, so both see the same crash.
+//! Two failures under a ledger of acknowledged commits plus pgbench, and how many acknowledged commits are
+//! not in each target when the dust settles. walship and pg_receivewal --synchronous (with a slot) ship from
+//! the same primary in the same trial, so both see the same crash.
+//!
+//! - `crash`: postgres crashes, its host lives (kill -9 of the postmaster and its children). walship drains
+//!   pg_wal after the crash.
+//! - `hostdeath`: the primary's host dies (the postmaster, its children and the walship sender SIGKILLed in
+//!   one `kill`; the receivers live). Nothing can be drained: what counts is what reached the target before.
 //!
 //! A commit's end is not known to the client; the ledger records the primary's flush position right after
 //! each commit, which bounds it: the commit ended after the previous row's recorded position and at or before
@@ -17,6 +21,13 @@ use walship_tests::cluster::WAIT;
 use walship_tests::ledger::Ledger;
 
 use crate::{Settings, Target, World};
+
+/// Which failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    PostgresCrash,
+    HostDeath,
+}
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CrashTrial {
@@ -56,10 +67,14 @@ fn count(log: &std::path::Path, pattern: &str) -> usize {
     log_text(log).matches(pattern).count()
 }
 
-pub async fn crash_scenario(settings: &Settings) -> Result<Vec<CrashTrial>> {
+pub async fn crash_scenario(settings: &Settings, failure: Failure) -> Result<Vec<CrashTrial>> {
     let trials = if settings.quick { 2 } else { 5 };
-    let mut world = World::new("bench-crash", settings).await?;
-    let mut walship = world.start_walship("crash").await?;
+    let name = match failure {
+        Failure::PostgresCrash => "crash",
+        Failure::HostDeath => "hostdeath",
+    };
+    let mut world = World::new(&format!("bench-{name}"), settings).await?;
+    let mut walship = world.start_walship(name).await?;
     let mut results = Vec::new();
     let mut rng = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -82,29 +97,53 @@ pub async fn crash_scenario(settings: &Settings) -> Result<Vec<CrashTrial>> {
         tokio::time::sleep(wait).await;
         let sender = walship.sender.as_ref().context("sender")?.log.clone();
         let sender = sender.as_path();
+        let receiver = walship.receiver.log.clone();
+        let ended =
+            |log: &std::path::Path| count(log, "session ended") + count(log, "closing connection");
         let drained_before = count(sender, "primary down: the receiver holds");
-        world.primary.kill9();
+        let ended_before = ended(&receiver);
+        let mut drain_ms = 0;
+        if failure == Failure::HostDeath {
+            let pid = walship.sender.as_ref().context("sender")?.pid();
+            world.primary.kill9_with(&[pid]);
+            if let Some(mut s) = walship.sender.take() {
+                s.kill9(); // reaps it
+            }
+        } else {
+            world.primary.kill9();
+        }
         let rows = ledger.finish().await;
         let _ = bench.kill();
         let _ = bench.wait();
-        // walship: wait for the drain
         let deadline = Instant::now() + WAIT;
-        while count(sender, "primary down: the receiver holds") <= drained_before {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the walship sender did not drain"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if failure == Failure::HostDeath {
+            // walship: the receiver ends the session once its writer has made everything received durable
+            while ended(&receiver) <= ended_before {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the walship receiver did not notice the sender's death"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        } else {
+            // walship: wait for the drain
+            while count(sender, "primary down: the receiver holds") <= drained_before {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the walship sender did not drain"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            drain_ms = log_text(sender)
+                .lines()
+                .rfind(|l| l.contains("primary down: the receiver holds"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix("drain_ms="))
+                })
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
         }
-        let drain_ms = log_text(sender)
-            .lines()
-            .rfind(|l| l.contains("primary down: the receiver holds"))
-            .and_then(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("drain_ms="))
-            })
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
         // pg_receivewal: it exits when its connection is gone
         let deadline = Instant::now() + WAIT;
         while receivewal.child.try_wait()?.is_none() {
@@ -116,7 +155,7 @@ pub async fn crash_scenario(settings: &Settings) -> Result<Vec<CrashTrial>> {
         let (wl, wp) = losses(&rows, w_end);
         let (rl, rp) = losses(&rows, r_end);
         eprintln!(
-            "crash {trial}: {} acknowledged; walship ends at {w_end} (lost {wl}, possibly {wp}; drained in {drain_ms} ms), pg_receivewal at {r_end} (lost {rl}, possibly {rp})",
+            "{name} {trial}: {} acknowledged; walship ends at {w_end} (lost {wl}, possibly {wp}; drained in {drain_ms} ms), pg_receivewal at {r_end} (lost {rl}, possibly {rp})",
             rows.len()
         );
         results.push(CrashTrial {
@@ -131,16 +170,22 @@ pub async fn crash_scenario(settings: &Settings) -> Result<Vec<CrashTrial>> {
             receivewal_possibly_lost: rp,
         });
         drop(receivewal);
-        // crash recovery on the same host; walship resumes by itself
-        let back_before = count(sender, "PostgreSQL is back");
-        world.primary.start();
-        let deadline = Instant::now() + WAIT;
-        while count(sender, "PostgreSQL is back") <= back_before {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the walship sender did not resume"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if failure == Failure::HostDeath {
+            // the host is back: crash recovery, and a new sender
+            world.primary.start();
+            walship.sender = Some(world.start_sender(walship.receiver.port));
+        } else {
+            // crash recovery on the same host; walship resumes by itself
+            let back_before = count(sender, "PostgreSQL is back");
+            world.primary.start();
+            let deadline = Instant::now() + WAIT;
+            while count(sender, "PostgreSQL is back") <= back_before {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the walship sender did not resume"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         world.drop_slots().await;
     }

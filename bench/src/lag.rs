@@ -12,6 +12,8 @@ pub(crate) struct Poller {
     pub(crate) series: Arc<Mutex<Series>>,
     /// The target's `written` positions, when it has them.
     pub(crate) written: Arc<Mutex<Series>>,
+    /// The target's `confirmed` positions, when it has them.
+    pub(crate) confirmed: Arc<Mutex<Series>>,
     pub(crate) handle: std::thread::JoinHandle<Box<dyn Target>>,
 }
 
@@ -20,10 +22,24 @@ impl Poller {
         let stop = Arc::new(AtomicBool::new(false));
         let series = Arc::new(Mutex::new(Vec::new()));
         let written = Arc::new(Mutex::new(Vec::new()));
-        let (s, v, w) = (stop.clone(), series.clone(), written.clone());
+        let confirmed = Arc::new(Mutex::new(Vec::new()));
+        let (s, v, w, c) = (
+            stop.clone(),
+            series.clone(),
+            written.clone(),
+            confirmed.clone(),
+        );
         let handle = std::thread::spawn(move || {
-            let (mut last, mut last_written) = (Lsn(0), Lsn(0));
+            let (mut last, mut last_written, mut last_confirmed) = (Lsn(0), Lsn(0), Lsn(0));
             while !s.load(Ordering::Relaxed) {
+                if let Some(p) = target.confirmed() {
+                    if p > last_confirmed {
+                        last_confirmed = p;
+                        if let Ok(mut c) = c.lock() {
+                            c.push((Instant::now(), p));
+                        }
+                    }
+                }
                 if let Some(p) = target.written() {
                     if p > last_written {
                         last_written = p;
@@ -48,6 +64,7 @@ impl Poller {
             stop,
             series,
             written,
+            confirmed,
             handle,
         }
     }
@@ -60,13 +77,15 @@ impl Poller {
             .unwrap_or(Lsn(0))
     }
 
-    /// The target back, its position series and its written series (empty if it has none).
-    pub(crate) fn finish(self) -> (Box<dyn Target>, Series, Series) {
+    /// The target back, its position series, its written series and its confirmed series (empty if it has
+    /// none).
+    pub(crate) fn finish(self) -> (Box<dyn Target>, Series, Series, Series) {
         self.stop.store(true, Ordering::Relaxed);
         let target = self.handle.join().expect("poller thread");
         let series = self.series.lock().map(|v| v.clone()).unwrap_or_default();
         let written = self.written.lock().map(|v| v.clone()).unwrap_or_default();
-        (target, series, written)
+        let confirmed = self.confirmed.lock().map(|v| v.clone()).unwrap_or_default();
+        (target, series, written, confirmed)
     }
 }
 
@@ -239,7 +258,7 @@ pub(crate) async fn measure_lag(
         .iter()
         .map(|(r, p)| (r.clone(), peak_rss_mb(*p).unwrap_or(0.0)))
         .collect();
-    let (target, series, written) = poller.finish();
+    let (target, series, written, confirmed) = poller.finish();
 
     let never = 1e9;
     let probe_ms = |series: &[(Instant, Lsn)]| -> Vec<f64> {
@@ -285,6 +304,15 @@ pub(crate) async fn measure_lag(
             target: format!("{name} (written)"),
             probe_ms: percentiles(probe_ms(&written)),
             flush_ms: percentiles(flush_ms(&written)),
+            ..durable.clone()
+        });
+    }
+    if !confirmed.is_empty() {
+        // durable and confirmed: the primary had flushed it and walship knew
+        results.push(LagResult {
+            target: format!("{name} (confirmed)"),
+            probe_ms: percentiles(probe_ms(&confirmed)),
+            flush_ms: percentiles(flush_ms(&confirmed)),
             ..durable.clone()
         });
     }

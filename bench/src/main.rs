@@ -70,6 +70,7 @@ impl Settings {
                 "catchup".into(),
                 "overhead".into(),
                 "crash".into(),
+                "hostdeath".into(),
             ],
             lag_seconds: 30,
             rate_seconds: 20,
@@ -98,14 +99,14 @@ impl Settings {
                 "--scenario" => {
                     s.scenarios = args
                         .next()
-                        .context("--scenario needs lag, catchup, overhead or crash")?
+                        .context("--scenario needs lag, catchup, overhead, crash or hostdeath")?
                         .split(',')
                         .map(str::to_owned)
                         .collect()
                 }
                 "-h" | "--help" => {
                     println!(
-                        "walship-bench [--quick] [--scenario lag,catchup,overhead,crash] [--walship-only] [--json FILE]\n\n\
+                        "walship-bench [--quick] [--scenario lag,catchup,overhead,crash,hostdeath] [--walship-only] [--json FILE]\n\n\
                          Benchmarks walship against pg_receivewal and archive_command file shipping on this machine,\n\
                          with PostgreSQL from WALSHIP_PG_BIN or /usr/lib/postgresql/*/bin. --quick runs a short smoke\n\
                          version of every scenario. --walship-only leaves the references out of the lag scenario\n\
@@ -157,7 +158,11 @@ async fn main() -> Result<()> {
         }
         if settings.scenarios.iter().any(|s| s == "crash") {
             eprintln!("crash of postgres ...");
-            report.crash = crash::crash_scenario(&settings).await?;
+            report.crash = crash::crash_scenario(&settings, crash::Failure::PostgresCrash).await?;
+        }
+        if settings.scenarios.iter().any(|s| s == "hostdeath") {
+            eprintln!("death of the primary's host ...");
+            report.host_death = crash::crash_scenario(&settings, crash::Failure::HostDeath).await?;
         }
         anyhow::Ok(())
     };

@@ -13,6 +13,7 @@ pub(crate) struct Report {
     pub(crate) ceilings: Option<Ceilings>,
     pub(crate) overhead: Option<OverheadResult>,
     pub(crate) crash: Vec<crash::CrashTrial>,
+    pub(crate) host_death: Vec<crash::CrashTrial>,
 }
 
 pub(crate) fn machine() -> String {
@@ -43,18 +44,29 @@ pub(crate) fn machine() -> String {
 }
 
 pub(crate) fn print_crash(r: &Report) {
-    if r.crash.is_empty() {
+    print_trials(
+        &r.crash,
+        "Postgres crash (kill -9 of the postmaster and its children; the host lives)",
+    );
+    print_trials(
+        &r.host_death,
+        "Host death (kill -9 of the postmaster, its children and the walship sender in one kill; the receivers live)",
+    );
+}
+
+fn print_trials(trials: &[crash::CrashTrial], title: &str) {
+    if trials.is_empty() {
         return;
     }
     println!(
-        "\nPostgres crash (kill -9 of the postmaster and its children; the host lives), both shippers in the same trial:\n\
+        "\n{title}, both shippers in the same trial:\n\
          acknowledged commits not in the target: lost for certain / possibly (bounds from the ledger's flush positions)"
     );
     println!(
         "{:>5} {:>12} | {:>22} {:>9} | {:>22}",
         "trial", "acknowledged", "walship lost", "drain ms", "pg_receivewal --sync lost"
     );
-    for t in &r.crash {
+    for t in trials {
         println!(
             "{:>5} {:>12} | {:>22} {:>9} | {:>22}",
             t.trial,

@@ -38,6 +38,10 @@ pub(crate) trait Target: Send {
     fn written(&mut self) -> Option<Lsn> {
         None
     }
+    /// For a target that holds WAL before the primary flushed it (walship): where the confirmed part ends.
+    fn confirmed(&mut self) -> Option<Lsn> {
+        None
+    }
     /// Processes whose CPU counts: (role, pid).
     fn pids(&self) -> Vec<(String, u32)>;
 }
@@ -69,6 +73,10 @@ impl Target for WalshipTarget {
             .ok()?
             .len();
         Some(Lsn(seg.segment_start(segno).0 + len))
+    }
+    /// The confirmed end `walship.position` records (durable, and flushed by the primary).
+    fn confirmed(&mut self) -> Option<Lsn> {
+        walship_receiver::archive::read_positions(&self.archive).map(|p| p.confirmed)
     }
     fn pids(&self) -> Vec<(String, u32)> {
         let mut v = vec![("receiver".to_string(), self.receiver.pid())];

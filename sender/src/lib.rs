@@ -1,18 +1,22 @@
-//! walship sender: asks the primary where its WAL is flushed, reads the new bytes straight out of the segment
-//! files in `pg_wal/`, validates their page headers and streams them to a walship receiver over TLS.
+//! walship sender: reads WAL straight out of the segment files in `pg_wal/` as PostgreSQL writes it, validates
+//! it, and streams it to a walship receiver over TLS; the primary's flush position confirms what was shipped.
 //!
 //! | module        | what it owns |
 //! |---------------|--------------|
 //! | [`postgres`]  | the tokio-postgres connection: version dialect, identity, segment size, flush position |
 //! | [`wal_reader`]| reading and validating segment files |
+//! | [`scout`]     | the record walker over written, not yet flushed WAL |
 //! | [`link`]      | the TLS connection to the receiver |
 //!
 //! The loop ([`run`]): connect to PostgreSQL and to the receiver, say `Hello`, resume where the receiver's
-//! `Welcome` says its durable WAL ends, then repeat: wait for new WAL (inotify on the WAL directory, a short
-//! poll as a fallback, a 1 ms re-poll while written WAL is not yet flushed), read the flush position, send
-//! `[shipped, flush)` in chunks while fewer than `window` bytes are unacknowledged. Any network or PostgreSQL
-//! error restarts the session after a backoff; the receiver's `Welcome` says where to continue, so nothing is
-//! lost or reordered.
+//! `Welcome` says its confirmed, durable WAL ends, then repeat. With a receiver of protocol 3 (ship on write):
+//! on an inotify write event the scout walks the new records and every complete, CRC-valid one is sent at once,
+//! before PostgreSQL's fsync; the flush position is read off the critical path (at most every 5 ms while
+//! something is unconfirmed) and sent in a `Keepalive`, which confirms it. With an older receiver only flushed
+//! WAL is sent, and the flush position is polled precisely after each event. Either way at most `window` bytes
+//! are unacknowledged. Any network or PostgreSQL error restarts the session after a backoff; the receiver's
+//! `Welcome` says where to continue, so nothing is lost or reordered. When PostgreSQL is down and its host lives,
+//! every valid record left in `pg_wal/` is drained.
 #![forbid(unsafe_code)]
 
 pub mod link;

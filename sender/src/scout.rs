@@ -5,14 +5,16 @@
 //! page read while PostgreSQL is still writing it (torn), a recycled segment's old content, or zeros all end
 //! the walk there. The next call starts again from the page of the last valid record's end.
 
-use walship_protocol::wal::{LONG_PAGE_HEADER, XLOG_BLCKSZ};
+use walship_protocol::wal::{segment_file_name, LONG_PAGE_HEADER, XLOG_BLCKSZ};
 use walship_protocol::walker::{WalkStop, Walker};
 use walship_protocol::{Lsn, TimelineId};
 
 use crate::wal_reader::{ReadError, WalReader};
 
-/// Bytes read per step; a walk that needs more reads on.
-const CHUNK: usize = 64 << 10;
+/// Bytes read by the first step (a commit's WAL is usually a few kB); each further step reads twice as much,
+/// up to `MAX_CHUNK`.
+const FIRST_CHUNK: usize = 16 << 10;
+const MAX_CHUNK: usize = 1 << 20;
 /// Most bytes one call holds (the largest record is 1 GB in theory; anything this far ahead is shipped once
 /// flushed instead).
 const MAX_BYTES: usize = 16 << 20;
@@ -29,6 +31,10 @@ pub struct Scout {
     walker: Option<Walker>,
     /// Where the walker found its first record: everything in `[anchor, end())` is validated records.
     anchor: Lsn,
+    /// The bytes of the last walk (kept for its capacity: a walk runs on every write event).
+    buf: Vec<u8>,
+    /// The segment file last read, kept open.
+    file: Option<(TimelineId, u64, std::fs::File)>,
 }
 
 impl Scout {
@@ -54,14 +60,16 @@ impl Scout {
         }
         let exp = reader.expectation(timeline);
         let base = page_of(self.walker.as_ref().map_or(sent, |w| w.next_lsn()));
-        let mut buf: Vec<u8> = Vec::new();
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let mut chunk = FIRST_CHUNK;
         while buf.len() < MAX_BYTES {
             let at = Lsn(base.0 + buf.len() as u64);
-            let chunk = reader.read_raw(timeline, at, CHUNK)?;
-            if chunk.is_empty() {
+            if self.read_into(reader, timeline, at, chunk, &mut buf)? == 0 {
                 break;
             }
-            buf.extend_from_slice(&chunk);
+            chunk = (chunk * 2).min(MAX_CHUNK);
+            let buf = &buf;
             let w = match &mut self.walker {
                 Some(w) => w,
                 None => match Walker::resync(exp, &buf, base) {
@@ -79,12 +87,58 @@ impl Scout {
                     Err(_) => break,
                 },
             };
-            match w.walk(&buf, base, |_| {}) {
+            match w.walk(buf, base, |_| {}) {
                 WalkStop::NeedMore { .. } => continue,
                 _ => break,
             }
         }
+        self.buf = buf;
         Ok(())
+    }
+
+    /// Appends up to `max` bytes of `timeline` from `start` to `out` (not past the segment's end; fewer where
+    /// the file ends, none where it is missing). Returns how many.
+    fn read_into(
+        &mut self,
+        reader: &WalReader,
+        timeline: TimelineId,
+        start: Lsn,
+        max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, ReadError> {
+        use std::os::unix::fs::FileExt;
+        let seg = reader.segment_size();
+        let segno = seg.segno(start);
+        let name = segment_file_name(timeline, segno, seg);
+        if !matches!(&self.file, Some((t, s, _)) if *t == timeline && *s == segno) {
+            self.file = None;
+            match std::fs::File::open(reader.dir().join(&name)) {
+                Ok(f) => self.file = Some((timeline, segno, f)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+                Err(source) => return Err(ReadError::Io { file: name, source }),
+            }
+        }
+        let Some((_, _, file)) = &self.file else {
+            return Ok(0);
+        };
+        let offset = seg.offset(start);
+        let len = ((seg.as_u64() - offset) as usize).min(max);
+        let from = out.len();
+        out.resize(from + len, 0);
+        let mut got = 0;
+        while got < len {
+            match file.read_at(&mut out[from + got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    out.truncate(from);
+                    return Err(ReadError::Io { file: name, source });
+                }
+            }
+        }
+        out.truncate(from + got);
+        Ok(got)
     }
 }
 

@@ -51,6 +51,10 @@ impl WalReader {
         &self.dir
     }
 
+    pub fn segment_size(&self) -> WalSegSize {
+        self.seg
+    }
+
     /// Reads `[start, end)` of `timeline` (both in one segment, `end` at most the segment's end). The pages
     /// touched are validated from their start. Returns exactly the requested bytes, without copying.
     pub fn read(&mut self, timeline: TimelineId, start: Lsn, end: Lsn) -> Result<Bytes, ReadError> {

@@ -307,6 +307,12 @@ impl Cluster {
     /// SIGKILL of the postmaster and all its children at once (the OOM killer, an operator's `kill -9`):
     /// nothing is flushed, `postmaster.pid` stays behind. Returns once the postmaster is gone.
     pub fn kill9(&mut self) {
+        self.kill9_with(&[]);
+    }
+
+    /// [`Cluster::kill9`], and the processes `others` in the same `kill` (the primary's host dying: its
+    /// walship sender goes down at the same instant as PostgreSQL).
+    pub fn kill9_with(&mut self, others: &[u32]) {
         let text =
             std::fs::read_to_string(self.data.join("postmaster.pid")).expect("postmaster.pid");
         let pid: u32 = text
@@ -314,7 +320,8 @@ impl Cluster {
             .next()
             .and_then(|l| l.trim().parse().ok())
             .expect("postmaster pid");
-        let mut pids = vec![pid.to_string()];
+        let mut pids: Vec<String> = others.iter().map(u32::to_string).collect();
+        pids.push(pid.to_string());
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
                 continue;
