@@ -72,7 +72,7 @@ impl Scout {
             let buf = &buf;
             let w = match &mut self.walker {
                 Some(w) => w,
-                None => match Walker::resync(exp, &buf, base) {
+                None => match Walker::resync(exp, buf, base) {
                     Ok(w) => {
                         // right after the page header (validated): the walk covers the page from its
                         // start; after a continuation of an earlier record, from the first record found
