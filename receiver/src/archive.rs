@@ -257,6 +257,30 @@ pub struct Archive {
     /// Per timeline, where the WAL the current session sent (or resent and matched) ends. Nothing beyond it
     /// is acknowledged or confirmed in this session: the archive may hold a stale provisional tail there.
     verified: BTreeMap<TimelineId, Lsn>,
+    /// Bumped whenever archived bytes are taken back (a replaced provisional tail, a rollback after an
+    /// error): a sync job prepared before counts for nothing.
+    generation: u64,
+}
+
+/// The fdatasync of a pipelined sync (see [`Archive::prepare_sync`]): run [`SyncJob::run`] on another
+/// thread while the archive takes more appends.
+#[derive(Debug)]
+pub struct SyncJob {
+    /// A handle of the open partial, its path, timeline, segment and the length to make durable.
+    file: Option<(File, PathBuf, TimelineId, SegNo, u64)>,
+    /// Where each timeline's WAL ended when the job was prepared: durable once it succeeds.
+    ends: BTreeMap<TimelineId, Lsn>,
+    generation: u64,
+}
+
+impl SyncJob {
+    /// The fdatasync (no archive state is touched).
+    pub fn run(&self) -> Result<()> {
+        match &self.file {
+            Some((file, path, ..)) => sync_file(file, path, false),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What [`Archive::sync`] made durable.
@@ -405,6 +429,7 @@ impl Archive {
             durable: BTreeMap::new(),
             confirmed: BTreeMap::new(),
             verified: BTreeMap::new(),
+            generation: 0,
         };
         archive.scan()?;
         Ok(archive)
@@ -733,6 +758,7 @@ impl Archive {
         cur.len = offset;
         cur.synced = offset;
         let path = cur.path.clone();
+        self.generation += 1;
         self.ends.insert(timeline, at);
         let durable = self.durable.entry(timeline).or_insert(at);
         *durable = (*durable).min(at);
@@ -879,9 +905,72 @@ impl Archive {
             self.durable.insert(*t, *end);
         }
         self.write_position();
-        let Some(durable) = self.durable.get(&timeline).copied() else {
-            return Ok(None);
+        Ok(self.synced(timeline))
+    }
+
+    /// Whether anything appended is not yet on disk (an fsync is due).
+    pub fn unsynced(&self) -> bool {
+        self.dir_dirty || self.current.as_ref().is_some_and(|c| c.synced < c.len)
+    }
+
+    /// Pipelined sync, step 1 (with the archive): fsyncs the directory if names changed (rare: a new or
+    /// completed segment), and returns the fdatasync of the open partial to run elsewhere, so that appends
+    /// go on meanwhile. What the job covers counts as durable once [`Archive::finish_sync`] has its result.
+    pub fn prepare_sync(&mut self) -> Result<SyncJob> {
+        self.check_usable()?;
+        if self.dir_dirty {
+            fsync_dir(&self.dir_handle, &self.dir)?;
+            self.dir_dirty = false;
+        }
+        let file = match &self.current {
+            Some(c) if c.synced < c.len => Some((
+                c.file
+                    .try_clone()
+                    .with_context(|| format!("duplicate the handle of {}", c.path.display()))?,
+                c.path.clone(),
+                c.timeline,
+                c.segno,
+                c.len,
+            )),
+            _ => None,
         };
+        Ok(SyncJob {
+            file,
+            ends: self.ends.clone(),
+            generation: self.generation,
+        })
+    }
+
+    /// Pipelined sync, step 3 (with the archive): `result` is the job's; on success everything it covered is
+    /// durable. Returns what of `timeline` is durable and confirmed, as [`Archive::sync`] does. An error is
+    /// the fsync's: call [`Archive::recover_after_error`].
+    pub fn finish_sync(
+        &mut self,
+        timeline: TimelineId,
+        job: SyncJob,
+        result: Result<()>,
+    ) -> Result<Option<Synced>> {
+        result?;
+        if job.generation != self.generation {
+            // bytes were taken back meanwhile (and what remained was fsynced then): nothing to count
+            return Ok(self.synced(timeline));
+        }
+        if let (Some((_, _, t, segno, len)), Some(cur)) = (&job.file, self.current.as_mut()) {
+            if cur.timeline == *t && cur.segno == *segno {
+                cur.synced = cur.synced.max(*len);
+            }
+        }
+        for (t, end) in &job.ends {
+            let d = self.durable.entry(*t).or_insert(*end);
+            *d = (*d).max(*end);
+        }
+        self.write_position();
+        Ok(self.synced(timeline))
+    }
+
+    /// What of `timeline` is durable and confirmed, never beyond what the session sent.
+    fn synced(&self, timeline: TimelineId) -> Option<Synced> {
+        let durable = self.durable.get(&timeline).copied()?;
         let durable = self
             .verified
             .get(&timeline)
@@ -890,7 +979,7 @@ impl Archive {
             .confirmed
             .get(&timeline)
             .map_or(Lsn(0), |c| durable.min(*c));
-        Ok(Some(Synced { durable, confirmed }))
+        Some(Synced { durable, confirmed })
     }
 
     /// Rewrites `walship.position` in place (fixed width: one small pwrite per group commit).
@@ -918,6 +1007,7 @@ impl Archive {
     /// that fails, the archive is unusable until the receiver is restarted: every later call fails with the
     /// reason, and the caller should stop.
     pub fn recover_after_error(&mut self) -> Result<()> {
+        self.generation += 1;
         let result = (|| -> Result<()> {
             if let Some(cur) = self.current.take() {
                 if cur.synced < cur.len || file_len(&cur.file) != Some(cur.len) {

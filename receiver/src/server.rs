@@ -461,6 +461,11 @@ enum Cmd {
         timeline: TimelineId,
         flush: Lsn,
     },
+    /// The syncer thread's result of a sync job.
+    Synced {
+        job: crate::archive::SyncJob,
+        result: Result<()>,
+    },
     History {
         timeline: TimelineId,
         content: bytes::Bytes,
@@ -486,23 +491,44 @@ const MAX_BATCH: usize = 64 << 20;
 const CATCHUP_WAIT: std::time::Duration = std::time::Duration::from_micros(250);
 const CATCHUP_WAITS: u32 = 8;
 
-/// Applies commands to the archive, one fsync per batch. Runs on a blocking thread; not cancellation safe.
+/// Applies commands to the archive. Runs on a blocking thread; not cancellation safe.
+///
+/// Group commit, pipelined: after a batch of appends the fdatasync of the open partial runs on a syncer
+/// thread while the writer keeps appending what arrives meanwhile (so WAL lands in the archive's file at
+/// once, not after the fsync in progress); when the sync's result comes back, what it covered is
+/// acknowledged and the next sync covers everything appended since.
 fn writer_loop(
     mut archive: OwnedMutexGuard<Archive>,
     mut rx: mpsc::Receiver<Cmd>,
+    weak: mpsc::WeakSender<Cmd>,
     acks: AckTx,
     timeline: TimelineId,
     version: u16,
 ) -> Result<(), WriterError> {
+    let (jobs, syncer) = start_syncer();
+    let mut inflight = false;
+    let publish = |synced: Option<Synced>| {
+        if let Some(synced) = synced {
+            crate::archive::crash_point!("receiver-fsynced-before-ack");
+            acks.send_replace(Some((timeline, synced)));
+        }
+    };
     let result = (|| -> Result<()> {
         while let Some(cmd) = rx.blocking_recv() {
             let mut next = Some(cmd);
             let mut taken = 0usize;
             let mut waits = 0;
+            let mut commands = false;
             loop {
                 let Some(cmd) = next.take() else { break };
                 let large = match cmd {
+                    Cmd::Synced { job, result } => {
+                        inflight = false;
+                        publish(archive.finish_sync(timeline, job, result)?);
+                        false
+                    }
                     Cmd::Wal(w) => {
+                        commands = true;
                         taken += w.bytes.len();
                         archive.append(w.timeline, w.start_lsn, &w.bytes)?;
                         if version < 3 {
@@ -512,10 +538,12 @@ fn writer_loop(
                         w.bytes.len() >= LARGE_MESSAGE
                     }
                     Cmd::Confirm { timeline, flush } => {
+                        commands = true;
                         archive.confirm(timeline, flush);
                         false
                     }
                     Cmd::History { timeline, content } => {
+                        commands = true;
                         archive.store_history(timeline, &content)?;
                         false
                     }
@@ -524,6 +552,7 @@ fn writer_loop(
                         wal_end,
                         since_unix_micros,
                     } => {
+                        commands = true;
                         let state =
                             archive.record_primary_down(timeline, wal_end, since_unix_micros)?;
                         if state.complete() {
@@ -546,14 +575,52 @@ fn writer_loop(
                     next = rx.try_recv().ok();
                 }
             }
-            crate::archive::crash_point!("receiver-written-before-fsync");
-            if let Some(synced) = archive.sync(timeline)? {
-                crate::archive::crash_point!("receiver-fsynced-before-ack");
-                acks.send_replace(Some((timeline, synced)));
+            if inflight {
+                continue; // the sync in progress reports back; the next one covers this batch
             }
+            if archive.unsynced() {
+                crate::archive::crash_point!("receiver-written-before-fsync");
+                let job = archive.prepare_sync()?;
+                match weak.upgrade() {
+                    Some(reply) => {
+                        inflight = true;
+                        if let Err(std::sync::mpsc::SendError((job, _))) = jobs.send((job, reply)) {
+                            // no syncer thread: sync here
+                            inflight = false;
+                            let r = job.run();
+                            publish(archive.finish_sync(timeline, job, r)?);
+                        }
+                    }
+                    None => {
+                        // the session is over: no one to report back to, sync here
+                        let r = job.run();
+                        publish(archive.finish_sync(timeline, job, r)?);
+                    }
+                }
+            } else if commands {
+                // nothing to fsync (a confirmation, WAL sent twice): record and acknowledge
+                publish(archive.sync(timeline)?);
+            }
+        }
+        // every sender is gone and no sync is in progress: make the last appends durable
+        if archive.unsynced() {
+            crate::archive::crash_point!("receiver-written-before-fsync");
+            publish(archive.sync(timeline)?);
         }
         Ok(())
     })();
+    if result.is_err() && inflight {
+        // the sync in progress holds a sender: wait for its result before touching the files (and before
+        // joining the syncer, which may be waiting for room in the channel)
+        while let Some(cmd) = rx.blocking_recv() {
+            if matches!(cmd, Cmd::Synced { .. }) {
+                break;
+            }
+        }
+    }
+    drop(rx);
+    drop(jobs);
+    let _ = syncer.join();
     let Err(e) = result else { return Ok(()) };
     // nothing written since the last good fsync is trusted: undo it, so the sender resends it
     match archive.recover_after_error() {
@@ -567,6 +634,35 @@ fn writer_loop(
         Err(again) => Err(WriterError::Unrecoverable(
             e.context(format!("undoing it failed: {again:#}")),
         )),
+    }
+}
+
+/// A sync job and where to report its result.
+type SyncRequest = (crate::archive::SyncJob, mpsc::Sender<Cmd>);
+
+/// The syncer thread: runs each job's fdatasync and reports back as a [`Cmd::Synced`]. Ends when the job
+/// channel closes.
+fn start_syncer() -> (
+    std::sync::mpsc::Sender<SyncRequest>,
+    std::thread::JoinHandle<()>,
+) {
+    let (tx, rx) = std::sync::mpsc::channel::<SyncRequest>();
+    let handle = std::thread::Builder::new()
+        .name("walship-fsync".into())
+        .spawn(move || {
+            while let Ok((job, reply)) = rx.recv() {
+                let result = job.run();
+                let _ = reply.blocking_send(Cmd::Synced { job, result });
+            }
+        });
+    match handle {
+        Ok(h) => (tx, h),
+        Err(e) => {
+            // no thread: the writer syncs itself (the send fails at once)
+            warn!("could not start the fsync thread ({e}); syncing on the writer thread");
+            let (dead, _) = std::sync::mpsc::channel();
+            (dead, std::thread::spawn(|| {}))
+        }
     }
 }
 
@@ -604,10 +700,15 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
         )
     });
     let (ack_tx, mut ack_rx) = watch::channel(start);
-    let mut writer_task =
-        tokio::task::spawn_blocking(move || writer_loop(guard, rx, ack_tx, timeline, version));
+    let mut writer_task = {
+        let weak = tx.downgrade();
+        tokio::task::spawn_blocking(move || writer_loop(guard, rx, weak, ack_tx, timeline, version))
+    };
     let mut writer_result = None;
     let mut last_ack = start;
+    // WAL received while the writer is busy (fsyncing): merged into one command, so that the next fsync
+    // covers all of it however small the messages are (a sender shipping on write sends one per commit)
+    let mut pending = Pending::default();
     shared.status.sender_connected(SenderStatus::new(
         &hello.sender_name,
         timeline,
@@ -630,6 +731,11 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                     writer_result = Some(done);
                     say(&mut writer, ReceiverMessage::Error { reason: reason.clone() }).await;
                     bail!("{reason}; nothing past the last acknowledgement was confirmed");
+                }
+                permit = tx.reserve(), if pending.is_some() => {
+                    if let (Ok(permit), Some(w)) = (permit, pending.take()) {
+                        permit.send(Cmd::Wal(w));
+                    }
                 }
                 changed = ack_rx.changed() => {
                     if changed.is_err() {
@@ -659,14 +765,29 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                                 say(&mut writer, ReceiverMessage::Error { reason: reason.clone() }).await;
                                 bail!(reason);
                             }
-                            if tx.send(Cmd::Wal(w)).await.is_err() {
-                                continue; // the writer ended; its result is picked up above
+                            if let Some(w) = pending.merge(w) {
+                                // not contiguous, or the merged command is large: the writer takes it first
+                                if tx.send(Cmd::Wal(w)).await.is_err() {
+                                    continue; // the writer ended; its result is picked up above
+                                }
+                            }
+                            // the only producer: with room now, the send succeeds; without, merge on
+                            if tx.capacity() == 0 {
+                                continue;
+                            }
+                            if let Some(w) = pending.take() {
+                                match tx.try_send(Cmd::Wal(w)) {
+                                    Ok(()) => {}
+                                    Err(mpsc::error::TrySendError::Full(Cmd::Wal(w))) => pending.put_back(w),
+                                    Err(_) => continue,
+                                }
                             }
                         }
                         SenderMessage::History { timeline: t, content } => {
                             if t > timeline {
                                 bail!("history file of timeline {t} in a session opened for timeline {timeline}");
                             }
+                            pending.flush(&tx).await;
                             if tx.send(Cmd::History { timeline: t, content }).await.is_err() {
                                 continue;
                             }
@@ -675,6 +796,7 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                             shared.status.keepalive(primary_flush_lsn, sent_at_unix_micros);
                             if version >= 3 {
                                 // in order with the WAL before it; the writer acknowledges it
+                                pending.flush(&tx).await;
                                 let confirm = Cmd::Confirm { timeline, flush: primary_flush_lsn };
                                 if tx.send(confirm).await.is_err() {
                                     continue;
@@ -688,6 +810,7 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                                 bail!("PrimaryDown for timeline {t} in a session opened for timeline {timeline}");
                             }
                             shared.status.primary_down(wal_end, down_since_unix_micros);
+                            pending.flush(&tx).await;
                             if tx.send(Cmd::PrimaryDown { timeline: t, wal_end, since_unix_micros: down_since_unix_micros }).await.is_err() {
                                 continue;
                             }
@@ -704,7 +827,9 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     }
     .await;
 
-    // Let the writer finish what it took (so it is durable) and hand the archive back.
+    // Let the writer finish what it took (so it is durable) and hand the archive back. WAL received but not
+    // yet handed to the writer is valid (however the session ended): it is written too.
+    pending.flush(&tx).await;
     drop(tx);
     let writer_result = match writer_result {
         Some(r) => r,
@@ -740,6 +865,69 @@ fn ack_message(timeline: TimelineId, synced: Synced, version: u16) -> ReceiverMe
         timeline,
         durable_lsn: synced.durable,
         confirmed_lsn: (version >= 3).then_some(synced.confirmed),
+    }
+}
+
+/// Contiguous WAL received while the writer was busy, merged into one command.
+#[derive(Default)]
+struct Pending {
+    /// Timeline, first position and bytes (grown in place).
+    wal: Option<(TimelineId, Lsn, bytes::BytesMut)>,
+}
+
+/// The most WAL merged into one command.
+const MERGE_MAX: usize = 4 << 20;
+
+impl Pending {
+    /// Adds `w`; returns what must go to the writer first (the merged WAL, when `w` does not continue it or
+    /// would make it too large).
+    fn merge(
+        &mut self,
+        w: walship_protocol::message::Wal,
+    ) -> Option<walship_protocol::message::Wal> {
+        if let Some((t, start, buf)) = &mut self.wal {
+            if *t == w.timeline
+                && start.0 + buf.len() as u64 == w.start_lsn.0
+                && buf.len() + w.bytes.len() <= MERGE_MAX
+            {
+                buf.extend_from_slice(&w.bytes);
+                return None;
+            }
+        }
+        let first = self.take();
+        let mut buf = bytes::BytesMut::with_capacity(w.bytes.len().max(64 << 10));
+        buf.extend_from_slice(&w.bytes);
+        self.wal = Some((w.timeline, w.start_lsn, buf));
+        first
+    }
+
+    fn is_some(&self) -> bool {
+        self.wal.is_some()
+    }
+
+    fn take(&mut self) -> Option<walship_protocol::message::Wal> {
+        let (timeline, start_lsn, buf) = self.wal.take()?;
+        Some(walship_protocol::message::Wal {
+            timeline,
+            start_lsn,
+            bytes: buf.freeze(),
+        })
+    }
+
+    /// Gives back a command the writer had no room for (it is merged with what comes next).
+    fn put_back(&mut self, w: walship_protocol::message::Wal) {
+        debug_assert!(self.wal.is_none());
+        let mut buf = bytes::BytesMut::with_capacity(w.bytes.len().max(64 << 10));
+        buf.extend_from_slice(&w.bytes);
+        self.wal = Some((w.timeline, w.start_lsn, buf));
+    }
+
+    /// Hands the merged WAL to the writer (waiting for room), so what follows stays in order.
+    async fn flush(&mut self, tx: &mpsc::Sender<Cmd>) {
+        if let Some(w) = self.take() {
+            // an error means the writer ended; the session picks its result up
+            let _ = tx.send(Cmd::Wal(w)).await;
+        }
     }
 }
 

@@ -329,7 +329,7 @@ async fn open<'a>(
             let pos = pg.position().await.map_err(retry)?;
             let origin = Origin { info, wal_dir, pos };
             *remembered = Some(origin.clone());
-            (Some(pg), origin)
+            (Some(Arc::new(pg)), origin)
         }
         Err(Failure::Retry(e)) => {
             // PostgreSQL went down while this process was not streaming (between sessions): its WAL may
@@ -507,6 +507,9 @@ async fn open<'a>(
         slot_at: Lsn(0),
         slot_moved: Instant::now(),
         last_report: Instant::now(),
+        shipped_on_write: 0,
+        asking: None,
+        slot_task: None,
     })
 }
 
@@ -549,7 +552,7 @@ enum Stop {
 struct Streaming<'a> {
     cfg: &'a SenderConfig,
     /// None when the session started while PostgreSQL was down (it only drains).
-    pg: Option<Primary>,
+    pg: Option<Arc<Primary>>,
     /// The primary's data directory (for `postmaster.pid`), when known.
     data_dir: Option<PathBuf>,
     /// The protocol version of the session (2+: the receiver understands `PrimaryDown`).
@@ -578,6 +581,12 @@ struct Streaming<'a> {
     slot_at: Lsn,
     slot_moved: Instant,
     last_report: Instant,
+    /// Bytes sent before the primary had flushed them (protocol 3), since the last progress report.
+    shipped_on_write: u64,
+    /// Protocol 3: the flush query in progress (a task of its own: shipping never waits for it).
+    asking: Option<tokio::task::JoinHandle<anyhow::Result<Position>>>,
+    /// The slot advance in progress, with the position it advances to.
+    slot_task: Option<(Lsn, tokio::task::JoinHandle<anyhow::Result<()>>)>,
 }
 
 impl Streaming<'_> {
@@ -598,7 +607,8 @@ impl Streaming<'_> {
             self.maintain_slot().await;
             if self.last_report.elapsed() >= Duration::from_secs(60) {
                 self.last_report = Instant::now();
-                info!(flush = %self.pos.flush, sent = %self.link.sent(), acked = %self.link.acked(), behind = self.pos.flush.saturating_sub(self.link.acked()), "progress");
+                let on_write = std::mem::take(&mut self.shipped_on_write);
+                info!(flush = %self.pos.flush, sent = %self.link.sent(), acked = %self.link.acked(), behind = self.pos.flush.saturating_sub(self.link.acked()), shipped_on_write_bytes = on_write, "progress");
             }
             // No file-system event announces a flush (only the write before it). While WAL is inserted but not
             // yet flushed, re-poll soon. After a quiet spell (a commit arriving alone) the first event starts
@@ -607,7 +617,13 @@ impl Streaming<'_> {
             // the primary low.
             let pending = self.pos.insert > self.pos.flush;
             let mut query = false;
-            if self.ships_on_write() {
+            if self.held_at_segment_end() {
+                // Written WAL waits for the flush to pass a segment's end (once per segment): PostgreSQL
+                // fsyncs a segment as soon as its last page is written, so poll precisely until it has.
+                std::thread::sleep(HOT_POLL);
+                *progressed |= self.link.poll_received()?;
+                query = true;
+            } else if self.ships_on_write() {
                 // Ship on write: a file-system event makes the scout walk what was written, and the loop ships
                 // it at once. The flush position only confirms: asked at most every CONFIRM_GAP while
                 // something is unconfirmed, else every poll interval.
@@ -629,7 +645,17 @@ impl Streaming<'_> {
                         self.scout.advance(&self.reader, self.timeline, self.link.sent()).map_err(read_failure)?;
                         self.event_due = true;
                     }
-                    _ = tokio::time::sleep(wait) => query = true,
+                    answer = answer(&mut self.asking) => {
+                        self.asking = None;
+                        if let Some(stop) = self.apply_position(answer)? {
+                            return Ok(stop);
+                        }
+                    }
+                    _ = tokio::time::sleep(wait), if self.asking.is_none() => {
+                        if let Some(stop) = self.ask() {
+                            return Ok(stop);
+                        }
+                    }
                     _ = keepalive.tick() => {
                         let flush = self.pos.flush;
                         let grace = self.cfg.shutdown_grace;
@@ -709,6 +735,21 @@ impl Streaming<'_> {
         flush.max(written.min(cap))
     }
 
+    /// Protocol 3: written WAL is held back only because it would complete a segment with unconfirmed bytes.
+    fn held_at_segment_end(&self) -> bool {
+        if !self.ships_on_write() {
+            return false;
+        }
+        let flush = self.pos.flush;
+        let cap = Lsn(self.seg.segment_start(self.seg.segno(flush) + 1).0 - 1);
+        self.link.sent() >= cap
+            && self.link.has_room()
+            && self
+                .scout
+                .valid_from(self.link.sent())
+                .is_some_and(|w| w > cap)
+    }
+
     /// Protocol 3: tells the receiver what the primary has flushed, once it confirms more of what was sent.
     async fn confirm(&mut self, shutdown: &CancellationToken) -> Result<Option<Stop>, Failure> {
         let flush = self.pos.flush;
@@ -735,6 +776,7 @@ impl Streaming<'_> {
             let sent = self.link.sent();
             let seg_end = self.seg.segment_start(self.seg.segno(sent) + 1);
             let end = Lsn(target.0.min(seg_end.0).min(sent.0 + self.cfg.max_message));
+            self.shipped_on_write += end.0.saturating_sub(sent.0.max(self.pos.flush.0));
             // A plain blocking read: the runtime is this one thread, and WAL just written is in the page cache.
             let bytes = self
                 .reader
@@ -766,10 +808,27 @@ impl Streaming<'_> {
             && self.slot_moved.elapsed() >= Duration::from_secs(1)
         {
             self.slot_moved = Instant::now();
-            let Some(pg) = &self.pg else { return };
-            match pg.advance_slot(slot, acked).await {
-                Ok(()) => self.slot_at = acked,
-                Err(e) => warn!("{e:#}"),
+            let Some(pg) = self.pg.clone() else { return };
+            if self.ships_on_write() {
+                // in a task of its own: shipping never waits for the primary
+                if self.slot_task.is_none() {
+                    let slot = slot.clone();
+                    let task = tokio::spawn(async move { pg.advance_slot(&slot, acked).await });
+                    self.slot_task = Some((acked, task));
+                }
+            } else {
+                match pg.advance_slot(slot, acked).await {
+                    Ok(()) => self.slot_at = acked,
+                    Err(e) => warn!("{e:#}"),
+                }
+            }
+        }
+        if let Some((to, task)) = self.slot_task.take_if(|(_, t)| t.is_finished()) {
+            match task.now_or_never() {
+                Some(Ok(Ok(()))) => self.slot_at = to,
+                Some(Ok(Err(e))) => warn!("{e:#}"),
+                Some(Err(e)) => warn!("advancing the replication slot failed: {e}"),
+                None => {}
             }
         }
     }
@@ -778,13 +837,36 @@ impl Streaming<'_> {
     async fn query(&mut self) -> Result<Option<Stop>, Failure> {
         self.event_due = false;
         self.last_query = Instant::now();
-        let before = self.pos.flush;
         let Some(pg) = self.pg.as_ref().filter(|pg| !pg.is_closed()) else {
             return Ok(Some(Stop::PrimaryLost(anyhow!(
                 "the PostgreSQL connection closed"
             ))));
         };
-        self.pos = match pg.position().await {
+        let answer = pg.position().await;
+        self.apply_position(answer)
+    }
+
+    /// Starts asking the primary where WAL is flushed, in a task of its own (protocol 3): the answer comes
+    /// back through [`answer`] while shipping goes on.
+    fn ask(&mut self) -> Option<Stop> {
+        self.event_due = false;
+        self.last_query = Instant::now();
+        let Some(pg) = self.pg.clone().filter(|pg| !pg.is_closed()) else {
+            return Some(Stop::PrimaryLost(anyhow!(
+                "the PostgreSQL connection closed"
+            )));
+        };
+        self.asking = Some(tokio::spawn(async move { pg.position().await }));
+        None
+    }
+
+    /// Takes in the primary's positions (or the failure to get them).
+    fn apply_position(
+        &mut self,
+        answer: anyhow::Result<Position>,
+    ) -> Result<Option<Stop>, Failure> {
+        let before = self.pos.flush;
+        self.pos = match answer {
             Ok(pos) => pos,
             Err(e) => return Ok(Some(Stop::PrimaryLost(e))),
         };
@@ -1110,6 +1192,19 @@ fn watch_dir(dir: &std::path::Path) -> std::io::Result<Events> {
             | inotify::WatchMask::CLOSE_WRITE,
     )?;
     inotify.into_event_stream(vec![0u8; 16 * 1024])
+}
+
+/// The answer to the flush query in progress; pending while there is none.
+async fn answer(
+    asking: &mut Option<tokio::task::JoinHandle<anyhow::Result<Position>>>,
+) -> anyhow::Result<Position> {
+    match asking {
+        Some(task) => match task.await {
+            Ok(answer) => answer,
+            Err(e) => Err(anyhow!("the flush query task failed: {e}")),
+        },
+        None => std::future::pending().await,
+    }
 }
 
 async fn next_event(events: &mut Option<Events>) {

@@ -84,12 +84,18 @@ impl Scout {
                         self.walker.insert(w)
                     }
                     Err(WalkStop::NeedMore { .. }) => continue,
-                    Err(_) => break,
+                    Err(stop) => {
+                        tracing::debug!(%sent, "no record to start the walk from: {stop}");
+                        break;
+                    }
                 },
             };
             match w.walk(buf, base, |_| {}) {
                 WalkStop::NeedMore { .. } => continue,
-                _ => break,
+                stop => {
+                    tracing::trace!(%sent, read = buf.len(), "written WAL ends: {stop}");
+                    break;
+                }
             }
         }
         self.buf = buf;

@@ -100,10 +100,16 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        let keep = std::env::var_os("WALSHIP_KEEP").is_some();
+        if std::thread::panicking() || keep {
             if let Some(d) = self.dir.take() {
                 let kept = d.keep();
-                eprintln!("test failed: its files are kept in {}", kept.display());
+                let why = if keep {
+                    "WALSHIP_KEEP is set"
+                } else {
+                    "test failed"
+                };
+                eprintln!("{why}: its files are kept in {}", kept.display());
             }
         }
     }

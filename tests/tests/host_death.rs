@@ -78,6 +78,13 @@ async fn host_death_under_load_loses_at_most_what_was_in_flight() {
         .await;
         let end = archive_end(&s.archive, s.seg, 1).expect("archive end");
         let (lost, possibly) = losses(&rows, end);
+        let log = s.receiver.log_text();
+        let how = log
+            .lines()
+            .rfind(|l| l.contains("session ended") || l.contains("closing connection"))
+            .unwrap_or_default()
+            .to_owned();
+        println!("the receiver: {how}");
         let last_acked = rows.iter().map(|(_, l)| *l).max().expect("rows");
         println!(
             "host death {round}: {} commits acknowledged, the last flushed at {last_acked}; the archive ends at {end}; lost {lost} for certain, {possibly} possibly",
