@@ -6,7 +6,10 @@ use crate::*;
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct OverheadResult {
     pub(crate) tps_without: f64,
+    /// The mean of two runs, before and after the reference's (walship, pg_receivewal, walship).
     pub(crate) tps_with_walship: f64,
+    /// The two runs.
+    pub(crate) tps_with_walship_runs: Vec<f64>,
     pub(crate) tps_with_pg_receivewal: f64,
     pub(crate) walship_ratio: f64,
     pub(crate) pg_receivewal_ratio: f64,
@@ -36,13 +39,18 @@ pub(crate) async fn overhead_scenario(settings: &Settings) -> Result<OverheadRes
     // warm up, then alternate so drift hits all three alike
     tps(&world, s.min(5)).await?;
     let without1 = tps(&world, s).await?;
+    // walship, the reference, walship again: this machine's TPS drifts, the spread shows by how much
     let w = world.start_walship("overhead").await?;
-    let with_walship = tps(&world, s).await?;
+    let walship1 = tps(&world, s).await?;
     drop(w);
     let r = world.start_receivewal("overhead", true, true).await?;
     let with_receivewal = tps(&world, s).await?;
     drop(r);
     world.drop_slots().await;
+    let w = world.start_walship("overhead-2").await?;
+    let walship2 = tps(&world, s).await?;
+    drop(w);
+    let with_walship = (walship1 + walship2) / 2.0;
     // In production the standby's disk is not the primary's: the same two with their files in memory, so
     // only what the shipper costs the primary's CPU (and not its fsyncs on the primary's disk) remains.
     let mut in_memory = None;
@@ -63,6 +71,7 @@ pub(crate) async fn overhead_scenario(settings: &Settings) -> Result<OverheadRes
     Ok(OverheadResult {
         tps_without: without,
         tps_with_walship: with_walship,
+        tps_with_walship_runs: vec![walship1, walship2],
         tps_with_pg_receivewal: with_receivewal,
         walship_ratio: with_walship / without,
         pg_receivewal_ratio: with_receivewal / without,

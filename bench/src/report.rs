@@ -190,7 +190,7 @@ Catch-up after an outage"
             "
 Primary overhead (pgbench -c 4 -j 2 TPS)"
         );
-        println!("  without a shipper {:.0}, with walship {:.0} ({:.1} %), with pg_receivewal --synchronous over TLS {:.0} ({:.1} %)", o.tps_without, o.tps_with_walship, o.walship_ratio * 100.0, o.tps_with_pg_receivewal, o.pg_receivewal_ratio * 100.0);
+        println!("  without a shipper {:.0}, with walship {:.0} ({:.1} %; runs before and after the reference: {}), with pg_receivewal --synchronous over TLS {:.0} ({:.1} %)", o.tps_without, o.tps_with_walship, o.walship_ratio * 100.0, o.tps_with_walship_runs.iter().map(|t| format!("{t:.0}")).collect::<Vec<_>>().join(" and "), o.tps_with_pg_receivewal, o.pg_receivewal_ratio * 100.0);
         if let (Some(w), Some(p)) = (
             o.tps_with_walship_target_in_memory,
             o.tps_with_pg_receivewal_target_in_memory,

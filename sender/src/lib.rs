@@ -283,10 +283,15 @@ async fn session(
     }
     match outcome {
         Ok(Stop::Drain) => {
-            let Streaming { link, pos, .. } = streaming;
+            let Streaming {
+                link,
+                pos,
+                shipped_on_write_total,
+                ..
+            } = streaming;
             let sent = link.sent();
             let acked = link.drain_and_close(cfg.shutdown_grace).await;
-            info!(flush = %pos.flush, %sent, %acked, "stopped: the receiver holds everything up to {acked}");
+            info!(flush = %pos.flush, %sent, %acked, shipped_on_write_bytes = shipped_on_write_total, "stopped: the receiver holds everything up to {acked}");
             Ok(())
         }
         Ok(Stop::Abandon) => Ok(()),
@@ -508,6 +513,7 @@ async fn open<'a>(
         slot_moved: Instant::now(),
         last_report: Instant::now(),
         shipped_on_write: 0,
+        shipped_on_write_total: 0,
         asking: None,
         slot_task: None,
     })
@@ -583,6 +589,8 @@ struct Streaming<'a> {
     last_report: Instant,
     /// Bytes sent before the primary had flushed them (protocol 3), since the last progress report.
     shipped_on_write: u64,
+    /// The same, over the session.
+    shipped_on_write_total: u64,
     /// Protocol 3: the flush query in progress (a task of its own: shipping never waits for it).
     asking: Option<tokio::task::JoinHandle<anyhow::Result<Position>>>,
     /// The slot advance in progress, with the position it advances to.
@@ -776,7 +784,9 @@ impl Streaming<'_> {
             let sent = self.link.sent();
             let seg_end = self.seg.segment_start(self.seg.segno(sent) + 1);
             let end = Lsn(target.0.min(seg_end.0).min(sent.0 + self.cfg.max_message));
-            self.shipped_on_write += end.0.saturating_sub(sent.0.max(self.pos.flush.0));
+            let on_write = end.0.saturating_sub(sent.0.max(self.pos.flush.0));
+            self.shipped_on_write += on_write;
+            self.shipped_on_write_total += on_write;
             // A plain blocking read: the runtime is this one thread, and WAL just written is in the page cache.
             let bytes = self
                 .reader

@@ -134,6 +134,23 @@ async fn pgbench_wal_arrives_byte_identical() {
             .arg(archive),
     );
     println!("{}", String::from_utf8_lossy(&human.stdout));
+
+    // the load was shipped on write (records read while PostgreSQL was still writing and fsyncing them),
+    // and the archive above is byte-identical to pg_wal: nothing torn or invalid was shipped
+    let mut s = s;
+    s.sender.stop_sender_of(&s.receiver);
+    let log = s.sender.log_text();
+    let stopped = log
+        .lines()
+        .rfind(|l| l.contains("stopped: the receiver holds"))
+        .unwrap_or_else(|| panic!("no stop line:\n{log}"));
+    let on_write: u64 = stopped
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("shipped_on_write_bytes="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no shipped_on_write_bytes in {stopped:?}"));
+    println!("shipped before the primary's flush: {on_write} bytes");
+    assert!(on_write > 0, "nothing was shipped on write: {stopped}");
 }
 
 /// Waits until the archive has grown past where it is now (the stream is alive).
