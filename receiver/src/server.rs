@@ -461,11 +461,7 @@ enum Cmd {
         timeline: TimelineId,
         flush: Lsn,
     },
-    /// The syncer thread's result of a sync job.
-    Synced {
-        job: crate::archive::SyncJob,
-        result: Result<()>,
-    },
+
     History {
         timeline: TimelineId,
         content: bytes::Bytes,
@@ -493,140 +489,85 @@ const CATCHUP_WAITS: u32 = 8;
 
 /// Applies commands to the archive. Runs on a blocking thread; not cancellation safe.
 ///
-/// Group commit, pipelined: after a batch of appends the fdatasync of the open partial runs on a syncer
-/// thread while the writer keeps appending what arrives meanwhile (so WAL lands in the archive's file at
-/// once, not after the fsync in progress); when the sync's result comes back, what it covered is
-/// acknowledged and the next sync covers everything appended since.
+/// Group commit, pipelined: the writer appends WAL as it arrives, while a syncer thread runs the fdatasync of
+/// everything appended so far, outside the archive's lock, then counts it durable and acknowledges it, and at
+/// once starts the next sync if more has been appended meanwhile. So WAL lands in the archive's file without
+/// waiting for the fsync in progress, and under load the syncs follow each other with no hand-over between
+/// threads.
 fn writer_loop(
-    mut archive: OwnedMutexGuard<Archive>,
+    archive: OwnedMutexGuard<Archive>,
     mut rx: mpsc::Receiver<Cmd>,
-    weak: mpsc::WeakSender<Cmd>,
     acks: AckTx,
     timeline: TimelineId,
     version: u16,
 ) -> Result<(), WriterError> {
-    let (jobs, syncer) = start_syncer();
-    let mut inflight = false;
-    let publish = |synced: Option<Synced>| {
-        if let Some(synced) = synced {
-            crate::archive::crash_point!("receiver-fsynced-before-ack");
-            acks.send_replace(Some((timeline, synced)));
+    let state = std::sync::Mutex::new(SyncState {
+        archive,
+        done: false,
+        ack_due: false,
+        failed: None,
+    });
+    let wake = std::sync::Condvar::new();
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    let started = std::thread::scope(|scope| {
+        let syncer = std::thread::Builder::new()
+            .name("walship-fsync".into())
+            .spawn_scoped(scope, || syncer_loop(&state, &wake, &acks, timeline));
+        if let Err(e) = syncer {
+            return Err(anyhow!("start the fsync thread: {e}"));
         }
-    };
-    let result = (|| -> Result<()> {
-        while let Some(cmd) = rx.blocking_recv() {
-            let mut next = Some(cmd);
-            let mut taken = 0usize;
-            let mut waits = 0;
-            let mut commands = false;
-            loop {
-                let Some(cmd) = next.take() else { break };
-                let large = match cmd {
-                    Cmd::Synced { job, result } => {
-                        inflight = false;
-                        publish(archive.finish_sync(timeline, job, result)?);
-                        false
-                    }
-                    Cmd::Wal(w) => {
-                        commands = true;
-                        taken += w.bytes.len();
-                        archive.append(w.timeline, w.start_lsn, &w.bytes)?;
-                        if version < 3 {
-                            // before protocol 3 a sender sends only WAL the primary has flushed
-                            archive.confirm(w.timeline, w.end_lsn());
+        let applied = (|| -> Result<()> {
+            while let Some(cmd) = rx.blocking_recv() {
+                let mut next = Some(cmd);
+                let mut taken = 0usize;
+                let mut waits = 0;
+                loop {
+                    let Some(cmd) = next.take() else { break };
+                    let large = {
+                        let mut g = lock();
+                        if g.failed.is_some() {
+                            return Ok(()); // the syncer stopped on an error, taken up below
                         }
-                        w.bytes.len() >= LARGE_MESSAGE
+                        apply(&mut g.archive, cmd, version, &mut taken)?
+                    };
+                    if taken >= MAX_BATCH {
+                        break;
                     }
-                    Cmd::Confirm { timeline, flush } => {
-                        commands = true;
-                        archive.confirm(timeline, flush);
-                        false
-                    }
-                    Cmd::History { timeline, content } => {
-                        commands = true;
-                        archive.store_history(timeline, &content)?;
-                        false
-                    }
-                    Cmd::PrimaryDown {
-                        timeline,
-                        wal_end,
-                        since_unix_micros,
-                    } => {
-                        commands = true;
-                        let state =
-                            archive.record_primary_down(timeline, wal_end, since_unix_micros)?;
-                        if state.complete() {
-                            info!(%wal_end, "the primary is down; the archive holds all of its WAL (up to {wal_end})");
-                        } else {
-                            warn!(%wal_end, archived = %state.archived_end, "the primary is down; the archive does not hold all of its WAL");
-                        }
-                        false
-                    }
-                };
-                if taken >= MAX_BATCH {
-                    break;
-                }
-                next = rx.try_recv().ok();
-                // Large messages mean the sender is catching up: a moment's wait for the next one makes one
-                // fsync cover many megabytes instead of one (live streaming sends small messages: no wait).
-                while next.is_none() && large && waits < CATCHUP_WAITS && taken < MAX_BATCH / 2 {
-                    waits += 1;
-                    std::thread::sleep(CATCHUP_WAIT);
                     next = rx.try_recv().ok();
-                }
-            }
-            if inflight {
-                continue; // the sync in progress reports back; the next one covers this batch
-            }
-            if archive.unsynced() {
-                crate::archive::crash_point!("receiver-written-before-fsync");
-                let job = archive.prepare_sync()?;
-                match weak.upgrade() {
-                    Some(reply) => {
-                        inflight = true;
-                        if let Err(std::sync::mpsc::SendError((job, _))) = jobs.send((job, reply)) {
-                            // no syncer thread: sync here
-                            inflight = false;
-                            let r = job.run();
-                            publish(archive.finish_sync(timeline, job, r)?);
-                        }
-                    }
-                    None => {
-                        // the session is over: no one to report back to, sync here
-                        let r = job.run();
-                        publish(archive.finish_sync(timeline, job, r)?);
+                    // Large messages mean the sender is catching up: a moment's wait for the next one makes
+                    // one fsync cover many megabytes instead of one (live streaming sends small messages).
+                    while next.is_none() && large && waits < CATCHUP_WAITS && taken < MAX_BATCH / 2
+                    {
+                        waits += 1;
+                        std::thread::sleep(CATCHUP_WAIT);
+                        next = rx.try_recv().ok();
                     }
                 }
-            } else if commands {
-                // nothing to fsync (a confirmation, WAL sent twice): record and acknowledge
-                publish(archive.sync(timeline)?);
+                lock().ack_due = true;
+                wake.notify_one();
             }
+            Ok(())
+        })();
+        let mut g = lock();
+        g.done = true;
+        if let Err(e) = applied {
+            g.failed.get_or_insert(e);
         }
-        // every sender is gone and no sync is in progress: make the last appends durable
-        if archive.unsynced() {
-            crate::archive::crash_point!("receiver-written-before-fsync");
-            publish(archive.sync(timeline)?);
-        }
+        drop(g);
+        wake.notify_one();
         Ok(())
-    })();
-    if result.is_err() && inflight {
-        // the sync in progress holds a sender: wait for its result before touching the files (and before
-        // joining the syncer, which may be waiting for room in the channel)
-        while let Some(cmd) = rx.blocking_recv() {
-            if matches!(cmd, Cmd::Synced { .. }) {
-                break;
-            }
-        }
-    }
-    drop(rx);
-    drop(jobs);
-    let _ = syncer.join();
-    let Err(e) = result else { return Ok(()) };
+    });
+    let mut g = state.into_inner().unwrap_or_else(|p| p.into_inner());
+    let failure = match started {
+        Err(e) => Some(e),
+        Ok(()) => g.failed.take(),
+    };
+    let Some(e) = failure else { return Ok(()) };
     // nothing written since the last good fsync is trusted: undo it, so the sender resends it
-    match archive.recover_after_error() {
+    match g.archive.recover_after_error() {
         Ok(()) => {
             info!(
-                resume = ?archive.resume_points(),
+                resume = ?g.archive.resume_points(),
                 "archive rolled back to its last durable position after: {e:#}"
             );
             Err(WriterError::Recovered(e))
@@ -637,31 +578,96 @@ fn writer_loop(
     }
 }
 
-/// A sync job and where to report its result.
-type SyncRequest = (crate::archive::SyncJob, mpsc::Sender<Cmd>);
+/// What the writer and the syncer of a session share, under one lock.
+struct SyncState {
+    archive: OwnedMutexGuard<Archive>,
+    /// The writer has applied its last command.
+    done: bool,
+    /// Commands were applied since the last acknowledgement (WAL, or only a confirmation).
+    ack_due: bool,
+    /// The first error of either thread: both stop, the archive is rolled back.
+    failed: Option<anyhow::Error>,
+}
 
-/// The syncer thread: runs each job's fdatasync and reports back as a [`Cmd::Synced`]. Ends when the job
-/// channel closes.
-fn start_syncer() -> (
-    std::sync::mpsc::Sender<SyncRequest>,
-    std::thread::JoinHandle<()>,
-) {
-    let (tx, rx) = std::sync::mpsc::channel::<SyncRequest>();
-    let handle = std::thread::Builder::new()
-        .name("walship-fsync".into())
-        .spawn(move || {
-            while let Ok((job, reply)) = rx.recv() {
-                let result = job.run();
-                let _ = reply.blocking_send(Cmd::Synced { job, result });
+/// Applies one command; returns whether it was a large WAL message (a catch-up).
+fn apply(archive: &mut Archive, cmd: Cmd, version: u16, taken: &mut usize) -> Result<bool> {
+    Ok(match cmd {
+        Cmd::Wal(w) => {
+            *taken += w.bytes.len();
+            archive.append(w.timeline, w.start_lsn, &w.bytes)?;
+            if version < 3 {
+                // before protocol 3 a sender sends only WAL the primary has flushed
+                archive.confirm(w.timeline, w.end_lsn());
             }
-        });
-    match handle {
-        Ok(h) => (tx, h),
-        Err(e) => {
-            // no thread: the writer syncs itself (the send fails at once)
-            warn!("could not start the fsync thread ({e}); syncing on the writer thread");
-            let (dead, _) = std::sync::mpsc::channel();
-            (dead, std::thread::spawn(|| {}))
+            w.bytes.len() >= LARGE_MESSAGE
+        }
+        Cmd::Confirm { timeline, flush } => {
+            archive.confirm(timeline, flush);
+            false
+        }
+        Cmd::History { timeline, content } => {
+            archive.store_history(timeline, &content)?;
+            false
+        }
+        Cmd::PrimaryDown {
+            timeline,
+            wal_end,
+            since_unix_micros,
+        } => {
+            let state = archive.record_primary_down(timeline, wal_end, since_unix_micros)?;
+            if state.complete() {
+                info!(%wal_end, "the primary is down; the archive holds all of its WAL (up to {wal_end})");
+            } else {
+                warn!(%wal_end, archived = %state.archived_end, "the primary is down; the archive does not hold all of its WAL");
+            }
+            false
+        }
+    })
+}
+
+/// The syncer thread of a session: whenever something was appended (or confirmed), makes it durable and
+/// acknowledges it. The fdatasync runs without the lock, so the writer appends meanwhile. Ends when the
+/// writer is done and everything is durable, or at the first error.
+fn syncer_loop(
+    state: &std::sync::Mutex<SyncState>,
+    wake: &std::sync::Condvar,
+    acks: &AckTx,
+    timeline: TimelineId,
+) {
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut g = lock();
+    loop {
+        while !g.ack_due && !g.archive.unsynced() && !g.done && g.failed.is_none() {
+            g = wake.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        if g.failed.is_some() || (g.done && !g.ack_due && !g.archive.unsynced()) {
+            return;
+        }
+        g.ack_due = false;
+        let synced = if g.archive.unsynced() {
+            crate::archive::crash_point!("receiver-written-before-fsync");
+            let job = g.archive.prepare_sync();
+            drop(g);
+            let job = job.map(|job| {
+                let r = job.run();
+                (job, r)
+            });
+            g = lock();
+            job.and_then(|(job, r)| g.archive.finish_sync(timeline, job, r))
+        } else {
+            // nothing to fsync (a confirmation, WAL sent twice): record it and acknowledge
+            g.archive.sync(timeline)
+        };
+        match synced {
+            Ok(Some(synced)) => {
+                crate::archive::crash_point!("receiver-fsynced-before-ack");
+                acks.send_replace(Some((timeline, synced)));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                g.failed.get_or_insert(e);
+                return;
+            }
         }
     }
 }
@@ -700,10 +706,8 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
         )
     });
     let (ack_tx, mut ack_rx) = watch::channel(start);
-    let mut writer_task = {
-        let weak = tx.downgrade();
-        tokio::task::spawn_blocking(move || writer_loop(guard, rx, weak, ack_tx, timeline, version))
-    };
+    let mut writer_task =
+        tokio::task::spawn_blocking(move || writer_loop(guard, rx, ack_tx, timeline, version));
     let mut writer_result = None;
     let mut last_ack = start;
     // WAL received while the writer is busy (fsyncing): merged into one command, so that the next fsync
