@@ -248,8 +248,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // once, on stderr (where the log goes; PostgreSQL's log for restore)
             tracing::error!("{e:#}");
-            eprintln!("walship-receiver: {e:#}");
             ExitCode::FAILURE
         }
     }

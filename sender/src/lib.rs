@@ -311,7 +311,11 @@ async fn open<'a>(
         .map_err(|_| retry(anyhow!("connecting to PostgreSQL timed out")))
         .and_then(|r| {
             r.map_err(|e| {
-                if e.to_string().contains("not supported") || e.to_string().contains("in recovery")
+                if let Some(fix) = crate::postgres::fatal_cause(&e) {
+                    Failure::Fatal(e.context(fix))
+                } else if e.to_string().contains("not supported")
+                    || e.to_string().contains("in recovery")
+                    || e.to_string().contains("--pgconn")
                 {
                     Failure::Fatal(e)
                 } else {

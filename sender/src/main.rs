@@ -36,6 +36,7 @@ struct RunArgs {
     #[arg(
         long,
         env = "WALSHIP_PGCONN",
+        hide_env_values = true,
         default_value = "host=/var/run/postgresql dbname=postgres"
     )]
     pgconn: String,
@@ -85,6 +86,8 @@ struct RunArgs {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
+    // a connection string that cannot work is a configuration error: stop now, not retry forever
+    walship_sender::postgres::parse_conninfo(&args.pgconn)?;
     let shutdown = walship_daemon::shutdown_on_signals()?;
     let tls = link::client_config(&args.tls_ca, &args.tls_cert, &args.tls_key)?;
     let server_name = args
@@ -124,8 +127,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // once, on stderr (where the log goes)
             tracing::error!("{e:#}");
-            eprintln!("walship-sender: {e:#}");
             ExitCode::FAILURE
         }
     }

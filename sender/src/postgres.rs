@@ -94,9 +94,7 @@ pub struct Primary {
 impl Primary {
     /// Connects with a libpq-style conninfo and reads the server's facts.
     pub async fn connect(conninfo: &str) -> Result<Primary> {
-        let mut config: tokio_postgres::Config = conninfo
-            .parse()
-            .with_context(|| format!("parse the connection string ({})", redact(conninfo)))?;
+        let mut config = parse_conninfo(conninfo)?;
         // How a DBA finds walship's session in pg_stat_activity (unless the connection string names one).
         if config.get_application_name().is_none() {
             config.application_name(APPLICATION_NAME);
@@ -104,7 +102,7 @@ impl Primary {
         let (client, connection) = config
             .connect(NoTls)
             .await
-            .with_context(|| format!("connect to PostgreSQL ({})", redact(conninfo)))?;
+            .with_context(|| format!("connect to PostgreSQL ({})", describe(&config)))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "PostgreSQL connection closed");
@@ -260,19 +258,69 @@ async fn scalar(client: &Client, sql: &str) -> Result<String> {
     bail!("{sql} returned no row")
 }
 
-/// The conninfo with any password hidden, for messages.
-pub fn redact(conninfo: &str) -> String {
-    conninfo
-        .split_whitespace()
-        .map(|kv| {
-            if kv.to_ascii_lowercase().starts_with("password=") {
-                "password=***"
-            } else {
-                kv
-            }
+/// Parses a libpq-style connection string (keywords or a URI). The error never repeats the string: it may
+/// hold a password.
+pub fn parse_conninfo(conninfo: &str) -> Result<tokio_postgres::Config> {
+    conninfo.parse::<tokio_postgres::Config>().map_err(|e| {
+        let e = anyhow::Error::new(e);
+        anyhow::anyhow!(
+            "the connection string of the primary (--pgconn) is not valid: {e:#}. It takes libpq's keywords \
+             (host, hostaddr, port, user, password, dbname, connect_timeout, application_name, sslmode, ...) or a \
+             postgresql:// URI"
+        )
+    })
+}
+
+/// The connection in messages: where it goes and as whom, never its password.
+pub fn describe(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
         })
-        .collect::<Vec<_>>()
-        .join(" ")
+        .collect();
+    let mut parts = Vec::new();
+    if !hosts.is_empty() {
+        parts.push(format!("host={}", hosts.join(",")));
+    }
+    let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+    if !ports.is_empty() {
+        parts.push(format!("port={}", ports.join(",")));
+    }
+    if let Some(user) = config.get_user() {
+        parts.push(format!("user={user}"));
+    }
+    if let Some(db) = config.get_dbname() {
+        parts.push(format!("dbname={db}"));
+    }
+    if config.get_password().is_some() {
+        parts.push("password=(hidden)".into());
+    }
+    parts.join(" ")
+}
+
+/// Whether a failure to connect or to read the server's facts is one that retrying cannot fix (wrong
+/// password, no `pg_hba.conf` entry, a missing database or role, missing privileges), with what to do.
+pub fn fatal_cause(e: &anyhow::Error) -> Option<&'static str> {
+    use tokio_postgres::error::SqlState;
+    let code = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .and_then(|e| e.code())?;
+    Some(if *code == SqlState::INVALID_PASSWORD {
+        "authentication failed: check the password (--pgconn, PGPASSWORD or the password file) and the role"
+    } else if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+        "PostgreSQL refused this role or host: check pg_hba.conf on the primary and that the role exists and may log in"
+    } else if *code == SqlState::INVALID_CATALOG_NAME {
+        "the database in --pgconn does not exist: connect to an existing one (dbname=postgres)"
+    } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        "the role lacks a privilege walship needs: use a superuser, or grant pg_monitor and pg_read_all_settings (and EXECUTE on pg_replication_slot_advance with --slot)"
+    } else {
+        return None;
+    })
 }
 
 #[cfg(test)]
@@ -326,10 +374,23 @@ mod tests {
     }
 
     #[test]
-    fn passwords_are_hidden() {
-        assert_eq!(
-            redact("host=x password=secret user=u"),
-            "host=x password=*** user=u"
-        );
+    fn passwords_never_appear_in_messages() {
+        for conninfo in [
+            "host=x password=secret user=u",
+            "host=x password = secret user=u",
+            "host=x password='secret' user=u",
+            "postgresql://u:secret@x:5433/db",
+            "postgresql://u:secret@x/db?sslmode=disable",
+        ] {
+            let config = parse_conninfo(conninfo).unwrap();
+            let text = describe(&config);
+            assert!(!text.contains("secret"), "{conninfo}: {text}");
+            assert!(text.contains("user=u") && text.contains("host=x"), "{text}");
+        }
+        // a bad string is not repeated either
+        let e = parse_conninfo("host=x password=secret bogus_keyword=1").unwrap_err();
+        let text = format!("{e:#}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(text.contains("--pgconn"), "{text}");
     }
 }

@@ -45,7 +45,9 @@ struct Session {
 }
 
 impl Session {
-    async fn open(port: u16, certs: &Path) -> Session {
+    /// A session, or why the receiver did not accept one now (e.g. `Busy` while the previous session hands the
+    /// archive over): the caller retries.
+    async fn open(port: u16, certs: &Path) -> Result<Session, String> {
         let tls = client_config(
             &certs.join("ca.crt"),
             &certs.join("client.crt"),
@@ -80,9 +82,12 @@ impl Session {
                 assert_eq!(protocol_version, 3);
                 resume.iter().find(|(t, _)| *t == 1).map(|(_, l)| *l)
             }
+            Some(Ok(ReceiverMessage::Refuse { code, reason })) if code.is_transient() => {
+                return Err(reason)
+            }
             other => panic!("expected Welcome, got {other:?}"),
         };
-        Session { rx, tx, resume }
+        Ok(Session { rx, tx, resume })
     }
 
     async fn wal(&mut self, bytes: &[u8], from: Lsn, to: Lsn) {
@@ -163,7 +168,10 @@ async fn a_divergent_provisional_tail_is_replaced_and_confirmed_bytes_never_chan
     assert!(flushed < first_difference && first_difference < shipped);
 
     // session 1: WAL shipped as written, the primary confirms part of it
-    let mut s = Session::open(receiver.port, &certs).await;
+    let mut s = wait_for("the receiver to accept a session", WAIT, || async {
+        Session::open(receiver.port, &certs).await.ok()
+    })
+    .await;
     assert_eq!(s.resume, None);
     s.wal(&before, at(0), at(shipped)).await;
     s.confirm(at(flushed)).await;
@@ -172,7 +180,7 @@ async fn a_divergent_provisional_tail_is_replaced_and_confirmed_bytes_never_chan
 
     // session 2: resumes at the confirmed end; the resent WAL differs from the provisional tail
     let mut s = wait_for("the receiver to accept a new session", WAIT, || async {
-        let s = Session::open(receiver.port, &certs).await;
+        let s = Session::open(receiver.port, &certs).await.ok()?;
         (s.resume == Some(at(flushed))).then_some(s)
     })
     .await;
@@ -188,7 +196,7 @@ async fn a_divergent_provisional_tail_is_replaced_and_confirmed_bytes_never_chan
 
     // session 3: a resend that differs where the archive holds confirmed WAL is refused
     let mut s = wait_for("the receiver to accept a new session", WAIT, || async {
-        let s = Session::open(receiver.port, &certs).await;
+        let s = Session::open(receiver.port, &certs).await.ok()?;
         (s.resume == Some(at(upto))).then_some(s)
     })
     .await;

@@ -294,3 +294,64 @@ async fn garbage_closes_only_that_connection() {
     let _ = Lsn(0);
     run_ok(&mut primary.pgbench(&["-c", "1", "-t", "10", "-n"]));
 }
+
+/// A wrong password is a configuration error: the sender stops within seconds naming it (never retries it
+/// forever while its unit looks "active"), and the password shows nowhere; the right one (SCRAM) streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_stops_the_sender_and_never_shows() {
+    let dir = TestDir::new("auth");
+    let walship = Walship::install(&dir);
+    let certs = walship.certs(&dir, "certs");
+    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
+    std::fs::write(
+        primary.data.join("pg_hba.conf"),
+        "local all walship scram-sha-256\nlocal all all trust\n",
+    )
+    .expect("write pg_hba.conf");
+    primary.configure(&["password_encryption = 'scram-sha-256'"]);
+    primary.start();
+    let client = primary.connect().await;
+    client
+        .batch_execute("CREATE ROLE walship LOGIN SUPERUSER PASSWORD 'right-pw-4711'")
+        .await
+        .expect("create role");
+    let archive = dir.path().join("archive");
+    let receiver = walship.receiver(&dir, &archive, &certs, 0);
+    let conninfo = |password: &str| {
+        format!(
+            "host={} port={} user=walship password={password} dbname=postgres",
+            primary.socket_dir.display(),
+            primary.port
+        )
+    };
+
+    let started = std::time::Instant::now();
+    let mut wrong = walship.sender(
+        &dir,
+        &conninfo("wrong-pw-0815"),
+        receiver.port,
+        &certs,
+        &certs,
+        &[],
+    );
+    let status = wrong.wait_exit(Duration::from_secs(10));
+    assert!(
+        !status.success(),
+        "the sender must stop on a wrong password"
+    );
+    println!("stopped after {:?}", started.elapsed());
+    let log = wrong.log_text();
+    assert!(log.contains("authentication failed"), "{log}");
+    assert!(!log.contains("wrong-pw-0815"), "the password leaked: {log}");
+
+    let mut right = walship.sender(
+        &dir,
+        &conninfo("right-pw-4711"),
+        receiver.port,
+        &certs,
+        &certs,
+        &[],
+    );
+    right.wait_for_log("streaming", WAIT);
+    assert!(!right.log_text().contains("right-pw-4711"));
+}
