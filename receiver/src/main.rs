@@ -106,6 +106,16 @@ struct StatusArgs {
     /// Print JSON.
     #[arg(long, env = "WALSHIP_STATUS_JSON")]
     json: bool,
+    /// Lag above which the verdict is WARNING (exit 1): bytes behind the primary's flush position (16MB,
+    /// 1GB, plain bytes) or seconds behind (30s, 5min).
+    #[arg(long)]
+    warn_lag: Option<status::Lag>,
+    /// Lag above which the verdict is CRITICAL (exit 2), as --warn-lag.
+    #[arg(long)]
+    crit_lag: Option<status::Lag>,
+    /// No sender connected for longer than this many seconds is CRITICAL (shorter: WARNING).
+    #[arg(long, default_value_t = 60.0)]
+    crit_no_sender: f64,
 }
 
 #[derive(Parser, Debug)]
@@ -236,14 +246,30 @@ fn main() -> ExitCode {
                 tracing::info!(count = removed.len(), first = %removed[0], last = %removed[removed.len() - 1], "removed segments older than {}", args.restartpoint);
             }
         }),
-        Command::Status(args) => status::report(&args.archive).and_then(|r| {
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                print!("{r}");
-            }
-            Ok(())
-        }),
+        Command::Status(args) => {
+            // like a monitoring plugin: 0 ok, 1 warning, 2 critical; an error (not an archive) is 3
+            let thresholds = status::Thresholds {
+                warn_lag: args.warn_lag,
+                crit_lag: args.crit_lag,
+                crit_no_sender_seconds: args.crit_no_sender,
+            };
+            let printed = status::report(&args.archive).and_then(|mut r| {
+                let code = r.judge(&thresholds).code;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    print!("{r}");
+                }
+                Ok(code)
+            });
+            return match printed {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::from(3)
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -52,12 +52,26 @@ pub struct StatusFile {
     pub receiver_pid: u32,
     pub written_at_unix_micros: u64,
     pub sender: Option<SenderStatus>,
+    /// When a sender was last connected (before any: when the receiver started).
+    #[serde(default)]
+    pub last_sender_unix_micros: Option<u64>,
 }
 
 /// Shared, cheap-to-clone status of one receiver.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct StatusBoard {
     inner: Arc<Mutex<Option<SenderStatus>>>,
+    /// When a sender was last connected (or, before any, when the receiver started).
+    last_sender: Arc<Mutex<u64>>,
+}
+
+impl Default for StatusBoard {
+    fn default() -> Self {
+        StatusBoard {
+            inner: Arc::default(),
+            last_sender: Arc::new(Mutex::new(now_micros())),
+        }
+    }
 }
 
 impl StatusBoard {
@@ -73,6 +87,9 @@ impl StatusBoard {
 
     pub fn sender_disconnected(&self) {
         self.update(|g| *g = None);
+        if let Ok(mut t) = self.last_sender.lock() {
+            *t = now_micros();
+        }
     }
 
     pub fn durable(&self, lsn: Lsn) {
@@ -104,10 +121,21 @@ impl StatusBoard {
     }
 
     pub fn snapshot(&self) -> StatusFile {
+        let sender = self.inner.lock().ok().and_then(|g| g.clone());
+        let now = now_micros();
+        let last_sender = match (&sender, self.last_sender.lock()) {
+            (Some(_), Ok(mut t)) => {
+                *t = now;
+                now
+            }
+            (None, Ok(t)) => *t,
+            (_, Err(_)) => now,
+        };
         StatusFile {
             receiver_pid: std::process::id(),
-            written_at_unix_micros: now_micros(),
-            sender: self.inner.lock().ok().and_then(|g| g.clone()),
+            written_at_unix_micros: now,
+            sender,
+            last_sender_unix_micros: Some(last_sender),
         }
     }
 
@@ -128,6 +156,7 @@ impl StatusBoard {
                 receiver_pid: 0,
                 written_at_unix_micros: now_micros(),
                 sender: None,
+                last_sender_unix_micros: None,
             },
         );
     }
@@ -188,6 +217,132 @@ pub struct Report {
     pub primary_down: Option<crate::archive::PrimaryDown>,
     /// Whether the archive holds every byte of the down primary's WAL.
     pub primary_wal_archived: Option<bool>,
+    /// Seconds since a sender was last connected (0 while one is).
+    #[serde(default)]
+    pub no_sender_seconds: Option<f64>,
+    /// The monitoring verdict (see [`Thresholds`]); `None` until [`Report::judge`] ran.
+    #[serde(default)]
+    pub verdict: Option<Verdict>,
+}
+
+/// A lag threshold: bytes behind the primary's flush position, or seconds the archive has been behind.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Lag {
+    Bytes(u64),
+    Seconds(f64),
+}
+
+impl std::str::FromStr for Lag {
+    type Err = String;
+    /// `1048576`, `512kB`, `16MB`, `1GB` (bytes, powers of 1024 as in PostgreSQL), or `30s`, `5min`.
+    fn from_str(text: &str) -> Result<Lag, String> {
+        let t = text.trim();
+        let split = t
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("{text:?} is not a lag: use bytes (16MB) or seconds (30s)"))?;
+        let bytes = |f: f64| Ok(Lag::Bytes((n * f) as u64));
+        match unit.trim() {
+            "" | "B" => bytes(1.0),
+            "kB" => bytes(1024.0),
+            "MB" => bytes(1024.0 * 1024.0),
+            "GB" => bytes(1024.0 * 1024.0 * 1024.0),
+            "s" => Ok(Lag::Seconds(n)),
+            "min" => Ok(Lag::Seconds(n * 60.0)),
+            other => Err(format!(
+                "{text:?}: unknown unit {other:?} (bytes: B, kB, MB, GB; time: s, min)"
+            )),
+        }
+    }
+}
+
+/// When `status` says warning or critical.
+#[derive(Clone, Debug, Default)]
+pub struct Thresholds {
+    pub warn_lag: Option<Lag>,
+    pub crit_lag: Option<Lag>,
+    /// No sender connected for longer than this is critical (shorter: a warning).
+    pub crit_no_sender_seconds: f64,
+}
+
+/// The verdict of `status`, as monitoring plugins give it: exit code 0 ok, 1 warning, 2 critical.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Verdict {
+    pub code: u8,
+    pub level: String,
+    pub reasons: Vec<String>,
+}
+
+impl Report {
+    /// Judges the report against `t` and records the verdict in it.
+    pub fn judge(&mut self, t: &Thresholds) -> &Verdict {
+        let mut code = 0u8;
+        let mut reasons = Vec::new();
+        let mut say = |level: u8, why: String| {
+            code = code.max(level);
+            reasons.push(why);
+        };
+        if let Some(down) = &self.primary_down {
+            let all = self.primary_wal_archived.unwrap_or(false);
+            say(
+                2,
+                format!(
+                    "the primary is down (its WAL ends at {}; all of it archived: {})",
+                    down.wal_end,
+                    if all { "yes" } else { "no" }
+                ),
+            );
+        }
+        if !self.receiver_running {
+            say(2, "the receiver is not running".into());
+        } else if !self.sender_connected {
+            let secs = self.no_sender_seconds.unwrap_or(0.0);
+            let level = if secs > t.crit_no_sender_seconds {
+                2
+            } else {
+                1
+            };
+            say(level, format!("no sender connected for {secs:.0} s"));
+        }
+        let exceeds = |lag: Lag| match lag {
+            Lag::Bytes(b) => self.lag_bytes.is_some_and(|l| l > b),
+            Lag::Seconds(s) => self.lag_seconds.is_some_and(|l| l > s),
+        };
+        let lag_text = format!(
+            "lag {} bytes, {:.1} s",
+            self.lag_bytes.unwrap_or(0),
+            self.lag_seconds.unwrap_or(0.0)
+        );
+        if t.crit_lag.is_some_and(exceeds) {
+            say(
+                2,
+                format!(
+                    "{lag_text} (critical above {:?})",
+                    t.crit_lag.unwrap_or(Lag::Bytes(0))
+                ),
+            );
+        } else if t.warn_lag.is_some_and(exceeds) {
+            say(
+                1,
+                format!(
+                    "{lag_text} (warning above {:?})",
+                    t.warn_lag.unwrap_or(Lag::Bytes(0))
+                ),
+            );
+        }
+        let level = ["OK", "WARNING", "CRITICAL"][code as usize].to_string();
+        if reasons.is_empty() {
+            reasons.push(format!("shipping; {lag_text}"));
+        }
+        self.verdict.insert(Verdict {
+            code,
+            level,
+            reasons,
+        })
+    }
 }
 
 /// Gathers the status of the archive in `dir` (read-only).
@@ -229,6 +384,8 @@ pub fn report(dir: &Path) -> anyhow::Result<Report> {
         handover: failover.and_then(|f| f.handover),
         primary_down: crate::archive::PrimaryDown::load(dir),
         primary_wal_archived: None,
+        no_sender_seconds: None,
+        verdict: None,
     };
     let mut archived = None;
     if let Some(id) = id {
@@ -265,6 +422,11 @@ pub fn report(dir: &Path) -> anyhow::Result<Report> {
         let alive = s.receiver_pid != 0 && Path::new(&format!("/proc/{}", s.receiver_pid)).exists();
         let fresh = now_micros().saturating_sub(s.written_at_unix_micros) < 10_000_000;
         r.receiver_running = alive && fresh;
+        r.no_sender_seconds = match (&s.sender, s.last_sender_unix_micros) {
+            (Some(_), _) => Some(0.0),
+            (None, Some(t)) => Some(now_micros().saturating_sub(t) as f64 / 1e6),
+            (None, None) => None,
+        };
         if let (true, Some(sender)) = (r.receiver_running, s.sender) {
             r.sender_connected = true;
             r.sender_name = Some(sender.name);
@@ -370,6 +532,88 @@ impl std::fmt::Display for Report {
                 h.segment, h.partial_bytes, h.end_lsn
             )?;
         }
+        if let Some(v) = &self.verdict {
+            writeln!(
+                f,
+                "verdict:            {}: {}",
+                v.level,
+                v.reasons.join("; ")
+            )?;
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> Report {
+        Report {
+            archive: "/a".into(),
+            system_identifier: Some(1),
+            wal_segment_size: Some(16 << 20),
+            pg_version_num: Some(150000),
+            timeline: Some(1),
+            archived_lsn: Some("0/3000000".into()),
+            confirmed_lsn: Some("0/3000000".into()),
+            complete_segments: 2,
+            current_partial: None,
+            current_partial_bytes: None,
+            receiver_running: true,
+            sender_connected: true,
+            sender_name: Some("s".into()),
+            primary_flush_lsn: Some("0/3000000".into()),
+            lag_bytes: Some(0),
+            lag_seconds: Some(0.0),
+            failover_triggered: false,
+            handover: None,
+            primary_down: None,
+            primary_wal_archived: None,
+            no_sender_seconds: Some(0.0),
+            verdict: None,
+        }
+    }
+
+    #[test]
+    fn lags_parse_as_bytes_or_seconds() {
+        assert_eq!("1048576".parse::<Lag>(), Ok(Lag::Bytes(1 << 20)));
+        assert_eq!("16MB".parse::<Lag>(), Ok(Lag::Bytes(16 << 20)));
+        assert_eq!("512kB".parse::<Lag>(), Ok(Lag::Bytes(512 << 10)));
+        assert_eq!("1GB".parse::<Lag>(), Ok(Lag::Bytes(1 << 30)));
+        assert_eq!("30s".parse::<Lag>(), Ok(Lag::Seconds(30.0)));
+        assert_eq!("5min".parse::<Lag>(), Ok(Lag::Seconds(300.0)));
+        assert!("5 parsecs"
+            .parse::<Lag>()
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!("fast".parse::<Lag>().is_err());
+    }
+
+    #[test]
+    fn verdicts_follow_the_thresholds() {
+        let t = Thresholds {
+            warn_lag: Some(Lag::Bytes(1 << 20)),
+            crit_lag: Some(Lag::Seconds(30.0)),
+            crit_no_sender_seconds: 60.0,
+        };
+        assert_eq!(report().judge(&t).code, 0);
+        let mut r = report();
+        r.lag_bytes = Some(2 << 20);
+        r.lag_seconds = Some(3.0);
+        assert_eq!(r.judge(&t).code, 1);
+        r.lag_seconds = Some(31.0);
+        assert_eq!(r.judge(&t).code, 2);
+        let mut r = report();
+        r.sender_connected = false;
+        r.no_sender_seconds = Some(10.0);
+        assert_eq!(r.judge(&t).code, 1);
+        r.no_sender_seconds = Some(61.0);
+        assert_eq!(r.judge(&t).code, 2);
+        let mut r = report();
+        r.receiver_running = false;
+        let v = r.judge(&t).clone();
+        assert_eq!((v.code, v.level.as_str()), (2, "CRITICAL"));
+        assert!(v.reasons[0].contains("not running"), "{v:?}");
     }
 }

@@ -204,13 +204,19 @@ async fn a_clean_shutdown_is_drained_to_its_checkpoint() {
         "the archive must hold the shutdown checkpoint"
     );
     // the last record is the shutdown checkpoint (RM_XLOG_ID, XLOG_CHECKPOINT_SHUTDOWN = 0x00)
-    let status = run_ok(
-        std::process::Command::new(s.walship.path(walship_tests::Walship::RECEIVER))
-            .arg("status")
-            .arg("--archive")
-            .arg(&s.archive),
+    let out = std::process::Command::new(s.walship.path(walship_tests::Walship::RECEIVER))
+        .arg("status")
+        .arg("--archive")
+        .arg(&s.archive)
+        .output()
+        .expect("run status");
+    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    // for monitoring, a primary that is down is critical (exit 2), whatever the archive holds
+    assert_eq!(out.status.code(), Some(2), "{status}");
+    assert!(
+        status.contains("verdict:            CRITICAL: the primary is down"),
+        "{status}"
     );
-    let status = String::from_utf8_lossy(&status.stdout).into_owned();
     assert!(
         status.contains(&format!(
             "its WAL ends at {end}; the archive holds all of it: yes"

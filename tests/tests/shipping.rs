@@ -133,7 +133,12 @@ async fn pgbench_wal_arrives_byte_identical() {
             .args(["status", "--archive"])
             .arg(archive),
     );
-    println!("{}", String::from_utf8_lossy(&human.stdout));
+    let human = String::from_utf8_lossy(&human.stdout).into_owned();
+    println!("{human}");
+    assert!(
+        human.contains("verdict:            OK: shipping"),
+        "{human}"
+    );
 
     // the load was shipped on write (records read while PostgreSQL was still writing and fsyncing them),
     // and the archive above is byte-identical to pg_wal: nothing torn or invalid was shipped
@@ -151,6 +156,33 @@ async fn pgbench_wal_arrives_byte_identical() {
         .unwrap_or_else(|| panic!("no shipped_on_write_bytes in {stopped:?}"));
     println!("shipped before the primary's flush: {on_write} bytes");
     assert!(on_write > 0, "nothing was shipped on write: {stopped}");
+
+    // no sender: a warning for monitoring (exit 1) until --crit-no-sender seconds have passed, then critical
+    let status = |crit: &str| {
+        std::process::Command::new(s.walship.path(Walship::RECEIVER))
+            .args(["status", "--crit-no-sender", crit, "--archive"])
+            .arg(&s.archive)
+            .output()
+            .expect("run status")
+    };
+    // the status file is rewritten once a second: wait until it says the sender is gone
+    let out = wait_for("status to show no sender", WAIT, || async {
+        let out = status("3600");
+        String::from_utf8_lossy(&out.stdout)
+            .contains("not connected")
+            .then_some(out)
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("WARNING: no sender connected"), "{text}");
+    let out = status("0");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// Waits until the archive has grown past where it is now (the stream is alive).
