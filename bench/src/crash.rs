@@ -16,9 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use walship_protocol::Lsn;
 use walship_tests::cluster::WAIT;
-use walship_tests::ledger::Ledger;
+use walship_tests::ledger::{losses, Ledger};
 
 use crate::{Settings, Target, World};
 
@@ -40,23 +39,6 @@ pub struct CrashTrial {
     pub receivewal_end: String,
     pub receivewal_lost: usize,
     pub receivewal_possibly_lost: usize,
-}
-
-/// (lost for certain, possibly lost) among `rows` for a target ending at `end`.
-fn losses(rows: &[(i64, Lsn)], end: Lsn) -> (usize, usize) {
-    let mut certain = 0;
-    let mut possible = 0;
-    let mut prev = Lsn(0);
-    for (_, lsn) in rows {
-        if prev >= end {
-            certain += 1;
-        }
-        if *lsn > end {
-            possible += 1;
-        }
-        prev = *lsn;
-    }
-    (certain, possible)
 }
 
 fn log_text(log: &std::path::Path) -> String {

@@ -128,3 +128,33 @@ pub async fn verdict(rows: &[(i64, Lsn)], archived_end: Lsn, promoted: &Client) 
             .count(),
     }
 }
+
+/// (lost for certain, possibly lost) among `rows` for a target whose WAL ends at `end`. A commit's end is not
+/// known to the client: it lies after the previous row's recorded flush position and at or before its own.
+/// So a row is lost for certain when even the previous row's position is at or beyond `end`, and possibly
+/// lost when its own is beyond it.
+pub fn losses(rows: &[(i64, Lsn)], end: Lsn) -> (usize, usize) {
+    let (mut certain, mut possible) = (0, 0);
+    let mut prev = Lsn(0);
+    for (_, lsn) in rows {
+        certain += usize::from(prev >= end);
+        possible += usize::from(*lsn > end);
+        prev = *lsn;
+    }
+    (certain, possible)
+}
+
+/// The crash workload: the ledger plus `pgbench -c 2 -j 2` (for up to ten minutes), returned once the ledger
+/// has acknowledged some rows.
+pub async fn under_load(primary: &Cluster) -> (Ledger, std::process::Child) {
+    let ledger = Ledger::start(primary).await;
+    let bench = primary
+        .pgbench(&["-c", "2", "-j", "2", "-T", "600", "-n"])
+        .spawn()
+        .expect("start pgbench");
+    crate::wait_for("ledger rows", crate::cluster::WAIT, || async {
+        (ledger.acknowledged().len() > 50).then_some(())
+    })
+    .await;
+    (ledger, bench)
+}

@@ -10,7 +10,7 @@ use walship_protocol::walker::Walker;
 use walship_protocol::Lsn;
 use walship_tests::archive::{archive_end, assert_matches_primary};
 use walship_tests::cluster::{run_ok, WAIT};
-use walship_tests::ledger::{verdict, Ledger};
+use walship_tests::ledger::{under_load, verdict, Ledger};
 use walship_tests::scenario::{shipping, wait_drained};
 use walship_tests::{wait_for, InitOptions, Lcg};
 
@@ -75,16 +75,7 @@ async fn crashes_of_postgres_lose_no_acknowledged_commit() {
     let mut drains = Vec::new();
     let mut all_rows = Vec::new();
     for round in 1..=5 {
-        let ledger = Ledger::start(&s.primary).await;
-        let mut bench = s
-            .primary
-            .pgbench(&["-c", "2", "-j", "2", "-T", "600", "-n"])
-            .spawn()
-            .expect("pgbench");
-        wait_for("ledger rows", WAIT, || async {
-            (ledger.acknowledged().len() > 50).then_some(())
-        })
-        .await;
+        let (ledger, mut bench) = under_load(&s.primary).await;
         std::thread::sleep(Duration::from_millis(rng.below(1500)));
         let drained_before = s
             .sender

@@ -11,7 +11,7 @@
 
 use walship_tests::archive::{archive_end, assert_matches_primary};
 use walship_tests::cluster::{run_ok, WAIT};
-use walship_tests::ledger::{verdict, Ledger};
+use walship_tests::ledger::{losses, under_load, verdict};
 use walship_tests::scenario::shipping;
 use walship_tests::{wait_for, Daemon, InitOptions, Lcg};
 
@@ -20,19 +20,6 @@ use walship_tests::{wait_for, Daemon, InitOptions, Lcg};
 fn sessions_ended(receiver: &Daemon) -> usize {
     let log = receiver.log_text();
     log.matches("session ended").count() + log.matches("closing connection").count()
-}
-
-/// (lost for certain, possibly lost) among `rows` for an archive ending at `end`: a commit ends after the
-/// previous row's recorded flush position and at or before its own.
-fn losses(rows: &[(i64, walship_protocol::Lsn)], end: walship_protocol::Lsn) -> (usize, usize) {
-    let (mut certain, mut possible) = (0, 0);
-    let mut prev = walship_protocol::Lsn(0);
-    for (_, lsn) in rows {
-        certain += usize::from(prev >= end);
-        possible += usize::from(*lsn > end);
-        prev = *lsn;
-    }
-    (certain, possible)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,16 +39,7 @@ async fn host_death_under_load_loses_at_most_what_was_in_flight() {
     let mut all_rows = Vec::new();
     let mut report = Vec::new();
     for round in 1..=5 {
-        let ledger = Ledger::start(&s.primary).await;
-        let mut bench = s
-            .primary
-            .pgbench(&["-c", "2", "-j", "2", "-T", "600", "-n"])
-            .spawn()
-            .expect("pgbench");
-        wait_for("ledger rows", WAIT, || async {
-            (ledger.acknowledged().len() > 50).then_some(())
-        })
-        .await;
+        let (ledger, mut bench) = under_load(&s.primary).await;
         // a random moment under load (not a synchronisation)
         std::thread::sleep(std::time::Duration::from_millis(rng.below(1500)));
         let ended_before = sessions_ended(&s.receiver);
