@@ -321,9 +321,27 @@ fn segment(
     Ok(None)
 }
 
-/// Whether the archive holds WAL after `segno` of `timeline` (or a newer timeline), so the segment will never
-/// arrive.
+/// Whether the archive holds WAL after `segno` of `timeline` (or a newer timeline) and not `segno` itself: the
+/// segment will never arrive. The receiver renames a complete segment before it creates the next `.partial`,
+/// so a segment completed between our look for it and the listing shows up in a second look: without it,
+/// "missing" would end archive recovery one segment early (seen once in the version matrix).
 fn never_arrives(
+    opts: &RestoreOptions,
+    seg: WalSegSize,
+    timeline: TimelineId,
+    segno: SegNo,
+) -> Result<bool> {
+    if !newer_wal(opts, seg, timeline, segno)? {
+        return Ok(false);
+    }
+    let name = segment_file_name(timeline, segno, seg);
+    let arrived =
+        opts.archive.join(&name).exists() || opts.archive.join(format!("{name}.partial")).exists();
+    Ok(!arrived)
+}
+
+/// Whether the archive holds WAL after `segno` of `timeline`, or of a newer timeline.
+fn newer_wal(
     opts: &RestoreOptions,
     seg: WalSegSize,
     timeline: TimelineId,
@@ -467,6 +485,31 @@ pub fn archive_mode_always(data_dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_segment_completed_while_looking_is_not_taken_for_one_that_never_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = WalSegSize::new(1 << 20).unwrap();
+        let opts = RestoreOptions {
+            archive: dir.path().to_owned(),
+            wait: true,
+            live: false,
+            trigger: None,
+            allow_archive_mode_always: false,
+            wanted: "000000010000000000000003".into(),
+            dest: dir.path().join("out"),
+            data_dir: dir.path().to_owned(),
+        };
+        // what a listing sees just after the receiver renamed segment 3 and started 4
+        fs::write(dir.path().join("000000010000000000000004.partial"), b"x").unwrap();
+        fs::write(dir.path().join("000000010000000000000003"), b"x").unwrap();
+        assert!(!never_arrives(&opts, seg, 1, 3).unwrap());
+        // 3 really is gone (the archive moved on without it): it never arrives
+        fs::remove_file(dir.path().join("000000010000000000000003")).unwrap();
+        assert!(never_arrives(&opts, seg, 1, 3).unwrap());
+        // nothing newer: it may still come
+        assert!(!never_arrives(&opts, seg, 1, 4).unwrap());
+    }
 
     #[test]
     fn archive_mode_detection() {
