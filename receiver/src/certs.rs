@@ -56,6 +56,15 @@ pub fn write_certificates(
     client_name: &str,
     force: bool,
 ) -> Result<()> {
+    // a name a sender could never match would make certificates that never work: refuse before writing
+    for name in server_names {
+        if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+            anyhow::bail!(
+                "--server-name {name:?} is not a DNS name or an IP address: senders reach the receiver by one of \
+                 those (e.g. --server-name standby.example.com --server-name 10.0.0.5); nothing was written"
+            );
+        }
+    }
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

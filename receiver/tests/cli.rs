@@ -151,3 +151,38 @@ fn a_directory_that_is_not_an_archive_is_named() {
     }
     assert!(!plain.join("walship.failover").exists());
 }
+
+/// A server name no sender could match is refused before anything is written.
+#[test]
+fn certs_refuse_a_name_that_is_neither_a_dns_name_nor_an_ip_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("certs");
+    let out = receiver()
+        .args(["certs", "--server-name", "bad name!", "--out"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad name!") && err.contains("not a DNS name or an IP address"),
+        "{err}"
+    );
+    assert!(!out_dir.exists(), "nothing may be written");
+    // DNS names and addresses are fine
+    let out = receiver()
+        .args([
+            "certs",
+            "--server-name",
+            "standby.example.com,10.0.0.5,::1",
+            "--out",
+        ])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
