@@ -79,11 +79,8 @@ pub async fn crash_scenario(settings: &Settings, failure: Failure) -> Result<Vec
         tokio::time::sleep(wait).await;
         let sender = walship.sender.as_ref().context("sender")?.log.clone();
         let sender = sender.as_path();
-        let receiver = walship.receiver.log.clone();
-        let ended =
-            |log: &std::path::Path| count(log, "session ended") + count(log, "closing connection");
         let drained_before = count(sender, "primary down: the receiver holds");
-        let ended_before = ended(&receiver);
+        let ended_before = walship.receiver.sessions_ended();
         let mut drain_ms = 0;
         if failure == Failure::HostDeath {
             let pid = walship.sender.as_ref().context("sender")?.pid();
@@ -100,7 +97,7 @@ pub async fn crash_scenario(settings: &Settings, failure: Failure) -> Result<Vec
         let deadline = Instant::now() + WAIT;
         if failure == Failure::HostDeath {
             // walship: the receiver ends the session once its writer has made everything received durable
-            while ended(&receiver) <= ended_before {
+            while walship.receiver.sessions_ended() <= ended_before {
                 anyhow::ensure!(
                     Instant::now() < deadline,
                     "the walship receiver did not notice the sender's death"

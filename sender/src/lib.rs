@@ -743,8 +743,12 @@ impl Streaming<'_> {
         let Some(written) = self.scout.valid_from(self.link.sent()) else {
             return flush;
         };
-        let cap = Lsn(self.seg.segment_start(self.seg.segno(flush) + 1).0 - 1);
-        flush.max(written.min(cap))
+        flush.max(written.min(self.provisional_cap()))
+    }
+
+    /// How far unconfirmed WAL may go: short of the last byte of the segment holding the flush position.
+    fn provisional_cap(&self) -> Lsn {
+        Lsn(self.seg.segment_start(self.seg.segno(self.pos.flush) + 1).0 - 1)
     }
 
     /// Protocol 3: written WAL is held back only because it would complete a segment with unconfirmed bytes.
@@ -752,8 +756,7 @@ impl Streaming<'_> {
         if !self.ships_on_write() {
             return false;
         }
-        let flush = self.pos.flush;
-        let cap = Lsn(self.seg.segment_start(self.seg.segno(flush) + 1).0 - 1);
+        let cap = self.provisional_cap();
         self.link.sent() >= cap
             && self.link.has_room()
             && self

@@ -112,7 +112,6 @@ impl Scout {
         max: usize,
         out: &mut Vec<u8>,
     ) -> Result<usize, ReadError> {
-        use std::os::unix::fs::FileExt;
         let seg = reader.segment_size();
         let segno = seg.segno(start);
         let name = segment_file_name(timeline, segno, seg);
@@ -131,20 +130,16 @@ impl Scout {
         let len = ((seg.as_u64() - offset) as usize).min(max);
         let from = out.len();
         out.resize(from + len, 0);
-        let mut got = 0;
-        while got < len {
-            match file.read_at(&mut out[from + got..], offset + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(source) => {
-                    out.truncate(from);
-                    return Err(ReadError::Io { file: name, source });
-                }
+        match crate::wal_reader::read_up_to(file, &mut out[from..], offset) {
+            Ok(got) => {
+                out.truncate(from + got);
+                Ok(got)
+            }
+            Err(source) => {
+                out.truncate(from);
+                Err(ReadError::Io { file: name, source })
             }
         }
-        out.truncate(from + got);
-        Ok(got)
     }
 }
 

@@ -35,6 +35,20 @@ pub struct WalReader {
     zero_tail: Option<(TimelineId, SegNo)>,
 }
 
+/// Reads into `buf` from `offset` until it is full or the file ends; returns how many bytes it read.
+pub fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
 impl WalReader {
     pub fn new(dir: &Path, seg: WalSegSize, magic: u16, system_identifier: u64) -> Self {
         WalReader {
@@ -130,15 +144,8 @@ impl WalReader {
             Err(source) => return Err(ReadError::Io { file: name, source }),
         };
         let mut buf = vec![0u8; len];
-        let mut got = 0;
-        while got < len {
-            match file.read_at(&mut buf[got..], offset + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => return Err(ReadError::Io { file: name, source }),
-            }
-        }
+        let got = read_up_to(&file, &mut buf, offset)
+            .map_err(|source| ReadError::Io { file: name, source })?;
         buf.truncate(got);
         Ok(buf)
     }

@@ -307,16 +307,19 @@ impl Daemon {
         }
     }
 
+    /// For a receiver: how many sessions it has seen end, cleanly or not. It logs the end only after its
+    /// writer has made everything received durable.
+    pub fn sessions_ended(&self) -> usize {
+        let log = self.log_text();
+        log.matches("session ended").count() + log.matches("closing connection").count()
+    }
+
     /// Stops this sender (SIGTERM) and waits until `receiver` has no session open: it logs a session's end
     /// only after its writer has applied and fsynced everything received, so then the archive is final.
     pub fn stop_sender_of(&mut self, receiver: &Daemon) -> ExitStatus {
         let status = self.terminate(Duration::from_secs(10));
-        let open = || {
-            let log = receiver.log_text();
-            let ended =
-                log.matches("session ended").count() + log.matches("closing connection").count();
-            log.matches("sender accepted").count() > ended
-        };
+        let open =
+            || receiver.log_text().matches("sender accepted").count() > receiver.sessions_ended();
         let deadline = Instant::now() + Duration::from_secs(30);
         while open() {
             assert!(

@@ -13,14 +13,7 @@ use walship_tests::archive::{archive_end, assert_matches_primary};
 use walship_tests::cluster::{run_ok, WAIT};
 use walship_tests::ledger::{losses, under_load, verdict};
 use walship_tests::scenario::shipping;
-use walship_tests::{wait_for, Daemon, InitOptions, Lcg};
-
-/// Sessions the receiver has seen end (cleanly or not): it logs the end only after its writer has made
-/// everything received durable.
-fn sessions_ended(receiver: &Daemon) -> usize {
-    let log = receiver.log_text();
-    log.matches("session ended").count() + log.matches("closing connection").count()
-}
+use walship_tests::{wait_for, InitOptions, Lcg};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_death_under_load_loses_at_most_what_was_in_flight() {
@@ -42,7 +35,7 @@ async fn host_death_under_load_loses_at_most_what_was_in_flight() {
         let (ledger, mut bench) = under_load(&s.primary).await;
         // a random moment under load (not a synchronisation)
         std::thread::sleep(std::time::Duration::from_millis(rng.below(1500)));
-        let ended_before = sessions_ended(&s.receiver);
+        let ended_before = s.receiver.sessions_ended();
         s.primary.kill9_with(&[s.sender.pid()]);
         s.sender.kill9();
         let rows = ledger.finish().await;
@@ -51,7 +44,7 @@ async fn host_death_under_load_loses_at_most_what_was_in_flight() {
         wait_for(
             "the receiver to end the dead sender's session",
             WAIT,
-            || async { (sessions_ended(&s.receiver) > ended_before).then_some(()) },
+            || async { (s.receiver.sessions_ended() > ended_before).then_some(()) },
         )
         .await;
         let end = archive_end(&s.archive, s.seg, 1).expect("archive end");
