@@ -19,6 +19,7 @@
 //! every valid record left in `pg_wal/` is drained.
 #![forbid(unsafe_code)]
 
+pub mod conninfo;
 pub mod link;
 pub mod postgres;
 pub mod scout;
@@ -49,8 +50,8 @@ use crate::wal_reader::{ReadError, WalReader};
 /// Everything the sender needs, with defaults in [`SenderConfig::new`].
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
-    /// libpq-style connection string of the primary.
-    pub pgconn: String,
+    /// The primary's connection, resolved the libpq way ([`conninfo::resolve`]).
+    pub pgconn: conninfo::Conn,
     /// `HOST:PORT` of the receiver.
     pub receiver: String,
     /// The name the receiver's certificate must carry.
@@ -85,7 +86,7 @@ pub struct SenderConfig {
 
 impl SenderConfig {
     pub fn new(
-        pgconn: String,
+        pgconn: conninfo::Conn,
         receiver: String,
         server_name: String,
         tls: Arc<rustls::ClientConfig>,
@@ -474,6 +475,7 @@ async fn open<'a>(
     }
     info!(
         receiver = %cfg.receiver,
+        primary = %cfg.pgconn.describe(),
         wal_dir = %wal_dir.display(),
         timeline,
         %start,
@@ -1136,7 +1138,7 @@ fn postmaster_running(data_dir: Option<&std::path::Path>) -> bool {
     matches!(postmaster(data_dir), Postmaster::Running)
 }
 
-async fn server_state(data_dir: Option<&std::path::Path>, pgconn: &str) -> ServerState {
+async fn server_state(data_dir: Option<&std::path::Path>, pgconn: &conninfo::Conn) -> ServerState {
     if let Postmaster::Gone(why) = postmaster(data_dir) {
         return ServerState::Down(why);
     }

@@ -30,14 +30,18 @@ enum Command {
 
 #[derive(Parser, Debug)]
 struct RunArgs {
-    /// libpq-style connection string of the primary, e.g. "host=/var/run/postgresql user=postgres".
-    /// The role needs superuser, or pg_monitor plus pg_read_all_settings (or pass --wal-dir).
-    /// The session shows as application_name "walship-sender" in pg_stat_activity unless this sets one.
+    /// Connection to the primary, as libpq takes it: keywords ("host=db1 user=walship sslmode=verify-full")
+    /// or a postgresql:// URI, with service (pg_service.conf), passfile and sslrootcert/sslcert/sslkey.
+    /// What it leaves open comes from PGSERVICE, PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD,
+    /// PGPASSFILE, PGSSLMODE, PGSSLROOTCERT (and the other PG* variables), then libpq's defaults (the
+    /// Unix socket in /var/run/postgresql, port 5432, the OS user, sslmode=prefer) and dbname=postgres; a
+    /// password from ~/.pgpass when none is given. The role needs superuser, or pg_monitor plus
+    /// pg_read_all_settings (or pass --wal-dir). Its session shows as application_name "walship-sender".
     #[arg(
         long,
         env = "WALSHIP_PGCONN",
         hide_env_values = true,
-        default_value = "host=/var/run/postgresql dbname=postgres"
+        default_value = ""
     )]
     pgconn: String,
     /// The receiver, HOST:PORT.
@@ -87,14 +91,16 @@ struct RunArgs {
 
 async fn run(args: RunArgs) -> Result<()> {
     // a connection string that cannot work is a configuration error: stop now, not retry forever
-    walship_sender::postgres::parse_conninfo(&args.pgconn)?;
+    let pgconn =
+        walship_sender::conninfo::resolve(&args.pgconn, &walship_sender::conninfo::process_env)?;
+    tracing::debug!(primary = %pgconn.describe(), "connection resolved");
     let shutdown = walship_daemon::shutdown_on_signals()?;
     let tls = link::client_config(&args.tls_ca, &args.tls_cert, &args.tls_key)?;
     let server_name = args
         .tls_server_name
         .clone()
         .unwrap_or_else(|| link::host_of(&args.receiver).to_owned());
-    let mut cfg = SenderConfig::new(args.pgconn, args.receiver, server_name, tls);
+    let mut cfg = SenderConfig::new(pgconn, args.receiver, server_name, tls);
     cfg.wal_dir = args.wal_dir;
     cfg.start_lsn = args.start_lsn;
     cfg.slot = args.slot;

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use tokio_postgres::{Client, NoTls, Statement};
+
+use crate::conninfo::Conn;
 use walship_protocol::wal::page_magic_for_version;
 use walship_protocol::{Lsn, TimelineId, WalSegSize};
 
@@ -92,22 +94,35 @@ pub struct Primary {
 }
 
 impl Primary {
-    /// Connects with a libpq-style conninfo and reads the server's facts.
-    pub async fn connect(conninfo: &str) -> Result<Primary> {
-        let mut config = parse_conninfo(conninfo)?;
+    /// Connects as `conn` says (resolved the libpq way, see [`crate::conninfo`]) and reads the server's facts.
+    pub async fn connect(conn: &Conn) -> Result<Primary> {
+        let mut config = conn.config.clone();
         // How a DBA finds walship's session in pg_stat_activity (unless the connection string names one).
         if config.get_application_name().is_none() {
             config.application_name(APPLICATION_NAME);
         }
-        let (client, connection) = config
-            .connect(NoTls)
-            .await
-            .with_context(|| format!("connect to PostgreSQL ({})", describe(&config)))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "PostgreSQL connection closed");
+        let what = || format!("connect to PostgreSQL ({})", conn.describe());
+        let client = match &conn.tls {
+            None => {
+                let (client, connection) = config.connect(NoTls).await.with_context(what)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::warn!(error = %e, "PostgreSQL connection closed");
+                    }
+                });
+                client
             }
-        });
+            Some(tls) => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+                let (client, connection) = config.connect(tls).await.with_context(what)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::warn!(error = %e, "PostgreSQL connection closed");
+                    }
+                });
+                client
+            }
+        };
         let version_num: u32 = scalar(&client, "SHOW server_version_num")
             .await?
             .parse()
@@ -258,54 +273,29 @@ async fn scalar(client: &Client, sql: &str) -> Result<String> {
     bail!("{sql} returned no row")
 }
 
-/// Parses a libpq-style connection string (keywords or a URI). The error never repeats the string: it may
-/// hold a password.
-pub fn parse_conninfo(conninfo: &str) -> Result<tokio_postgres::Config> {
-    conninfo.parse::<tokio_postgres::Config>().map_err(|e| {
-        let e = anyhow::Error::new(e);
-        anyhow::anyhow!(
-            "the connection string of the primary (--pgconn) is not valid: {e:#}. It takes libpq's keywords \
-             (host, hostaddr, port, user, password, dbname, connect_timeout, application_name, sslmode, ...) or a \
-             postgresql:// URI"
-        )
-    })
-}
-
-/// The connection in messages: where it goes and as whom, never its password.
-pub fn describe(config: &tokio_postgres::Config) -> String {
-    use tokio_postgres::config::Host;
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .map(|h| match h {
-            Host::Tcp(name) => name.clone(),
-            Host::Unix(path) => path.display().to_string(),
-        })
-        .collect();
-    let mut parts = Vec::new();
-    if !hosts.is_empty() {
-        parts.push(format!("host={}", hosts.join(",")));
-    }
-    let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
-    if !ports.is_empty() {
-        parts.push(format!("port={}", ports.join(",")));
-    }
-    if let Some(user) = config.get_user() {
-        parts.push(format!("user={user}"));
-    }
-    if let Some(db) = config.get_dbname() {
-        parts.push(format!("dbname={db}"));
-    }
-    if config.get_password().is_some() {
-        parts.push("password=(hidden)".into());
-    }
-    parts.join(" ")
-}
-
 /// Whether a failure to connect or to read the server's facts is one that retrying cannot fix (wrong
 /// password, no `pg_hba.conf` entry, a missing database or role, missing privileges), with what to do.
 pub fn fatal_cause(e: &anyhow::Error) -> Option<&'static str> {
     use tokio_postgres::error::SqlState;
+    // the primary's TLS certificate refused (sslmode=verify-ca/verify-full), or no TLS where it is required
+    for cause in e.chain() {
+        let tls = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        if let Some(rustls::Error::InvalidCertificate(_)) = tls {
+            return Some(
+                "the primary's TLS certificate was not accepted: check sslrootcert (the CA that signed it) and, \
+                 with sslmode=verify-full, that host names a name the certificate carries",
+            );
+        }
+        if cause.to_string().contains("server does not support TLS") {
+            return Some(
+                "the primary does not offer TLS but sslmode requires it: set ssl = on in its postgresql.conf, \
+                 or use sslmode=prefer",
+            );
+        }
+    }
     let code = e
         .chain()
         .find_map(|c| c.downcast_ref::<tokio_postgres::Error>())
@@ -371,26 +361,5 @@ mod tests {
         assert!(segment_size_from_setting("3", Some("B")).is_err());
         assert!(segment_size_from_setting("x", Some("B")).is_err());
         assert!(segment_size_from_setting("1", Some("GB")).is_err());
-    }
-
-    #[test]
-    fn passwords_never_appear_in_messages() {
-        for conninfo in [
-            "host=x password=secret user=u",
-            "host=x password = secret user=u",
-            "host=x password='secret' user=u",
-            "postgresql://u:secret@x:5433/db",
-            "postgresql://u:secret@x/db?sslmode=disable",
-        ] {
-            let config = parse_conninfo(conninfo).unwrap();
-            let text = describe(&config);
-            assert!(!text.contains("secret"), "{conninfo}: {text}");
-            assert!(text.contains("user=u") && text.contains("host=x"), "{text}");
-        }
-        // a bad string is not repeated either
-        let e = parse_conninfo("host=x password=secret bogus_keyword=1").unwrap_err();
-        let text = format!("{e:#}");
-        assert!(!text.contains("secret"), "{text}");
-        assert!(text.contains("--pgconn"), "{text}");
     }
 }

@@ -250,6 +250,17 @@ impl Cluster {
         self.port = port;
     }
 
+    /// Listens on 127.0.0.1 at a free port too (takes effect at the next start); returns the port.
+    pub fn listen_tcp(&mut self) -> u16 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("find a free port")
+            .port();
+        self.configure(&["listen_addresses = '127.0.0.1'"]);
+        self.set_port(port);
+        port
+    }
+
     /// Starts without waiting until the server accepts connections (a standby may wait for WAL first).
     pub fn start_no_wait(&mut self) {
         run_ok(
