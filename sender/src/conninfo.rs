@@ -175,13 +175,9 @@ pub fn resolve(conninfo: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<C
         let quoted = v.replace('\\', "\\\\").replace('\'', "\\'");
         text.push_str(&format!("{k}='{quoted}' "));
     }
-    let mut config: tokio_postgres::Config = text.parse().map_err(|e: tokio_postgres::Error| {
-        invalid(
-            anyhow::Error::new(e)
-                .to_string()
-                .replace("invalid configuration: ", ""),
-        )
-    })?;
+    let mut config: tokio_postgres::Config = text
+        .parse()
+        .map_err(|e: tokio_postgres::Error| invalid(format!("{:#}", anyhow::Error::new(e))))?;
     config.ssl_mode(match sslmode {
         SslMode::Disable => tokio_postgres::config::SslMode::Disable,
         SslMode::Allow | SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -223,7 +219,7 @@ fn keywords(conninfo: &str) -> Result<BTreeMap<String, String>> {
         // tokio-postgres parses the authority (several hosts, [v6]:port, percent-encoding)
         let config: tokio_postgres::Config = base
             .parse()
-            .map_err(|e: tokio_postgres::Error| invalid(e.to_string()))?;
+            .map_err(|e: tokio_postgres::Error| invalid(format!("{:#}", anyhow::Error::new(e))))?;
         use tokio_postgres::config::Host;
         let hosts: Vec<String> = config
             .get_hosts()
@@ -857,5 +853,7 @@ mod tests {
             assert!(!text.contains("secret"), "{text}");
             assert!(text.contains("--pgconn"), "{text}");
         }
+        let e = resolve("host=x bogus_keyword=1", &env).unwrap_err();
+        assert!(format!("{e:#}").contains("bogus_keyword"), "{e:#}");
     }
 }
