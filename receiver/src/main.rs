@@ -159,6 +159,10 @@ struct CertsArgs {
     /// Overwrite existing files.
     #[arg(long, env = "WALSHIP_CERTS_FORCE")]
     force: bool,
+    /// Issue one more sender certificate, NAME.crt and NAME.key, from the CA kept in --out (ca.crt, ca.key),
+    /// for a second sender or a renewal; nothing else is touched.
+    #[arg(long, value_name = "NAME")]
+    add_client: Option<String>,
 }
 
 async fn run(args: RunArgs) -> Result<()> {
@@ -203,16 +207,29 @@ fn main() -> ExitCode {
     walship_receiver::init_logging();
     let result = match cli.command {
         Command::Run(args) => tokio::runtime::Runtime::new().context("start runtime").and_then(|rt| rt.block_on(run(args))),
-        Command::Certs(args) => {
-            let names = if args.server_names.is_empty() {
-                vec!["localhost".to_string(), "127.0.0.1".to_string()]
-            } else {
-                args.server_names
-            };
-            certs::write_certificates(&args.out, &names, &args.client_name, args.force).map(|()| {
-                println!("wrote {} to {}", certs::FILES.join(", "), args.out.display());
-            })
-        }
+        Command::Certs(args) => match args.add_client {
+            Some(name) => certs::add_client(&args.out, &name, args.force).map(|files| {
+                println!(
+                    "wrote {} to {}: give them to the sender (--tls-cert, --tls-key) with ca.crt (--tls-ca)",
+                    files.join(" and "),
+                    args.out.display()
+                );
+            }),
+            None => {
+                let names = if args.server_names.is_empty() {
+                    vec!["localhost".to_string(), "127.0.0.1".to_string()]
+                } else {
+                    args.server_names
+                };
+                certs::write_certificates(&args.out, &names, &args.client_name, args.force).map(|()| {
+                    println!("wrote {} to {}", certs::FILES.join(", "), args.out.display());
+                    println!(
+                        "ca.key issues certificates every receiver of this CA trusts: keep it offline (move it off \
+                         this host; bring it back for `certs --add-client NAME`)"
+                    );
+                })
+            }
+        },
         Command::Restore(args) => {
             let opts = restore::RestoreOptions {
                 archive: args.archive,

@@ -25,7 +25,7 @@ fn run_help_names_every_contract_flag() {
 }
 
 #[test]
-fn certs_writes_five_private_files_and_refuses_to_overwrite() {
+fn certs_writes_six_private_files_keeps_the_ca_key_and_refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("certs");
     let out = receiver()
@@ -40,8 +40,10 @@ fn certs_writes_five_private_files_and_refuses_to_overwrite() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("keep it offline"));
     for f in [
         "ca.crt",
+        "ca.key",
         "server.crt",
         "server.key",
         "client.crt",
@@ -61,6 +63,48 @@ fn certs_writes_five_private_files_and_refuses_to_overwrite() {
         .unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    // nothing of the refused set was written, no temporary file is left
+    let before: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before.len(), 6, "{before:?}");
+
+    // another sender's certificate from the kept CA; a name that is not a plain file name is refused
+    let added = receiver()
+        .arg("certs")
+        .arg("--out")
+        .arg(&out_dir)
+        .args(["--add-client", "sender-2"])
+        .output()
+        .unwrap();
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    for f in ["sender-2.crt", "sender-2.key"] {
+        let meta = std::fs::metadata(out_dir.join(f)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{f}");
+    }
+    let bad = receiver()
+        .arg("certs")
+        .arg("--out")
+        .arg(&out_dir)
+        .args(["--add-client", "../evil"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("nothing was written"));
+    let no_ca = receiver()
+        .arg("certs")
+        .arg("--out")
+        .arg(dir.path())
+        .args(["--add-client", "x"])
+        .output()
+        .unwrap();
+    assert!(!no_ca.status.success());
+    assert!(String::from_utf8_lossy(&no_ca.stderr).contains("ca.key"));
     let forced = receiver()
         .arg("certs")
         .arg("--out")
