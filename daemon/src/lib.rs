@@ -1,8 +1,9 @@
-//! What walship's two daemons share, written once: logging set-up, shutdown on SIGINT/SIGTERM, and loading
-//! certificates, keys and CA sets from PEM files with errors that name the file.
+//! What walship's two daemons share, written once: logging set-up, shutdown on SIGINT/SIGTERM, reloading
+//! on SIGHUP, and loading certificates, keys and CA sets from PEM files with errors that name the file.
 #![forbid(unsafe_code)]
 
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, Result};
 use rustls::RootCertStore;
@@ -37,6 +38,69 @@ pub fn shutdown_on_signals() -> Result<CancellationToken> {
         t.cancel();
     });
     Ok(token)
+}
+
+/// A value loaded from files at start and again at every SIGHUP (certificate rotation without a restart).
+/// A reload that fails keeps the current value and says why; new connections take the value current when
+/// they start, open ones keep theirs.
+pub struct Reloadable<T> {
+    current: Arc<RwLock<Arc<T>>>,
+}
+
+impl<T> Clone for Reloadable<T> {
+    fn clone(&self) -> Self {
+        Reloadable {
+            current: self.current.clone(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Reloadable<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reloadable")
+    }
+}
+
+impl<T: Send + Sync + 'static> Reloadable<T> {
+    /// A value that never changes.
+    pub fn fixed(value: Arc<T>) -> Self {
+        Reloadable {
+            current: Arc::new(RwLock::new(value)),
+        }
+    }
+
+    /// Loads the value now (an error is returned: a daemon does not start with bad files) and at every SIGHUP.
+    /// `what` names it in the log. Call inside a tokio runtime.
+    pub fn on_sighup(
+        what: &'static str,
+        load: impl Fn() -> Result<Arc<T>> + Send + 'static,
+    ) -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let this = Reloadable::fixed(load()?);
+        let mut hup = signal(SignalKind::hangup()).context("install the SIGHUP handler")?;
+        let current = this.current.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match load() {
+                    Ok(value) => {
+                        *current.write().unwrap_or_else(|p| p.into_inner()) = value;
+                        tracing::info!("SIGHUP: reloaded {what}; new connections use it");
+                    }
+                    Err(e) => tracing::error!(
+                        "SIGHUP: could not reload {what}, keeping the one in use: {e:#}"
+                    ),
+                }
+            }
+        });
+        Ok(this)
+    }
+
+    pub fn current(&self) -> Arc<T> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// Every certificate in a PEM file (at least one).

@@ -167,7 +167,16 @@ struct CertsArgs {
 
 async fn run(args: RunArgs) -> Result<()> {
     let shutdown = walship_receiver::shutdown_on_signals()?;
-    let config = tls::server_config(&args.tls_cert, &args.tls_key, &args.tls_client_ca)?;
+    // the certificate, its key and the client CA, read again at SIGHUP (rotation without a restart)
+    let (cert, key, client_ca) = (
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+        args.tls_client_ca.clone(),
+    );
+    let config = walship_daemon::Reloadable::on_sighup(
+        "the TLS certificate, key and client CA",
+        move || tls::server_config(&cert, &key, &client_ca),
+    )?;
     let dir = args.archive.clone();
     let archive = tokio::task::spawn_blocking(move || archive::Archive::open(&dir)).await??;
     tracing::info!(archive = %args.archive.display(), resume = ?archive.resume_points(), "archive opened");
@@ -186,15 +195,7 @@ async fn run(args: RunArgs) -> Result<()> {
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
         ..Default::default()
     };
-    server::serve(
-        listener,
-        tokio_rustls::TlsAcceptor::from(config),
-        archive,
-        opts,
-        board,
-        shutdown,
-    )
-    .await?;
+    server::serve(listener, config, archive, opts, board, shutdown).await?;
     let _ = writer.await;
     tracing::info!("receiver stopped");
     Ok(())

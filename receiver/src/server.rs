@@ -34,6 +34,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
+use walship_daemon::Reloadable;
 use walship_protocol::message::Hello;
 use walship_protocol::{
     Lsn, MessageCodec, ReceiverMessage, RefuseCode, SenderMessage, TimelineId, WalSegSize,
@@ -93,7 +94,8 @@ struct Shared {
     active: Mutex<Option<CancellationToken>>,
     known: Mutex<Known>,
     opts: ServerOptions,
-    acceptor: TlsAcceptor,
+    /// The TLS configuration, reloaded at SIGHUP: each handshake takes the current one.
+    tls: Reloadable<rustls::ServerConfig>,
     status: StatusBoard,
     /// Connections in their TLS handshake, oldest first.
     handshakes: Mutex<Admission>,
@@ -172,7 +174,7 @@ impl Shared {
 /// undone): the receiver must stop then, like PostgreSQL after a failed fsync of its WAL.
 pub async fn serve(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Reloadable<rustls::ServerConfig>,
     archive: Archive,
     opts: ServerOptions,
     status: StatusBoard,
@@ -189,7 +191,7 @@ pub async fn serve(
         known: Mutex::new(known),
         sessions: Arc::new(tokio::sync::Semaphore::new(opts.max_sessions.max(1))),
         opts,
-        acceptor,
+        tls,
         status,
         handshakes: Mutex::new(Admission::default()),
         fatal: Mutex::new(None),
@@ -323,7 +325,7 @@ async fn session(
     let accepted = tokio::select! {
         _ = evict.cancelled() => Err(anyhow!("evicted before completing the TLS handshake: newer connections needed the place")),
         _ = token.cancelled() => Err(anyhow!("the receiver is shutting down")),
-        r = tokio::time::timeout(opts.tls_timeout, shared.acceptor.accept(tcp)) => match r {
+        r = tokio::time::timeout(opts.tls_timeout, TlsAcceptor::from(shared.tls.current()).accept(tcp)) => match r {
             Err(_) => Err(anyhow!("no TLS handshake within {:?}", opts.tls_timeout)),
             Ok(Err(e)) => Err(anyhow::Error::new(e).context(
                 "TLS handshake failed (client without a certificate signed by --tls-client-ca?)",

@@ -50,13 +50,14 @@ use crate::wal_reader::{ReadError, WalReader};
 /// Everything the sender needs, with defaults in [`SenderConfig::new`].
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
-    /// The primary's connection, resolved the libpq way ([`conninfo::resolve`]).
-    pub pgconn: conninfo::Conn,
+    /// The primary's connection, resolved the libpq way ([`conninfo::resolve`]), again at SIGHUP.
+    pub pgconn: walship_daemon::Reloadable<conninfo::Conn>,
     /// `HOST:PORT` of the receiver.
     pub receiver: String,
     /// The name the receiver's certificate must carry.
     pub server_name: String,
-    pub tls: Arc<rustls::ClientConfig>,
+    /// The TLS configuration for the receiver, reloaded at SIGHUP: each connection takes the current one.
+    pub tls: walship_daemon::Reloadable<rustls::ClientConfig>,
     /// The WAL directory, when not `data_directory/pg_wal`.
     pub wal_dir: Option<PathBuf>,
     /// Where to start when the archive is empty (rounded down to its segment's start).
@@ -86,10 +87,10 @@ pub struct SenderConfig {
 
 impl SenderConfig {
     pub fn new(
-        pgconn: conninfo::Conn,
+        pgconn: walship_daemon::Reloadable<conninfo::Conn>,
         receiver: String,
         server_name: String,
-        tls: Arc<rustls::ClientConfig>,
+        tls: walship_daemon::Reloadable<rustls::ClientConfig>,
     ) -> Self {
         SenderConfig {
             pgconn,
@@ -307,23 +308,24 @@ async fn open<'a>(
     acked_before: Option<(TimelineId, Lsn)>,
     remembered: &mut Option<Origin>,
 ) -> Result<Streaming<'a>, Failure> {
-    let connected = tokio::time::timeout(cfg.connect_timeout, Primary::connect(&cfg.pgconn))
-        .await
-        .map_err(|_| retry(anyhow!("connecting to PostgreSQL timed out")))
-        .and_then(|r| {
-            r.map_err(|e| {
-                if let Some(fix) = crate::postgres::fatal_cause(&e) {
-                    Failure::Fatal(e.context(fix))
-                } else if e.to_string().contains("not supported")
-                    || e.to_string().contains("in recovery")
-                    || e.to_string().contains("--pgconn")
-                {
-                    Failure::Fatal(e)
-                } else {
-                    Failure::Retry(e)
-                }
-            })
-        });
+    let connected =
+        tokio::time::timeout(cfg.connect_timeout, Primary::connect(&cfg.pgconn.current()))
+            .await
+            .map_err(|_| retry(anyhow!("connecting to PostgreSQL timed out")))
+            .and_then(|r| {
+                r.map_err(|e| {
+                    if let Some(fix) = crate::postgres::fatal_cause(&e) {
+                        Failure::Fatal(e.context(fix))
+                    } else if e.to_string().contains("not supported")
+                        || e.to_string().contains("in recovery")
+                        || e.to_string().contains("--pgconn")
+                    {
+                        Failure::Fatal(e)
+                    } else {
+                        Failure::Retry(e)
+                    }
+                })
+            });
     let (pg, origin) = match connected {
         Ok(pg) => {
             let info = pg.info.clone();
@@ -347,7 +349,7 @@ async fn open<'a>(
             let Some(origin) = remembered.clone() else {
                 return Err(Failure::Retry(e));
             };
-            match server_state(origin.data_dir().as_deref(), &cfg.pgconn).await {
+            match server_state(origin.data_dir().as_deref(), &cfg.pgconn.current()).await {
                 ServerState::Down(_) => (None, origin),
                 _ => return Err(Failure::Retry(e)),
             }
@@ -368,7 +370,7 @@ async fn open<'a>(
     let tls = crate::link::connect(
         &cfg.receiver,
         &cfg.server_name,
-        cfg.tls.clone(),
+        cfg.tls.current(),
         cfg.connect_timeout,
     )
     .await
@@ -475,7 +477,7 @@ async fn open<'a>(
     }
     info!(
         receiver = %cfg.receiver,
-        primary = %cfg.pgconn.describe(),
+        primary = %cfg.pgconn.current().describe(),
         wal_dir = %wal_dir.display(),
         timeline,
         %start,
@@ -916,7 +918,7 @@ impl Streaming<'_> {
         // backends died. Decide within a few seconds; only a successful connection means "up".
         let deadline = Instant::now() + Duration::from_secs(3);
         let why = loop {
-            match server_state(self.data_dir.as_deref(), &self.cfg.pgconn).await {
+            match server_state(self.data_dir.as_deref(), &self.cfg.pgconn.current()).await {
                 ServerState::Up => return Err(retry(cause.context("PostgreSQL is still up"))),
                 ServerState::Down(why) => break why,
                 ServerState::Unknown(why) if Instant::now() >= deadline => {
@@ -941,7 +943,8 @@ impl Streaming<'_> {
         let settle = Instant::now() + Duration::from_secs(60);
         let mut end = self.ship_valid_wal(shutdown, progressed).await?;
         while postmaster_running(self.data_dir.as_deref()) && Instant::now() < settle {
-            if let ServerState::Up = server_state(self.data_dir.as_deref(), &self.cfg.pgconn).await
+            if let ServerState::Up =
+                server_state(self.data_dir.as_deref(), &self.cfg.pgconn.current()).await
             {
                 info!("PostgreSQL is back; resuming from {end}");
                 return Ok(Stop::PrimaryLost(anyhow!("PostgreSQL restarted")));
@@ -974,7 +977,7 @@ impl Streaming<'_> {
                     }
                 }
                 _ = probe.tick() => {
-                    if let ServerState::Up = server_state(self.data_dir.as_deref(), &self.cfg.pgconn).await {
+                    if let ServerState::Up = server_state(self.data_dir.as_deref(), &self.cfg.pgconn.current()).await {
                         info!("PostgreSQL is back; resuming from {end}");
                         *progressed = true;
                         return Ok(Stop::PrimaryLost(anyhow!("PostgreSQL restarted")));

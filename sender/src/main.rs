@@ -91,11 +91,26 @@ struct RunArgs {
 
 async fn run(args: RunArgs) -> Result<()> {
     // a connection string that cannot work is a configuration error: stop now, not retry forever
-    let pgconn =
-        walship_sender::conninfo::resolve(&args.pgconn, &walship_sender::conninfo::process_env)?;
-    tracing::debug!(primary = %pgconn.describe(), "connection resolved");
+    // (again at SIGHUP: a new password file, service or PostgreSQL certificate is taken at the next connection)
+    let conninfo = args.pgconn.clone();
+    let pgconn = walship_daemon::Reloadable::on_sighup(
+        "the PostgreSQL connection settings (--pgconn, service and password files, PG* TLS files)",
+        move || {
+            walship_sender::conninfo::resolve(&conninfo, &walship_sender::conninfo::process_env)
+                .map(std::sync::Arc::new)
+        },
+    )?;
     let shutdown = walship_daemon::shutdown_on_signals()?;
-    let tls = link::client_config(&args.tls_ca, &args.tls_cert, &args.tls_key)?;
+    // the CA, certificate and key, read again at SIGHUP (rotation without a restart)
+    let (ca, cert, key) = (
+        args.tls_ca.clone(),
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+    );
+    let tls =
+        walship_daemon::Reloadable::on_sighup("the TLS CA, certificate and key", move || {
+            link::client_config(&ca, &cert, &key)
+        })?;
     let server_name = args
         .tls_server_name
         .clone()

@@ -334,6 +334,16 @@ impl Daemon {
         status
     }
 
+    /// SIGHUP (reload the TLS files).
+    pub fn hangup(&self) {
+        let pid = self.child.as_ref().map(|c| c.id()).expect("daemon running");
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP {pid}");
+    }
+
     /// SIGTERM and wait for a clean exit; returns the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let pid = self.child.as_ref().map(|c| c.id()).expect("daemon running");

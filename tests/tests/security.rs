@@ -355,3 +355,73 @@ async fn a_wrong_password_stops_the_sender_and_never_shows() {
     right.wait_for_log("streaming", WAIT);
     assert!(!right.log_text().contains("right-pw-4711"));
 }
+
+/// Copies the certificate files of `from` into `to` (in place, as a renewal does).
+fn install_certs(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    walship_tests::env::chown_to_db_user(to);
+    for f in [
+        "ca.crt",
+        "server.crt",
+        "server.key",
+        "client.crt",
+        "client.key",
+    ] {
+        std::fs::copy(from.join(f), to.join(f)).expect("copy certificate");
+        walship_tests::env::chown_to_db_user(&to.join(f));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_takes_renewed_certificates_without_a_restart() {
+    let dir = TestDir::new("sighup");
+    let walship = Walship::install(&dir);
+    let old = walship.certs(&dir, "old");
+    let new = walship.certs(&dir, "new");
+    // both daemons read their files from here; a renewal replaces them in place
+    let live = dir.path().join("live");
+    install_certs(&old, &live);
+    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
+    primary.start();
+    let client = primary.connect().await;
+    let archive = dir.path().join("archive");
+    let receiver = walship.receiver(&dir, &archive, &live, 0);
+    let proxy =
+        walship_tests::proxy::Proxy::start(format!("127.0.0.1:{}", receiver.port).parse().unwrap())
+            .await;
+    let mut sender = walship.sender(&dir, &primary.conninfo(), proxy.port, &live, &live, &[]);
+    sender.wait_for_log("streaming", WAIT);
+
+    // a broken file at SIGHUP: the receiver keeps what it has and says why
+    std::fs::write(live.join("server.crt"), "not a certificate\n").unwrap();
+    receiver.hangup();
+    wait_log(&receiver, "could not reload").await;
+
+    // the renewed set (a new CA): both daemons take it at SIGHUP, the session in progress goes on
+    install_certs(&new, &live);
+    receiver.hangup();
+    wait_log(&receiver, "SIGHUP: reloaded").await;
+    sender.hangup();
+    wait_log(&sender, "SIGHUP: reloaded the TLS").await;
+    // the next connection is made with the new certificates and accepted
+    proxy.cut();
+    wait_for(
+        "the sender to stream again, with the new certificate",
+        WAIT,
+        || async { (sender.log_text().matches(": streaming ").count() >= 2).then_some(()) },
+    )
+    .await;
+    let flush = primary.switch_wal(&client).await;
+    wait_for("the switch to be archived", WAIT, || async {
+        archive_end(&archive, WalSegSize::DEFAULT, 1)
+            .filter(|e| *e >= flush)
+            .map(|_| ())
+    })
+    .await;
+
+    // a sender still holding the old certificate is refused now
+    let mut stale = walship.sender(&dir, &primary.conninfo(), receiver.port, &old, &old, &[]);
+    stale.wait_for_log("reconnecting", WAIT);
+    stale.kill9();
+    assert!(sender.terminate(Duration::from_secs(20)).success());
+}
