@@ -2,6 +2,8 @@
 //! on SIGHUP, and loading certificates, keys and CA sets from PEM files with errors that name the file.
 #![forbid(unsafe_code)]
 
+pub mod config;
+
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -13,9 +15,14 @@ use tokio_util::sync::CancellationToken;
 
 /// Sets up `tracing` logs on stderr; `WALSHIP_LOG` (or `RUST_LOG`) filters them, `info` by default.
 pub fn init_logging() {
+    init_logging_with("info")
+}
+
+/// [`init_logging`] with another default filter.
+pub fn init_logging_with(default: &str) {
     let filter = std::env::var("WALSHIP_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".into());
+        .unwrap_or_else(|_| default.into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
@@ -132,6 +139,44 @@ pub fn trust_store(path: &Path) -> Result<RootCertStore> {
             .with_context(|| format!("add CA certificate from {}", path.display()))?;
     }
     Ok(roots)
+}
+
+/// Serves `render()` (Prometheus/OpenMetrics text) at `http://addr/metrics` from a thread of its own, so a
+/// scrape never waits on the daemon's runtime; returns the address bound (port 0 picks one).
+pub fn serve_metrics(
+    addr: std::net::SocketAddr,
+    render: impl Fn() -> String + Send + 'static,
+) -> Result<std::net::SocketAddr> {
+    let server = tiny_http::Server::http(addr).map_err(|e| {
+        anyhow::anyhow!("cannot listen for metrics on {addr} (--metrics-listen): {e}")
+    })?;
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .context("the metrics listener has no IP address")?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let response = if request.url() == "/metrics" {
+                    let header = tiny_http::Header::from_bytes(
+                        &b"Content-Type"[..],
+                        &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
+                    )
+                    .expect("a valid header");
+                    tiny_http::Response::from_string(render()).with_header(header)
+                } else {
+                    tiny_http::Response::from_string("walship: metrics are at /metrics\n")
+                        .with_status_code(404)
+                };
+                if let Err(e) = request.respond(response) {
+                    tracing::debug!(error = %e, "metrics: answering a scrape failed");
+                }
+            }
+        })
+        .context("start the metrics thread")?;
+    tracing::info!("metrics at http://{bound}/metrics");
+    Ok(bound)
 }
 
 #[cfg(test)]

@@ -680,6 +680,9 @@ impl Archive {
     /// Not cancellation safe (disk I/O); call from a blocking context.
     pub fn append(&mut self, timeline: TimelineId, start: Lsn, bytes: &[u8]) -> Result<()> {
         self.check_usable()?;
+        crate::metrics::METRICS
+            .wal_bytes_received
+            .inc_by(bytes.len() as u64);
         let seg = self.seg()?;
         if let Some(latest) = self.latest_timeline() {
             if timeline < latest {
@@ -843,6 +846,7 @@ impl Archive {
         fs::rename(&from, &to)
             .with_context(|| format!("rename {} to {}", from.display(), to.display()))?;
         tracing::debug!(segment = %name, "segment complete");
+        crate::metrics::METRICS.segments_completed.inc();
         Ok(())
     }
 

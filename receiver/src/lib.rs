@@ -8,6 +8,7 @@
 //! | [`tls`]     | rustls configuration (TLS 1.3, client certificates required) |
 //! | [`certs`]   | `certs`: a CA and certificates for a quick start |
 //! | [`status`]  | what the receiver is doing, for `status` |
+//! | [`metrics`] | Prometheus metrics (`--metrics-listen`) |
 //! | [`restore`] | `restore_command`: complete segments, history files, the zero-padded last partial at failover |
 //! | [`promote`] | failover: trigger, wait for the handover, `pg_ctl promote` |
 //! | [`cleanup`] | `archive_cleanup_command` |
@@ -15,7 +16,9 @@
 
 pub mod archive;
 pub mod certs;
+pub mod check;
 pub mod cleanup;
+pub mod metrics;
 pub mod promote;
 pub mod restore;
 pub mod server;

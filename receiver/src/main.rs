@@ -43,6 +43,32 @@ enum Command {
     Cleanup(CleanupArgs),
     /// Show the archive's cluster, position, current partial, connected sender and lag.
     Status(StatusArgs),
+    /// Verify the archive (exists, writable, its cluster, its lock), the TLS files when given, and with
+    /// --pgdata the standby: restore_command reads this archive, archive_mode is not always, the recovery
+    /// files fit its version, same cluster. One line per check (ok, or FAIL with the fix); exit 0 only when
+    /// all pass.
+    Check(CheckArgs),
+}
+
+#[derive(Parser, Debug)]
+struct CheckArgs {
+    /// TOML file of defaults (the receiver's config file: archive and TLS files are taken from it).
+    #[arg(long, env = "WALSHIP_CONFIG", value_name = "FILE")]
+    #[allow(dead_code)] // read before clap, by walship_daemon::config
+    config: Option<PathBuf>,
+    /// Archive directory.
+    #[arg(long, env = "WALSHIP_ARCHIVE")]
+    archive: PathBuf,
+    /// The standby's data directory: check that its recovery reads this archive.
+    #[arg(long, env = "PGDATA")]
+    pgdata: Option<PathBuf>,
+    /// Check the TLS files `run` would use (with --tls-key and --tls-client-ca).
+    #[arg(long, env = "WALSHIP_TLS_CERT", requires_all = ["tls_key", "tls_client_ca"])]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "WALSHIP_TLS_KEY", hide = true)]
+    tls_key: Option<PathBuf>,
+    #[arg(long, env = "WALSHIP_TLS_CLIENT_CA", hide = true)]
+    tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Parser, Debug)]
@@ -120,6 +146,11 @@ struct StatusArgs {
 
 #[derive(Parser, Debug)]
 struct RunArgs {
+    /// TOML file of defaults for these flags: keys are the long flag names (tls-ca = "/etc/walship/ca.crt").
+    /// Flags and WALSHIP_* variables win over it. See contrib/ for a commented example.
+    #[arg(long, env = "WALSHIP_CONFIG", value_name = "FILE")]
+    #[allow(dead_code)] // read before clap, by walship_daemon::config
+    config: Option<PathBuf>,
     /// Address to listen on for senders.
     #[arg(long, env = "WALSHIP_LISTEN", default_value = "0.0.0.0:7433")]
     listen: SocketAddr,
@@ -138,6 +169,10 @@ struct RunArgs {
     /// Close a session that sent nothing for this many seconds (senders send keepalives every second).
     #[arg(long, env = "WALSHIP_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9187): positions, lag, fsync
+    /// latency, segments, sessions, errors. Off by default.
+    #[arg(long, env = "WALSHIP_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Parser, Debug)]
@@ -181,6 +216,10 @@ async fn run(args: RunArgs) -> Result<()> {
     let archive = tokio::task::spawn_blocking(move || archive::Archive::open(&dir)).await??;
     tracing::info!(archive = %args.archive.display(), resume = ?archive.resume_points(), "archive opened");
     let listener = server::bind(args.listen).await?;
+    if let Some(addr) = args.metrics_listen {
+        let dir = args.archive.clone();
+        walship_daemon::serve_metrics(addr, move || walship_receiver::metrics::render(&dir))?;
+    }
     tracing::info!(
         "listening on {}",
         listener.local_addr().context("local address")?
@@ -202,7 +241,7 @@ async fn run(args: RunArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = walship_daemon::config::parse();
     // crash and error injection for the fault tests; does nothing unless built with the `failpoints` feature
     let _failpoints = fail::FailScenario::setup();
     walship_receiver::init_logging();
@@ -231,6 +270,22 @@ fn main() -> ExitCode {
                 })
             }
         },
+        Command::Check(args) => {
+            let tls = match (args.tls_cert, args.tls_key, args.tls_client_ca) {
+                (Some(c), Some(k), Some(ca)) => Some((c, k, ca)),
+                _ => None,
+            };
+            let opts = walship_receiver::check::CheckOptions {
+                archive: args.archive,
+                pgdata: args.pgdata,
+                tls,
+            };
+            return if walship_receiver::check::check(&opts) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
         Command::Restore(args) => {
             let opts = restore::RestoreOptions {
                 archive: args.archive,

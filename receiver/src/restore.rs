@@ -445,9 +445,15 @@ fn handover_segno(h: &Handover, seg: WalSegSize) -> Option<SegNo> {
     }
 }
 
-/// Whether the server whose data directory is `data_dir` runs with `archive_mode = always` (from
-/// postgresql.conf, the `config_file` in postmaster.opts, and postgresql.auto.conf; the last setting wins).
+/// Whether the server whose data directory is `data_dir` runs with `archive_mode = always`.
 pub fn archive_mode_always(data_dir: &Path) -> bool {
+    setting(data_dir, "archive_mode").is_some_and(|m| m.eq_ignore_ascii_case("always"))
+}
+
+/// The value of the server setting `name` as the configuration files of `data_dir` give it: postgresql.conf,
+/// the `config_file` in postmaster.opts, postgresql.auto.conf, and (PostgreSQL 11 and older) recovery.conf;
+/// the last setting wins. `include` directives are not followed.
+pub fn setting(data_dir: &Path, name: &str) -> Option<String> {
     let mut files = vec![data_dir.join("postgresql.conf")];
     if let Ok(opts) = fs::read_to_string(data_dir.join("postmaster.opts")) {
         for part in opts.split('"') {
@@ -457,34 +463,83 @@ pub fn archive_mode_always(data_dir: &Path) -> bool {
         }
     }
     files.push(data_dir.join("postgresql.auto.conf"));
-    let mut mode = String::from("off");
+    files.push(data_dir.join("recovery.conf"));
+    let mut value = None;
     for f in files {
         let Ok(text) = fs::read_to_string(&f) else {
             continue;
         };
         for line in text.lines() {
-            let line = line.split('#').next().unwrap_or("").trim();
-            let Some(rest) = line.strip_prefix("archive_mode") else {
-                continue;
-            };
-            let rest = rest.trim_start();
-            let value = rest
-                .strip_prefix('=')
-                .unwrap_or(rest)
-                .trim()
-                .trim_matches('\'')
-                .trim();
-            if !value.is_empty() && (rest.starts_with('=') || line.starts_with("archive_mode ")) {
-                mode = value.to_ascii_lowercase();
+            if let Some((k, v)) = parse_conf_line(line) {
+                if k.eq_ignore_ascii_case(name) {
+                    value = Some(v);
+                }
             }
         }
     }
-    mode == "always"
+    value
+}
+
+/// One `name = value` (or `name value`) line of a PostgreSQL configuration file: values quoted with '…'
+/// ('' and \' for a quote), comments after #.
+fn parse_conf_line(line: &str) -> Option<(String, String)> {
+    let line = line.trim_start();
+    let end = line.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))?;
+    let (name, rest) = line.split_at(end);
+    if name.is_empty() {
+        return None;
+    }
+    let rest = rest.trim_start();
+    let rest = rest.strip_prefix('=').unwrap_or(rest).trim_start();
+    if let Some(quoted) = rest.strip_prefix('\'') {
+        let mut value = String::new();
+        let mut chars = quoted.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(n) = chars.next() {
+                        value.push(n);
+                    }
+                }
+                '\'' if chars.peek() == Some(&'\'') => {
+                    chars.next();
+                    value.push('\'');
+                }
+                '\'' => return Some((name.to_owned(), value)),
+                c => value.push(c),
+            }
+        }
+        None
+    } else {
+        let value = rest.split('#').next().unwrap_or("").trim();
+        (!value.is_empty()).then(|| (name.to_owned(), value.to_owned()))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configuration_lines() {
+        assert_eq!(
+            parse_conf_line("restore_command = 'walship-receiver restore --archive /a %f %p'  # x"),
+            Some((
+                "restore_command".into(),
+                "walship-receiver restore --archive /a %f %p".into()
+            ))
+        );
+        assert_eq!(
+            parse_conf_line("archive_mode=always"),
+            Some(("archive_mode".into(), "always".into()))
+        );
+        assert_eq!(
+            parse_conf_line("x = 'it''s'"),
+            Some(("x".into(), "it's".into()))
+        );
+        assert_eq!(parse_conf_line("# archive_mode = always"), None);
+        assert_eq!(parse_conf_line(""), None);
+    }
 
     #[test]
     fn a_segment_completed_while_looking_is_not_taken_for_one_that_never_arrives() {

@@ -217,9 +217,16 @@ pub async fn serve(
                     async move {
                         match session(&shared, tcp, token).await {
                             Ok(()) => info!("session ended"),
-                            Err(SessionError::Unauthenticated(e)) => tracing::debug!("closing connection: {e:#}"),
-                            Err(SessionError::Closed(e)) => warn!("closing connection: {e:#}"),
+                            Err(SessionError::Unauthenticated(e)) => {
+                                error_count("tls");
+                                tracing::debug!("closing connection: {e:#}")
+                            }
+                            Err(SessionError::Closed(e)) => {
+                                error_count("session");
+                                warn!("closing connection: {e:#}")
+                            }
                             Err(SessionError::Fatal(e)) => {
+                                error_count("archive");
                                 tracing::error!("closing connection: {e:#}");
                                 shared.fail(e);
                             }
@@ -241,6 +248,13 @@ pub async fn serve(
         Some(e) => Err(e.context("the receiver stopped: the archive cannot be trusted")),
         None => Ok(()),
     }
+}
+
+fn error_count(kind: &'static str) {
+    crate::metrics::METRICS
+        .errors
+        .get_or_create(&crate::metrics::Kind { kind })
+        .inc();
 }
 
 /// How a connection ended.
@@ -448,6 +462,7 @@ async fn session(
         let mut guard = guard;
         let resume = guard.begin_session();
         info!(?resume, version, pg_version_num = hello.pg_version_num, "sender accepted");
+        crate::metrics::METRICS.sessions.inc();
         send(&mut writer, ReceiverMessage::Welcome { protocol_version: version, resume: resume.clone() }, opts.send_timeout, "Welcome").await?;
         let start = resume.iter().find(|(t, _)| *t == hello.timeline).map(|(t, l)| (*t, *l));
         stream(shared, &hello, version, guard, reader, writer, start, token).await
@@ -651,7 +666,11 @@ fn syncer_loop(
             let job = g.archive.prepare_sync();
             drop(g);
             let job = job.map(|job| {
+                let started = std::time::Instant::now();
                 let r = job.run();
+                crate::metrics::METRICS
+                    .fsync_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 (job, r)
             });
             g = lock();

@@ -19,8 +19,10 @@
 //! every valid record left in `pg_wal/` is drained.
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod conninfo;
 pub mod link;
+pub mod metrics;
 pub mod postgres;
 pub mod scout;
 pub mod wal_reader;
@@ -152,6 +154,9 @@ macro_rules! crash_point {
     };
 }
 
+/// The last error that made the sender reconnect (for `check`).
+pub static LAST_ERROR: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 /// Runs the sender until `shutdown` is cancelled (returns `Ok`) or a fatal error (returns it).
 pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(cfg.max_backoff);
@@ -175,6 +180,9 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
                     backoff.reset();
                 }
                 let wait = backoff.next_wait();
+                metrics::METRICS.reconnects.inc();
+                metrics::count_error(&e);
+                *LAST_ERROR.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{e:#}"));
                 warn!("{e:#}; reconnecting in {} ms", wait.as_millis());
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
@@ -485,6 +493,9 @@ async fn open<'a>(
         segment_size = %info.seg,
         "streaming"
     );
+    metrics::METRICS.sessions.inc();
+    metrics::METRICS.timeline.set(i64::from(timeline));
+    metrics::METRICS.primary_flush_lsn.set(pos.flush.0 as i64);
     if let Some((t, acked)) = acked_before.filter(|(t, _)| *t == timeline) {
         if start < acked {
             // The archive lost WAL it had acknowledged (restored from a backup, a disk that lied about its
@@ -798,6 +809,7 @@ impl Streaming<'_> {
             let on_write = end.0.saturating_sub(sent.0.max(self.pos.flush.0));
             self.shipped_on_write += on_write;
             self.shipped_on_write_total += on_write;
+            metrics::METRICS.shipped_on_write_bytes.inc_by(on_write);
             // A plain blocking read: the runtime is this one thread, and WAL just written is in the page cache.
             let bytes = self
                 .reader
@@ -893,6 +905,9 @@ impl Streaming<'_> {
         };
         if self.pos.flush != before {
             self.last_flush_change = Instant::now();
+            metrics::METRICS
+                .primary_flush_lsn
+                .set(self.pos.flush.0 as i64);
         }
         if self.pos.timeline != self.timeline {
             return Err(retry(anyhow!(

@@ -140,6 +140,13 @@ impl Link {
         window: u64,
         timeout: Duration,
     ) -> Link {
+        for g in [
+            &crate::metrics::METRICS.sent_lsn,
+            &crate::metrics::METRICS.durable_lsn,
+            &crate::metrics::METRICS.confirmed_lsn,
+        ] {
+            g.set(start.0 as i64);
+        }
         Link {
             rx,
             tx,
@@ -187,8 +194,11 @@ impl Link {
             start_lsn: start,
             bytes,
         });
+        let len = end.0 - start.0;
         deadline(self.timeout, "sending WAL", self.tx.feed(msg)).await?;
         self.sent = end;
+        crate::metrics::METRICS.sent_lsn.set(end.0 as i64);
+        crate::metrics::METRICS.wal_bytes_sent.inc_by(len);
         Ok(())
     }
 
@@ -256,6 +266,9 @@ impl Link {
                 let confirmed = confirmed_lsn.unwrap_or(durable_lsn).min(durable_lsn);
                 if confirmed > self.confirmed && confirmed <= self.sent {
                     self.confirmed = confirmed;
+                    crate::metrics::METRICS
+                        .confirmed_lsn
+                        .set(confirmed.0 as i64);
                 }
                 if durable_lsn <= self.acked {
                     return Ok(false);
@@ -267,6 +280,9 @@ impl Link {
                     )));
                 }
                 self.acked = durable_lsn;
+                crate::metrics::METRICS
+                    .durable_lsn
+                    .set(durable_lsn.0 as i64);
                 Ok(true)
             }
             Some(Ok(ReceiverMessage::Error { reason })) => Err(LinkError::Receiver(reason)),

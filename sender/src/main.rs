@@ -26,10 +26,20 @@ struct Cli {
 enum Command {
     /// Run the sender daemon.
     Run(RunArgs),
+    /// Verify everything `run` needs, one line per check (ok, or FAIL with the fix), then a round trip: a
+    /// WAL switch on the primary, shipped until the receiver holds the switched segment complete. Takes
+    /// run's flags (and --config file). Exit 0 only when every check passed. A sender already running
+    /// reconnects once (the receiver hands the archive to the newest session).
+    Check(RunArgs),
 }
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 struct RunArgs {
+    /// TOML file of defaults for these flags: keys are the long flag names (tls-ca = "/etc/walship/ca.crt").
+    /// Flags and WALSHIP_* variables win over it. See contrib/ for a commented example.
+    #[arg(long, env = "WALSHIP_CONFIG", value_name = "FILE")]
+    #[allow(dead_code)] // read before clap, by walship_daemon::config
+    config: Option<PathBuf>,
     /// Connection to the primary, as libpq takes it: keywords ("host=db1 user=walship sslmode=verify-full")
     /// or a postgresql:// URI, with service (pg_service.conf), passfile and sslrootcert/sslcert/sslkey.
     /// What it leaves open comes from PGSERVICE, PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD,
@@ -84,6 +94,10 @@ struct RunArgs {
     /// every second), before the connection counts as stalled and is made anew.
     #[arg(long, env = "WALSHIP_RECEIVER_TIMEOUT", default_value_t = 30)]
     receiver_timeout: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9188): positions, lag, sessions,
+    /// reconnections, errors, bytes sent. Off by default.
+    #[arg(long, env = "WALSHIP_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// At SIGTERM/SIGINT, seconds to wait for the receiver to acknowledge every byte already sent.
     #[arg(long, env = "WALSHIP_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace: u64,
@@ -101,6 +115,9 @@ async fn run(args: RunArgs) -> Result<()> {
         },
     )?;
     let shutdown = walship_daemon::shutdown_on_signals()?;
+    if let Some(addr) = args.metrics_listen {
+        walship_daemon::serve_metrics(addr, walship_sender::metrics::render)?;
+    }
     // the CA, certificate and key, read again at SIGHUP (rotation without a restart)
     let (ca, cert, key) = (
         args.tls_ca.clone(),
@@ -111,31 +128,66 @@ async fn run(args: RunArgs) -> Result<()> {
         walship_daemon::Reloadable::on_sighup("the TLS CA, certificate and key", move || {
             link::client_config(&ca, &cert, &key)
         })?;
-    let server_name = args
-        .tls_server_name
-        .clone()
-        .unwrap_or_else(|| link::host_of(&args.receiver).to_owned());
-    let mut cfg = SenderConfig::new(pgconn, args.receiver, server_name, tls);
-    cfg.wal_dir = args.wal_dir;
-    cfg.start_lsn = args.start_lsn;
-    cfg.slot = args.slot;
-    if let Some(name) = args.name {
-        cfg.name = name;
-    }
-    cfg.window = args.window_mb.max(1) << 20;
-    cfg.poll_interval = std::time::Duration::from_millis(args.poll_ms.max(1));
-    cfg.receiver_timeout = std::time::Duration::from_secs(args.receiver_timeout.max(1));
-    cfg.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace);
+    let cfg = sender_config(&args, pgconn, tls);
     walship_sender::run(cfg, shutdown).await?;
     tracing::info!("sender stopped");
     Ok(())
 }
 
+/// The sender's configuration from the flags and the (reloadable) connection and TLS settings.
+fn sender_config(
+    args: &RunArgs,
+    pgconn: walship_daemon::Reloadable<walship_sender::conninfo::Conn>,
+    tls: walship_daemon::Reloadable<rustls::ClientConfig>,
+) -> SenderConfig {
+    let server_name = args
+        .tls_server_name
+        .clone()
+        .unwrap_or_else(|| link::host_of(&args.receiver).to_owned());
+    let mut cfg = SenderConfig::new(pgconn, args.receiver.clone(), server_name, tls);
+    cfg.wal_dir = args.wal_dir.clone();
+    cfg.start_lsn = args.start_lsn;
+    cfg.slot = args.slot.clone();
+    if let Some(name) = &args.name {
+        cfg.name = name.clone();
+    }
+    cfg.window = args.window_mb.max(1) << 20;
+    cfg.poll_interval = std::time::Duration::from_millis(args.poll_ms.max(1));
+    cfg.receiver_timeout = std::time::Duration::from_secs(args.receiver_timeout.max(1));
+    cfg.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace);
+    cfg
+}
+
+async fn check(args: RunArgs) -> bool {
+    use walship_sender::check::{check, CheckInput};
+    let input = CheckInput {
+        pgconn: walship_sender::conninfo::resolve(
+            &args.pgconn,
+            &walship_sender::conninfo::process_env,
+        ),
+        tls: link::client_config(&args.tls_ca, &args.tls_cert, &args.tls_key),
+        timeout: std::time::Duration::from_secs(60),
+        config: Box::new(move |conn, tls| {
+            sender_config(
+                &args,
+                walship_daemon::Reloadable::fixed(std::sync::Arc::new(conn)),
+                walship_daemon::Reloadable::fixed(tls),
+            )
+        }),
+    };
+    check(input).await
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = walship_daemon::config::parse();
     // crash and error injection for the fault tests; does nothing unless built with the `failpoints` feature
     let _failpoints = fail::FailScenario::setup();
-    walship_daemon::init_logging();
+    // check reports on stdout, one line per check; its sender's own log stays quiet unless WALSHIP_LOG asks
+    if matches!(cli.command, Command::Check(_)) && std::env::var_os("WALSHIP_LOG").is_none() {
+        walship_daemon::init_logging_with("off");
+    } else {
+        walship_daemon::init_logging();
+    }
     let result = match cli.command {
         // One thread: the loop, the PostgreSQL connection and the TLS link wake each other without crossing
         // threads (a multi-threaded runtime cost two futex hand-offs per position query).
@@ -144,6 +196,19 @@ fn main() -> ExitCode {
             .build()
             .context("start runtime")
             .and_then(|rt| rt.block_on(run(args))),
+        Command::Check(args) => {
+            return match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) if rt.block_on(check(args)) => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -252,6 +252,11 @@ impl Primary {
         Ok(())
     }
 
+    /// The session, for `check`'s own questions.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
     }

@@ -1,0 +1,378 @@
+//! `walship-sender check`: everything `run` needs, verified once, one line per check (`ok: …` or
+//! `FAIL: … fix: …`), like `pgbackrest check`; then a round trip: a WAL switch on the primary, shipped until
+//! the receiver holds the switched segment complete.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tokio_util::sync::CancellationToken;
+use walship_protocol::wal::segment_file_name;
+use walship_protocol::Lsn;
+
+use crate::conninfo::Conn;
+use crate::metrics::METRICS;
+use crate::postgres::Primary;
+use crate::SenderConfig;
+
+/// What `check` is given: `run`'s configuration, or why a part of it could not be built.
+pub struct CheckInput {
+    pub pgconn: Result<Conn>,
+    pub tls: Result<std::sync::Arc<rustls::ClientConfig>>,
+    /// Builds the sender's configuration from the two above.
+    pub config: Box<dyn Fn(Conn, std::sync::Arc<rustls::ClientConfig>) -> SenderConfig>,
+    /// How long the round trip may take.
+    pub timeout: Duration,
+}
+
+/// Prints each check as it is made and counts the failures.
+struct Lines {
+    failed: usize,
+}
+
+impl Lines {
+    fn ok(&mut self, what: &str, detail: impl std::fmt::Display) {
+        println!("ok: {what}: {detail}");
+    }
+
+    fn fail(&mut self, what: &str, problem: impl std::fmt::Display, fix: &str) {
+        self.failed += 1;
+        println!("FAIL: {what}: {problem}; fix: {fix}");
+    }
+}
+
+/// Runs the checks; returns whether all passed.
+pub async fn check(input: CheckInput) -> bool {
+    let mut out = Lines { failed: 0 };
+    let conn = match input.pgconn {
+        Ok(c) => {
+            out.ok("connection settings", c.describe());
+            Some(c)
+        }
+        Err(e) => {
+            out.fail(
+                "connection settings",
+                format!("{e:#}"),
+                "correct --pgconn (libpq keywords or a postgresql:// URI) or the PG* variables",
+            );
+            None
+        }
+    };
+    let tls = match input.tls {
+        Ok(t) => {
+            out.ok("TLS files", "CA, certificate and key load and fit together");
+            Some(t)
+        }
+        Err(e) => {
+            out.fail(
+                "TLS files",
+                format!("{e:#}"),
+                "give --tls-ca (the receiver's ca.crt), --tls-cert and --tls-key (a sender certificate of that CA)",
+            );
+            None
+        }
+    };
+    let Some(conn) = conn else {
+        return finish(out);
+    };
+    let pg = match tokio::time::timeout(Duration::from_secs(15), Primary::connect(&conn)).await {
+        Ok(Ok(pg)) => pg,
+        Ok(Err(e)) => {
+            let fix = crate::postgres::fatal_cause(&e).unwrap_or(
+                "is PostgreSQL running, and does --pgconn (host, port) reach it? See the error",
+            );
+            out.fail("PostgreSQL", format!("{e:#}"), fix);
+            return finish(out);
+        }
+        Err(_) => {
+            out.fail(
+                "PostgreSQL",
+                "no connection within 15 s",
+                "check host and port in --pgconn, and the firewall",
+            );
+            return finish(out);
+        }
+    };
+    let info = pg.info.clone();
+    let version = scalar(&pg, "SHOW server_version").await.unwrap_or_default();
+    out.ok(
+        "PostgreSQL",
+        format!(
+            "{version} (server_version_num {}), a primary, system identifier {}, WAL segments of {}",
+            info.version_num, info.system_identifier, info.seg
+        ),
+    );
+    let superuser = scalar(
+        &pg,
+        "SELECT rolsuper::text FROM pg_roles WHERE rolname = current_user",
+    )
+    .await
+    .is_some_and(|v| v == "true");
+    out.ok(
+        "privileges",
+        if superuser {
+            "superuser"
+        } else {
+            "reads pg_control_system() and the settings walship needs"
+        },
+    );
+    match scalar(&pg, "SHOW wal_level").await.as_deref() {
+        Some("minimal") => out.fail(
+            "wal_level",
+            "wal_level is minimal: WAL cannot rebuild a standby",
+            "set wal_level = replica in postgresql.conf and restart PostgreSQL",
+        ),
+        Some(level) => out.ok("wal_level", level),
+        None => out.fail(
+            "wal_level",
+            "cannot read it",
+            "connect as a role that may SHOW wal_level",
+        ),
+    }
+
+    // pg_wal: readable, and the server's own (its first page names this system identifier)
+    let cfg_probe = (input.config)(conn.clone(), tls.clone().unwrap_or_else(dummy_tls));
+    let wal_dir = match (&cfg_probe.wal_dir, &info.data_directory) {
+        (Some(d), _) => Some(d.clone()),
+        (None, Some(data)) => Some(data.join(info.dialect.wal_dir)),
+        (None, None) => None,
+    };
+    let position = pg.position().await;
+    match (&wal_dir, &position) {
+        (None, _) => out.fail(
+            "WAL directory",
+            "this role cannot read data_directory",
+            "pass --wal-dir, or grant pg_read_all_settings",
+        ),
+        (Some(_), Err(e)) => out.fail(
+            "WAL directory",
+            format!("cannot ask for the flush position: {e:#}"),
+            "grant pg_monitor to the role",
+        ),
+        (Some(dir), Ok(pos)) => {
+            let name = segment_file_name(pos.timeline, info.seg.segno(pos.flush), info.seg);
+            let path = dir.join(&name);
+            let mut page = [0u8; 32];
+            match std::fs::File::open(&path).and_then(|mut f| f.read_exact(&mut page)) {
+                Err(e) => out.fail(
+                    "WAL directory",
+                    format!("cannot read {}: {e}", path.display()),
+                    "run walship-sender as the database's OS user (postgres), or pass the right --wal-dir",
+                ),
+                Ok(()) => {
+                    let magic = u16::from_le_bytes([page[0], page[1]]);
+                    let sysid = u64::from_le_bytes(page[24..32].try_into().expect("8 bytes"));
+                    if magic != info.magic || sysid != info.system_identifier {
+                        out.fail(
+                            "WAL directory",
+                            format!(
+                                "{} is not this server's WAL (page magic {magic:#06x}, system identifier {sysid})",
+                                path.display()
+                            ),
+                            "--wal-dir must be the pg_wal of the server --pgconn reaches",
+                        )
+                    } else {
+                        out.ok("WAL directory", format!("{} ({name} readable)", dir.display()));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(slot) = &cfg_probe.slot {
+        let exists = pg
+            .client()
+            .query_opt(
+                "SELECT slot_type FROM pg_replication_slots WHERE slot_name = $1",
+                &[slot],
+            )
+            .await;
+        let may = scalar(
+            &pg,
+            "SELECT (rolsuper OR rolreplication)::text FROM pg_roles WHERE rolname = current_user",
+        )
+        .await
+        .is_some_and(|v| v == "true");
+        match exists {
+            Ok(Some(row)) if row.get::<_, String>(0) != "physical" => out.fail(
+                "replication slot",
+                format!("{slot} exists but is not a physical slot"),
+                "choose another --slot name",
+            ),
+            Ok(_) if !may => out.fail(
+                "replication slot",
+                format!("the role may not create or advance slot {slot}"),
+                "ALTER ROLE ... REPLICATION, or connect as a superuser",
+            ),
+            Ok(Some(_)) => out.ok("replication slot", format!("{slot} exists")),
+            Ok(None) => out.ok(
+                "replication slot",
+                format!("{slot} will be created when the sender starts"),
+            ),
+            Err(e) => out.fail(
+                "replication slot",
+                format!("{e:#}"),
+                "grant pg_monitor to the role",
+            ),
+        }
+    }
+    let Some(tls) = tls else {
+        return finish(out);
+    };
+
+    // the receiver: run the sender itself until it streams, then a WAL switch travels the whole way
+    let mut cfg = (input.config)(conn, tls);
+    cfg.slot = None; // check never creates a slot
+    let receiver = cfg.receiver.clone();
+    let token = CancellationToken::new();
+    let mut task = tokio::spawn(crate::run(cfg, token.clone()));
+    let sessions_before = METRICS.sessions.get();
+    let started = Instant::now();
+    let deadline = started + input.timeout;
+    let accepted = loop {
+        if METRICS.sessions.get() > sessions_before {
+            break Ok(());
+        }
+        if task.is_finished() {
+            break Err(match (&mut task).await {
+                Ok(Ok(())) => anyhow::anyhow!("the sender stopped"),
+                Ok(Err(e)) => e,
+                Err(e) => anyhow::anyhow!("the sender task failed: {e}"),
+            });
+        }
+        if Instant::now() > deadline {
+            let last = crate::LAST_ERROR
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(|| "no answer".into());
+            token.cancel();
+            break Err(anyhow::anyhow!(
+                "no session within {:?}: {last}",
+                input.timeout
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if let Err(e) = accepted {
+        let text = format!("{e:#}");
+        let fix = if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+            "--tls-ca must be the CA that signed the receiver's certificate (ca.crt of the receiver's set), and \
+             --tls-server-name a name that certificate carries"
+        } else if text.contains("refused the TLS session") || text.contains("certificate refused") {
+            "the receiver trusts another CA: issue this sender a certificate with `walship-receiver certs --add-client NAME` \
+             from the receiver's CA"
+        } else if text.contains("system identifier") || text.contains("another cluster") {
+            "the receiver's archive belongs to another cluster: give this cluster an archive of its own (an empty directory)"
+        } else {
+            "is walship-receiver running there, and do --receiver and the firewall let this host reach it?"
+        };
+        out.fail("receiver", format!("{receiver}: {text}"), fix);
+        token.cancel();
+        if !task.is_finished() {
+            let _ = task.await;
+        }
+        return finish(out);
+    }
+    out.ok(
+        "receiver",
+        format!("{receiver} accepts this sender and this cluster"),
+    );
+    match round_trip(&pg, &info, deadline).await {
+        Ok((segment, took)) => out.ok(
+            "round trip",
+            format!(
+                "switched WAL; the receiver holds {segment} complete after {:.1} s",
+                took.as_secs_f64()
+            ),
+        ),
+        Err((problem, fix)) => out.fail("round trip", problem, fix),
+    }
+    token.cancel();
+    if !task.is_finished() {
+        let _ = task.await;
+    }
+    finish(out)
+}
+
+fn finish(out: Lines) -> bool {
+    if out.failed == 0 {
+        println!("all checks passed");
+    } else {
+        println!("{} check(s) failed", out.failed);
+    }
+    out.failed == 0
+}
+
+/// Some WAL, a switch, and the wait until the receiver acknowledged the switched segment's end.
+async fn round_trip(
+    pg: &Primary,
+    info: &crate::postgres::ServerInfo,
+    deadline: Instant,
+) -> std::result::Result<(String, Duration), (String, &'static str)> {
+    let started = Instant::now();
+    let switch = if info.version_num >= 100_000 {
+        "SELECT pg_switch_wal()::text"
+    } else {
+        "SELECT pg_switch_xlog()::text"
+    };
+    let _ = pg.client().simple_query("SELECT txid_current()").await;
+    let end: Lsn = match scalar_result(pg, switch).await {
+        Ok(text) => match text.parse() {
+            Ok(l) => l,
+            Err(e) => return Err((format!("{switch} answered {text:?}: {e}"), "report this")),
+        },
+        Err(e) => return Err((
+            format!("{switch}: {e:#}"),
+            "run check as a superuser, or GRANT EXECUTE ON FUNCTION pg_switch_wal() to the role",
+        )),
+    };
+    // the switched segment ends where the next begins
+    let segno = info.seg.segno(Lsn(end.0.saturating_sub(1)));
+    let seg_end = info.seg.segment_start(segno + 1);
+    let timeline = METRICS.timeline.get() as u32;
+    let name = segment_file_name(timeline.max(1), segno, info.seg);
+    loop {
+        if METRICS.durable_lsn.get() >= seg_end.0 as i64 {
+            return Ok((name, started.elapsed()));
+        }
+        if Instant::now() > deadline {
+            return Err((
+                format!(
+                    "the receiver did not acknowledge {seg_end} (the end of {name}) in time; it holds up to {}",
+                    Lsn(METRICS.durable_lsn.get() as u64)
+                ),
+                "look at the receiver's log (a full disk? a slow fsync?)",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn scalar(pg: &Primary, sql: &str) -> Option<String> {
+    scalar_result(pg, sql).await.ok()
+}
+
+async fn scalar_result(pg: &Primary, sql: &str) -> Result<String> {
+    for msg in pg.client().simple_query(sql).await? {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = msg {
+            return row
+                .get(0)
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow::anyhow!("{sql} returned NULL"));
+        }
+    }
+    anyhow::bail!("{sql} returned no row")
+}
+
+/// Only for reading the non-TLS parts of the configuration when the TLS files failed.
+fn dummy_tls() -> std::sync::Arc<rustls::ClientConfig> {
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("default versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth(),
+    )
+}

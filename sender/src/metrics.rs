@@ -1,0 +1,127 @@
+//! Prometheus metrics of the sender (`--metrics-listen`): positions as the sender knows them, kept up to
+//! date as it works, and counters of sessions, reconnections, errors and bytes.
+
+use std::sync::LazyLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub kind: &'static str,
+}
+
+pub struct Metrics {
+    pub timeline: Gauge,
+    pub primary_flush_lsn: Gauge,
+    pub sent_lsn: Gauge,
+    pub durable_lsn: Gauge,
+    pub confirmed_lsn: Gauge,
+    pub sessions: Counter,
+    pub reconnects: Counter,
+    pub errors: Family<Kind, Counter>,
+    pub wal_bytes_sent: Counter,
+    pub shipped_on_write_bytes: Counter,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    timeline: Gauge::default(),
+    primary_flush_lsn: Gauge::default(),
+    sent_lsn: Gauge::default(),
+    durable_lsn: Gauge::default(),
+    confirmed_lsn: Gauge::default(),
+    sessions: Counter::default(),
+    reconnects: Counter::default(),
+    errors: Family::default(),
+    wal_bytes_sent: Counter::default(),
+    shipped_on_write_bytes: Counter::default(),
+});
+
+/// Counts a session that ended on an error, by what failed.
+pub fn count_error(e: &anyhow::Error) {
+    let kind = if e
+        .chain()
+        .any(|c| c.downcast_ref::<tokio_postgres::Error>().is_some())
+    {
+        "postgres"
+    } else if e
+        .chain()
+        .any(|c| c.downcast_ref::<crate::link::LinkError>().is_some())
+    {
+        "receiver"
+    } else if e
+        .chain()
+        .any(|c| c.downcast_ref::<crate::wal_reader::ReadError>().is_some())
+    {
+        "wal"
+    } else {
+        "other"
+    };
+    METRICS.errors.get_or_create(&Kind { kind }).inc();
+}
+
+/// The metrics text.
+pub fn render() -> String {
+    let m = &*METRICS;
+    let mut registry = Registry::with_prefix("walship_sender");
+    registry.register("timeline", "Timeline being shipped", m.timeline.clone());
+    registry.register(
+        "primary_flush_lsn",
+        "The primary's flush position, as a byte position",
+        m.primary_flush_lsn.clone(),
+    );
+    registry.register(
+        "sent_lsn",
+        "End of the WAL sent to the receiver",
+        m.sent_lsn.clone(),
+    );
+    registry.register(
+        "durable_lsn",
+        "End of the WAL the receiver acknowledged as durable (fsynced)",
+        m.durable_lsn.clone(),
+    );
+    registry.register(
+        "confirmed_lsn",
+        "End of the durable WAL the primary has flushed too",
+        m.confirmed_lsn.clone(),
+    );
+    let lag: Gauge = Gauge::default();
+    let (flush, durable) = (m.primary_flush_lsn.get(), m.durable_lsn.get());
+    if flush > 0 && durable > 0 {
+        lag.set((flush - durable).max(0));
+        registry.register(
+            "lag_bytes",
+            "WAL flushed on the primary and not yet durable at the receiver",
+            lag,
+        );
+    }
+    registry.register(
+        "sessions",
+        "Sessions started with the receiver",
+        m.sessions.clone(),
+    );
+    registry.register(
+        "reconnects",
+        "Sessions ended by an error and made anew",
+        m.reconnects.clone(),
+    );
+    registry.register(
+        "errors",
+        "Sessions ended by an error, by what failed (postgres, receiver, wal, other)",
+        m.errors.clone(),
+    );
+    registry.register("wal_bytes_sent", "WAL bytes sent", m.wal_bytes_sent.clone());
+    registry.register(
+        "shipped_on_write_bytes",
+        "WAL bytes sent before the primary had flushed them (confirmed later)",
+        m.shipped_on_write_bytes.clone(),
+    );
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
+        tracing::warn!("metrics: encoding failed: {e}");
+    }
+    text
+}
