@@ -1,0 +1,335 @@
+//! What a DBA runs around the daemons: `check` on both sides (passing on a good pair; failing with the right
+//! line on a wrong CA, an unreachable receiver, a foreign archive and a standby that restores from elsewhere),
+//! the config file shared by `run` and `check`, and `/metrics` agreeing with `status`.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use walship_protocol::{Lsn, WalSegSize};
+use walship_tests::archive::archive_end;
+use walship_tests::cluster::WAIT;
+use walship_tests::env::{as_db_user, chown_to_db_user};
+use walship_tests::{wait_for, Cluster, Daemon, InitOptions, TestDir, Walship};
+
+/// Runs `cmd` as the database user; returns its output (whatever the exit status).
+fn output(cmd: &mut Command) -> Output {
+    as_db_user(cmd).output().expect("run command")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn write_config(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("write config");
+    chown_to_db_user(path);
+}
+
+/// The sender's config file: everything `run` and `check` need.
+fn sender_config(dir: &TestDir, name: &str, primary: &Cluster, port: u16, certs: &Path) -> PathBuf {
+    let path = dir.path().join(name);
+    write_config(
+        &path,
+        &format!(
+            "# walship-sender\npgconn = \"{}\"\nreceiver = \"127.0.0.1:{port}\"\ntls-server-name = \"localhost\"\n\
+             tls-ca = \"{ca}\"\ntls-cert = \"{crt}\"\ntls_key = \"{key}\"\npoll-ms = 50\n",
+            primary.conninfo(),
+            ca = certs.join("ca.crt").display(),
+            crt = certs.join("client.crt").display(),
+            key = certs.join("client.key").display(),
+        ),
+    );
+    path
+}
+
+fn sender_check(walship: &Walship, config: &Path, extra: &[&str]) -> Output {
+    output(
+        Command::new(walship.path(Walship::SENDER))
+            .arg("check")
+            .arg("--config")
+            .arg(config)
+            .args(extra),
+    )
+}
+
+/// The line of `check`'s output about `what`.
+fn line<'a>(out: &'a str, what: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.contains(&format!(" {what}: ")))
+        .unwrap_or_else(|| panic!("no line about {what}:\n{out}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_on_a_good_pair_and_names_what_is_wrong() {
+    let dir = TestDir::new("check");
+    let walship = Walship::install(&dir);
+    let certs = walship.certs(&dir, "certs");
+    let other_ca = walship.certs(&dir, "other-ca");
+    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
+    primary.start();
+    let archive = dir.path().join("archive");
+
+    // the receiver runs from its config file; `check` reads the same file
+    let receiver_toml = dir.path().join("receiver.toml");
+    write_config(
+        &receiver_toml,
+        &format!(
+            "listen = \"127.0.0.1:0\"\narchive = \"{}\"\ntls-cert = \"{}\"\ntls-key = \"{}\"\ntls-client-ca = \"{}\"\n",
+            archive.display(),
+            certs.join("server.crt").display(),
+            certs.join("server.key").display(),
+            certs.join("ca.crt").display()
+        ),
+    );
+    let mut cmd = Command::new(walship.path(Walship::RECEIVER));
+    cmd.arg("run").arg("--config").arg(&receiver_toml);
+    let mut receiver = Daemon::spawn(&dir, "receiver", cmd);
+    let listening = receiver.wait_for_log("listening on", WAIT);
+    let port: u16 = listening
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {listening:?}"));
+    let config = sender_config(&dir, "sender.toml", &primary, port, &certs);
+
+    // a good pair: every line ok, and the switched segment is complete in the archive
+    let good = sender_check(&walship, &config, &[]);
+    let text = stdout(&good);
+    println!("{text}");
+    assert!(
+        good.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(!text.contains("FAIL"), "{text}");
+    let round_trip = line(&text, "round trip");
+    let segment = round_trip
+        .split_whitespace()
+        .find(|w| w.len() == 24 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no segment in {round_trip:?}"));
+    assert!(
+        archive.join(segment).exists(),
+        "{segment} is not complete in the archive"
+    );
+
+    // the wrong CA for the receiver's certificate
+    let out = sender_check(
+        &walship,
+        &config,
+        &["--tls-ca", other_ca.join("ca.crt").to_str().unwrap()],
+    );
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        line(&text, "receiver").starts_with("FAIL")
+            && line(&text, "receiver").contains("fix: --tls-ca"),
+        "{text}"
+    );
+    // nothing listens there
+    let out = sender_check(&walship, &config, &["--receiver", "127.0.0.1:1"]);
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    let l = line(&text, "receiver");
+    assert!(
+        l.starts_with("FAIL") && l.contains("is walship-receiver running"),
+        "{text}"
+    );
+    // an archive of another cluster
+    let mut other = Cluster::init(&dir, "other", &InitOptions::default());
+    other.start();
+    let out = sender_check(&walship, &config, &["--pgconn", &other.conninfo()]);
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    let l = line(&text, "receiver");
+    assert!(
+        l.starts_with("FAIL") && l.contains("another cluster"),
+        "{text}"
+    );
+
+    // the receiver's side: the archive and a standby that restores from it
+    let standby = primary.base_backup(&dir, "standby");
+    let restore = |archive: &Path| {
+        format!(
+            "{} restore --archive {} --wait %f %p",
+            walship.path(Walship::RECEIVER).display(),
+            archive.display()
+        )
+    };
+    standby.configure_recovery(&restore(&archive), true, &[]);
+    let receiver_check = |pgdata: &Path| {
+        output(
+            Command::new(walship.path(Walship::RECEIVER))
+                .arg("check")
+                .arg("--config")
+                .arg(&receiver_toml)
+                .arg("--pgdata")
+                .arg(pgdata),
+        )
+    };
+    let out = receiver_check(&standby.data);
+    let text = stdout(&out);
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(
+        line(&text, "archive lock").contains("held by the running receiver"),
+        "{text}"
+    );
+    // a standby whose restore_command reads another archive
+    let elsewhere = primary.base_backup(&dir, "elsewhere");
+    elsewhere.configure_recovery(&restore(&dir.path().join("other-archive")), true, &[]);
+    let out = receiver_check(&elsewhere.data);
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(line(&text, "restore_command").starts_with("FAIL"), "{text}");
+    // a standby of another cluster
+    let out = receiver_check(&other.data);
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(line(&text, "standby cluster").starts_with("FAIL"), "{text}");
+    // no archive there
+    let out = output(
+        Command::new(walship.path(Walship::RECEIVER))
+            .args(["check", "--archive"])
+            .arg(dir.path().join("typo")),
+    );
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(line(&text, "archive").contains("does not exist"), "{text}");
+    receiver.terminate(Duration::from_secs(20));
+}
+
+/// GET /metrics from 127.0.0.1:`port`.
+fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .expect("send request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read metrics");
+    assert!(
+        text.starts_with("HTTP/1.") && text.contains(" 200 "),
+        "{text}"
+    );
+    text
+}
+
+/// The value of the sample `name` (no labels).
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn metrics_port(d: &mut Daemon) -> u16 {
+    let l = d.wait_for_log("metrics at http://", WAIT);
+    l.split("http://127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics port in {l:?}"))
+}
+
+fn json_field(json: &str, key: &str) -> Option<String> {
+    let rest = json.split(&format!("\"{key}\": ")).nth(1)?;
+    let v = rest.split([',', '\n']).next()?.trim().trim_matches('"');
+    (v != "null").then(|| v.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_agree_with_status() {
+    let dir = TestDir::new("metrics");
+    let walship = Walship::install(&dir);
+    let certs = walship.certs(&dir, "certs");
+    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
+    primary.start();
+    let client = primary.connect().await;
+    let archive = dir.path().join("archive");
+    let mut receiver = walship.receiver_with(
+        &dir,
+        &archive,
+        &certs,
+        0,
+        &["--metrics-listen", "127.0.0.1:0"],
+        &[],
+    );
+    let receiver_metrics = metrics_port(&mut receiver);
+    let mut sender = walship.sender(
+        &dir,
+        &primary.conninfo(),
+        receiver.port,
+        &certs,
+        &certs,
+        &["--metrics-listen", "127.0.0.1:0"],
+    );
+    let sender_metrics = metrics_port(&mut sender);
+    sender.wait_for_log("streaming", WAIT);
+    client
+        .batch_execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 100000) g")
+        .await
+        .unwrap();
+    let switched = primary.switch_wal(&client).await;
+    wait_for("the switch to be archived", WAIT, || async {
+        archive_end(&archive, WalSegSize::DEFAULT, 1)
+            .filter(|e| *e >= switched)
+            .map(|_| ())
+    })
+    .await;
+
+    // scrape and status see the same archive: equal positions and lag (retried until a scrape and a
+    // status fall between the same two writes of the status file)
+    let (text, status) = wait_for("metrics and status to agree", WAIT, || async {
+        let text = scrape(receiver_metrics);
+        let out = output(
+            Command::new(walship.path(Walship::RECEIVER))
+                .args(["status", "--json", "--archive"])
+                .arg(&archive),
+        );
+        let status = stdout(&out);
+        let lsn = |k: &str| {
+            json_field(&status, k)
+                .and_then(|v| v.parse::<Lsn>().ok())
+                .map(|l| l.0 as f64)
+        };
+        let num = |k: &str| json_field(&status, k).and_then(|v| v.parse::<f64>().ok());
+        let agree = sample(&text, "walship_receiver_durable_lsn") == lsn("archived_lsn")
+            && sample(&text, "walship_receiver_confirmed_lsn") == lsn("confirmed_lsn")
+            && sample(&text, "walship_receiver_primary_flush_lsn") == lsn("primary_flush_lsn")
+            && sample(&text, "walship_receiver_lag_bytes") == num("lag_bytes")
+            && sample(&text, "walship_receiver_sender_connected") == Some(1.0)
+            && lsn("archived_lsn").is_some_and(|a| a >= switched.0 as f64);
+        agree.then_some((text, status))
+    })
+    .await;
+    println!("{text}\n{status}");
+    for name in [
+        "walship_receiver_segments_completed_total",
+        "walship_receiver_sessions_total",
+        "walship_receiver_wal_bytes_received_total",
+        "walship_receiver_fsync_seconds_count",
+        "walship_receiver_lag_seconds",
+    ] {
+        assert!(sample(&text, name).is_some(), "no {name}:\n{text}");
+    }
+    assert!(sample(&text, "walship_receiver_segments_completed_total").unwrap() >= 1.0);
+    assert!(
+        text.contains("walship_receiver_fsync_seconds_bucket{le="),
+        "{text}"
+    );
+
+    // the sender's durable position is the receiver's
+    let durable = sample(&text, "walship_receiver_durable_lsn").unwrap();
+    wait_for(
+        "the sender's metrics to show the receiver's position",
+        WAIT,
+        || async {
+            let s = scrape(sender_metrics);
+            (sample(&s, "walship_sender_durable_lsn").is_some_and(|d| d >= durable)
+                && sample(&s, "walship_sender_sessions_total") == Some(1.0)
+                && sample(&s, "walship_sender_wal_bytes_sent_total").is_some_and(|b| b > 0.0))
+            .then_some(())
+        },
+    )
+    .await;
+    assert!(sender.terminate(Duration::from_secs(20)).success());
+}
