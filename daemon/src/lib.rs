@@ -42,9 +42,43 @@ pub fn shutdown_on_signals() -> Result<CancellationToken> {
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         }
+        notify(&[sd_notify::NotifyState::Stopping]);
         t.cancel();
     });
     Ok(token)
+}
+
+/// Tells systemd (a `Type=notify` unit; nothing without NOTIFY_SOCKET) about the daemon's state.
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(state) {
+            tracing::debug!(error = %e, "sd_notify failed");
+        }
+    }
+}
+
+/// The daemon is up (`READY=1`; systemd's start job completes), with a status line for `systemctl status`.
+/// Starts the watchdog pings when the unit has `WatchdogSec=`: they come from the daemon's runtime, so a
+/// wedged runtime stops them and systemd restarts the daemon. Call inside a tokio runtime.
+pub fn notify_ready(status: &str) {
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(status),
+    ]);
+    if let Some(every) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every / 2);
+            loop {
+                tick.tick().await;
+                notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+}
+
+/// A new status line for `systemctl status` (`STATUS=`).
+pub fn notify_status(status: &str) {
+    notify(&[sd_notify::NotifyState::Status(status)]);
 }
 
 /// A value loaded from files at start and again at every SIGHUP (certificate rotation without a restart).

@@ -224,6 +224,11 @@ async fn run(args: RunArgs) -> Result<()> {
         "listening on {}",
         listener.local_addr().context("local address")?
     );
+    walship_daemon::notify_ready(&format!(
+        "archiving into {}, listening on {}",
+        args.archive.display(),
+        args.listen
+    ));
     let board = status::StatusBoard::default();
     let writer = tokio::spawn(board.clone().run_writer(
         args.archive.clone(),

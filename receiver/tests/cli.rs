@@ -230,3 +230,35 @@ fn certs_refuse_a_name_that_is_neither_a_dns_name_nor_an_ip_address() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_example_config_file_serves_run_and_check() {
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../contrib/walship-receiver.toml"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    std::fs::create_dir(&archive).unwrap();
+    // check takes the archive from the file unless a flag says otherwise; run's keys (listen) are ignored
+    let out = receiver()
+        .args(["check", "--config", file, "--archive"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "ok: archive: {} exists and is writable",
+            archive.display()
+        )),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // its TLS files do not exist here: that line fails, with the fix
+    assert!(!out.status.success());
+    assert!(
+        text.contains("FAIL: TLS files:") && text.contains("fix:"),
+        "{text}"
+    );
+}

@@ -183,6 +183,7 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
                 metrics::METRICS.reconnects.inc();
                 metrics::count_error(&e);
                 *LAST_ERROR.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{e:#}"));
+                walship_daemon::notify_status(&format!("reconnecting: {e:#}"));
                 warn!("{e:#}; reconnecting in {} ms", wait.as_millis());
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
@@ -494,6 +495,10 @@ async fn open<'a>(
         "streaming"
     );
     metrics::METRICS.sessions.inc();
+    walship_daemon::notify_status(&format!(
+        "streaming timeline {timeline} to {} from {start}",
+        cfg.receiver
+    ));
     metrics::METRICS.timeline.set(i64::from(timeline));
     metrics::METRICS.primary_flush_lsn.set(pos.flush.0 as i64);
     if let Some((t, acked)) = acked_before.filter(|(t, _)| *t == timeline) {

@@ -129,6 +129,7 @@ async fn run(args: RunArgs) -> Result<()> {
             link::client_config(&ca, &cert, &key)
         })?;
     let cfg = sender_config(&args, pgconn, tls);
+    walship_daemon::notify_ready(&format!("connecting to the receiver {}", args.receiver));
     walship_sender::run(cfg, shutdown).await?;
     tracing::info!("sender stopped");
     Ok(())
@@ -215,7 +216,8 @@ fn main() -> ExitCode {
         Err(e) => {
             // once, on stderr (where the log goes)
             tracing::error!("{e:#}");
-            ExitCode::FAILURE
+            // EX_CONFIG: retrying cannot help (the systemd unit does not restart on it)
+            ExitCode::from(78)
         }
     }
 }

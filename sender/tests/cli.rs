@@ -65,3 +65,41 @@ fn help_never_shows_a_password_from_the_environment() {
     assert!(text.contains("--pgconn"), "{text}");
     assert!(!text.contains("s3cr3t-pw"), "the password leaked: {text}");
 }
+
+#[test]
+fn the_example_config_file_is_read_and_flags_override_it() {
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../contrib/walship-sender.toml"
+    );
+    // the file parses (an unknown key would be named); the flag wins over its pgconn and stops at once
+    let out = sender()
+        .args([
+            "run",
+            "--config",
+            file,
+            "--pgconn",
+            "host=x bogus_keyword=1",
+        ])
+        .env_remove("WALSHIP_LOG")
+        .output()
+        .expect("run walship-sender");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("bogus_keyword"), "{err}");
+    // a typo in a config file is named, with the file
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "recevier = \"x:1\"\n").unwrap();
+    let out = sender()
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run walship-sender");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("recevier") && err.contains("bad.toml"),
+        "{err}"
+    );
+}

@@ -333,3 +333,88 @@ async fn metrics_agree_with_status() {
     .await;
     assert!(sender.terminate(Duration::from_secs(20)).success());
 }
+
+/// Datagrams a daemon sends to its NOTIFY_SOCKET, as systemd would receive them.
+struct NotifySocket {
+    path: PathBuf,
+    socket: std::os::unix::net::UnixDatagram,
+    heard: String,
+}
+
+impl NotifySocket {
+    fn new(dir: &TestDir, name: &str) -> NotifySocket {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.path().join(name);
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        // the daemon runs as the database user
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        NotifySocket {
+            path,
+            socket,
+            heard: String::new(),
+        }
+    }
+
+    /// Waits until a line starting with `what` (e.g. "READY=1") has been heard.
+    async fn heard(&mut self, what: &str) {
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut buf = [0u8; 4096];
+        while !self.heard.lines().any(|l| l.starts_with(what)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never heard {what}; heard:\n{}",
+                self.heard
+            );
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                self.heard.push_str(&String::from_utf8_lossy(&buf[..n]));
+                self.heard.push('\n');
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_watchdog_and_stopping() {
+    let dir = TestDir::new("notify");
+    let walship = Walship::install(&dir);
+    let certs = walship.certs(&dir, "certs");
+    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
+    primary.start();
+    let archive = dir.path().join("archive");
+    let mut receiver_socket = NotifySocket::new(&dir, "receiver.notify");
+    let mut sender_socket = NotifySocket::new(&dir, "sender.notify");
+    let receiver_path = receiver_socket.path.to_str().unwrap().to_owned();
+    let sender_path = sender_socket.path.to_str().unwrap().to_owned();
+    let watchdog = [("WATCHDOG_USEC", "400000")];
+    let mut receiver = walship.receiver_with(
+        &dir,
+        &archive,
+        &certs,
+        0,
+        &[],
+        &[("NOTIFY_SOCKET", receiver_path.as_str()), watchdog[0]],
+    );
+    receiver_socket.heard("READY=1").await;
+    receiver_socket.heard("WATCHDOG=1").await;
+    let mut sender = walship.sender_with(
+        &dir,
+        &primary.conninfo(),
+        receiver.port,
+        &certs,
+        &certs,
+        &[],
+        &[("NOTIFY_SOCKET", sender_path.as_str()), watchdog[0]],
+    );
+    sender_socket.heard("READY=1").await;
+    sender_socket.heard("WATCHDOG=1").await;
+    sender.wait_for_log("streaming", WAIT);
+    // systemctl status shows what it does
+    sender_socket.heard("STATUS=streaming timeline 1").await;
+    assert!(sender.terminate(Duration::from_secs(20)).success());
+    sender_socket.heard("STOPPING=1").await;
+    assert!(receiver.terminate(Duration::from_secs(20)).success());
+    receiver_socket.heard("STOPPING=1").await;
+}
