@@ -536,11 +536,24 @@ async fn open<'a>(
         slot_at: Lsn(0),
         slot_moved: Instant::now(),
         last_report: Instant::now(),
+        // a catch-up is timed from the start of the session
+        catch_up: Some(CatchUp {
+            began: Instant::now(),
+            from: start,
+            reported: Instant::now(),
+        }),
         shipped_on_write: 0,
         shipped_on_write_total: 0,
         asking: None,
         slot_task: None,
     })
+}
+
+/// A catch-up being reported.
+struct CatchUp {
+    began: Instant,
+    from: Lsn,
+    reported: Instant,
 }
 
 /// What a session learned of the primary: kept between sessions so that a primary found down can still be
@@ -611,6 +624,8 @@ struct Streaming<'a> {
     slot_at: Lsn,
     slot_moved: Instant,
     last_report: Instant,
+    /// A catch-up in progress: when it began, what the receiver held then, and when it was last reported.
+    catch_up: Option<CatchUp>,
     /// Bytes sent before the primary had flushed them (protocol 3), since the last progress report.
     shipped_on_write: u64,
     /// The same, over the session.
@@ -637,6 +652,7 @@ impl Streaming<'_> {
                 return Ok(stop);
             }
             self.maintain_slot().await;
+            self.report_catch_up();
             if self.last_report.elapsed() >= Duration::from_secs(60) {
                 self.last_report = Instant::now();
                 let on_write = std::mem::take(&mut self.shipped_on_write);
@@ -821,6 +837,10 @@ impl Streaming<'_> {
                 .read(self.timeline, sent, end)
                 .map_err(read_failure)?;
             crash_point!("sender-read-before-send");
+            // a long catch-up can keep this loop busy for a whole window: take in the acknowledgements
+            // already here (the window slides on) and report from here too
+            self.link.poll_received()?;
+            self.report_catch_up();
             if let Some(stop) =
                 finish_on_shutdown(self.link.feed_wal(sent, bytes), shutdown, grace).await?
             {
@@ -896,6 +916,57 @@ impl Streaming<'_> {
         };
         self.asking = Some(tokio::spawn(async move { pg.position().await }));
         None
+    }
+
+    /// While the receiver is more than a segment behind, says every few seconds how much is left, at what
+    /// rate and for how long; and once it has caught up, how long that took.
+    fn report_catch_up(&mut self) {
+        const BEHIND: u64 = 16 << 20;
+        const EVERY: Duration = Duration::from_secs(5);
+        let acked = self.link.acked();
+        let behind = self.pos.flush.saturating_sub(acked);
+        let mb = |b: u64| b as f64 / (1 << 20) as f64;
+        match &mut self.catch_up {
+            None if behind > BEHIND => {
+                let now = Instant::now();
+                self.catch_up = Some(CatchUp {
+                    began: now,
+                    from: acked,
+                    reported: now,
+                });
+            }
+            Some(c) if behind <= BEHIND => {
+                let secs = c.began.elapsed().as_secs_f64();
+                if secs >= EVERY.as_secs_f64() {
+                    let done = acked.saturating_sub(c.from);
+                    info!(
+                        "caught up: {:.0} MB shipped in {secs:.1} s ({:.1} MB/s); {:.1} MB behind the primary's flush",
+                        mb(done),
+                        mb(done) / secs.max(0.001),
+                        mb(behind)
+                    );
+                }
+                self.catch_up = None;
+            }
+            Some(c) if c.reported.elapsed() >= EVERY => {
+                c.reported = Instant::now();
+                let secs = c.began.elapsed().as_secs_f64().max(0.001);
+                let rate = acked.saturating_sub(c.from) as f64 / secs;
+                let eta = if rate > 0.0 {
+                    format!("about {:.0} s to go", behind as f64 / rate)
+                } else {
+                    "no progress yet".to_owned()
+                };
+                info!(
+                    left_bytes = behind,
+                    bytes_per_second = rate as u64,
+                    "catching up: {:.0} MB left at {:.1} MB/s, {eta}",
+                    mb(behind),
+                    mb(rate as u64)
+                );
+            }
+            _ => {}
+        }
     }
 
     /// Takes in the primary's positions (or the failure to get them).

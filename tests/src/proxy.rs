@@ -16,11 +16,17 @@ pub struct Proxy {
     stop: CancellationToken,
     cuts: Arc<Mutex<u32>>,
     stalled: watch::Sender<bool>,
+    /// Most bytes per second each direction forwards (0: no limit).
+    rate: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Copies `from` to `to`, holding each chunk while the proxy is stalled.
-async fn pump<R, W>(mut from: R, mut to: W, mut stalled: watch::Receiver<bool>)
-where
+/// Copies `from` to `to`, holding each chunk while the proxy is stalled, at most `rate` bytes a second.
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    mut stalled: watch::Receiver<bool>,
+    rate: Arc<std::sync::atomic::AtomicU64>,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -40,6 +46,10 @@ where
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
+        let limit = rate.load(std::sync::atomic::Ordering::Relaxed);
+        if limit > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(n as f64 / limit as f64)).await;
+        }
     }
 }
 
@@ -50,7 +60,8 @@ impl Proxy {
         let generation = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
         let (stalled, stalled_rx) = watch::channel(false);
-        let (g, s) = (generation.clone(), stop.clone());
+        let rate = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (g, s, r) = (generation.clone(), stop.clone(), rate.clone());
         tokio::spawn(async move {
             loop {
                 let (inbound, _) = tokio::select! {
@@ -59,6 +70,7 @@ impl Proxy {
                 };
                 let token = g.lock().expect("lock").clone();
                 let stalled = stalled_rx.clone();
+                let rate = r.clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
@@ -69,8 +81,8 @@ impl Proxy {
                     let (or, ow) = outbound.into_split();
                     tokio::select! {
                         _ = token.cancelled() => {}
-                        _ = pump(ir, ow, stalled.clone()) => {}
-                        _ = pump(or, iw, stalled) => {}
+                        _ = pump(ir, ow, stalled.clone(), rate.clone()) => {}
+                        _ = pump(or, iw, stalled, rate) => {}
                     }
                 });
             }
@@ -81,6 +93,7 @@ impl Proxy {
             stop,
             cuts: Arc::new(Mutex::new(0)),
             stalled,
+            rate,
         }
     }
 
@@ -90,6 +103,12 @@ impl Proxy {
         g.cancel();
         *g = CancellationToken::new();
         *self.cuts.lock().expect("lock") += 1;
+    }
+
+    /// Forwards at most `bytes_per_second` each way (0: no limit), on every connection: a slow link.
+    pub fn throttle(&self, bytes_per_second: u64) {
+        self.rate
+            .store(bytes_per_second, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Stops (true) or resumes (false) forwarding bytes on every connection, open now or later; connections

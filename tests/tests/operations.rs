@@ -418,3 +418,44 @@ async fn systemd_hears_ready_watchdog_and_stopping() {
     assert!(receiver.terminate(Duration::from_secs(20)).success());
     receiver_socket.heard("STOPPING=1").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_catch_up_reports_what_is_left() {
+    let dir = TestDir::new("catchup-log");
+    let walship = Walship::install(&dir);
+    let certs = walship.certs(&dir, "certs");
+    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
+    primary.start();
+    let client = primary.connect().await;
+    let archive = dir.path().join("archive");
+    let receiver = walship.receiver(&dir, &archive, &certs, 0);
+    let proxy =
+        walship_tests::proxy::Proxy::start(format!("127.0.0.1:{}", receiver.port).parse().unwrap())
+            .await;
+    let mut sender = walship.sender(&dir, &primary.conninfo(), proxy.port, &certs, &certs, &[]);
+    sender.wait_for_log("streaming", WAIT);
+    assert!(sender.terminate(Duration::from_secs(20)).success());
+    // a backlog of about 90 MB while no sender runs, then a slow link (8 MB/s)
+    client
+        .batch_execute("CREATE TABLE backlog AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 500000) g")
+        .await
+        .unwrap();
+    let flush = primary.switch_wal(&client).await;
+    proxy.throttle(8 << 20);
+    let mut sender = walship.sender(&dir, &primary.conninfo(), proxy.port, &certs, &certs, &[]);
+    let line = sender.wait_for_log("catching up: ", WAIT);
+    println!("{line}");
+    assert!(
+        line.contains("MB left at") && line.contains("s to go"),
+        "{line}"
+    );
+    let line = sender.wait_for_log("caught up: ", WAIT);
+    println!("{line}");
+    wait_for("the backlog in the archive", WAIT, || async {
+        archive_end(&archive, WalSegSize::DEFAULT, 1)
+            .filter(|e| *e >= flush)
+            .map(|_| ())
+    })
+    .await;
+    assert!(sender.terminate(Duration::from_secs(20)).success());
+}
