@@ -150,6 +150,17 @@ async fn password_file_service_file_and_environment() {
     )
     .await;
 
+    // a URI with the password in it: works, and its log never shows the password
+    ships(
+        &primary,
+        &archive,
+        sender(
+            &format!("postgresql://walship:{PASSWORD}@127.0.0.1:{port}/postgres?application_name=walship-uri"),
+            &[],
+        ),
+    )
+    .await;
+
     // a URI with the wrong password: stops, naming the problem, never the password
     refused(
         sender(
