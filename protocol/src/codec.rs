@@ -143,12 +143,13 @@ pub fn encode_raw_frame(kind: u8, payload: &[u8], dst: &mut BytesMut) {
 /// property test of the same name.
 pub fn check_framed_message(data: &[u8]) {
     use crate::message::tag;
-    const TAGS: [u8; 9] = [
+    const TAGS: [u8; 10] = [
         tag::HELLO,
         tag::WAL,
         tag::HISTORY,
         tag::KEEPALIVE,
         tag::PRIMARY_DOWN,
+        tag::WAL_ZSTD,
         tag::WELCOME,
         tag::REFUSE,
         tag::ACK,
@@ -160,14 +161,21 @@ pub fn check_framed_message(data: &[u8]) {
     let kind = TAGS[pick as usize % TAGS.len()];
     let mut frame = BytesMut::new();
     encode_raw_frame(kind, payload, &mut frame);
-    if pick as usize % TAGS.len() < 5 {
-        round_trip_decoded::<SenderMessage>(frame);
+    if pick as usize % TAGS.len() < 6 {
+        if let Some(SenderMessage::WalZstd(z)) = round_trip_decoded::<SenderMessage>(frame) {
+            // whatever the frame claims, decompression is bounded and never panics
+            if let Ok(w) = z.decompress(DEFAULT_MAX_PAYLOAD as usize) {
+                assert_eq!(w.bytes.len(), z.raw_len as usize);
+            }
+        }
     } else {
         round_trip_decoded::<ReceiverMessage>(frame);
     }
 }
 
-fn round_trip_decoded<M: Decode + Encode + PartialEq + std::fmt::Debug>(mut frame: BytesMut) {
+fn round_trip_decoded<M: Decode + Encode + PartialEq + std::fmt::Debug>(
+    mut frame: BytesMut,
+) -> Option<M> {
     let mut codec = MessageCodec::<M, SenderMessage>::new(DEFAULT_MAX_PAYLOAD);
     if let Ok(Some(msg)) = codec.decode(&mut frame) {
         let mut again = BytesMut::new();
@@ -178,7 +186,9 @@ fn round_trip_decoded<M: Decode + Encode + PartialEq + std::fmt::Debug>(mut fram
             .expect("a re-encoded message decodes")
             .expect("a re-encoded message is one whole frame");
         assert_eq!(back, msg, "decode(encode(m)) != m");
+        return Some(msg);
     }
+    None
 }
 
 /// A typed codec: decodes `In` messages, encodes `Out` messages. The sender uses
@@ -235,7 +245,9 @@ impl<In, Out: Encode> Encoder<Out> for MessageCodec<In, Out> {
 mod tests {
     use super::*;
     use crate::lsn::Lsn;
-    use crate::message::{tag, Hello, ReceiverMessage, RefuseCode, SenderMessage, Wal};
+    use crate::message::{
+        tag, Compression, Hello, ReceiverMessage, RefuseCode, SenderMessage, Wal,
+    };
     use proptest::prelude::*;
 
     fn sender_messages() -> Vec<SenderMessage> {
@@ -254,6 +266,15 @@ mod tests {
                 start_lsn: Lsn(0x1_0000_0028),
                 bytes: Bytes::from(vec![7u8; 100_000]),
             }),
+            SenderMessage::WalZstd(
+                Wal {
+                    timeline: 2,
+                    start_lsn: Lsn(0x1_0000_0028),
+                    bytes: Bytes::from(vec![7u8; 100_000]),
+                }
+                .compress(1)
+                .expect("compressible"),
+            ),
             SenderMessage::History {
                 timeline: 2,
                 content: Bytes::from_static(b"1\t0/3000158\tx\n"),
@@ -280,10 +301,22 @@ mod tests {
             ReceiverMessage::Welcome {
                 protocol_version: 1,
                 resume: vec![],
+                compression: Compression::None,
             },
             ReceiverMessage::Welcome {
                 protocol_version: 1,
                 resume: vec![(1, Lsn(5)), (2, Lsn(u64::MAX))],
+                compression: Compression::None,
+            },
+            ReceiverMessage::Welcome {
+                protocol_version: 4,
+                resume: vec![(1, Lsn(5))],
+                compression: Compression::Zstd,
+            },
+            ReceiverMessage::Welcome {
+                protocol_version: 4,
+                resume: vec![],
+                compression: Compression::None,
             },
             ReceiverMessage::Refuse {
                 code: RefuseCode::ForeignCluster,
@@ -321,6 +354,45 @@ mod tests {
         }
         assert!(buf.is_empty());
         assert!(codec.decode_eof(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn compressed_wal_decompresses_to_the_same_bytes_within_bounds() {
+        let raw: Vec<u8> = (0..200_000u32)
+            .map(|i| (i % 251) as u8 ^ (i / 1000) as u8)
+            .collect();
+        let wal = Wal {
+            timeline: 1,
+            start_lsn: Lsn(0x300_0000),
+            bytes: Bytes::from(raw),
+        };
+        let z = wal.compress(1).expect("compressible");
+        assert!(z.data.len() < wal.bytes.len() / 2, "{}", z.data.len());
+        assert_eq!(z.decompress(1 << 20).unwrap(), wal);
+        // more than the bound, a wrong length, garbage: errors, never a panic or a large allocation
+        assert!(z.decompress(1000).is_err());
+        let mut lying = z.clone();
+        lying.raw_len -= 1;
+        assert!(lying.decompress(1 << 20).is_err());
+        let mut garbage = z.clone();
+        garbage.data = Bytes::from_static(b"not zstd at all");
+        assert!(garbage.decompress(1 << 20).is_err());
+        // incompressible bytes stay plain
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        let plain = Wal {
+            timeline: 1,
+            start_lsn: Lsn(0),
+            bytes: Bytes::from(noise),
+        };
+        assert!(plain.compress(1).is_none());
     }
 
     #[test]
@@ -430,8 +502,8 @@ mod tests {
         ));
         // unknown kind, and a receiver tag sent by a sender
         assert!(matches!(
-            decode_sender(raw(b'Z', &[])),
-            Err(FrameError::UnknownKind { kind: b'Z' })
+            decode_sender(raw(b'Q', &[])),
+            Err(FrameError::UnknownKind { kind: b'Q' })
         ));
         assert!(matches!(
             decode_sender(raw(tag::ACK, &[0; 12])),
@@ -499,7 +571,7 @@ mod tests {
     /// Valid message bodies with a few bytes changed, cut or appended: most reach deep into the decoders.
     fn mutated_message() -> impl Strategy<Value = Vec<u8>> {
         let mut bodies: Vec<Vec<u8>> = Vec::new();
-        let tags = [b'H', b'W', b'T', b'K', b'D', b'w', b'r', b'a', b'e'];
+        let tags = [b'H', b'W', b'T', b'K', b'D', b'Z', b'w', b'r', b'a', b'e'];
         let mut push = |kind: u8, body: &[u8]| {
             let pick = tags.iter().position(|t| *t == kind).unwrap() as u8;
             let mut v = vec![pick];

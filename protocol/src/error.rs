@@ -70,6 +70,12 @@ pub enum FrameError {
     /// An unknown refusal code.
     #[error("Refuse message: unknown code {code}")]
     UnknownRefuseCode { code: u8 },
+    /// A `Welcome` names a compression this side does not know.
+    #[error("Welcome message: unknown compression {code}")]
+    UnknownCompression { code: u8 },
+    /// Compressed WAL that does not decompress to what it announced.
+    #[error("WalZstd message at {start}: {reason}")]
+    Decompress { start: Lsn, reason: String },
     /// An I/O error from the transport.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),

@@ -27,10 +27,11 @@
 //! |-----|-----|---------|------|
 //! | S→R | `H` | `Hello` | version_min u16, version_max u16, system_identifier u64, timeline u32, wal_segment_size u32, pg_version_num u32, sender_name str |
 //! | S→R | `W` | `Wal` | timeline u32, start_lsn u64, bytes… (rest of the payload) |
+//! | S→R | `Z` | `WalZstd` (version 4) | timeline u32, start_lsn u64, raw_len u32, zstd frame… (rest of the payload) |
 //! | S→R | `T` | `History` | timeline u32, file content… |
 //! | S→R | `K` | `Keepalive` | primary_flush_lsn u64, timeline u32, sent_at_unix_micros u64 (version 3: confirms WAL up to primary_flush_lsn) |
 //! | S→R | `D` | `PrimaryDown` (version 2) | timeline u32, wal_end u64, down_since_unix_micros u64 |
-//! | R→S | `w` | `Welcome` | protocol_version u16, count u16, count × (timeline u32, end_lsn u64) |
+//! | R→S | `w` | `Welcome` | protocol_version u16, count u16, count × (timeline u32, end_lsn u64), compression u8 (version 4: 0 none, 1 zstd) |
 //! | R→S | `r` | `Refuse` | code u8, reason str |
 //! | R→S | `a` | `Ack` | timeline u32, durable_lsn u64, confirmed_lsn u64 (version 3) |
 //! | R→S | `e` | `Error` | reason str |
@@ -42,6 +43,11 @@
 //! receiver's `Welcome` resumes at the confirmed end, so a reconnecting sender resends the provisional tail
 //! and the receiver compares it (replacing it where the primary's WAL now differs, refusing where a
 //! confirmed byte would change).
+//!
+//! Version 4 (compression on the wire): the receiver's `Welcome` says whether the sender may send WAL as
+//! `WalZstd` (each message one zstd frame of at most one `Wal`'s bytes; the receiver decompresses into at
+//! most the frame limit, so memory stays bounded). A sender or receiver configured without compression sends
+//! or allows only `Wal`.
 #![forbid(unsafe_code)]
 
 pub mod codec;
@@ -54,11 +60,11 @@ pub mod walker;
 pub use codec::{Frame, FrameCodec, MessageCodec, DEFAULT_MAX_PAYLOAD};
 pub use error::{FrameError, PageError, WalNameError};
 pub use lsn::Lsn;
-pub use message::{ReceiverMessage, RefuseCode, SenderMessage};
+pub use message::{CompressedWal, Compression, ReceiverMessage, RefuseCode, SenderMessage};
 pub use wal::{TimelineId, WalSegSize};
 
 /// The protocol versions this build speaks. The sender offers a range in `Hello`, the receiver picks the
 /// highest common one and names it in `Welcome`.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// See [`PROTOCOL_VERSION_MIN`].
-pub const PROTOCOL_VERSION_MAX: u16 = 3;
+pub const PROTOCOL_VERSION_MAX: u16 = 4;

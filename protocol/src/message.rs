@@ -14,6 +14,8 @@ pub mod tag {
     pub const KEEPALIVE: u8 = b'K';
     /// Protocol version 2.
     pub const PRIMARY_DOWN: u8 = b'D';
+    /// Protocol version 4: zstd-compressed WAL.
+    pub const WAL_ZSTD: u8 = b'Z';
     /// Receiver → sender.
     pub const WELCOME: u8 = b'w';
     pub const REFUSE: u8 = b'r';
@@ -54,11 +56,78 @@ impl Wal {
     }
 }
 
+/// How WAL travels in a session (protocol 4: the receiver says in `Welcome`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Compression {
+    /// Only `Wal` messages.
+    #[default]
+    None = 0,
+    /// `WalZstd` messages too (each compressed on its own: no state spans messages).
+    Zstd = 1,
+}
+
+/// [`Wal`] compressed with zstd (one frame): `raw_len` bytes once decompressed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompressedWal {
+    pub timeline: TimelineId,
+    pub start_lsn: Lsn,
+    pub raw_len: u32,
+    pub data: Bytes,
+}
+
+impl Wal {
+    /// This WAL compressed at zstd `level`, when that makes it smaller.
+    pub fn compress(&self, level: i32) -> Option<CompressedWal> {
+        let data = zstd::bulk::compress(&self.bytes, level).ok()?;
+        (data.len() < self.bytes.len()).then(|| CompressedWal {
+            timeline: self.timeline,
+            start_lsn: self.start_lsn,
+            raw_len: self.bytes.len() as u32,
+            data: data.into(),
+        })
+    }
+}
+
+impl CompressedWal {
+    /// The WAL, decompressed into exactly `raw_len` bytes (at most `max`: memory stays bounded whatever
+    /// the frame claims).
+    pub fn decompress(&self, max: usize) -> Result<Wal, FrameError> {
+        let raw_len = self.raw_len as usize;
+        if raw_len == 0 || raw_len > max {
+            return Err(FrameError::TooLong {
+                message: "WalZstd",
+                field: "raw_len",
+                len: raw_len,
+                max,
+            });
+        }
+        let bytes =
+            zstd::bulk::decompress(&self.data, raw_len).map_err(|e| FrameError::Decompress {
+                start: self.start_lsn,
+                reason: e.to_string(),
+            })?;
+        if bytes.len() != raw_len {
+            return Err(FrameError::Decompress {
+                start: self.start_lsn,
+                reason: format!("{} bytes instead of the {raw_len} announced", bytes.len()),
+            });
+        }
+        Ok(Wal {
+            timeline: self.timeline,
+            start_lsn: self.start_lsn,
+            bytes: bytes.into(),
+        })
+    }
+}
+
 /// Sender → receiver.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SenderMessage {
     Hello(Hello),
     Wal(Wal),
+    /// Protocol 4, when the receiver's `Welcome` allows it: WAL compressed with zstd.
+    WalZstd(CompressedWal),
     /// The content of `<timeline>.history` (timeline ≥ 2).
     History {
         timeline: TimelineId,
@@ -128,6 +197,8 @@ pub enum ReceiverMessage {
     Welcome {
         protocol_version: u16,
         resume: Vec<(TimelineId, Lsn)>,
+        /// Protocol 4: whether the sender may send `WalZstd` (absent before 4: none).
+        compression: Compression,
     },
     Refuse {
         code: RefuseCode,
@@ -253,6 +324,7 @@ impl Encode for SenderMessage {
         match self {
             SenderMessage::Hello(_) => tag::HELLO,
             SenderMessage::Wal(_) => tag::WAL,
+            SenderMessage::WalZstd(_) => tag::WAL_ZSTD,
             SenderMessage::History { .. } => tag::HISTORY,
             SenderMessage::Keepalive { .. } => tag::KEEPALIVE,
             SenderMessage::PrimaryDown { .. } => tag::PRIMARY_DOWN,
@@ -263,6 +335,7 @@ impl Encode for SenderMessage {
         match self {
             SenderMessage::Hello(h) => 32 + h.sender_name.len(),
             SenderMessage::Wal(w) => 12 + w.bytes.len(),
+            SenderMessage::WalZstd(z) => 16 + z.data.len(),
             SenderMessage::History { content, .. } => 4 + content.len(),
             SenderMessage::Keepalive { .. } => 20,
             SenderMessage::PrimaryDown { .. } => 20,
@@ -284,6 +357,12 @@ impl Encode for SenderMessage {
                 dst.put_u32(w.timeline);
                 dst.put_u64(w.start_lsn.0);
                 dst.put_slice(&w.bytes);
+            }
+            SenderMessage::WalZstd(z) => {
+                dst.put_u32(z.timeline);
+                dst.put_u64(z.start_lsn.0);
+                dst.put_u32(z.raw_len);
+                dst.put_slice(&z.data);
             }
             SenderMessage::History { timeline, content } => {
                 dst.put_u32(*timeline);
@@ -353,6 +432,28 @@ impl Decode for SenderMessage {
                     bytes,
                 })
             }
+            tag::WAL_ZSTD => {
+                let mut b = Body {
+                    message: "WalZstd",
+                    buf: payload,
+                };
+                let timeline = b.timeline(1)?;
+                let start_lsn = Lsn(b.u64("start_lsn")?);
+                let raw_len = b.u32("raw_len")?;
+                if raw_len == 0 || start_lsn.checked_add(u64::from(raw_len)).is_none() {
+                    return Err(FrameError::AbsurdLsnRange {
+                        message: "WalZstd",
+                        start: start_lsn,
+                        len: u64::from(raw_len),
+                    });
+                }
+                SenderMessage::WalZstd(CompressedWal {
+                    timeline,
+                    start_lsn,
+                    raw_len,
+                    data: b.rest(),
+                })
+            }
             tag::HISTORY => {
                 let mut b = Body {
                     message: "History",
@@ -408,7 +509,7 @@ impl Encode for ReceiverMessage {
 
     fn size_hint(&self) -> usize {
         match self {
-            ReceiverMessage::Welcome { resume, .. } => 4 + 12 * resume.len(),
+            ReceiverMessage::Welcome { resume, .. } => 5 + 12 * resume.len(),
             ReceiverMessage::Refuse { reason, .. } | ReceiverMessage::Error { reason } => {
                 3 + reason.len()
             }
@@ -421,6 +522,7 @@ impl Encode for ReceiverMessage {
             ReceiverMessage::Welcome {
                 protocol_version,
                 resume,
+                compression,
             } => {
                 dst.put_u16(*protocol_version);
                 let n = resume.len().min(MAX_RESUME_ENTRIES);
@@ -428,6 +530,9 @@ impl Encode for ReceiverMessage {
                 for (timeline, lsn) in &resume[resume.len() - n..] {
                     dst.put_u32(*timeline);
                     dst.put_u64(lsn.0);
+                }
+                if *protocol_version >= 4 {
+                    dst.put_u8(*compression as u8);
                 }
             }
             ReceiverMessage::Refuse { code, reason } => {
@@ -473,10 +578,22 @@ impl Decode for ReceiverMessage {
                 for _ in 0..n {
                     resume.push((b.timeline(1)?, Lsn(b.u64("resume lsn")?)));
                 }
+                let compression = if protocol_version >= 4 {
+                    match b.u8("compression")? {
+                        0 => Compression::None,
+                        1 => Compression::Zstd,
+                        other => {
+                            return Err(FrameError::UnknownCompression { code: other });
+                        }
+                    }
+                } else {
+                    Compression::None
+                };
                 b.finish()?;
                 ReceiverMessage::Welcome {
                     protocol_version,
                     resume,
+                    compression,
                 }
             }
             tag::REFUSE => {

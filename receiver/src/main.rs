@@ -144,6 +144,13 @@ struct StatusArgs {
     crit_no_sender: f64,
 }
 
+/// A switch.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Parser, Debug)]
 struct RunArgs {
     /// TOML file of defaults for these flags: keys are the long flag names (tls-ca = "/etc/walship/ca.crt").
@@ -169,6 +176,9 @@ struct RunArgs {
     /// Close a session that sent nothing for this many seconds (senders send keepalives every second).
     #[arg(long, env = "WALSHIP_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout: u64,
+    /// Let senders compress WAL on the wire with zstd (protocol 4), or not.
+    #[arg(long, env = "WALSHIP_WIRE_COMPRESSION", value_enum, default_value_t = OnOff::On)]
+    wire_compression: OnOff,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9187): positions, lag, fsync
     /// latency, segments, sessions, errors. Off by default.
     #[arg(long, env = "WALSHIP_METRICS_LISTEN", value_name = "ADDR")]
@@ -237,6 +247,7 @@ async fn run(args: RunArgs) -> Result<()> {
     ));
     let opts = server::ServerOptions {
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
+        wire_compression: matches!(args.wire_compression, OnOff::On),
         ..Default::default()
     };
     server::serve(listener, config, archive, opts, board, shutdown).await?;

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub fsync_seconds: Histogram,
     pub segments_completed: Counter,
     pub wal_bytes_received: Counter,
+    /// What the WAL took on the wire (compressed, when it was).
+    pub wire_wal_bytes: Counter,
     /// Sessions accepted (a sender authenticated and its cluster accepted).
     pub sessions: Counter,
     /// Connections ended by an error: `tls` (handshake), `session` (an authenticated session), `archive`
@@ -36,6 +38,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
     segments_completed: Counter::default(),
     wal_bytes_received: Counter::default(),
+    wire_wal_bytes: Counter::default(),
     sessions: Counter::default(),
     errors: Family::default(),
 });
@@ -80,6 +83,11 @@ pub fn render(dir: &Path) -> String {
         "wal_bytes_received",
         "WAL bytes received from senders",
         m.wal_bytes_received.clone(),
+    );
+    registry.register(
+        "wire_wal_bytes",
+        "Bytes the WAL took on the wire (zstd-compressed when the sender compressed it)",
+        m.wire_wal_bytes.clone(),
     );
     registry.register("sessions", "Sender sessions accepted", m.sessions.clone());
     registry.register(

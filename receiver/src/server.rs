@@ -37,8 +37,8 @@ use tracing::{info, warn, Instrument};
 use walship_daemon::Reloadable;
 use walship_protocol::message::Hello;
 use walship_protocol::{
-    Lsn, MessageCodec, ReceiverMessage, RefuseCode, SenderMessage, TimelineId, WalSegSize,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    Compression, Lsn, MessageCodec, ReceiverMessage, RefuseCode, SenderMessage, TimelineId,
+    WalSegSize, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 
 use crate::archive::{Archive, Identity, IdentityMismatch, Synced};
@@ -63,6 +63,8 @@ pub struct ServerOptions {
     pub max_handshakes: usize,
     /// Authenticated connections (valid client certificate) allowed at once.
     pub max_sessions: usize,
+    /// Let senders send zstd-compressed WAL (protocol 4).
+    pub wire_compression: bool,
 }
 
 impl Default for ServerOptions {
@@ -76,6 +78,7 @@ impl Default for ServerOptions {
             max_payload: walship_protocol::DEFAULT_MAX_PAYLOAD,
             max_handshakes: 64,
             max_sessions: 16,
+            wire_compression: true,
         }
     }
 }
@@ -463,7 +466,8 @@ async fn session(
         let resume = guard.begin_session();
         info!(?resume, version, pg_version_num = hello.pg_version_num, "sender accepted");
         crate::metrics::METRICS.sessions.inc();
-        send(&mut writer, ReceiverMessage::Welcome { protocol_version: version, resume: resume.clone() }, opts.send_timeout, "Welcome").await?;
+        let compression = if version >= 4 && opts.wire_compression { Compression::Zstd } else { Compression::None };
+        send(&mut writer, ReceiverMessage::Welcome { protocol_version: version, resume: resume.clone(), compression }, opts.send_timeout, "Welcome").await?;
         let start = resume.iter().find(|(t, _)| *t == hello.timeline).map(|(t, l)| (*t, *l));
         stream(shared, &hello, version, guard, reader, writer, start, token).await
     }
@@ -781,7 +785,27 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                             say(&mut writer, ReceiverMessage::Error { reason: e.to_string() }).await;
                             return Err(anyhow::Error::new(e).context("bad frame from sender"));
                         }
-                        Ok(Some(Ok(msg))) => msg,
+                        Ok(Some(Ok(SenderMessage::WalZstd(z)))) => {
+                            if version < 4 || !shared.opts.wire_compression {
+                                let reason = "compressed WAL, which this session did not allow".to_string();
+                                say(&mut writer, ReceiverMessage::Error { reason: reason.clone() }).await;
+                                bail!(reason);
+                            }
+                            crate::metrics::METRICS.wire_wal_bytes.inc_by(z.data.len() as u64);
+                            match z.decompress(shared.opts.max_payload as usize) {
+                                Ok(w) => SenderMessage::Wal(w),
+                                Err(e) => {
+                                    say(&mut writer, ReceiverMessage::Error { reason: e.to_string() }).await;
+                                    return Err(anyhow::Error::new(e).context("bad compressed WAL from sender"));
+                                }
+                            }
+                        }
+                        Ok(Some(Ok(msg))) => {
+                            if let SenderMessage::Wal(w) = &msg {
+                                crate::metrics::METRICS.wire_wal_bytes.inc_by(w.bytes.len() as u64);
+                            }
+                            msg
+                        }
                     };
                     match msg {
                         SenderMessage::Wal(w) => {
@@ -840,6 +864,8 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                                 continue;
                             }
                         }
+                        // decompressed into a Wal above
+                        SenderMessage::WalZstd(_) => bail!("internal: compressed WAL was not decompressed"),
                         SenderMessage::Hello(_) => {
                             let reason = "protocol violation: Hello in the middle of a session".to_string();
                             say(&mut writer, ReceiverMessage::Error { reason: reason.clone() }).await;

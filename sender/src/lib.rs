@@ -71,6 +71,8 @@ pub struct SenderConfig {
     pub name: String,
     /// Most bytes sent and not yet acknowledged.
     pub window: u64,
+    /// zstd level for WAL on the wire when the receiver allows it (protocol 4); `None`: never compress.
+    pub compression_level: Option<i32>,
     /// Most WAL bytes in one message.
     pub max_message: u64,
     /// Fallback poll of the flush position when no file-system event comes.
@@ -104,6 +106,7 @@ impl SenderConfig {
             slot: None,
             name: default_name(),
             window: 64 << 20,
+            compression_level: Some(1),
             max_message: 1 << 20,
             poll_interval: Duration::from_millis(200),
             keepalive_interval: Duration::from_secs(1),
@@ -404,8 +407,11 @@ async fn open<'a>(
         })?
         .context("send Hello")
         .map_err(retry)?;
-    let (resume, protocol_version) = match tokio::time::timeout(cfg.connect_timeout, rx.next())
-        .await
+    let (resume, protocol_version, compression) = match tokio::time::timeout(
+        cfg.connect_timeout,
+        rx.next(),
+    )
+    .await
     {
         Err(_) => {
             return Err(retry(anyhow!(
@@ -432,7 +438,8 @@ async fn open<'a>(
         Ok(Some(Ok(ReceiverMessage::Welcome {
             resume,
             protocol_version,
-        }))) => (resume, protocol_version),
+            compression,
+        }))) => (resume, protocol_version, compression),
         Ok(Some(Ok(ReceiverMessage::Refuse { code, reason }))) => {
             let e = anyhow!("the receiver refused this sender: {reason}");
             return Err(if code.is_transient() {
@@ -471,6 +478,10 @@ async fn open<'a>(
         &reader,
     )?;
     let mut link = Link::new(rx, tx, timeline, start, cfg.window, cfg.receiver_timeout);
+    // zstd on the wire when both sides want it (the receiver says so in its Welcome)
+    if compression == walship_protocol::Compression::Zstd {
+        link.compress_with(cfg.compression_level);
+    }
     for t in 2..=timeline {
         if let Some(content) = reader
             .history(t)

@@ -119,6 +119,8 @@ pub struct Link {
     /// Deadline for each send and for the receiver's silence.
     timeout: Duration,
     last_heard: Instant,
+    /// zstd level of WAL messages, when the receiver allowed compression.
+    compress: Option<i32>,
 }
 
 impl Link {
@@ -157,7 +159,13 @@ impl Link {
             window,
             timeout,
             last_heard: Instant::now(),
+            compress: None,
         }
+    }
+
+    /// Sends WAL compressed with zstd at `level` from now on (`None`: plain).
+    pub fn compress_with(&mut self, level: Option<i32>) {
+        self.compress = level;
     }
 
     pub fn sent(&self) -> Lsn {
@@ -189,12 +197,24 @@ impl Link {
             )));
         }
         let end = Lsn(start.0 + bytes.len() as u64);
-        let msg = SenderMessage::Wal(Wal {
+        let wal = Wal {
             timeline: self.timeline,
             start_lsn: start,
             bytes,
-        });
+        };
         let len = end.0 - start.0;
+        let msg = match self.compress.and_then(|level| wal.compress(level)) {
+            Some(z) => {
+                crate::metrics::METRICS
+                    .wire_wal_bytes
+                    .inc_by(z.data.len() as u64);
+                SenderMessage::WalZstd(z)
+            }
+            None => {
+                crate::metrics::METRICS.wire_wal_bytes.inc_by(len);
+                SenderMessage::Wal(wal)
+            }
+        };
         deadline(self.timeout, "sending WAL", self.tx.feed(msg)).await?;
         self.sent = end;
         crate::metrics::METRICS.sent_lsn.set(end.0 as i64);

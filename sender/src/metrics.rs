@@ -24,6 +24,8 @@ pub struct Metrics {
     pub reconnects: Counter,
     pub errors: Family<Kind, Counter>,
     pub wal_bytes_sent: Counter,
+    /// What the WAL took on the wire (compressed, when it was).
+    pub wire_wal_bytes: Counter,
     pub shipped_on_write_bytes: Counter,
 }
 
@@ -37,6 +39,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     reconnects: Counter::default(),
     errors: Family::default(),
     wal_bytes_sent: Counter::default(),
+    wire_wal_bytes: Counter::default(),
     shipped_on_write_bytes: Counter::default(),
 });
 
@@ -114,6 +117,11 @@ pub fn render() -> String {
         m.errors.clone(),
     );
     registry.register("wal_bytes_sent", "WAL bytes sent", m.wal_bytes_sent.clone());
+    registry.register(
+        "wire_wal_bytes",
+        "Bytes the WAL took on the wire (zstd-compressed when the receiver allows it)",
+        m.wire_wal_bytes.clone(),
+    );
     registry.register(
         "shipped_on_write_bytes",
         "WAL bytes sent before the primary had flushed them (confirmed later)",

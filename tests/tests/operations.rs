@@ -459,3 +459,107 @@ async fn a_long_catch_up_reports_what_is_left() {
     .await;
     assert!(sender.terminate(Duration::from_secs(20)).success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wire_compression_on_and_off_give_identical_archives() {
+    let dir = TestDir::new("compression");
+    let walship = Walship::install(&dir);
+    let certs = walship.certs(&dir, "certs");
+    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
+    primary.start();
+    let client = primary.connect().await;
+    walship_tests::cluster::run_ok(&mut primary.pgbench(&["-i", "-s", "2", "-q"]));
+    // one receiver allows compression, the other does not; both senders would compress
+    let zstd_archive = dir.path().join("archive-zstd");
+    let plain_archive = dir.path().join("archive-plain");
+    let mut zstd_receiver = walship.receiver_with(
+        &dir,
+        &zstd_archive,
+        &certs,
+        0,
+        &["--metrics-listen", "127.0.0.1:0"],
+        &[],
+    );
+    let mut plain_receiver = walship.receiver_with(
+        &dir,
+        &plain_archive,
+        &certs,
+        0,
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--wire-compression",
+            "off",
+        ],
+        &[],
+    );
+    let zstd_metrics = metrics_port(&mut zstd_receiver);
+    let plain_metrics = metrics_port(&mut plain_receiver);
+    let start = format!("{}", primary.flush_lsn(&client).await);
+    let extra = ["--start-lsn", start.as_str(), "--compression-level", "3"];
+    let mut a = walship.sender(
+        &dir,
+        &primary.conninfo(),
+        zstd_receiver.port,
+        &certs,
+        &certs,
+        &extra,
+    );
+    let mut b = walship.sender(
+        &dir,
+        &primary.conninfo(),
+        plain_receiver.port,
+        &certs,
+        &certs,
+        &extra,
+    );
+    a.wait_for_log("streaming", WAIT);
+    b.wait_for_log("streaming", WAIT);
+    walship_tests::cluster::run_ok(&mut primary.pgbench(&["-c", "2", "-T", "5", "-n"]));
+    let flush = primary.switch_wal(&client).await;
+    client
+        .batch_execute("CREATE TABLE tail AS SELECT g FROM generate_series(1, 1000) g")
+        .await
+        .unwrap();
+    let flush = flush.max(primary.flush_lsn(&client).await);
+    for archive in [&zstd_archive, &plain_archive] {
+        wait_for(
+            "both archives to reach the flush position",
+            WAIT,
+            || async {
+                archive_end(archive, WalSegSize::DEFAULT, 1)
+                    .filter(|e| *e >= flush)
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
+    let seg = WalSegSize::DEFAULT;
+    let zstd =
+        walship_tests::archive::assert_matches_primary(&zstd_archive, &primary.wal_dir(), seg, 1);
+    let plain =
+        walship_tests::archive::assert_matches_primary(&plain_archive, &primary.wal_dir(), seg, 1);
+    println!("compressed: {zstd:?}\nplain: {plain:?}");
+    assert_eq!(zstd.complete_segments, plain.complete_segments);
+    // the wire: compressed well below the WAL's size with compression, the WAL's size without
+    let wire = |port: u16| {
+        let text = scrape(port);
+        (
+            sample(&text, "walship_receiver_wire_wal_bytes_total").unwrap_or(0.0),
+            sample(&text, "walship_receiver_wal_bytes_received_total").unwrap_or(0.0),
+        )
+    };
+    let (zstd_wire, zstd_raw) = wire(zstd_metrics);
+    let (plain_wire, plain_raw) = wire(plain_metrics);
+    println!(
+        "zstd: {zstd_wire} bytes on the wire for {zstd_raw} of WAL ({:.1}x); plain: {plain_wire} for {plain_raw}",
+        zstd_raw / zstd_wire.max(1.0)
+    );
+    assert!(
+        zstd_raw > 0.0 && zstd_wire < zstd_raw / 2.0,
+        "{zstd_wire} vs {zstd_raw}"
+    );
+    assert_eq!(plain_wire, plain_raw);
+    assert!(a.terminate(Duration::from_secs(20)).success());
+    assert!(b.terminate(Duration::from_secs(20)).success());
+}

@@ -78,6 +78,7 @@ impl Session {
             Some(Ok(ReceiverMessage::Welcome {
                 protocol_version,
                 resume,
+                ..
             })) => {
                 assert_eq!(protocol_version, 3);
                 resume.iter().find(|(t, _)| *t == 1).map(|(_, l)| *l)
