@@ -25,14 +25,43 @@ pub struct Shipping {
     pub dir: TestDir,
 }
 
-/// Starts a primary (with `opts`), a receiver and a sender, and waits until the sender streams.
-pub async fn shipping(name: &str, opts: &InitOptions) -> Shipping {
+/// What most tests start from: a test directory with the daemons installed, certificates, a running primary
+/// and the path of an archive (not yet made). Fields drop in order: the test directory last.
+pub struct Stage {
+    pub walship: Walship,
+    /// `certs` made by `walship-receiver certs`.
+    pub certs: PathBuf,
+    pub archive: PathBuf,
+    pub primary: Cluster,
+    pub dir: TestDir,
+}
+
+/// A [`Stage`] named `name`, its primary initialised with `opts` and started.
+pub fn stage(name: &str, opts: &InitOptions) -> Stage {
     let dir = TestDir::new(name);
     let walship = Walship::install(&dir);
     let certs = walship.certs(&dir, "certs");
     let mut primary = Cluster::init(&dir, "primary", opts);
     primary.start();
     let archive = dir.path().join("archive");
+    Stage {
+        walship,
+        certs,
+        archive,
+        primary,
+        dir,
+    }
+}
+
+/// Starts a primary (with `opts`), a receiver and a sender, and waits until the sender streams.
+pub async fn shipping(name: &str, opts: &InitOptions) -> Shipping {
+    let Stage {
+        walship,
+        certs,
+        archive,
+        primary,
+        dir,
+    } = stage(name, opts);
     let receiver = walship.receiver(&dir, &archive, &certs, 0);
     let mut sender = walship.sender(
         &dir,

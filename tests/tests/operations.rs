@@ -11,6 +11,7 @@ use walship_protocol::{Lsn, WalSegSize};
 use walship_tests::archive::archive_end;
 use walship_tests::cluster::WAIT;
 use walship_tests::env::{as_db_user, chown_to_db_user};
+use walship_tests::scenario::{stage, Stage};
 use walship_tests::{wait_for, Cluster, Daemon, InitOptions, TestDir, Walship};
 
 /// Runs `cmd` as the database user; returns its output (whatever the exit status).
@@ -63,13 +64,15 @@ fn line<'a>(out: &'a str, what: &str) -> &'a str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_passes_on_a_good_pair_and_names_what_is_wrong() {
-    let dir = TestDir::new("check");
-    let walship = Walship::install(&dir);
-    let certs = walship.certs(&dir, "certs");
+    // (bound in this order, dropped in the reverse one: the test directory last)
+    let Stage {
+        dir,
+        primary,
+        archive,
+        certs,
+        walship,
+    } = stage("check", &InitOptions::default());
     let other_ca = walship.certs(&dir, "other-ca");
-    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
-    primary.start();
-    let archive = dir.path().join("archive");
 
     // the receiver runs from its config file; `check` reads the same file
     let receiver_toml = dir.path().join("receiver.toml");
@@ -238,13 +241,15 @@ fn json_field(json: &str, key: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_agree_with_status() {
-    let dir = TestDir::new("metrics");
-    let walship = Walship::install(&dir);
-    let certs = walship.certs(&dir, "certs");
-    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
-    primary.start();
+    // (bound in this order, dropped in the reverse one: the test directory last)
+    let Stage {
+        dir,
+        primary,
+        archive,
+        certs,
+        walship,
+    } = stage("metrics", &InitOptions::default());
     let client = primary.connect().await;
-    let archive = dir.path().join("archive");
     let mut receiver = walship.receiver_with(
         &dir,
         &archive,
@@ -378,12 +383,14 @@ impl NotifySocket {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_hears_ready_watchdog_and_stopping() {
-    let dir = TestDir::new("notify");
-    let walship = Walship::install(&dir);
-    let certs = walship.certs(&dir, "certs");
-    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
-    primary.start();
-    let archive = dir.path().join("archive");
+    // (bound in this order, dropped in the reverse one: the test directory last)
+    let Stage {
+        dir,
+        primary,
+        archive,
+        certs,
+        walship,
+    } = stage("notify", &InitOptions::default());
     let mut receiver_socket = NotifySocket::new(&dir, "receiver.notify");
     let mut sender_socket = NotifySocket::new(&dir, "sender.notify");
     let receiver_path = receiver_socket.path.to_str().unwrap().to_owned();
@@ -421,13 +428,15 @@ async fn systemd_hears_ready_watchdog_and_stopping() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_catch_up_reports_what_is_left() {
-    let dir = TestDir::new("catchup-log");
-    let walship = Walship::install(&dir);
-    let certs = walship.certs(&dir, "certs");
-    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
-    primary.start();
+    // (bound in this order, dropped in the reverse one: the test directory last)
+    let Stage {
+        dir,
+        primary,
+        archive,
+        certs,
+        walship,
+    } = stage("catchup-log", &InitOptions::default());
     let client = primary.connect().await;
-    let archive = dir.path().join("archive");
     let receiver = walship.receiver(&dir, &archive, &certs, 0);
     let proxy =
         walship_tests::proxy::Proxy::start(format!("127.0.0.1:{}", receiver.port).parse().unwrap())
@@ -442,7 +451,15 @@ async fn a_long_catch_up_reports_what_is_left() {
         .unwrap();
     let flush = primary.switch_wal(&client).await;
     proxy.throttle(8 << 20);
-    let mut sender = walship.sender(&dir, &primary.conninfo(), proxy.port, &certs, &certs, &[]);
+    // (uncompressed: pgbench-like WAL compresses 15x, and the link would not be slow any more)
+    let mut sender = walship.sender(
+        &dir,
+        &primary.conninfo(),
+        proxy.port,
+        &certs,
+        &certs,
+        &["--compression", "none"],
+    );
     let line = sender.wait_for_log("catching up: ", WAIT);
     println!("{line}");
     assert!(
@@ -462,11 +479,13 @@ async fn a_long_catch_up_reports_what_is_left() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wire_compression_on_and_off_give_identical_archives() {
-    let dir = TestDir::new("compression");
-    let walship = Walship::install(&dir);
-    let certs = walship.certs(&dir, "certs");
-    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
-    primary.start();
+    let Stage {
+        dir,
+        primary,
+        certs,
+        walship,
+        ..
+    } = stage("compression", &InitOptions::default());
     let client = primary.connect().await;
     walship_tests::cluster::run_ok(&mut primary.pgbench(&["-i", "-s", "2", "-q"]));
     // one receiver allows compression, the other does not; both senders would compress

@@ -374,17 +374,19 @@ fn install_certs(from: &Path, to: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_takes_renewed_certificates_without_a_restart() {
-    let dir = TestDir::new("sighup");
-    let walship = Walship::install(&dir);
-    let old = walship.certs(&dir, "old");
+    // (bound in this order, dropped in the reverse one: the test directory last)
+    let walship_tests::scenario::Stage {
+        dir,
+        primary,
+        archive,
+        certs: old,
+        walship,
+    } = walship_tests::scenario::stage("sighup", &InitOptions::default());
     let new = walship.certs(&dir, "new");
     // both daemons read their files from here; a renewal replaces them in place
     let live = dir.path().join("live");
     install_certs(&old, &live);
-    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
-    primary.start();
     let client = primary.connect().await;
-    let archive = dir.path().join("archive");
     let receiver = walship.receiver(&dir, &archive, &live, 0);
     let proxy =
         walship_tests::proxy::Proxy::start(format!("127.0.0.1:{}", receiver.port).parse().unwrap())
