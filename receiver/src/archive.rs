@@ -135,7 +135,8 @@ impl Identity {
         Ok(())
     }
 
-    fn render(&self) -> String {
+    /// The content of `walship.id` (also the identity object of an object store).
+    pub fn render(&self) -> String {
         format!(
             "# walship archive identity: written on first contact, never changed.\n\
              # Senders of any other cluster are refused.\n\
@@ -146,7 +147,8 @@ impl Identity {
         )
     }
 
-    fn parse(text: &str) -> Option<Identity> {
+    /// Reads [`Identity::render`]'s text.
+    pub fn parse(text: &str) -> Option<Identity> {
         let mut sysid = None;
         let mut seg = None;
         let mut ver = None;

@@ -21,16 +21,28 @@ pub fn cleanup(archive: &Path, restartpoint: &str) -> Result<Vec<String>> {
             bail!("{restartpoint:?} is not a WAL segment name (archive_cleanup_command passes %r)")
         }
     }
+    // with an object store: never a segment the store does not hold yet
+    let uploads = crate::upload::read_state(archive);
     let mut removed = Vec::new();
+    let mut kept = 0;
     for s in list_segments(archive, seg)? {
         if !s.complete {
             continue;
         }
         let name = segment_file_name(s.timeline, s.segno, seg);
+        if name.as_str() < restartpoint && !crate::upload::uploaded(uploads.as_ref(), &name) {
+            kept += 1;
+            continue;
+        }
         if name.as_str() < restartpoint {
             fs::remove_file(archive.join(&name)).with_context(|| format!("remove {name}"))?;
             removed.push(name);
         }
+    }
+    if kept > 0 {
+        eprintln!(
+            "walship cleanup: kept {kept} segment(s) older than {restartpoint} that the object store does not hold yet"
+        );
     }
     if !removed.is_empty() {
         fs::File::open(archive)

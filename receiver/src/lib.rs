@@ -9,6 +9,8 @@
 //! | [`certs`]   | `certs`: a CA and certificates for a quick start |
 //! | [`status`]  | what the receiver is doing, for `status` |
 //! | [`metrics`] | Prometheus metrics (`--metrics-listen`) |
+//! | [`store`]   | the archive's copy in object storage (`--object-store`) |
+//! | [`upload`]  | the uploader: complete segments and history files in order, the partial periodically |
 //! | [`restore`] | `restore_command`: complete segments, history files, the zero-padded last partial at failover |
 //! | [`promote`] | failover: trigger, wait for the handover, `pg_ctl promote` |
 //! | [`cleanup`] | `archive_cleanup_command` |
@@ -23,6 +25,8 @@ pub mod promote;
 pub mod restore;
 pub mod server;
 pub mod status;
+pub mod store;
 pub mod tls;
+pub mod upload;
 
 pub use walship_daemon::{init_logging, shutdown_on_signals};

@@ -176,6 +176,15 @@ struct RunArgs {
     /// Close a session that sent nothing for this many seconds (senders send keepalives every second).
     #[arg(long, env = "WALSHIP_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout: u64,
+    /// Copy the archive to object storage: s3://bucket/prefix (credentials and endpoint from AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP), file:///dir, ... Complete segments
+    /// and history files go up zstd-compressed once durable locally, in order; cleanup never removes a
+    /// segment the store does not hold yet. One prefix per cluster.
+    #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
+    object_store: Option<String>,
+    /// Seconds between uploads of the partial segment's durable part (and one at shutdown).
+    #[arg(long, env = "WALSHIP_PARTIAL_UPLOAD_INTERVAL", default_value_t = 60)]
+    partial_upload_interval: u64,
     /// Let senders compress WAL on the wire with zstd (protocol 4), or not.
     #[arg(long, env = "WALSHIP_WIRE_COMPRESSION", value_enum, default_value_t = OnOff::On)]
     wire_compression: OnOff,
@@ -222,8 +231,31 @@ async fn run(args: RunArgs) -> Result<()> {
         "the TLS certificate, key and client CA",
         move || tls::server_config(&cert, &key, &client_ca),
     )?;
+    let store = match &args.object_store {
+        Some(url) => {
+            let store = walship_receiver::store::Store::open(url)?;
+            walship_receiver::upload::prepare(&store, &args.archive).await?;
+            Some(store)
+        }
+        None => None,
+    };
     let dir = args.archive.clone();
     let archive = tokio::task::spawn_blocking(move || archive::Archive::open(&dir)).await??;
+    let uploads_stop = tokio_util::sync::CancellationToken::new();
+    let uploader = store.map(|store| {
+        tracing::info!(
+            store = store.url(),
+            "uploading the archive to the object store"
+        );
+        tokio::spawn(
+            walship_receiver::upload::Uploader {
+                store,
+                dir: args.archive.clone(),
+                partial_interval: Duration::from_secs(args.partial_upload_interval.max(1)),
+            }
+            .run(uploads_stop.clone()),
+        )
+    });
     tracing::info!(archive = %args.archive.display(), resume = ?archive.resume_points(), "archive opened");
     let listener = server::bind(args.listen).await?;
     if let Some(addr) = args.metrics_listen {
@@ -250,7 +282,18 @@ async fn run(args: RunArgs) -> Result<()> {
         wire_compression: matches!(args.wire_compression, OnOff::On),
         ..Default::default()
     };
-    server::serve(listener, config, archive, opts, board, shutdown).await?;
+    let served = server::serve(listener, config, archive, opts, board, shutdown).await;
+    // the sessions are over: a last upload round, the partial included, then stop
+    uploads_stop.cancel();
+    if let Some(task) = uploader {
+        if tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("stopping without the last upload to the object store (30 s passed); the local archive has it");
+        }
+    }
+    served?;
     let _ = writer.await;
     tracing::info!("receiver stopped");
     Ok(())

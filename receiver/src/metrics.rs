@@ -28,6 +28,8 @@ pub struct Metrics {
     pub wire_wal_bytes: Counter,
     /// Sessions accepted (a sender authenticated and its cluster accepted).
     pub sessions: Counter,
+    /// Complete segments uploaded to the object store.
+    pub store_segments_uploaded: Counter,
     /// Connections ended by an error: `tls` (handshake), `session` (an authenticated session), `archive`
     /// (a write or fsync that stops the receiver).
     pub errors: Family<Kind, Counter>,
@@ -39,6 +41,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     segments_completed: Counter::default(),
     wal_bytes_received: Counter::default(),
     wire_wal_bytes: Counter::default(),
+    store_segments_uploaded: Counter::default(),
     sessions: Counter::default(),
     errors: Family::default(),
 });
@@ -88,6 +91,11 @@ pub fn render(dir: &Path) -> String {
         "wire_wal_bytes",
         "Bytes the WAL took on the wire (zstd-compressed when the sender compressed it)",
         m.wire_wal_bytes.clone(),
+    );
+    registry.register(
+        "store_segments_uploaded",
+        "Complete segments uploaded to the object store",
+        m.store_segments_uploaded.clone(),
     );
     registry.register("sessions", "Sender sessions accepted", m.sessions.clone());
     registry.register(
@@ -155,6 +163,12 @@ pub fn render(dir: &Path) -> String {
                 "complete_segments",
                 "Complete segments in the archive",
                 Some(r.complete_segments as i64),
+            );
+            gauge(
+                &mut registry,
+                "store_waiting_segments",
+                "Complete segments not yet in the object store",
+                r.store_waiting_segments.map(|n| n as i64),
             );
             if let Some(v) = &r.verdict {
                 gauge(

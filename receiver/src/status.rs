@@ -220,6 +220,10 @@ pub struct Report {
     /// Seconds since a sender was last connected (0 while one is).
     #[serde(default)]
     pub no_sender_seconds: Option<f64>,
+    /// The object store the archive is copied to (`--object-store`), how far, and what waits.
+    pub store: Option<String>,
+    pub store_uploaded_up_to: Option<String>,
+    pub store_waiting_segments: Option<usize>,
     /// The monitoring verdict (see [`Thresholds`]); `None` until [`Report::judge`] ran.
     #[serde(default)]
     pub verdict: Option<Verdict>,
@@ -385,13 +389,23 @@ pub fn report(dir: &Path) -> anyhow::Result<Report> {
         primary_down: crate::archive::PrimaryDown::load(dir),
         primary_wal_archived: None,
         no_sender_seconds: None,
+        store: None,
+        store_uploaded_up_to: None,
+        store_waiting_segments: None,
         verdict: None,
     };
+    if let Some(state) = crate::upload::read_state(dir) {
+        r.store = Some(state.store);
+        r.store_uploaded_up_to = state.segments_up_to;
+    }
     let mut archived = None;
     if let Some(id) = id {
         let seg = id.wal_segment_size;
         let segments = crate::archive::list_segments(dir, seg)?;
         r.complete_segments = segments.iter().filter(|s| s.complete).count();
+        if r.store.is_some() {
+            r.store_waiting_segments = crate::upload::waiting(dir, seg);
+        }
         if let Some(last) = segments.last() {
             if !last.complete {
                 r.current_partial = Some(format!(
@@ -522,6 +536,14 @@ impl std::fmt::Display for Report {
                 }
             )?;
         }
+        if let Some(store) = &self.store {
+            writeln!(
+                f,
+                "object store:       {store}: complete segments up to {}, {} waiting",
+                self.store_uploaded_up_to.as_deref().unwrap_or("none yet"),
+                self.store_waiting_segments.unwrap_or(0)
+            )?;
+        }
         if self.failover_triggered {
             writeln!(f, "failover:           triggered")?;
         }
@@ -571,6 +593,9 @@ mod tests {
             primary_down: None,
             primary_wal_archived: None,
             no_sender_seconds: Some(0.0),
+            store: None,
+            store_uploaded_up_to: None,
+            store_waiting_segments: None,
             verdict: None,
         }
     }

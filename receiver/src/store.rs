@@ -1,0 +1,350 @@
+//! The archive's copy in object storage (`--object-store URL`): `s3://bucket/prefix` with credentials and
+//! endpoint from the conventional environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+//! AWS_ENDPOINT_URL, AWS_ALLOW_HTTP), or whatever else the `object_store` crate reads (`file://` …).
+//!
+//! Each file is stored zstd-compressed as `<prefix>/<name>.zst`, with the zstd frame's own checksum of the
+//! content and the CRC-32C of the uncompressed bytes in the object's metadata (`walship-crc32c`). The
+//! archive's identity is `<prefix>/walship.id`, as in the local archive: a prefix holds one cluster's WAL.
+//! A complete segment or history file is never overwritten: an object already there with other content is an
+//! error. Only the partial segment's object is replaced as it grows.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use object_store::path::Path as StorePath;
+use object_store::{
+    Attribute, Attributes, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+};
+
+use crate::archive::Identity;
+
+/// The metadata key of the uncompressed bytes' CRC-32C.
+const CRC_KEY: &str = "walship-crc32c";
+/// zstd level of stored files: they are written once and read rarely, and WAL compresses well.
+const LEVEL: i32 = 3;
+
+/// An archive's prefix in an object store.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    prefix: StorePath,
+    url: String,
+    /// Whether objects carry metadata (not in a local directory: the zstd checksum covers the content there).
+    metadata: bool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+/// What [`Store::put_once`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Put {
+    Written,
+    /// The same content was there already (a retry after an upload whose answer was lost).
+    AlreadyThere,
+}
+
+impl Store {
+    /// Opens `url` (`s3://bucket/prefix`, `file:///dir` …). Nothing is contacted yet.
+    pub fn open(url: &str) -> Result<Store> {
+        let parsed = url::Url::parse(url).with_context(|| {
+            format!("--object-store {url:?} is not a URL (e.g. s3://bucket/walship)")
+        })?;
+        let (inner, prefix): (Arc<dyn ObjectStore>, StorePath) = match parsed.scheme() {
+            "s3" | "s3a" => {
+                let store = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .build()
+                    .with_context(|| {
+                        format!(
+                            "--object-store {url}: set AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION (and \
+                             AWS_ENDPOINT_URL, AWS_ALLOW_HTTP=true for a plain-HTTP self-hosted server)"
+                        )
+                    })?;
+                let prefix =
+                    StorePath::parse(parsed.path().trim_matches('/')).with_context(|| {
+                        format!("--object-store {url}: the prefix is not a valid path")
+                    })?;
+                (Arc::new(store), prefix)
+            }
+            _ => {
+                let (store, prefix) = object_store::parse_url(&parsed).with_context(|| {
+                    format!("--object-store {url}: not a store walship can use")
+                })?;
+                (Arc::from(store), prefix)
+            }
+        };
+        Ok(Store {
+            inner,
+            prefix,
+            url: url.to_owned(),
+            metadata: !matches!(parsed.scheme(), "file" | "memory"),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn path(&self, name: &str) -> StorePath {
+        self.prefix.clone().join(name)
+    }
+
+    /// The object name of a file of the archive.
+    pub fn object_name(file: &str) -> String {
+        format!("{file}.zst")
+    }
+
+    /// The cluster whose WAL the prefix holds, if any.
+    pub async fn identity(&self) -> Result<Option<Identity>> {
+        match self.inner.get(&self.path(crate::archive::ID_FILE)).await {
+            Ok(r) => {
+                let bytes = r.bytes().await.context("read the store's walship.id")?;
+                let text = String::from_utf8_lossy(&bytes);
+                Identity::parse(&text)
+                    .map(Some)
+                    .ok_or_else(|| anyhow!("{}/walship.id is not a walship identity", self.url))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("read {}/walship.id", self.url))),
+        }
+    }
+
+    /// Pins the prefix to `id` (if no one else did first); an identity already there must be `id`.
+    pub async fn pin(&self, id: &Identity) -> Result<()> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let path = self.path(crate::archive::ID_FILE);
+        match self
+            .inner
+            .put_opts(&path, PutPayload::from(id.render().into_bytes()), opts)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => self.check_identity(id).await,
+            Err(e) => Err(anyhow::Error::new(e).context(format!("write {}/walship.id", self.url))),
+        }
+    }
+
+    /// Fails unless the store holds no identity or `id`.
+    pub async fn check_identity(&self, id: &Identity) -> Result<()> {
+        match self.identity().await? {
+            Some(theirs) if theirs != *id => bail!(
+                "the object store {} holds the WAL of the cluster with system identifier {} ({} segments), this \
+                 archive belongs to {} ({} segments): one prefix per cluster; give this archive its own prefix",
+                self.url,
+                theirs.system_identifier,
+                theirs.wal_segment_size,
+                id.system_identifier,
+                id.wal_segment_size
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stores `raw` (the content of archive file `file`) compressed, once: an object already there is
+    /// compared, never overwritten.
+    pub async fn put_once(&self, file: &str, raw: &[u8]) -> Result<Put> {
+        let path = self.path(&Self::object_name(file));
+        let (payload, attributes) = encode(raw, self.metadata)?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            attributes,
+            ..Default::default()
+        };
+        match self.inner.put_opts(&path, payload, opts).await {
+            Ok(_) => Ok(Put::Written),
+            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
+                match self.get(file).await? {
+                    Some(there) if there == raw => Ok(Put::AlreadyThere),
+                    Some(_) => bail!(
+                        "{}/{} exists with other content: walship never overwrites an archived file; find out \
+                         who wrote it (another receiver on this prefix?)",
+                        self.url,
+                        Self::object_name(file)
+                    ),
+                    None => bail!("{}/{} vanished while being compared", self.url, Self::object_name(file)),
+                }
+            }
+            Err(e) => Err(anyhow::Error::new(e).context(format!("upload {}/{}", self.url, Self::object_name(file)))),
+        }
+    }
+
+    /// Stores `raw` as `file`, replacing what is there (the partial segment as it grows).
+    pub async fn put_replace(&self, file: &str, raw: &[u8]) -> Result<()> {
+        let path = self.path(&Self::object_name(file));
+        let (payload, attributes) = encode(raw, self.metadata)?;
+        let opts = PutOptions {
+            attributes,
+            ..Default::default()
+        };
+        self.inner
+            .put_opts(&path, payload, opts)
+            .await
+            .with_context(|| format!("upload {}/{}", self.url, Self::object_name(file)))?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, file: &str) -> Result<()> {
+        match self
+            .inner
+            .delete(&self.path(&Self::object_name(file)))
+            .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(anyhow::Error::new(e).context(format!(
+                "delete {}/{}",
+                self.url,
+                Self::object_name(file)
+            ))),
+        }
+    }
+
+    /// The content of archive file `file`, decompressed and checked (zstd's checksum, and the CRC-32C of the
+    /// metadata when the store kept it); `None` when it is not there.
+    pub async fn get(&self, file: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.path(&Self::object_name(file));
+        let result = match self.inner.get(&path).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "download {}/{}",
+                    self.url,
+                    Self::object_name(file)
+                )))
+            }
+        };
+        let crc = result
+            .attributes
+            .get(&Attribute::Metadata(CRC_KEY.into()))
+            .and_then(|v| u32::from_str_radix(v.as_ref(), 16).ok());
+        let compressed = result
+            .bytes()
+            .await
+            .with_context(|| format!("download {}/{}", self.url, Self::object_name(file)))?;
+        let raw = decode(&compressed).with_context(|| {
+            format!(
+                "{}/{} does not decompress",
+                self.url,
+                Self::object_name(file)
+            )
+        })?;
+        if let Some(crc) = crc {
+            let actual = crc32c::crc32c(&raw);
+            if actual != crc {
+                bail!(
+                    "{}/{}: CRC-32C {actual:08x} of the content, {crc:08x} in its metadata: the object is damaged",
+                    self.url,
+                    Self::object_name(file)
+                );
+            }
+        }
+        Ok(Some(raw))
+    }
+}
+
+/// zstd with the frame checksum on, and the CRC-32C of the raw bytes as metadata (when the store keeps it).
+fn encode(raw: &[u8], metadata: bool) -> Result<(PutPayload, Attributes)> {
+    let mut encoder = zstd::bulk::Compressor::new(LEVEL).context("zstd")?;
+    encoder
+        .set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+        .context("zstd checksum")?;
+    let compressed = encoder.compress(raw).context("compress")?;
+    let mut attributes = Attributes::new();
+    if !metadata {
+        return Ok((PutPayload::from(Bytes::from(compressed)), attributes));
+    }
+    attributes.insert(
+        Attribute::Metadata(CRC_KEY.into()),
+        format!("{:08x}", crc32c::crc32c(raw)).into(),
+    );
+    Ok((PutPayload::from(Bytes::from(compressed)), attributes))
+}
+
+/// Decompresses one stored file (at most 1 GB, the largest WAL segment).
+fn decode(compressed: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut decoder = zstd::stream::read::Decoder::new(compressed).context("zstd")?;
+    use std::io::Read;
+    (&mut decoder)
+        .take(1 << 30 | 1)
+        .read_to_end(&mut out)
+        .context("zstd")?;
+    if out.len() > 1 << 30 {
+        bail!("more than 1 GB once decompressed");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_file_is_stored_once_and_comes_back_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = Store::open(&url).unwrap();
+        let raw: Vec<u8> = (0..100_000u32).map(|i| (i % 97) as u8).collect();
+        assert_eq!(
+            store
+                .put_once("000000010000000000000001", &raw)
+                .await
+                .unwrap(),
+            Put::Written
+        );
+        // a retry with the same bytes is fine, other bytes are refused and the object is unchanged
+        assert_eq!(
+            store
+                .put_once("000000010000000000000001", &raw)
+                .await
+                .unwrap(),
+            Put::AlreadyThere
+        );
+        let mut other = raw.clone();
+        other[5] ^= 1;
+        let e = store
+            .put_once("000000010000000000000001", &other)
+            .await
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("never overwrites"), "{e:#}");
+        assert_eq!(
+            store
+                .get("000000010000000000000001")
+                .await
+                .unwrap()
+                .unwrap(),
+            raw
+        );
+        assert_eq!(store.get("000000010000000000000002").await.unwrap(), None);
+        // a damaged object is an error, not WAL
+        let object = dir.path().join("000000010000000000000001.zst");
+        let mut bytes = std::fs::read(&object).unwrap();
+        let n = bytes.len();
+        bytes[n / 2] ^= 0xFF;
+        std::fs::write(&object, bytes).unwrap();
+        assert!(store.get("000000010000000000000001").await.is_err());
+        // the identity: pinned once, another one refused
+        let id = Identity {
+            system_identifier: 7,
+            wal_segment_size: walship_protocol::WalSegSize::DEFAULT,
+            pg_version_num: 150_000,
+        };
+        store.pin(&id).await.unwrap();
+        store.pin(&id).await.unwrap();
+        let theirs = Identity {
+            system_identifier: 8,
+            ..id
+        };
+        let e = store.pin(&theirs).await.unwrap_err();
+        assert!(format!("{e:#}").contains("one prefix per cluster"), "{e:#}");
+    }
+}
