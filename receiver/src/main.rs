@@ -91,6 +91,11 @@ struct RestoreArgs {
     /// archive them under their real names).
     #[arg(long, env = "WALSHIP_ALLOW_ARCHIVE_MODE_ALWAYS")]
     allow_archive_mode_always: bool,
+    /// The archive's object store (as given to run): complete segments and history files missing locally
+    /// are fetched from it, decompressed and checked. Credentials and endpoint come from the AWS_* variables
+    /// of the server's environment.
+    #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
+    object_store: Option<String>,
     /// %f: the file recovery wants.
     file: String,
     /// %p: where to put it.
@@ -355,6 +360,7 @@ fn main() -> ExitCode {
                 wanted: args.file,
                 dest: args.path,
                 data_dir: std::env::current_dir().unwrap_or_default(),
+                object_store: args.object_store,
             };
             // exit 0: restored; 1: missing. Never above 125: that would abort recovery.
             return ExitCode::from(restore::restore(&opts).exit_code());

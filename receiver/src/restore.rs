@@ -46,6 +46,30 @@ pub struct RestoreOptions {
     pub dest: PathBuf,
     /// The server's data directory (restore_command runs there), for the `archive_mode` check.
     pub data_dir: PathBuf,
+    /// The archive's object store: complete segments and history files missing locally are taken from it.
+    pub object_store: Option<String>,
+}
+
+/// File `name` from the object store of `opts`, decompressed and checked; `None` without a store or when
+/// the store does not hold it.
+fn from_store(opts: &RestoreOptions, name: &str) -> Result<Option<Vec<u8>>> {
+    let Some(url) = &opts.object_store else {
+        return Ok(None);
+    };
+    let store = crate::store::Store::open(url)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start a runtime for the object store")?;
+    rt.block_on(store.get(name))
+}
+
+/// Writes `bytes` to `%p` (a failed write leaves nothing there).
+fn write_dest(opts: &RestoreOptions, bytes: &[u8]) -> Result<()> {
+    fs::write(&opts.dest, bytes).map_err(|e| {
+        let _ = fs::remove_file(&opts.dest);
+        anyhow::Error::new(e).context(format!("write {}", opts.dest.display()))
+    })
 }
 
 /// The answer to PostgreSQL.
@@ -192,7 +216,18 @@ fn attempt(opts: &RestoreOptions) -> Result<Option<Outcome>> {
             opts.archive.display()
         );
     }
-    let identity = Identity::load(&opts.archive)?;
+    let mut identity = Identity::load(&opts.archive)?;
+    if identity.is_none() && opts.object_store.is_some() {
+        // a new standby's empty local directory: the store says whose WAL it holds
+        if let Some(url) = &opts.object_store {
+            let store = crate::store::Store::open(url)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("start a runtime for the object store")?;
+            identity = rt.block_on(store.identity())?;
+        }
+    }
     let seg = identity
         .map(|i| i.wal_segment_size)
         .unwrap_or(WalSegSize::DEFAULT);
@@ -211,7 +246,16 @@ fn attempt(opts: &RestoreOptions) -> Result<Option<Outcome>> {
                     info!(file = %opts.wanted, "restored");
                     Ok(Some(Outcome::Restored))
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(Outcome::Missing)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    match from_store(opts, &opts.wanted)? {
+                        Some(bytes) => {
+                            write_dest(opts, &bytes)?;
+                            info!(file = %opts.wanted, "restored from the object store");
+                            Ok(Some(Outcome::Restored))
+                        }
+                        None => Ok(Some(Outcome::Missing)),
+                    }
+                }
                 Err(e) => Err(e)
                     .with_context(|| format!("copy {} to {}", src.display(), opts.dest.display())),
             }
@@ -272,7 +316,22 @@ fn segment(
             info!(file = %name, "restored");
             return Ok(Some(Outcome::Restored));
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(bytes) = from_store(opts, &name)? {
+                write_dest(opts, &bytes)?;
+                let checked = File::open(&opts.dest)
+                    .map_err(anyhow::Error::new)
+                    .and_then(|f| validate_complete(&f, id, timeline, segno));
+                if let Err(e) = checked {
+                    let _ = fs::remove_file(&opts.dest);
+                    return Err(
+                        e.context(format!("segment {name} from the object store is damaged"))
+                    );
+                }
+                info!(file = %name, "restored from the object store");
+                return Ok(Some(Outcome::Restored));
+            }
+        }
         Err(e) => return Err(e).with_context(|| format!("open {}", complete.display())),
     }
 
@@ -554,6 +613,7 @@ mod tests {
             wanted: "000000010000000000000003".into(),
             dest: dir.path().join("out"),
             data_dir: dir.path().to_owned(),
+            object_store: None,
         };
         // what a listing sees just after the receiver renamed segment 3 and started 4
         fs::write(dir.path().join("000000010000000000000004.partial"), b"x").unwrap();

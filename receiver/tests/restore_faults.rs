@@ -49,6 +49,7 @@ fn failover_state_is_keyed_by_timeline_and_the_handover_survives_a_failure() {
         wanted: name.clone(),
         dest: dest.clone(),
         data_dir: tmp.path().to_owned(),
+        object_store: None,
     };
 
     // the call fails after writing %p but before recording: recovery is told "missing", nothing recorded

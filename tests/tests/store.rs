@@ -152,6 +152,35 @@ async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it() {
     println!("after the outage: {n} segments in the store, identical to pg_wal");
     assert!(sender.terminate(Duration::from_secs(20)).success());
 
+    // restore_command: a segment cleanup removed locally comes from the store (decompressed, checked);
+    // without the store it is missing
+    let first = segment_file_name(1, 1, seg);
+    assert!(!archive.join(&first).exists(), "cleanup kept {first}");
+    let dest = dir.path().join("restored");
+    let restore = |with_store: bool| {
+        let mut cmd = Command::new(walship.path(Walship::RECEIVER));
+        cmd.args(["restore", "--archive"]).arg(&archive);
+        if with_store {
+            cmd.args(["--object-store", &url]);
+        }
+        cmd.arg(&first).arg(&dest).envs(env.iter().copied());
+        walship_tests::env::as_db_user(&mut cmd)
+            .output()
+            .expect("run restore")
+    };
+    assert_eq!(restore(false).status.code(), Some(1));
+    let out = restore(true);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(&dest).unwrap() == std::fs::read(primary.wal_dir().join(&first)).unwrap(),
+        "{first} restored from the store differs from pg_wal"
+    );
+
     // a second cluster on the same prefix: its receiver takes the store's identity, its sender is refused
     let mut other = Cluster::init(&dir, "other", &InitOptions::default());
     other.start();
