@@ -308,14 +308,18 @@ impl World {
         }
     }
 
+    /// Starts a sender to `port`; `WALSHIP_BENCH_SENDER_ARGS` adds flags (an A/B of settings, e.g.
+    /// `--compression none`).
     pub(crate) fn start_sender(&self, port: u16) -> Daemon {
+        let extra = std::env::var("WALSHIP_BENCH_SENDER_ARGS").unwrap_or_default();
+        let extra: Vec<&str> = extra.split_whitespace().collect();
         let mut s = self.walship.sender(
             &self.dir,
             &self.primary.conninfo(),
             port,
             &self.certs,
             &self.certs,
-            &[],
+            &extra,
         );
         s.wait_for_log("streaming", Duration::from_secs(60));
         s
