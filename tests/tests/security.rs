@@ -263,7 +263,7 @@ async fn garbage_closes_only_that_connection() {
             "more than the limit",
         ),
         (bad_crc, "CRC"),
-        (frame(b'Z', b"what"), "unknown message kind"),
+        (frame(b'Q', b"what"), "unknown message kind"),
         (frame(b'W', &wal_first), "first message must be Hello"),
         (truncated, "connection ended inside a frame"),
     ];
