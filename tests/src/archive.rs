@@ -149,3 +149,17 @@ pub fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         })
         .unwrap_or_default()
 }
+
+/// Waits (up to the harness's deadline) until the archive holds timeline 1 up to at least `target`.
+pub async fn wait_archived(archive: &Path, seg: WalSegSize, target: Lsn) {
+    crate::wait_for(
+        &format!("the archive to reach {target}"),
+        crate::cluster::WAIT,
+        || async {
+            archive_end(archive, seg, 1)
+                .filter(|end| *end >= target)
+                .map(|_| ())
+        },
+    )
+    .await;
+}

@@ -9,10 +9,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use walship_protocol::WalSegSize;
-use walship_tests::archive::archive_end;
+use walship_tests::archive::wait_archived;
 use walship_tests::cluster::{run_ok, WAIT};
 use walship_tests::env::chown_to_db_user;
-use walship_tests::{wait_for, Cluster, Daemon, InitOptions, TestDir, Walship};
+use walship_tests::{Cluster, Daemon, InitOptions, TestDir, Walship};
 
 const PASSWORD: &str = "pw-3141-secret";
 
@@ -58,12 +58,7 @@ async fn ships(primary: &Cluster, archive: &Path, mut sender: Daemon) -> String 
     sender.wait_for_log("streaming", WAIT);
     let client = primary.connect().await;
     let flush = primary.switch_wal(&client).await;
-    wait_for("the switched segment in the archive", WAIT, || async {
-        archive_end(archive, WalSegSize::DEFAULT, 1)
-            .filter(|e| *e >= flush)
-            .map(|_| ())
-    })
-    .await;
+    wait_archived(archive, WalSegSize::DEFAULT, flush).await;
     assert!(sender.terminate(Duration::from_secs(20)).success());
     let log = sender.log_text();
     assert!(!log.contains(PASSWORD), "the password leaked:\n{log}");

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use walship_protocol::{Lsn, WalSegSize};
-use walship_tests::archive::archive_end;
+use walship_tests::archive::wait_archived;
 use walship_tests::cluster::WAIT;
 use walship_tests::env::{as_db_user, chown_to_db_user};
 use walship_tests::scenario::{stage, Stage};
@@ -274,12 +274,7 @@ async fn metrics_agree_with_status() {
         .await
         .unwrap();
     let switched = primary.switch_wal(&client).await;
-    wait_for("the switch to be archived", WAIT, || async {
-        archive_end(&archive, WalSegSize::DEFAULT, 1)
-            .filter(|e| *e >= switched)
-            .map(|_| ())
-    })
-    .await;
+    wait_archived(&archive, WalSegSize::DEFAULT, switched).await;
 
     // scrape and status see the same archive: equal positions and lag (retried until a scrape and a
     // status fall between the same two writes of the status file)
@@ -468,12 +463,7 @@ async fn a_long_catch_up_reports_what_is_left() {
     );
     let line = sender.wait_for_log("caught up: ", WAIT);
     println!("{line}");
-    wait_for("the backlog in the archive", WAIT, || async {
-        archive_end(&archive, WalSegSize::DEFAULT, 1)
-            .filter(|e| *e >= flush)
-            .map(|_| ())
-    })
-    .await;
+    wait_archived(&archive, WalSegSize::DEFAULT, flush).await;
     assert!(sender.terminate(Duration::from_secs(20)).success());
 }
 
@@ -542,16 +532,7 @@ async fn wire_compression_on_and_off_give_identical_archives() {
         .unwrap();
     let flush = flush.max(primary.flush_lsn(&client).await);
     for archive in [&zstd_archive, &plain_archive] {
-        wait_for(
-            "both archives to reach the flush position",
-            WAIT,
-            || async {
-                archive_end(archive, WalSegSize::DEFAULT, 1)
-                    .filter(|e| *e >= flush)
-                    .map(|_| ())
-            },
-        )
-        .await;
+        wait_archived(archive, WalSegSize::DEFAULT, flush).await;
     }
     let seg = WalSegSize::DEFAULT;
     let zstd =

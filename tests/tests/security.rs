@@ -11,7 +11,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use walship_protocol::{Lsn, WalSegSize};
-use walship_tests::archive::{archive_end, assert_matches_primary, snapshot};
+use walship_tests::archive::{assert_matches_primary, snapshot, wait_archived};
 use walship_tests::cluster::{run_ok, WAIT};
 use walship_tests::scenario::shipping;
 use walship_tests::{wait_for, Cluster, Daemon, InitOptions, TestDir, Walship};
@@ -85,12 +85,7 @@ async fn strangers_are_refused_and_the_archive_is_unchanged() {
     );
     sender.wait_for_log("streaming", Duration::from_secs(30));
     let flush = primary.switch_wal(&client).await;
-    wait_for("the first switch to be archived", WAIT, || async {
-        archive_end(&archive, seg, 1)
-            .filter(|e| *e >= flush)
-            .map(|_| ())
-    })
-    .await;
+    wait_archived(&archive, seg, flush).await;
     assert!(sender.terminate(Duration::from_secs(10)).success());
     let before = snapshot(&archive);
 
@@ -278,12 +273,7 @@ async fn garbage_closes_only_that_connection() {
     // the real sender's session was never disturbed
     assert!(bench.wait().expect("pgbench").success());
     let flush = primary.switch_wal(&client).await;
-    wait_for("the archive to reach the switch", WAIT, || async {
-        archive_end(archive, seg, 1)
-            .filter(|e| *e >= flush)
-            .map(|_| ())
-    })
-    .await;
+    wait_archived(archive, seg, flush).await;
     assert!(
         !sender.log_text().contains("reconnecting"),
         "the real sender was disturbed:\n{}",
@@ -414,12 +404,7 @@ async fn sighup_takes_renewed_certificates_without_a_restart() {
     )
     .await;
     let flush = primary.switch_wal(&client).await;
-    wait_for("the switch to be archived", WAIT, || async {
-        archive_end(&archive, WalSegSize::DEFAULT, 1)
-            .filter(|e| *e >= flush)
-            .map(|_| ())
-    })
-    .await;
+    wait_archived(&archive, WalSegSize::DEFAULT, flush).await;
 
     // a sender still holding the old certificate is refused now
     let mut stale = walship.sender(&dir, &primary.conninfo(), receiver.port, &old, &old, &[]);

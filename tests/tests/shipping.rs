@@ -4,20 +4,10 @@
 use std::time::{Duration, Instant};
 
 use walship_protocol::{Lsn, WalSegSize};
-use walship_tests::archive::{archive_end, assert_matches_primary};
+use walship_tests::archive::{archive_end, assert_matches_primary, wait_archived};
 use walship_tests::cluster::{run_ok, WAIT};
 use walship_tests::scenario::shipping;
 use walship_tests::{wait_for, Cluster, InitOptions, TestDir, Walship};
-
-/// Waits until the archive holds timeline 1 up to at least `target`.
-async fn wait_archived(archive: &std::path::Path, seg: WalSegSize, target: Lsn) {
-    wait_for(&format!("the archive to reach {target}"), WAIT, || async {
-        archive_end(archive, seg, 1)
-            .filter(|end| *end >= target)
-            .map(|_| ())
-    })
-    .await;
-}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
