@@ -195,15 +195,29 @@ async fn a_clean_shutdown_is_drained_to_its_checkpoint() {
         "the archive must hold the shutdown checkpoint"
     );
     // the last record is the shutdown checkpoint (RM_XLOG_ID, XLOG_CHECKPOINT_SHUTDOWN = 0x00)
-    let out = std::process::Command::new(s.walship.path(walship_tests::Walship::RECEIVER))
-        .arg("status")
-        .arg("--archive")
-        .arg(&s.archive)
-        .output()
-        .expect("run status");
-    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    // the sender tells the receiver the primary is down and stops without waiting for the receiver to
+    // record it: status shows it once the receiver's writer has
+    let status_of = || {
+        let out = std::process::Command::new(s.walship.path(walship_tests::Walship::RECEIVER))
+            .arg("status")
+            .arg("--archive")
+            .arg(&s.archive)
+            .output()
+            .expect("run status");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, status) = wait_for("status to report the primary down", WAIT, || async {
+        let (code, status) = status_of();
+        status
+            .contains("primary:            down since")
+            .then_some((code, status))
+    })
+    .await;
     // for monitoring, a primary that is down is critical (exit 2), whatever the archive holds
-    assert_eq!(out.status.code(), Some(2), "{status}");
+    assert_eq!(code, Some(2), "{status}");
     assert!(
         status.contains("verdict:            CRITICAL: the primary is down"),
         "{status}"
