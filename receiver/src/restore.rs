@@ -53,6 +53,16 @@ pub struct RestoreOptions {
 /// File `name` from the object store of `opts`, decompressed and checked; `None` without a store or when
 /// the store does not hold it.
 fn from_store(opts: &RestoreOptions, name: &str) -> Result<Option<Vec<u8>>> {
+    with_store(opts, |store| async move { store.get(name).await }).map(Option::flatten)
+}
+
+/// Runs `f` with the object store of `opts` (a short-lived runtime: restore is one call per file); `None`
+/// without a store.
+fn with_store<T, F, Fut>(opts: &RestoreOptions, f: F) -> Result<Option<T>>
+where
+    F: FnOnce(crate::store::Store) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
     let Some(url) = &opts.object_store else {
         return Ok(None);
     };
@@ -61,7 +71,7 @@ fn from_store(opts: &RestoreOptions, name: &str) -> Result<Option<Vec<u8>>> {
         .enable_all()
         .build()
         .context("start a runtime for the object store")?;
-    rt.block_on(store.get(name))
+    rt.block_on(f(store)).map(Some)
 }
 
 /// Writes `bytes` to `%p` (a failed write leaves nothing there).
@@ -217,16 +227,9 @@ fn attempt(opts: &RestoreOptions) -> Result<Option<Outcome>> {
         );
     }
     let mut identity = Identity::load(&opts.archive)?;
-    if identity.is_none() && opts.object_store.is_some() {
+    if identity.is_none() {
         // a new standby's empty local directory: the store says whose WAL it holds
-        if let Some(url) = &opts.object_store {
-            let store = crate::store::Store::open(url)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("start a runtime for the object store")?;
-            identity = rt.block_on(store.identity())?;
-        }
+        identity = with_store(opts, |store| async move { store.identity().await })?.flatten();
     }
     let seg = identity
         .map(|i| i.wal_segment_size)

@@ -394,18 +394,19 @@ pub fn report(dir: &Path) -> anyhow::Result<Report> {
         store_waiting_segments: None,
         verdict: None,
     };
-    if let Some(state) = crate::upload::read_state(dir) {
-        r.store = Some(state.store);
-        r.store_uploaded_up_to = state.segments_up_to;
+    let uploads = crate::upload::read_state(dir);
+    if let Some(state) = &uploads {
+        r.store = Some(state.store.clone());
+        r.store_uploaded_up_to = state.segments_up_to.clone();
     }
     let mut archived = None;
     if let Some(id) = id {
         let seg = id.wal_segment_size;
         let segments = crate::archive::list_segments(dir, seg)?;
         r.complete_segments = segments.iter().filter(|s| s.complete).count();
-        if r.store.is_some() {
-            r.store_waiting_segments = crate::upload::waiting(dir, seg);
-        }
+        r.store_waiting_segments = uploads
+            .as_ref()
+            .map(|state| crate::upload::waiting(state, &segments, seg));
         if let Some(last) = segments.last() {
             if !last.complete {
                 r.current_partial = Some(format!(

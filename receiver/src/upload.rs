@@ -238,15 +238,15 @@ impl Uploader {
     }
 }
 
-/// How many complete segments wait for the store (for `status` and the metrics).
-pub fn waiting(dir: &Path, seg: walship_protocol::WalSegSize) -> Option<usize> {
-    let state = read_state(dir)?;
-    let segments = list_segments(dir, seg).ok()?;
-    Some(
-        segments
-            .iter()
-            .filter(|s| s.complete)
-            .filter(|s| !uploaded(Some(&state), &segment_file_name(s.timeline, s.segno, seg)))
-            .count(),
-    )
+/// How many of `segments` (complete or not) wait for the store (for `status` and the metrics).
+pub fn waiting(
+    state: &UploadState,
+    segments: &[crate::archive::ArchivedSegment],
+    seg: walship_protocol::WalSegSize,
+) -> usize {
+    segments
+        .iter()
+        .filter(|s| s.complete)
+        .filter(|s| !uploaded(Some(state), &segment_file_name(s.timeline, s.segno, seg)))
+        .count()
 }

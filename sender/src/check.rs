@@ -318,7 +318,7 @@ async fn round_trip(
         "SELECT pg_switch_xlog()::text"
     };
     let _ = pg.client().simple_query("SELECT txid_current()").await;
-    let end: Lsn = match scalar_result(pg, switch).await {
+    let end: Lsn = match crate::postgres::scalar(pg.client(), switch).await {
         Ok(text) => match text.parse() {
             Ok(l) => l,
             Err(e) => return Err((format!("{switch} answered {text:?}: {e}"), "report this")),
@@ -351,19 +351,7 @@ async fn round_trip(
 }
 
 async fn scalar(pg: &Primary, sql: &str) -> Option<String> {
-    scalar_result(pg, sql).await.ok()
-}
-
-async fn scalar_result(pg: &Primary, sql: &str) -> Result<String> {
-    for msg in pg.client().simple_query(sql).await? {
-        if let tokio_postgres::SimpleQueryMessage::Row(row) = msg {
-            return row
-                .get(0)
-                .map(str::to_owned)
-                .ok_or_else(|| anyhow::anyhow!("{sql} returned NULL"));
-        }
-    }
-    anyhow::bail!("{sql} returned no row")
+    crate::postgres::scalar(pg.client(), sql).await.ok()
 }
 
 /// Only for reading the non-TLS parts of the configuration when the TLS files failed.

@@ -262,7 +262,8 @@ impl Primary {
     }
 }
 
-async fn scalar(client: &Client, sql: &str) -> Result<String> {
+/// The first column of the first row of `sql` (simple protocol), as text.
+pub(crate) async fn scalar(client: &Client, sql: &str) -> Result<String> {
     for msg in client
         .simple_query(sql)
         .await
