@@ -48,6 +48,9 @@ pub struct Record {
     /// Where the next record starts (`EndRecPtr`): past the alignment padding, or the end of the segment
     /// after an `XLOG_SWITCH`. Everything before it is this record or what precedes it.
     pub end: Lsn,
+    /// Where this record's own bytes end (MAXALIGNed). The same as `end` except for an `XLOG_SWITCH`: the rest
+    /// of its segment is padding that PostgreSQL writes when it flushes the switch, not before.
+    pub own_end: Lsn,
     pub tot_len: u32,
     pub xid: u32,
     pub prev: Lsn,
@@ -284,6 +287,7 @@ impl Walker {
         let mut rec = Record {
             start,
             end,
+            own_end: end,
             tot_len,
             xid: le_u32(record, 4),
             prev: Lsn(le_u64(record, 8)),
@@ -445,6 +449,7 @@ impl WalBuilder {
         let mut rec = Record {
             start,
             end: self.end(),
+            own_end: self.end(),
             tot_len,
             xid: 7,
             prev: self.prev,
@@ -712,6 +717,7 @@ mod tests {
         b.record(100, 10, 0);
         let switch = b.record(0, RM_XLOG_ID, XLOG_SWITCH);
         assert_eq!(switch.end, Lsn(2 * SEG));
+        assert_eq!(switch.own_end, Lsn(switch.start.0 + RECORD_HEADER as u64));
         let after = b.record(50, 10, 0);
         assert_eq!(after.start, Lsn(2 * SEG + LONG_PAGE_HEADER as u64));
         let (got, _, end) = walk_all(&b, &b.bytes);

@@ -35,6 +35,11 @@ pub struct Scout {
     buf: Vec<u8>,
     /// The segment file last read, kept open.
     file: Option<(TimelineId, u64, std::fs::File)>,
+    /// `XLOG_SWITCH` records walked whose segment shipping has not finished: (the record's own end, the
+    /// segment's end). The padding between them is not written WAL: PostgreSQL writes it when it flushes the
+    /// switch (zeros from 11 on, page headers on 10), and until then the file holds zeros or a recycled
+    /// segment's old bytes there. Only flushed padding is shipped.
+    switches: Vec<(Lsn, Lsn)>,
 }
 
 impl Scout {
@@ -42,7 +47,15 @@ impl Scout {
     /// `[from, end)` belongs to complete, valid records.
     pub fn valid_from(&self, from: Lsn) -> Option<Lsn> {
         let w = self.walker.as_ref()?;
-        (self.anchor <= from && w.next_lsn() >= from).then(|| w.next_lsn())
+        if self.anchor > from || w.next_lsn() < from {
+            return None;
+        }
+        Some(
+            match self.switches.iter().find(|(_, seg_end)| *seg_end > from) {
+                Some((own_end, _)) => w.next_lsn().min(*own_end).max(from),
+                None => w.next_lsn(),
+            },
+        )
     }
 
     /// Walks whatever the primary has written since the last call. `sent` is where shipping stands: a walker
@@ -56,8 +69,10 @@ impl Scout {
         if let Some(w) = &self.walker {
             if w.next_lsn().0 + RESET_BEHIND < sent.0 {
                 self.walker = None;
+                self.switches.clear();
             }
         }
+        self.switches.retain(|(_, seg_end)| *seg_end > sent);
         let exp = reader.expectation(timeline);
         let base = page_of(self.walker.as_ref().map_or(sent, |w| w.next_lsn()));
         let mut buf = std::mem::take(&mut self.buf);
@@ -90,7 +105,13 @@ impl Scout {
                     }
                 },
             };
-            match w.walk(buf, base, |_| {}) {
+            let switches = &mut self.switches;
+            let walked = w.walk(buf, base, |r| {
+                if r.is_switch() {
+                    switches.push((r.own_end, r.end));
+                }
+            });
+            match walked {
                 WalkStop::NeedMore { .. } => continue,
                 stop => {
                     tracing::trace!(%sent, read = buf.len(), "written WAL ends: {stop}");
@@ -218,5 +239,33 @@ mod tests {
         // the continuation of the first record is not validated: nothing counts from `sent`
         assert_eq!(scout.valid_from(sent), None);
         assert_eq!(scout.valid_from(recs[1].start), Some(recs[2].end));
+    }
+
+    #[test]
+    fn the_padding_after_a_switch_is_not_written_wal() {
+        use walship_protocol::walker::{RM_XLOG_ID, XLOG_SWITCH};
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = WalBuilder::new(exp(), Lsn(SEG));
+        b.record(100, 10, 0);
+        let switch = b.record(0, RM_XLOG_ID, XLOG_SWITCH);
+        let after = b.record(300, 10, 0);
+        // the switch is written, its padding not yet: the file holds a recycled segment's bytes there (or
+        // page headers on PostgreSQL 10 once written); the next segment already holds a record
+        let own = (switch.own_end.0 - SEG) as usize;
+        write_segment(dir.path(), &b.bytes[..own], 0x37);
+        std::fs::write(
+            dir.path().join("000000010000000000000002"),
+            &b.bytes[SEG as usize..],
+        )
+        .unwrap();
+        let reader = WalReader::new(dir.path(), WalSegSize::new(SEG).unwrap(), exp().magic, 42);
+        let mut scout = Scout::default();
+        scout.advance(&reader, 1, Lsn(SEG)).unwrap();
+        assert_eq!(scout.valid_from(Lsn(SEG)), Some(switch.own_end));
+        // shipped up to the switch: nothing more until the padding is flushed
+        assert_eq!(scout.valid_from(switch.own_end), Some(switch.own_end));
+        // the padding was flushed and shipped: the next segment's records count
+        scout.advance(&reader, 1, switch.end).unwrap();
+        assert_eq!(scout.valid_from(switch.end), Some(after.end));
     }
 }
