@@ -1203,9 +1203,10 @@ impl Failover {
 
     /// Requests failover of the archive in `dir` (which must be a walship archive). A request for the same
     /// timeline as an earlier one starts over: recovery must hand over the end of the archive again.
-    pub fn request(dir: &Path, pgdata: &Path) -> Result<Failover> {
+    /// `stored`: the newest timeline in the archive's object store, if it has one.
+    pub fn request(dir: &Path, pgdata: &Path, stored: Option<TimelineId>) -> Result<Failover> {
         ensure_archive(dir)?;
-        let timeline = newest_timeline(dir)?.with_context(|| {
+        let timeline = newest_timeline(dir)?.max(stored).with_context(|| {
             format!(
                 "archive {} holds no WAL yet: nothing to fail over to",
                 dir.display()

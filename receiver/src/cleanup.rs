@@ -1,6 +1,10 @@
 //! `walship-receiver cleanup %r`: `archive_cleanup_command`. Removes complete segments older than `%r`
 //! (compared like pg_archivecleanup: by the whole name, timeline first); never `%r` or anything after it, never a
 //! partial, never a history file.
+//!
+//! With `--object-store`, the store is cleaned too: segments (and leftover partials) older than `%r` whose
+//! objects are older than `--keep-days` (the point-in-time-recovery window) are deleted; history files and
+//! the identity stay.
 
 use std::fs;
 use std::path::Path;
@@ -50,4 +54,31 @@ pub fn cleanup(archive: &Path, restartpoint: &str) -> Result<Vec<String>> {
             .context("fsync archive directory")?;
     }
     Ok(removed)
+}
+
+/// Deletes from the store the segments before `restartpoint` stored more than `keep_days` days before `now`
+/// (seconds since the epoch); returns the names deleted.
+pub async fn cleanup_store(
+    store: &crate::store::Store,
+    seg: walship_protocol::WalSegSize,
+    restartpoint: &str,
+    keep_days: u64,
+    now: i64,
+) -> Result<Vec<String>> {
+    let cutoff = now - (keep_days * 86_400) as i64;
+    let mut deleted = Vec::new();
+    for f in store.list("").await? {
+        let segment = match WalFileName::parse(&f.name, seg) {
+            Ok(WalFileName::Segment { timeline, segno })
+            | Ok(WalFileName::Partial { timeline, segno }) => {
+                segment_file_name(timeline, segno, seg)
+            }
+            _ => continue,
+        };
+        if segment.as_str() < restartpoint && f.modified_unix < cutoff {
+            store.delete(&f.name).await?;
+            deleted.push(f.name);
+        }
+    }
+    Ok(deleted)
 }

@@ -21,6 +21,7 @@ pub mod certs;
 pub mod check;
 pub mod cleanup;
 pub mod metrics;
+pub mod prefetch;
 pub mod promote;
 pub mod restore;
 pub mod server;

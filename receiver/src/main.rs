@@ -48,6 +48,10 @@ enum Command {
     /// files fit its version, same cluster. One line per check (ok, or FAIL with the fix); exit 0 only when
     /// all pass.
     Check(CheckArgs),
+    /// Started by restore in the background: fetch the segments after --after from the object store into
+    /// <archive>/prefetch/.
+    #[command(hide = true)]
+    Prefetch(PrefetchArgs),
 }
 
 #[derive(Parser, Debug)]
@@ -96,6 +100,15 @@ struct RestoreArgs {
     /// of the server's environment.
     #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
     object_store: Option<String>,
+    /// With --object-store: segments fetched ahead in the background (into <archive>/prefetch/) while
+    /// recovery replays, so that restoring from the store keeps up with replay; 0 turns it off.
+    #[arg(
+        long,
+        env = "WALSHIP_PREFETCH",
+        default_value_t = 8,
+        value_name = "SEGMENTS"
+    )]
+    prefetch: usize,
     /// %f: the file recovery wants.
     file: String,
     /// %p: where to put it.
@@ -118,6 +131,10 @@ struct PromoteArgs {
     /// Seconds to wait for recovery to take the end of the archive and for promotion.
     #[arg(long, env = "WALSHIP_PROMOTE_TIMEOUT", default_value_t = 120)]
     timeout: u64,
+    /// The archive's object store, when the standby restores from it (restore_command has --object-store):
+    /// the end of the archive may be there only.
+    #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
+    object_store: Option<String>,
 }
 
 #[derive(Parser, Debug)]
@@ -125,8 +142,34 @@ struct CleanupArgs {
     /// Archive directory.
     #[arg(long, env = "WALSHIP_ARCHIVE")]
     archive: PathBuf,
+    /// The archive's object store: also delete there the segments older than %r that were stored more than
+    /// --keep-days ago (history files are kept).
+    #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
+    object_store: Option<String>,
+    /// With --object-store: keep segments in the store for this many days even when the standby no longer
+    /// needs them (the window for point-in-time recovery).
+    #[arg(
+        long,
+        env = "WALSHIP_KEEP_DAYS",
+        default_value_t = 7,
+        value_name = "DAYS"
+    )]
+    keep_days: u64,
     /// %r: the oldest segment still needed; older complete segments are removed.
     restartpoint: String,
+}
+
+#[derive(Parser, Debug)]
+struct PrefetchArgs {
+    #[arg(long)]
+    archive: PathBuf,
+    #[arg(long, value_name = "URL")]
+    object_store: String,
+    /// The segment recovery took last.
+    #[arg(long)]
+    after: String,
+    #[arg(long, default_value_t = 8)]
+    count: usize,
 }
 
 #[derive(Parser, Debug)]
@@ -361,6 +404,7 @@ fn main() -> ExitCode {
                 dest: args.path,
                 data_dir: std::env::current_dir().unwrap_or_default(),
                 object_store: args.object_store,
+                prefetch: args.prefetch,
             };
             // exit 0: restored; 1: missing. Never above 125: that would abort recovery.
             return ExitCode::from(restore::restore(&opts).exit_code());
@@ -371,6 +415,7 @@ fn main() -> ExitCode {
                 pgdata: args.pgdata,
                 pg_bin: args.pg_bin,
                 timeout: Duration::from_secs(args.timeout.max(1)),
+                object_store: args.object_store,
             };
             promote::promote(&opts).map(|r| {
                 println!(
@@ -379,10 +424,37 @@ fn main() -> ExitCode {
                 );
             })
         }
-        Command::Cleanup(args) => cleanup::cleanup(&args.archive, &args.restartpoint).map(|removed| {
+        Command::Cleanup(args) => cleanup::cleanup(&args.archive, &args.restartpoint).and_then(|removed| {
             if !removed.is_empty() {
                 tracing::info!(count = removed.len(), first = %removed[0], last = %removed[removed.len() - 1], "removed segments older than {}", args.restartpoint);
             }
+            let Some(url) = &args.object_store else { return Ok(()) };
+            let seg = archive::ensure_archive(&args.archive)?.wal_segment_size;
+            let store = walship_receiver::store::Store::open(url)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let deleted = runtime()?.block_on(cleanup::cleanup_store(
+                &store,
+                seg,
+                &args.restartpoint,
+                args.keep_days,
+                now,
+            ))?;
+            if !deleted.is_empty() {
+                tracing::info!(count = deleted.len(), first = %deleted[0], last = %deleted[deleted.len() - 1], "deleted from the object store: older than {} and than {} days", args.restartpoint, args.keep_days);
+            }
+            Ok(())
+        }),
+        Command::Prefetch(args) => walship_receiver::store::Store::open(&args.object_store).and_then(|store| {
+            let fetched = runtime()?.block_on(walship_receiver::prefetch::run(
+                &args.archive,
+                &store,
+                &args.after,
+                args.count,
+            ))?;
+            tracing::debug!(fetched, "prefetched after {}", args.after);
+            Ok(())
         }),
         Command::Status(args) => {
             // like a monitoring plugin: 0 ok, 1 warning, 2 critical; an error (not an archive) is 3
@@ -417,4 +489,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A runtime for a one-shot command that talks to the object store.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("start a runtime: {e}"))
 }

@@ -19,6 +19,8 @@ pub struct PromoteOptions {
     /// Directory of `pg_ctl`; default: the running server's own.
     pub pg_bin: Option<PathBuf>,
     pub timeout: Duration,
+    /// The archive's object store (a standby restoring from it).
+    pub object_store: Option<String>,
 }
 
 /// How the standby recovers.
@@ -144,6 +146,24 @@ fn newest_timeline(pgdata: &Path) -> Option<(TimelineId, Lsn)> {
 
 pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
     let deadline = Instant::now() + opts.timeout;
+    // a standby restoring from the store: the local directory takes the store's identity (if it has none
+    // yet), and the store says which timeline ends the archive
+    let stored_timeline = match &opts.object_store {
+        Some(url) => {
+            let store = crate::store::Store::open(url)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("start a runtime for the object store")?;
+            rt.block_on(async {
+                match store.adopt_identity(&opts.archive).await? {
+                    Some(id) => store.newest_timeline(id.wal_segment_size).await,
+                    None => Ok(None),
+                }
+            })?
+        }
+        None => None,
+    };
     // nothing is written anywhere before the archive and the standby are known to be what they claim
     ensure_archive(&opts.archive)?;
     let pid = postmaster_pid(&opts.pgdata).with_context(|| {
@@ -170,7 +190,7 @@ pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
         }
     }
 
-    let request = Failover::request(&opts.archive, &opts.pgdata)?;
+    let request = Failover::request(&opts.archive, &opts.pgdata, stored_timeline)?;
     eprintln!(
         "walship: failover of timeline {} triggered; waiting for recovery to take the end of the archive",
         request.timeline

@@ -24,7 +24,7 @@ use tracing::{debug, error, info, warn};
 use walship_protocol::wal::{segment_file_name, SegNo, WalFileName, LONG_PAGE_HEADER};
 use walship_protocol::{Lsn, TimelineId, WalSegSize};
 
-use crate::archive::{list_segments, Identity};
+use crate::archive::{list_segments, ArchivedSegment, Identity};
 
 pub use crate::archive::{Failover, Handover, FAILOVER_FILE};
 
@@ -48,6 +48,9 @@ pub struct RestoreOptions {
     pub data_dir: PathBuf,
     /// The archive's object store: complete segments and history files missing locally are taken from it.
     pub object_store: Option<String>,
+    /// With a store: how many of the next segments a background process fetches ahead into
+    /// `<archive>/prefetch/` while recovery replays (0: none).
+    pub prefetch: usize,
 }
 
 /// File `name` from the object store of `opts`, decompressed and checked; `None` without a store or when
@@ -226,11 +229,16 @@ fn attempt(opts: &RestoreOptions) -> Result<Option<Outcome>> {
             opts.archive.display()
         );
     }
-    let mut identity = Identity::load(&opts.archive)?;
-    if identity.is_none() {
-        // a new standby's empty local directory: the store says whose WAL it holds
-        identity = with_store(opts, |store| async move { store.identity().await })?.flatten();
-    }
+    // a new standby's empty local directory takes the store's identity: the store says whose WAL it holds,
+    // and `promote`, `status` and a receiver started there later see whose archive it is
+    let identity = match Identity::load(&opts.archive)? {
+        Some(id) => Some(id),
+        None => with_store(opts, |store| {
+            let dir = opts.archive.clone();
+            async move { store.adopt_identity(&dir).await }
+        })?
+        .flatten(),
+    };
     let seg = identity
         .map(|i| i.wal_segment_size)
         .unwrap_or(WalSegSize::DEFAULT);
@@ -320,19 +328,10 @@ fn segment(
             return Ok(Some(Outcome::Restored));
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if let Some(bytes) = from_store(opts, &name)? {
-                write_dest(opts, &bytes)?;
-                let checked = File::open(&opts.dest)
-                    .map_err(anyhow::Error::new)
-                    .and_then(|f| validate_complete(&f, id, timeline, segno));
-                if let Err(e) = checked {
-                    let _ = fs::remove_file(&opts.dest);
-                    return Err(
-                        e.context(format!("segment {name} from the object store is damaged"))
-                    );
+            if opts.object_store.is_some() {
+                if let Some(outcome) = from_spool_or_store(opts, id, timeline, segno)? {
+                    return Ok(Some(outcome));
                 }
-                info!(file = %name, "restored from the object store");
-                return Ok(Some(Outcome::Restored));
             }
         }
         Err(e) => return Err(e).with_context(|| format!("open {}", complete.display())),
@@ -393,25 +392,54 @@ fn never_arrives(
     timeline: TimelineId,
     segno: SegNo,
 ) -> Result<bool> {
-    if !newer_wal(opts, seg, timeline, segno)? {
+    let all = segments_after(opts, seg, timeline, segno)?;
+    let newer = all
+        .iter()
+        .any(|s| (s.timeline == timeline && s.segno > segno) || s.timeline > timeline);
+    if !newer {
         return Ok(false);
     }
     let name = segment_file_name(timeline, segno, seg);
-    let arrived =
-        opts.archive.join(&name).exists() || opts.archive.join(format!("{name}.partial")).exists();
+    let arrived = all
+        .iter()
+        .any(|s| (s.timeline, s.segno) == (timeline, segno))
+        || opts.archive.join(&name).exists()
+        || opts.archive.join(format!("{name}.partial")).exists();
     Ok(!arrived)
 }
 
-/// Whether the archive holds WAL after `segno` of `timeline`, or of a newer timeline.
-fn newer_wal(
+/// The archive's segments (the local directory's, and the store's from `segno` of `timeline` on), sorted.
+fn segments_after(
     opts: &RestoreOptions,
     seg: WalSegSize,
     timeline: TimelineId,
     segno: SegNo,
-) -> Result<bool> {
-    Ok(list_segments(&opts.archive, seg)?
-        .iter()
-        .any(|s| (s.timeline == timeline && s.segno > segno) || s.timeline > timeline))
+) -> Result<Vec<ArchivedSegment>> {
+    let mut all = list_segments(&opts.archive, seg)?;
+    let from = segment_file_name(timeline, segno.saturating_sub(1), seg);
+    if let Some(stored) = with_store(opts, |store| async move { store.list(&from).await })? {
+        for f in stored {
+            let (timeline, segno, complete) = match WalFileName::parse(&f.name, seg) {
+                Ok(WalFileName::Segment { timeline, segno }) => (timeline, segno, true),
+                Ok(WalFileName::Partial { timeline, segno }) => (timeline, segno, false),
+                _ => continue,
+            };
+            match all
+                .iter_mut()
+                .find(|s| (s.timeline, s.segno) == (timeline, segno))
+            {
+                Some(s) => s.complete |= complete,
+                None => all.push(ArchivedSegment {
+                    timeline,
+                    segno,
+                    complete,
+                    size: 0,
+                }),
+            }
+        }
+        all.sort_by_key(|s| (s.timeline, s.segno));
+    }
+    Ok(all)
 }
 
 /// Whether `segno` of `timeline` is where the archive ends (the next segment after the newest complete one).
@@ -421,7 +449,7 @@ fn archive_ends_before(
     timeline: TimelineId,
     segno: SegNo,
 ) -> Result<bool> {
-    let segments = list_segments(&opts.archive, seg)?;
+    let segments = segments_after(opts, seg, timeline, segno)?;
     Ok(
         match segments.iter().rev().find(|s| s.timeline == timeline) {
             Some(last) => last.complete && last.segno + 1 == segno,
@@ -443,10 +471,22 @@ fn check_first_page(f: &File, id: &Identity, timeline: TimelineId, segno: SegNo)
     let mut page = [0u8; LONG_PAGE_HEADER];
     f.read_exact_at(&mut page, 0)
         .context("read the first page header")?;
+    check_page_header(&page, id, timeline, segno)
+}
+
+fn check_page_header(page: &[u8], id: &Identity, timeline: TimelineId, segno: SegNo) -> Result<()> {
+    anyhow::ensure!(
+        page.len() >= LONG_PAGE_HEADER,
+        "{} bytes, shorter than a page header",
+        page.len()
+    );
     let exp = id
         .page_expectation(timeline)
         .with_context(|| format!("PostgreSQL {} is not supported", id.pg_major()))?;
-    exp.check(&page, id.wal_segment_size.segment_start(segno))?;
+    exp.check(
+        &page[..LONG_PAGE_HEADER],
+        id.wal_segment_size.segment_start(segno),
+    )?;
     Ok(())
 }
 
@@ -461,7 +501,9 @@ fn hand_over_partial(
 ) -> Result<Option<u64>> {
     let f = match File::open(partial) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return hand_over_stored_partial(opts, id, timeline, segno)
+        }
         Err(e) => return Err(e).with_context(|| format!("open {}", partial.display())),
     };
     let len = f.metadata().context("stat partial segment")?.len();
@@ -477,12 +519,7 @@ fn hand_over_partial(
     // hand over only what is on disk: what a crashed receiver left in the page cache is made durable first
     f.sync_data()
         .with_context(|| format!("fsync {}", partial.display()))?;
-    if !opts.allow_archive_mode_always && archive_mode_always(&opts.data_dir) {
-        bail!(
-            "this standby runs with archive_mode = always: it would archive the zero-padded partial segment under the \
-             real segment name. Set archive_mode to on or off on the standby, or pass --allow-archive-mode-always"
-        );
-    }
+    refuse_archive_mode_always(opts)?;
     let tmp_dest = &opts.dest;
     let mut out = OpenOptions::new()
         .write(true)
@@ -498,6 +535,104 @@ fn hand_over_partial(
         .with_context(|| format!("pad {} to {} bytes", tmp_dest.display(), seg.as_u64()))?;
     info!(file = %partial.display(), bytes = copied, "handed the partial segment to recovery, zero-padded");
     Ok(Some(copied))
+}
+
+/// Complete segment `segno` from the prefetch spool or the object store, checked, at `%p`; starts the
+/// prefetcher for the segments after it. `None` when the store does not hold it.
+fn from_spool_or_store(
+    opts: &RestoreOptions,
+    id: &Identity,
+    timeline: TimelineId,
+    segno: SegNo,
+) -> Result<Option<Outcome>> {
+    let name = segment_file_name(timeline, segno, id.wal_segment_size);
+    let checked_dest = || -> Result<()> {
+        let f = File::open(&opts.dest).with_context(|| format!("open {}", opts.dest.display()))?;
+        validate_complete(&f, id, timeline, segno)
+    };
+    let spooled = crate::prefetch::spool(&opts.archive).join(&name);
+    let mut source = "the object store";
+    match fs::copy(&spooled, &opts.dest) {
+        Ok(_) => match checked_dest() {
+            Ok(()) => source = "the object store (prefetched)",
+            Err(e) => {
+                warn!(file = %name, "prefetched copy is damaged ({e:#}); taking it from the store again");
+                let _ = fs::remove_file(&opts.dest);
+                from_store_to_dest(opts, &name)?;
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if !from_store_to_dest(opts, &name)? {
+                return Ok(None);
+            }
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("copy {} to {}", spooled.display(), opts.dest.display()))
+        }
+    }
+    let _ = fs::remove_file(&spooled);
+    if let Err(e) = checked_dest() {
+        let _ = fs::remove_file(&opts.dest);
+        return Err(e.context(format!("segment {name} from the object store is damaged")));
+    }
+    info!(file = %name, "restored from {source}");
+    if let Some(url) = &opts.object_store {
+        crate::prefetch::start(&opts.archive, url, &name, opts.prefetch);
+    }
+    Ok(Some(Outcome::Restored))
+}
+
+/// Writes file `name` from the store to `%p`; `false` when the store does not hold it.
+fn from_store_to_dest(opts: &RestoreOptions, name: &str) -> Result<bool> {
+    match from_store(opts, name)? {
+        Some(bytes) => write_dest(opts, &bytes).map(|()| true),
+        None => Ok(false),
+    }
+}
+
+/// The store's copy of the partial segment (the receiver uploads its durable part every
+/// `--partial-upload-interval` and at shutdown), zero-padded to `%p`: the end of the archive when the
+/// receiver's host is lost. Returns the bytes handed over, `None` when the store has no partial either.
+fn hand_over_stored_partial(
+    opts: &RestoreOptions,
+    id: &Identity,
+    timeline: TimelineId,
+    segno: SegNo,
+) -> Result<Option<u64>> {
+    let seg = id.wal_segment_size;
+    let name = format!("{}.partial", segment_file_name(timeline, segno, seg));
+    let Some(bytes) = from_store(opts, &name)? else {
+        return Ok(None);
+    };
+    if (bytes.len() as u64) < LONG_PAGE_HEADER as u64 {
+        return Ok(None);
+    }
+    if bytes.len() as u64 > seg.as_u64() {
+        bail!(
+            "{name} in the object store has {} bytes, more than a segment",
+            bytes.len()
+        );
+    }
+    check_page_header(&bytes, id, timeline, segno)
+        .with_context(|| format!("partial segment {name} in the object store is damaged"))?;
+    refuse_archive_mode_always(opts)?;
+    let mut padded = bytes;
+    let len = padded.len() as u64;
+    padded.resize(seg.as_u64() as usize, 0);
+    write_dest(opts, &padded)?;
+    info!(file = %name, bytes = len, "handed the partial segment from the object store to recovery, zero-padded");
+    Ok(Some(len))
+}
+
+fn refuse_archive_mode_always(opts: &RestoreOptions) -> Result<()> {
+    if !opts.allow_archive_mode_always && archive_mode_always(&opts.data_dir) {
+        bail!(
+            "this standby runs with archive_mode = always: it would archive the zero-padded partial segment under the \
+             real segment name. Set archive_mode to on or off on the standby, or pass --allow-archive-mode-always"
+        );
+    }
+    Ok(())
 }
 
 fn handover_segno(h: &Handover, seg: WalSegSize) -> Option<SegNo> {
@@ -617,6 +752,7 @@ mod tests {
             dest: dir.path().join("out"),
             data_dir: dir.path().to_owned(),
             object_store: None,
+            prefetch: 0,
         };
         // what a listing sees just after the receiver renamed segment 3 and started 4
         fs::write(dir.path().join("000000010000000000000004.partial"), b"x").unwrap();

@@ -40,6 +40,17 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// One archive file in the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredFile {
+    /// The archive file's name (`000000010000000000000003`, `…03.partial`, `00000002.history`).
+    pub name: String,
+    /// Compressed size.
+    pub size: u64,
+    /// When it was stored (seconds since the epoch).
+    pub modified_unix: i64,
+}
+
 /// What [`Store::put_once`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Put {
@@ -192,6 +203,75 @@ impl Store {
         Ok(())
     }
 
+    /// The archive files in the store whose names sort after `after` (all of them for ""), in name order,
+    /// without the `.zst` of their objects. Objects that are not archive files are left out.
+    pub async fn list(&self, after: &str) -> Result<Vec<StoredFile>> {
+        use futures::TryStreamExt;
+        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
+        let listing = if after.is_empty() {
+            self.inner.list(prefix)
+        } else {
+            self.inner.list_with_offset(prefix, &self.path(after))
+        };
+        let metas: Vec<object_store::ObjectMeta> = listing
+            .try_collect()
+            .await
+            .with_context(|| format!("list {}", self.url))?;
+        let mut files: Vec<StoredFile> = metas
+            .into_iter()
+            .filter_map(|m| {
+                let name = m.location.filename()?.strip_suffix(".zst")?.to_owned();
+                // only objects directly under the prefix
+                (m.location == self.path(&Self::object_name(&name)) && name.as_str() > after).then(
+                    || StoredFile {
+                        name,
+                        size: m.size,
+                        modified_unix: m.last_modified.timestamp(),
+                    },
+                )
+            })
+            .collect();
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(files)
+    }
+
+    /// The newest timeline of which the store holds a segment or partial.
+    pub async fn newest_timeline(
+        &self,
+        seg: walship_protocol::WalSegSize,
+    ) -> Result<Option<walship_protocol::TimelineId>> {
+        use walship_protocol::wal::WalFileName;
+        Ok(self
+            .list("")
+            .await?
+            .iter()
+            .filter_map(|f| match WalFileName::parse(&f.name, seg) {
+                Ok(
+                    WalFileName::Segment { timeline, .. } | WalFileName::Partial { timeline, .. },
+                ) => Some(timeline),
+                _ => None,
+            })
+            .max())
+    }
+
+    /// The local directory's identity; a directory without one (a new standby's) takes the store's.
+    pub async fn adopt_identity(&self, dir: &std::path::Path) -> Result<Option<Identity>> {
+        if let Some(id) = Identity::load(dir)? {
+            return Ok(Some(id));
+        }
+        let Some(id) = self.identity().await? else {
+            return Ok(None);
+        };
+        crate::archive::write_atomically(dir, crate::archive::ID_FILE, id.render().as_bytes())?;
+        tracing::info!(
+            system_identifier = id.system_identifier,
+            "the archive {} takes the identity of the object store {}",
+            dir.display(),
+            self.url
+        );
+        Ok(Some(id))
+    }
+
     pub async fn delete(&self, file: &str) -> Result<()> {
         match self
             .inner
@@ -325,6 +405,27 @@ mod tests {
             raw
         );
         assert_eq!(store.get("000000010000000000000002").await.unwrap(), None);
+        store
+            .put_once("000000010000000000000003", &raw)
+            .await
+            .unwrap();
+        store
+            .put_replace("000000010000000000000004.partial", &raw)
+            .await
+            .unwrap();
+        let names = |files: Vec<StoredFile>| files.into_iter().map(|f| f.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(store.list("").await.unwrap()),
+            [
+                "000000010000000000000001",
+                "000000010000000000000003",
+                "000000010000000000000004.partial"
+            ]
+        );
+        assert_eq!(
+            names(store.list("000000010000000000000003").await.unwrap()),
+            ["000000010000000000000004.partial"]
+        );
         // a damaged object is an error, not WAL
         let object = dir.path().join("000000010000000000000001.zst");
         let mut bytes = std::fs::read(&object).unwrap();

@@ -19,13 +19,13 @@ fn failover_state_is_keyed_by_timeline_and_the_handover_survives_a_failure() {
     // promote/restore refuse what is not an archive, and write nothing into it
     let not_archive = tmp.path().join("plain");
     fs::create_dir(&not_archive).unwrap();
-    let err = Failover::request(&not_archive, tmp.path()).unwrap_err();
+    let err = Failover::request(&not_archive, tmp.path(), None).unwrap_err();
     assert!(
         format!("{err:#}").contains("not a walship archive"),
         "{err:#}"
     );
     assert!(!not_archive.join(FAILOVER_FILE).exists());
-    let err = Failover::request(&tmp.path().join("missing"), tmp.path()).unwrap_err();
+    let err = Failover::request(&tmp.path().join("missing"), tmp.path(), None).unwrap_err();
     assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
 
     let dir = tmp.path().join("archive");
@@ -36,7 +36,7 @@ fn failover_state_is_keyed_by_timeline_and_the_handover_survives_a_failure() {
     append_confirmed(&mut a, 1, Lsn(start), &data);
     a.sync(1).unwrap();
 
-    let state = Failover::request(&dir, tmp.path()).unwrap();
+    let state = Failover::request(&dir, tmp.path(), None).unwrap();
     assert_eq!(state.timeline, 1);
     let name = segment_file_name(1, 3, identity().wal_segment_size);
     let dest = tmp.path().join("RECOVERYXLOG");
@@ -50,6 +50,7 @@ fn failover_state_is_keyed_by_timeline_and_the_handover_survives_a_failure() {
         dest: dest.clone(),
         data_dir: tmp.path().to_owned(),
         object_store: None,
+        prefetch: 0,
     };
 
     // the call fails after writing %p but before recording: recovery is told "missing", nothing recorded
@@ -90,6 +91,9 @@ fn failover_state_is_keyed_by_timeline_and_the_handover_survives_a_failure() {
     fs::write(dir.join(FAILOVER_FILE), serde_json::to_vec(&state).unwrap()).unwrap();
     assert_eq!(Failover::load(&dir).unwrap(), None);
     // a new failover is of timeline 2
-    assert_eq!(Failover::request(&dir, tmp.path()).unwrap().timeline, 2);
+    assert_eq!(
+        Failover::request(&dir, tmp.path(), None).unwrap().timeline,
+        2
+    );
     scenario.teardown();
 }

@@ -116,4 +116,18 @@ impl S3Server {
     pub fn object(&self, key: &str) -> Option<Vec<u8>> {
         std::fs::read(self.root.join(BUCKET).join(key)).ok()
     }
+
+    /// The names of the objects directly under `prefix`, sorted.
+    pub fn objects(&self, prefix: &str) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.root.join(BUCKET).join(prefix))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_file())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
 }

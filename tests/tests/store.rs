@@ -6,11 +6,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use walship_protocol::wal::segment_file_name;
-use walship_protocol::WalSegSize;
+use walship_protocol::wal::{segment_file_name, WalFileName};
+use walship_protocol::{Lsn, WalSegSize};
+use walship_tests::archive::archive_end;
 use walship_tests::cluster::{run_ok, WAIT};
+use walship_tests::ledger::{verdict, Ledger};
 use walship_tests::s3::S3Server;
-use walship_tests::scenario::{stage, Stage};
+use walship_tests::scenario::{stage, wait_drained, Stage};
 use walship_tests::{wait_for, Cluster, InitOptions, Walship};
 
 fn decompress(bytes: &[u8]) -> Vec<u8> {
@@ -157,19 +159,19 @@ async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it() {
     let first = segment_file_name(1, 1, seg);
     assert!(!archive.join(&first).exists(), "cleanup kept {first}");
     let dest = dir.path().join("restored");
-    let restore = |with_store: bool| {
+    let restore = |name: &str, with_store: bool| {
         let mut cmd = Command::new(walship.path(Walship::RECEIVER));
         cmd.args(["restore", "--archive"]).arg(&archive);
         if with_store {
             cmd.args(["--object-store", &url]);
         }
-        cmd.arg(&first).arg(&dest).envs(env.iter().copied());
+        cmd.arg(name).arg(&dest).envs(env.iter().copied());
         walship_tests::env::as_db_user(&mut cmd)
             .output()
             .expect("run restore")
     };
-    assert_eq!(restore(false).status.code(), Some(1));
-    let out = restore(true);
+    assert_eq!(restore(&first, false).status.code(), Some(1));
+    let out = restore(&first, true);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -179,6 +181,26 @@ async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it() {
     assert!(
         std::fs::read(&dest).unwrap() == std::fs::read(primary.wal_dir().join(&first)).unwrap(),
         "{first} restored from the store differs from pg_wal"
+    );
+    // meanwhile the next segments were fetched ahead into the spool; the next restore takes its copy
+    let second = segment_file_name(1, 2, seg);
+    assert!(!archive.join(&second).exists(), "cleanup kept {second}");
+    let spooled = archive.join("prefetch").join(&second);
+    wait_for(&format!("{second} prefetched"), WAIT, || async {
+        spooled.exists().then_some(())
+    })
+    .await;
+    let out = restore(&second, true);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(said.contains("prefetched"), "{said}");
+    assert!(
+        std::fs::read(&dest).unwrap() == std::fs::read(primary.wal_dir().join(&second)).unwrap(),
+        "{second} restored from the prefetch spool differs from pg_wal"
+    );
+    assert!(
+        !spooled.exists(),
+        "the spool keeps {second} after handing it over"
     );
 
     // a second cluster on the same prefix: its receiver takes the store's identity, its sender is refused
@@ -209,4 +231,153 @@ async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it() {
         log.contains(&ours),
         "the refusal does not name the store's cluster:\n{log}"
     );
+}
+
+/// Where the store's WAL of timeline 1 ends: the last complete segment's end, or its partial's.
+fn store_end(s3: &S3Server, prefix: &str, seg: WalSegSize) -> Lsn {
+    let mut end = Lsn(0);
+    for object in s3.objects(prefix) {
+        let Some(name) = object.strip_suffix(".zst") else {
+            continue;
+        };
+        let here = match WalFileName::parse(name, seg) {
+            Ok(WalFileName::Segment { timeline: 1, segno }) => seg.segment_start(segno + 1),
+            Ok(WalFileName::Partial { timeline: 1, segno }) => {
+                let Some(bytes) = s3.object(&format!("{prefix}/{object}")) else {
+                    continue;
+                };
+                Lsn(seg.segment_start(segno).0 + decompress(&bytes).len() as u64)
+            }
+            _ => continue,
+        };
+        end = end.max(here);
+    }
+    end
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over() {
+    let Stage {
+        dir,
+        mut primary,
+        archive,
+        certs,
+        walship,
+    } = stage("store-failover", &InitOptions::default());
+    let s3 = S3Server::start(&dir, "s3");
+    let env = s3.env();
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let url = s3.url("cluster");
+    let seg = WalSegSize::DEFAULT;
+    let mut receiver = walship.receiver_with(
+        &dir,
+        &archive,
+        &certs,
+        0,
+        &["--object-store", &url, "--partial-upload-interval", "1"],
+        &env_refs,
+    );
+    let mut sender = walship.sender(
+        &dir,
+        &primary.conninfo(),
+        receiver.port,
+        &certs,
+        &certs,
+        &[],
+    );
+    sender.wait_for_log("streaming", WAIT);
+    let mut standby = primary.base_backup(&dir, "standby");
+
+    run_ok(&mut primary.pgbench(&["-i", "-s", "2", "-q"]));
+    let ledger = Ledger::start(&primary).await;
+    run_ok(&mut primary.pgbench(&["-c", "2", "-j", "2", "-T", "3", "-n"]));
+    wait_for("ledger rows", WAIT, || async {
+        (ledger.acknowledged().len() > 200).then_some(())
+    })
+    .await;
+    // postgres crashes: the sender ships the rest of pg_wal to the archive
+    primary.kill9();
+    let rows = ledger.finish().await;
+    wait_drained(&mut sender);
+    let end = archive_end(&archive, seg, 1).expect("the archive's end");
+    // the uploader brings the store to the archive's end: complete segments, then the partial's durable part
+    // (every --partial-upload-interval, with no shutdown)
+    wait_for(&format!("the store to reach {end}"), WAIT, || async {
+        (store_end(&s3, "cluster", seg) >= end).then_some(())
+    })
+    .await;
+    // the standby's host is lost, with its receiver and its archive
+    sender.kill9();
+    receiver.kill9();
+    std::fs::remove_dir_all(&archive).expect("remove the lost archive");
+
+    // a new standby from the base backup, its local directory empty: everything comes from the store
+    let local = dir.subdir("new-archive");
+    walship_tests::env::chown_to_db_user(&local);
+    let env_prefix: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let receiver_bin = walship.path(Walship::RECEIVER);
+    standby.configure_recovery(
+        &format!(
+            "env {} {} restore --archive {} --object-store {url} %f %p",
+            env_prefix.join(" "),
+            receiver_bin.display(),
+            local.display()
+        ),
+        true,
+        &["wal_retrieve_retry_interval = '200ms'"],
+    );
+    standby.start_no_wait();
+    // a hot standby that replayed the store's WAL up to its consistent point
+    wait_for("the new standby to accept connections", WAIT, || async {
+        standby.try_connect().await.map(|_| ())
+    })
+    .await;
+    let out = run_ok(
+        Command::new(&receiver_bin)
+            .arg("promote")
+            .arg("--archive")
+            .arg(&local)
+            .args(["--object-store", &url])
+            .arg("--pgdata")
+            .arg(&standby.data)
+            .args(["--timeout", "120"])
+            .envs(env_refs.iter().copied()),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{}", text.trim());
+    let handover =
+        std::fs::read_to_string(local.join("walship.failover")).expect("the handover record");
+    assert!(
+        handover.contains(&end.to_string()),
+        "recovery took WAL up to another position than the store's end {end}: {handover}"
+    );
+    let log = standby.log_text();
+    assert!(
+        log.contains("restored from the object store")
+            && log.contains("handed the partial segment from the object store to recovery"),
+        "the standby's log does not show recovery from the store:\n{log}"
+    );
+
+    // the ledger check: every acknowledged row the store held is present on the promoted standby
+    let promoted = standby.connect().await;
+    let v = verdict(&rows, end, &promoted).await;
+    println!(
+        "acknowledged {}, held by the store (LSN <= {end}) {}, present after failover {}, lost beyond {}",
+        v.acknowledged, v.covered, v.present, v.lost_beyond
+    );
+    assert!(
+        v.missing_covered.is_empty(),
+        "acknowledged rows the store held are missing: {:?}",
+        v.missing_covered
+    );
+    assert_eq!(v.lost_beyond, 0, "{v:?}");
+    assert!(v.covered > 100, "{v:?}");
+    promoted
+        .execute("INSERT INTO ledger (id) VALUES (-1)", &[])
+        .await
+        .expect("write on the promoted standby");
 }
