@@ -190,6 +190,9 @@ struct StatusArgs {
     /// No sender connected for longer than this many seconds is CRITICAL (shorter: WARNING).
     #[arg(long, default_value_t = 60.0)]
     crit_no_sender: f64,
+    /// Also list what the archive's object store holds (segments, the partial, size).
+    #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
+    object_store: Option<String>,
 }
 
 /// A switch.
@@ -464,6 +467,13 @@ fn main() -> ExitCode {
                 crit_no_sender_seconds: args.crit_no_sender,
             };
             let printed = status::report(&args.archive).and_then(|mut r| {
+                if let Some(url) = &args.object_store {
+                    let store = walship_receiver::store::Store::open(url)?;
+                    let seg = archive::Identity::load(&args.archive)?
+                        .map_or(walship_protocol::WalSegSize::DEFAULT, |id| id.wal_segment_size);
+                    r.store_contents =
+                        Some(runtime()?.block_on(status::StoreContents::list(&store, seg)));
+                }
                 let code = r.judge(&thresholds).code;
                 if args.json {
                     println!("{}", serde_json::to_string_pretty(&r)?);

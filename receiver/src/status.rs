@@ -224,9 +224,61 @@ pub struct Report {
     pub store: Option<String>,
     pub store_uploaded_up_to: Option<String>,
     pub store_waiting_segments: Option<usize>,
+    /// What the store holds (`status --object-store`).
+    #[serde(default)]
+    pub store_contents: Option<StoreContents>,
     /// The monitoring verdict (see [`Thresholds`]); `None` until [`Report::judge`] ran.
     #[serde(default)]
     pub verdict: Option<Verdict>,
+}
+
+/// What the object store holds, listed by `status --object-store`.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct StoreContents {
+    pub url: String,
+    pub complete_segments: usize,
+    pub oldest_segment: Option<String>,
+    pub newest_segment: Option<String>,
+    /// The partial segment object (the durable tail, uploaded every `--partial-upload-interval`).
+    pub partial: Option<String>,
+    pub history_files: usize,
+    /// Compressed bytes of all its files.
+    pub bytes: u64,
+    /// Why the store could not be listed.
+    pub error: Option<String>,
+}
+
+impl StoreContents {
+    /// Lists `store` (an unreachable store is reported, not an error: the local archive is still there).
+    pub async fn list(
+        store: &crate::store::Store,
+        seg: walship_protocol::WalSegSize,
+    ) -> StoreContents {
+        use walship_protocol::wal::WalFileName;
+        let mut c = StoreContents {
+            url: store.url().to_owned(),
+            ..Default::default()
+        };
+        match store.list("").await {
+            Ok(files) => {
+                for f in files {
+                    c.bytes += f.size;
+                    match WalFileName::parse(&f.name, seg) {
+                        Ok(WalFileName::Segment { .. }) => {
+                            c.complete_segments += 1;
+                            c.oldest_segment.get_or_insert_with(|| f.name.clone());
+                            c.newest_segment = Some(f.name);
+                        }
+                        Ok(WalFileName::Partial { .. }) => c.partial = Some(f.name),
+                        Ok(WalFileName::History { .. }) => c.history_files += 1,
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) => c.error = Some(format!("{e:#}")),
+        }
+        c
+    }
 }
 
 /// A lag threshold: bytes behind the primary's flush position, or seconds the archive has been behind.
@@ -392,6 +444,7 @@ pub fn report(dir: &Path) -> anyhow::Result<Report> {
         store: None,
         store_uploaded_up_to: None,
         store_waiting_segments: None,
+        store_contents: None,
         verdict: None,
     };
     let uploads = crate::upload::read_state(dir);
@@ -545,6 +598,21 @@ impl std::fmt::Display for Report {
                 self.store_waiting_segments.unwrap_or(0)
             )?;
         }
+        if let Some(c) = &self.store_contents {
+            match &c.error {
+                Some(e) => writeln!(f, "object store:       {}: cannot list it: {e}", c.url)?,
+                None => writeln!(
+                    f,
+                    "store holds:        {} complete segments ({} to {}), partial {}, {} history files, {:.1} MB compressed",
+                    c.complete_segments,
+                    c.oldest_segment.as_deref().unwrap_or("-"),
+                    c.newest_segment.as_deref().unwrap_or("-"),
+                    c.partial.as_deref().unwrap_or("none"),
+                    c.history_files,
+                    c.bytes as f64 / 1e6
+                )?,
+            }
+        }
         if self.failover_triggered {
             writeln!(f, "failover:           triggered")?;
         }
@@ -597,6 +665,7 @@ mod tests {
             store: None,
             store_uploaded_up_to: None,
             store_waiting_segments: None,
+            store_contents: None,
             verdict: None,
         }
     }

@@ -203,6 +203,41 @@ async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it() {
         "the spool keeps {second} after handing it over"
     );
 
+    // status lists what the store holds (exit 1: no sender is connected any more)
+    let status = Command::new(walship.path(Walship::RECEIVER))
+        .args(["status", "--archive"])
+        .arg(&archive)
+        .args(["--object-store", &url])
+        .envs(env.iter().copied())
+        .output()
+        .expect("run status");
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    println!("{status}");
+    assert!(
+        status.contains("complete segments (000000010000000000000001 to"),
+        "{status}"
+    );
+    // retention in the store: nothing stored less than --keep-days ago goes; with 0 days, what %r no longer
+    // needs goes (history files and the identity stay)
+    let third = segment_file_name(1, 3, seg);
+    let clean_store = |days: &str| {
+        run_ok(
+            Command::new(walship.path(Walship::RECEIVER))
+                .args(["cleanup", "--archive"])
+                .arg(&archive)
+                .args(["--object-store", &url, "--keep-days", days])
+                .arg(&third)
+                .envs(env.iter().copied()),
+        )
+    };
+    clean_store("7");
+    assert!(s3.object(&format!("cluster-a/{first}.zst")).is_some());
+    clean_store("0");
+    assert!(s3.object(&format!("cluster-a/{first}.zst")).is_none());
+    assert!(s3.object(&format!("cluster-a/{second}.zst")).is_none());
+    assert!(s3.object(&format!("cluster-a/{third}.zst")).is_some());
+    assert!(s3.object("cluster-a/walship.id").is_some());
+
     // a second cluster on the same prefix: its receiver takes the store's identity, its sender is refused
     let mut other = Cluster::init(&dir, "other", &InitOptions::default());
     other.start();
