@@ -8,10 +8,13 @@
 //! 2. `catchup`: a WAL backlog built while the shipper is stopped, then the time until the target holds all of
 //!    it (MB/s), CPU seconds per GB of every process involved, and the raw ceilings of this machine.
 //! 3. `overhead`: pgbench TPS on the primary with and without the shipper.
+//! 4. `crash`, `hostdeath`: acknowledged commits lost when postgres crashes, or the primary's host dies.
+//! 5. `compression`: zstd on the wire and at rest, and archive recovery from the object store.
 //!
 //! Results are printed as tables with ratios and written as JSON. `--quick` is a one-minute smoke version.
 
 mod catchup;
+mod compression;
 mod crash;
 mod lag;
 mod overhead;
@@ -71,6 +74,7 @@ impl Settings {
                 "overhead".into(),
                 "crash".into(),
                 "hostdeath".into(),
+                "compression".into(),
             ],
             lag_seconds: 30,
             rate_seconds: 20,
@@ -96,17 +100,17 @@ impl Settings {
                 }
                 "--walship-only" => s.walship_only = true,
                 "--json" => s.json = PathBuf::from(args.next().context("--json needs a file")?),
-                "--scenario" => {
-                    s.scenarios = args
-                        .next()
-                        .context("--scenario needs lag, catchup, overhead, crash or hostdeath")?
-                        .split(',')
-                        .map(str::to_owned)
-                        .collect()
-                }
+                "--scenario" => s.scenarios = args
+                    .next()
+                    .context(
+                        "--scenario needs lag, catchup, overhead, crash, hostdeath or compression",
+                    )?
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect(),
                 "-h" | "--help" => {
                     println!(
-                        "walship-bench [--quick] [--scenario lag,catchup,overhead,crash,hostdeath] [--walship-only] [--json FILE]\n\n\
+                        "walship-bench [--quick] [--scenario lag,catchup,overhead,crash,hostdeath,compression] [--walship-only] [--json FILE]\n\n\
                          Benchmarks walship against pg_receivewal and archive_command file shipping on this machine,\n\
                          with PostgreSQL from WALSHIP_PG_BIN or /usr/lib/postgresql/*/bin. --quick runs a short smoke\n\
                          version of every scenario. --walship-only leaves the references out of the lag scenario\n\
@@ -164,6 +168,10 @@ async fn main() -> Result<()> {
             eprintln!("death of the primary's host ...");
             report.host_death = crash::crash_scenario(&settings, crash::Failure::HostDeath).await?;
         }
+        if settings.scenarios.iter().any(|s| s == "compression") {
+            eprintln!("compression and restore from the object store ...");
+            report.compression = Some(compression::compression_scenario(&settings).await?);
+        }
         anyhow::Ok(())
     };
     tokio::select! {
@@ -172,6 +180,9 @@ async fn main() -> Result<()> {
     }
     print_report(&report);
     print_crash(&report);
+    if let Some(c) = &report.compression {
+        compression::print_compression(c);
+    }
     std::fs::write(&settings.json, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("write {}", settings.json.display()))?;
     println!(

@@ -14,6 +14,7 @@ pub(crate) struct Report {
     pub(crate) overhead: Option<OverheadResult>,
     pub(crate) crash: Vec<crash::CrashTrial>,
     pub(crate) host_death: Vec<crash::CrashTrial>,
+    pub(crate) compression: Option<crate::compression::CompressionReport>,
 }
 
 pub(crate) fn machine() -> String {

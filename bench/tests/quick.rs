@@ -67,4 +67,20 @@ fn quick_bench_runs_every_scenario_for_every_tool() {
             "walship lost commits: {t}"
         );
     }
+    let compression = &report["compression"];
+    let wire = compression["wire"].as_array().unwrap();
+    assert!(wire.len() >= 2, "{compression}");
+    for w in wire {
+        assert!(w["wal_mb"].as_f64().unwrap() > 0.0, "{w}");
+        if w["compression"] == "zstd" {
+            assert!(w["ratio"].as_f64().unwrap() > 1.0, "{w}");
+        } else {
+            assert!((w["ratio"].as_f64().unwrap() - 1.0).abs() < 0.01, "{w}");
+        }
+    }
+    let restore = compression["restore"].as_array().unwrap();
+    assert_eq!(restore.len(), 3, "{compression}");
+    for r in restore {
+        assert!(r["segments_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
 }

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod env;
 pub mod ledger;
+pub mod metrics;
 pub mod proxy;
 pub mod s3;
 pub mod scenario;

@@ -2,7 +2,6 @@
 //! line on a wrong CA, an unreachable receiver, a foreign archive and a standby that restores from elsewhere),
 //! the config file shared by `run` and `check`, and `/metrics` agreeing with `status`.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -11,6 +10,7 @@ use walship_protocol::{Lsn, WalSegSize};
 use walship_tests::archive::wait_archived;
 use walship_tests::cluster::WAIT;
 use walship_tests::env::{as_db_user, chown_to_db_user};
+use walship_tests::metrics::{metrics_port, sample, scrape};
 use walship_tests::scenario::{stage, Stage};
 use walship_tests::{wait_for, Cluster, Daemon, InitOptions, TestDir, Walship};
 
@@ -201,36 +201,6 @@ async fn check_passes_on_a_good_pair_and_names_what_is_wrong() {
     assert!(!out.status.success(), "{text}");
     assert!(line(&text, "archive").contains("does not exist"), "{text}");
     receiver.terminate(Duration::from_secs(20));
-}
-
-/// GET /metrics from 127.0.0.1:`port`.
-fn scrape(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .expect("send request");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read metrics");
-    assert!(
-        text.starts_with("HTTP/1.") && text.contains(" 200 "),
-        "{text}"
-    );
-    text
-}
-
-/// The value of the sample `name` (no labels).
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-fn metrics_port(d: &mut Daemon) -> u16 {
-    let l = d.wait_for_log("metrics at http://", WAIT);
-    l.split("http://127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics port in {l:?}"))
 }
 
 fn json_field(json: &str, key: &str) -> Option<String> {
