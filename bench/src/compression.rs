@@ -7,7 +7,7 @@
 //!    of the sender and the receiver.
 //! 2. **At rest**: the same segments compressed as the object store keeps them (zstd level 3, and level 1 for
 //!    comparison) on one core: ratio, MB/s, CPU s/GB.
-//! 3. **Restore**: a pgbench backlog in a real S3-compatible server (s3s-fs, as the tests use); three standbys
+//! 3. **Restore**: a pgbench backlog and a bulk load in a real S3-compatible server (s3s-fs, as the tests use); three standbys
 //!    from one base backup each recover it in archive recovery: from the local archive (replay is the
 //!    limit), from the store alone with prefetch (the default, 8 segments), and from the store without it.
 
@@ -220,7 +220,7 @@ fn at_rest(archive: &Path, wal_compression: &str, level: i32) -> Result<AtRestRe
     })
 }
 
-/// Archive recovery of one pgbench backlog from the local archive, and from the store alone with and without
+/// Archive recovery of one pgbench backlog and bulk load from the local archive, and from the store alone with and without
 /// prefetch.
 async fn restore_speed(settings: &Settings, backlog_seconds: &str) -> Result<Vec<RestoreResult>> {
     let world = World::new("bench-restore", settings).await?;
@@ -258,6 +258,8 @@ async fn restore_speed(settings: &Settings, backlog_seconds: &str) -> Result<Vec
             .primary
             .pgbench(&["-c", "4", "-j", "2", "-T", backlog_seconds, "-n"]),
     );
+    // and a bulk load: enough segments for a steady state
+    make_backlog(&world, if settings.quick { 32 } else { 384 }).await?;
     let end = world.primary.switch_wal(&client).await;
     let seg = world.seg;
     let last = walship_protocol::wal::segment_file_name(1, seg.segno(end) - 1, seg);
@@ -368,7 +370,9 @@ pub(crate) fn print_compression(r: &CompressionReport) {
             a.wal_compression, a.level, a.segments, a.ratio, a.mb_per_s_one_core, a.cpu_s_per_gb
         );
     }
-    println!("\nArchive recovery of a pgbench backlog (one base backup per source)");
+    println!(
+        "\nArchive recovery of a pgbench backlog and a bulk load (one base backup per source)"
+    );
     println!(
         "{:<38} {:>9} {:>9} {:>12}",
         "source", "segments", "seconds", "segments/s"

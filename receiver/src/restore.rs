@@ -328,7 +328,10 @@ fn segment(
             return Ok(Some(Outcome::Restored));
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if opts.object_store.is_some() {
+            // a segment still partial here is not complete in the store either (only complete local segments
+            // are uploaded): no need to ask it on every call while the receiver fills it
+            let receiving = opts.archive.join(format!("{name}.partial")).exists();
+            if opts.object_store.is_some() && !receiving {
                 if let Some(outcome) = from_spool_or_store(opts, id, timeline, segno)? {
                     return Ok(Some(outcome));
                 }
@@ -552,8 +555,10 @@ fn from_spool_or_store(
     };
     let spooled = crate::prefetch::spool(&opts.archive).join(&name);
     let mut source = "the object store";
-    match fs::copy(&spooled, &opts.dest) {
-        Ok(_) => match checked_dest() {
+    // the prefetcher may be downloading this very segment: waiting for it beats downloading it twice
+    crate::prefetch::await_in_flight(&opts.archive, &name, Duration::from_secs(30));
+    match crate::prefetch::take(&opts.archive, &spooled, &opts.dest) {
+        Ok(true) => match checked_dest() {
             Ok(()) => source = "the object store (prefetched)",
             Err(e) => {
                 warn!(file = %name, "prefetched copy is damaged ({e:#}); taking it from the store again");
@@ -561,14 +566,14 @@ fn from_spool_or_store(
                 from_store_to_dest(opts, &name)?;
             }
         },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        Ok(false) => {
             if !from_store_to_dest(opts, &name)? {
                 return Ok(None);
             }
         }
         Err(e) => {
             return Err(e)
-                .with_context(|| format!("copy {} to {}", spooled.display(), opts.dest.display()))
+                .with_context(|| format!("move {} to {}", spooled.display(), opts.dest.display()))
         }
     }
     let _ = fs::remove_file(&spooled);
