@@ -93,8 +93,12 @@ pub(crate) async fn compression_scenario(settings: &Settings) -> Result<Compress
                 .push(at_rest(&archives[0], wal_compression, level)?);
         }
     }
-    report.restore = restore_speed(settings, backlog_seconds).await?;
     Ok(report)
+}
+
+/// Scenario `restore`: archive recovery from the local archive and from the store.
+pub(crate) async fn restore_scenario(settings: &Settings) -> Result<Vec<RestoreResult>> {
+    restore_speed(settings, if settings.quick { "3" } else { "20" }).await
 }
 
 /// Bytes on the wire and WAL bytes the receiver of `metrics` has counted.
@@ -326,6 +330,38 @@ async fn restore_speed(settings: &Settings, backlog_seconds: &str) -> Result<Vec
             segments_per_s: segments as f64 / seconds,
         });
     }
+    // the restore calls alone, one after the other as recovery makes them, with no replay to share the CPU
+    let local = world.dir.subdir("empty-calls");
+    walship_tests::env::chown_to_db_user(&local);
+    let dest = local.join("RECOVERYXLOG");
+    let first = seg.segno(from);
+    let started = Instant::now();
+    for segno in first..first + segments {
+        let name = walship_protocol::wal::segment_file_name(1, segno, seg);
+        let mut cmd = Command::new(&receiver_bin);
+        cmd.args(["restore", "--archive"])
+            .arg(&local)
+            .args(["--object-store", &url])
+            .arg(&name)
+            .arg(&dest)
+            .envs(env_refs.iter().copied());
+        // its output is not captured: the prefetcher it starts keeps stderr open (PostgreSQL waits for the
+        // command's exit only)
+        let status = as_db_user(&mut cmd)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("restore {name} from the store failed ({status}); run it by hand to see why");
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    results.push(RestoreResult {
+        source: "object store, restore calls alone (no replay)".into(),
+        segments,
+        seconds,
+        segments_per_s: segments as f64 / seconds,
+    });
     drop(receiver);
     Ok(results)
 }
@@ -374,12 +410,12 @@ pub(crate) fn print_compression(r: &CompressionReport) {
         "\nArchive recovery of a pgbench backlog and a bulk load (one base backup per source)"
     );
     println!(
-        "{:<38} {:>9} {:>9} {:>12}",
+        "{:<46} {:>9} {:>9} {:>12}",
         "source", "segments", "seconds", "segments/s"
     );
     for x in &r.restore {
         println!(
-            "{:<38} {:>9} {:>9.2} {:>12.2}",
+            "{:<46} {:>9} {:>9.2} {:>12.2}",
             x.source, x.segments, x.seconds, x.segments_per_s
         );
     }

@@ -9,7 +9,7 @@
 //!    it (MB/s), CPU seconds per GB of every process involved, and the raw ceilings of this machine.
 //! 3. `overhead`: pgbench TPS on the primary with and without the shipper.
 //! 4. `crash`, `hostdeath`: acknowledged commits lost when postgres crashes, or the primary's host dies.
-//! 5. `compression`: zstd on the wire and at rest, and archive recovery from the object store.
+//! 5. `compression`: zstd on the wire and at rest; `restore`: archive recovery from the object store.
 //!
 //! Results are printed as tables with ratios and written as JSON. `--quick` is a one-minute smoke version.
 
@@ -75,6 +75,7 @@ impl Settings {
                 "crash".into(),
                 "hostdeath".into(),
                 "compression".into(),
+                "restore".into(),
             ],
             lag_seconds: 30,
             rate_seconds: 20,
@@ -103,14 +104,14 @@ impl Settings {
                 "--scenario" => s.scenarios = args
                     .next()
                     .context(
-                        "--scenario needs lag, catchup, overhead, crash, hostdeath or compression",
+                        "--scenario needs lag, catchup, overhead, crash, hostdeath, compression or restore",
                     )?
                     .split(',')
                     .map(str::to_owned)
                     .collect(),
                 "-h" | "--help" => {
                     println!(
-                        "walship-bench [--quick] [--scenario lag,catchup,overhead,crash,hostdeath,compression] [--walship-only] [--json FILE]\n\n\
+                        "walship-bench [--quick] [--scenario lag,catchup,overhead,crash,hostdeath,compression,restore] [--walship-only] [--json FILE]\n\n\
                          Benchmarks walship against pg_receivewal and archive_command file shipping on this machine,\n\
                          with PostgreSQL from WALSHIP_PG_BIN or /usr/lib/postgresql/*/bin. --quick runs a short smoke\n\
                          version of every scenario. --walship-only leaves the references out of the lag scenario\n\
@@ -171,6 +172,14 @@ async fn main() -> Result<()> {
         if settings.scenarios.iter().any(|s| s == "compression") {
             eprintln!("compression and restore from the object store ...");
             report.compression = Some(compression::compression_scenario(&settings).await?);
+        }
+        if settings.scenarios.iter().any(|s| s == "restore") {
+            eprintln!("archive recovery from the object store ...");
+            let restore = compression::restore_scenario(&settings).await?;
+            report
+                .compression
+                .get_or_insert_with(Default::default)
+                .restore = restore;
         }
         anyhow::Ok(())
     };

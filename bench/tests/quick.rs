@@ -79,7 +79,7 @@ fn quick_bench_runs_every_scenario_for_every_tool() {
         }
     }
     let restore = compression["restore"].as_array().unwrap();
-    assert_eq!(restore.len(), 3, "{compression}");
+    assert_eq!(restore.len(), 4, "{compression}");
     for r in restore {
         assert!(r["segments_per_s"].as_f64().unwrap() > 0.0, "{r}");
     }

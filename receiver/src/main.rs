@@ -77,6 +77,11 @@ struct CheckArgs {
 
 #[derive(Parser, Debug)]
 struct RestoreArgs {
+    /// TOML file of defaults (the receiver's config file: archive, object-store and object-store-option are
+    /// taken from it).
+    #[arg(long, env = "WALSHIP_CONFIG", value_name = "FILE")]
+    #[allow(dead_code)] // read before clap, by walship_daemon::config
+    config: Option<PathBuf>,
     /// Archive directory.
     #[arg(long, env = "WALSHIP_ARCHIVE")]
     archive: PathBuf,
@@ -100,6 +105,16 @@ struct RestoreArgs {
     /// of the server's environment.
     #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
     object_store: Option<String>,
+    /// A setting of the object-store client, as AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=…, AWS_REGION=…,
+    /// AWS_ENDPOINT_URL=…, AWS_ALLOW_HTTP=true (repeatable; in the config file: object-store-option = […], so
+    /// the secret stays in a 0600 file instead of the environment or restore_command). Overrides the
+    /// environment.
+    #[arg(
+        long = "object-store-option",
+        value_name = "AWS_NAME=VALUE",
+        hide_default_value = true
+    )]
+    object_store_option: Vec<String>,
     /// With --object-store: segments fetched ahead in the background (into <archive>/prefetch/) while
     /// recovery replays, so that restoring from the store keeps up with replay; 0 turns it off.
     #[arg(
@@ -119,6 +134,11 @@ struct RestoreArgs {
 
 #[derive(Parser, Debug)]
 struct PromoteArgs {
+    /// TOML file of defaults (the receiver's config file: archive, object-store and object-store-option are
+    /// taken from it).
+    #[arg(long, env = "WALSHIP_CONFIG", value_name = "FILE")]
+    #[allow(dead_code)] // read before clap, by walship_daemon::config
+    config: Option<PathBuf>,
     /// Archive directory the standby's restore_command reads.
     #[arg(long, env = "WALSHIP_ARCHIVE")]
     archive: PathBuf,
@@ -135,10 +155,25 @@ struct PromoteArgs {
     /// the end of the archive may be there only.
     #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
     object_store: Option<String>,
+    /// A setting of the object-store client, as AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=…, AWS_REGION=…,
+    /// AWS_ENDPOINT_URL=…, AWS_ALLOW_HTTP=true (repeatable; in the config file: object-store-option = […], so
+    /// the secret stays in a 0600 file instead of the environment or restore_command). Overrides the
+    /// environment.
+    #[arg(
+        long = "object-store-option",
+        value_name = "AWS_NAME=VALUE",
+        hide_default_value = true
+    )]
+    object_store_option: Vec<String>,
 }
 
 #[derive(Parser, Debug)]
 struct CleanupArgs {
+    /// TOML file of defaults (the receiver's config file: archive, object-store and object-store-option are
+    /// taken from it).
+    #[arg(long, env = "WALSHIP_CONFIG", value_name = "FILE")]
+    #[allow(dead_code)] // read before clap, by walship_daemon::config
+    config: Option<PathBuf>,
     /// Archive directory.
     #[arg(long, env = "WALSHIP_ARCHIVE")]
     archive: PathBuf,
@@ -146,6 +181,16 @@ struct CleanupArgs {
     /// --keep-days ago (history files are kept).
     #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
     object_store: Option<String>,
+    /// A setting of the object-store client, as AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=…, AWS_REGION=…,
+    /// AWS_ENDPOINT_URL=…, AWS_ALLOW_HTTP=true (repeatable; in the config file: object-store-option = […], so
+    /// the secret stays in a 0600 file instead of the environment or restore_command). Overrides the
+    /// environment.
+    #[arg(
+        long = "object-store-option",
+        value_name = "AWS_NAME=VALUE",
+        hide_default_value = true
+    )]
+    object_store_option: Vec<String>,
     /// With --object-store: keep segments in the store for this many days even when the standby no longer
     /// needs them (the window for point-in-time recovery).
     #[arg(
@@ -174,6 +219,11 @@ struct PrefetchArgs {
 
 #[derive(Parser, Debug)]
 struct StatusArgs {
+    /// TOML file of defaults (the receiver's config file: archive, object-store and object-store-option are
+    /// taken from it).
+    #[arg(long, env = "WALSHIP_CONFIG", value_name = "FILE")]
+    #[allow(dead_code)] // read before clap, by walship_daemon::config
+    config: Option<PathBuf>,
     /// Archive directory.
     #[arg(long, env = "WALSHIP_ARCHIVE")]
     archive: PathBuf,
@@ -193,6 +243,16 @@ struct StatusArgs {
     /// Also list what the archive's object store holds (segments, the partial, size).
     #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
     object_store: Option<String>,
+    /// A setting of the object-store client, as AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=…, AWS_REGION=…,
+    /// AWS_ENDPOINT_URL=…, AWS_ALLOW_HTTP=true (repeatable; in the config file: object-store-option = […], so
+    /// the secret stays in a 0600 file instead of the environment or restore_command). Overrides the
+    /// environment.
+    #[arg(
+        long = "object-store-option",
+        value_name = "AWS_NAME=VALUE",
+        hide_default_value = true
+    )]
+    object_store_option: Vec<String>,
 }
 
 /// A switch.
@@ -233,6 +293,16 @@ struct RunArgs {
     /// segment the store does not hold yet. One prefix per cluster.
     #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
     object_store: Option<String>,
+    /// A setting of the object-store client, as AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=…, AWS_REGION=…,
+    /// AWS_ENDPOINT_URL=…, AWS_ALLOW_HTTP=true (repeatable; in the config file: object-store-option = […], so
+    /// the secret stays in a 0600 file instead of the environment or restore_command). Overrides the
+    /// environment.
+    #[arg(
+        long = "object-store-option",
+        value_name = "AWS_NAME=VALUE",
+        hide_default_value = true
+    )]
+    object_store_option: Vec<String>,
     /// Seconds between uploads of the partial segment's durable part (and one at shutdown).
     #[arg(long, env = "WALSHIP_PARTIAL_UPLOAD_INTERVAL", default_value_t = 60)]
     partial_upload_interval: u64,
@@ -352,6 +422,20 @@ async fn run(args: RunArgs) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli: Cli = walship_daemon::config::parse();
+    // the object store's client settings become its environment (the AWS_* variables its builder reads, and
+    // the prefetcher that restore starts inherits them), before any thread exists
+    let store_options = match &cli.command {
+        Command::Run(a) => a.object_store_option.as_slice(),
+        Command::Restore(a) => a.object_store_option.as_slice(),
+        Command::Promote(a) => a.object_store_option.as_slice(),
+        Command::Cleanup(a) => a.object_store_option.as_slice(),
+        Command::Status(a) => a.object_store_option.as_slice(),
+        _ => &[],
+    };
+    if let Err(e) = walship_receiver::store::apply_options(store_options) {
+        eprintln!("walship-receiver: {e:#}");
+        return ExitCode::from(78);
+    }
     // crash and error injection for the fault tests; does nothing unless built with the `failpoints` feature
     let _failpoints = fail::FailScenario::setup();
     walship_receiver::init_logging();

@@ -36,6 +36,14 @@ pub fn start(archive: &Path, url: &str, after: &str, count: usize) {
     if count == 0 {
         return;
     }
+    // a running prefetcher reads where recovery is from the spool and goes on from there
+    let dir = spool(archive);
+    if fs::create_dir_all(&dir).is_ok()
+        && crate::archive::write_atomically(&dir, WANTED_FILE, after.as_bytes()).is_ok()
+        && prefetcher_running(&dir)
+    {
+        return;
+    }
     use std::os::unix::process::CommandExt;
     let spawned = std::env::current_exe().and_then(|exe| {
         Command::new(exe)
@@ -59,15 +67,16 @@ pub fn start(archive: &Path, url: &str, after: &str, count: usize) {
     }
 }
 
-/// The prefetcher: fetches the `count` segments after segment `after` of the same timeline that are neither
-/// in the archive nor in the spool, and removes what recovery has gone past. Returns how many it fetched.
+/// Where recovery is, as `restore` records it for a running prefetcher.
+const WANTED_FILE: &str = ".wanted";
+/// A prefetcher with nothing to do waits this long for recovery to move before it exits.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The prefetcher: keeps the `count` segments after the one recovery took last (`after`, then what `restore`
+/// records in the spool) in the spool, fetching what is neither in the archive nor in the spool and removing
+/// what recovery has gone past; exits when recovery has not moved for a while. Returns how many it fetched.
 pub async fn run(archive: &Path, store: &Store, after: &str, count: usize) -> Result<usize> {
     let id = crate::archive::ensure_archive(archive)?;
-    let seg = id.wal_segment_size;
-    let (timeline, segno) = match WalFileName::parse(after, seg) {
-        Ok(WalFileName::Segment { timeline, segno }) => (timeline, segno),
-        _ => anyhow::bail!("--after {after:?} is not a WAL segment name"),
-    };
     let dir = spool(archive);
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let lock_path = dir.join(".lock");
@@ -85,7 +94,7 @@ pub async fn run(archive: &Path, store: &Store, after: &str, count: usize) -> Re
         // another boot's spool (or none yet): start afresh
         for entry in fs::read_dir(&dir).with_context(|| format!("list {}", dir.display()))? {
             let Ok(entry) = entry else { continue };
-            if entry.file_name() != ".lock" {
+            if entry.file_name() != ".lock" && entry.file_name() != WANTED_FILE {
                 let _ = fs::remove_file(entry.path());
             }
         }
@@ -94,8 +103,48 @@ pub async fn run(archive: &Path, store: &Store, after: &str, count: usize) -> Re
             .with_context(|| format!("write {}", mark.display()))?;
     }
     let sync = boot.is_none();
+    let mut fetched = 0;
+    let mut after = after.to_owned();
+    loop {
+        fetched += round(archive, store, &id, &dir, &after, count, sync).await?;
+        // wait for recovery to move on (restore records it), at most IDLE
+        let idle_until = std::time::Instant::now() + IDLE;
+        let next = loop {
+            let wanted = fs::read_to_string(dir.join(WANTED_FILE)).unwrap_or_default();
+            if wanted.len() == 24 && wanted.as_str() > after.as_str() {
+                break Some(wanted);
+            }
+            if std::time::Instant::now() > idle_until {
+                break None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        match next {
+            Some(n) => after = n,
+            None => break,
+        }
+    }
+    drop(lock);
+    Ok(fetched)
+}
+
+/// One round: the `count` segments after `after`.
+async fn round(
+    archive: &Path,
+    store: &Store,
+    id: &Identity,
+    dir: &Path,
+    after: &str,
+    count: usize,
+    sync: bool,
+) -> Result<usize> {
+    let seg = id.wal_segment_size;
+    let (timeline, segno) = match WalFileName::parse(after, seg) {
+        Ok(WalFileName::Segment { timeline, segno }) => (timeline, segno),
+        _ => anyhow::bail!("{after:?} is not a WAL segment name"),
+    };
     // what recovery has gone past, and downloads a killed prefetcher left unfinished
-    for entry in fs::read_dir(&dir).with_context(|| format!("list {}", dir.display()))? {
+    for entry in fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
         let Ok(entry) = entry else { continue };
         let Ok(name) = entry.file_name().into_string() else {
             continue;
@@ -108,15 +157,12 @@ pub async fn run(archive: &Path, store: &Store, after: &str, count: usize) -> Re
         .map(|i| segment_file_name(timeline, segno + i, seg))
         .filter(|n| !archive.join(n).exists() && !dir.join(n).exists())
         .collect();
-    let fetched = futures::stream::iter(wanted.into_iter().map(|name| {
-        let dir = &dir;
-        async move {
-            match fetch(store, &id, dir, &name, sync).await {
-                Ok(got) => got,
-                Err(e) => {
-                    tracing::warn!(file = %name, "prefetch: {e:#}");
-                    false
-                }
+    let fetched = futures::stream::iter(wanted.into_iter().map(|name| async move {
+        match fetch(store, id, dir, &name, sync).await {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::warn!(file = %name, "prefetch: {e:#}");
+                false
             }
         }
     }))
@@ -124,7 +170,6 @@ pub async fn run(archive: &Path, store: &Store, after: &str, count: usize) -> Re
     .filter(|got| std::future::ready(*got))
     .count()
     .await;
-    drop(lock);
     Ok(fetched)
 }
 

@@ -40,6 +40,32 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Sets `--object-store-option NAME=VALUE` settings as the process's environment, where the S3 client and
+/// the prefetcher (a child) read them. Only AWS_* names; the values are never printed. Call before any
+/// thread is started.
+pub fn apply_options(options: &[String]) -> Result<()> {
+    for option in options {
+        let Some((name, value)) = option.split_once('=') else {
+            bail!(
+                "--object-store-option {:?}: expected NAME=VALUE",
+                option.split('=').next().unwrap_or("")
+            );
+        };
+        let name = name.trim().to_ascii_uppercase();
+        if !name.starts_with("AWS_")
+            || name.len() == 4
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            bail!(
+                "--object-store-option {name}: not an AWS_* setting (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, \
+                 AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP, …)"
+            );
+        }
+        std::env::set_var(name, value.trim());
+    }
+    Ok(())
+}
+
 /// One archive file in the store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredFile {

@@ -349,13 +349,28 @@ async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(
     // a new standby from the base backup, its local directory empty: everything comes from the store
     let local = dir.subdir("new-archive");
     walship_tests::env::chown_to_db_user(&local);
-    let env_prefix: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // the store and its credentials in a 0600 config file, not in postgresql.conf or the environment
+    let config = dir.path().join("restore.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "object-store = {url:?}\nobject-store-option = [{}]\n",
+            env.iter()
+                .map(|(k, v)| format!("\"{k}={v}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    walship_tests::env::chown_to_db_user(&config);
     let receiver_bin = walship.path(Walship::RECEIVER);
     standby.configure_recovery(
         &format!(
-            "env {} {} restore --archive {} --object-store {url} %f %p",
-            env_prefix.join(" "),
+            "{} restore --config {} --archive {} %f %p",
             receiver_bin.display(),
+            config.display(),
             local.display()
         ),
         true,
@@ -370,13 +385,13 @@ async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(
     let out = run_ok(
         Command::new(&receiver_bin)
             .arg("promote")
+            .arg("--config")
+            .arg(&config)
             .arg("--archive")
             .arg(&local)
-            .args(["--object-store", &url])
             .arg("--pgdata")
             .arg(&standby.data)
-            .args(["--timeout", "120"])
-            .envs(env_refs.iter().copied()),
+            .args(["--timeout", "120"]),
     );
     let text = format!(
         "{}{}",
@@ -391,6 +406,15 @@ async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(
         "recovery took WAL up to another position than the store's end {end}: {handover}"
     );
     let log = standby.log_text();
+    let secret = &env
+        .iter()
+        .find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY")
+        .unwrap()
+        .1;
+    assert!(
+        !log.contains(secret.as_str()),
+        "the store's secret key is in the standby's log"
+    );
     assert!(
         log.contains("restored from the object store")
             && log.contains("handed the partial segment from the object store to recovery"),
