@@ -262,3 +262,44 @@ fn the_example_config_file_serves_run_and_check() {
         "{text}"
     );
 }
+
+#[test]
+fn store_credentials_from_the_config_file_never_show_and_bad_names_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("store.toml");
+    std::fs::write(
+        &config,
+        "object-store = \"s3://wal/x\"\nobject-store-option = [\"AWS_SECRET_ACCESS_KEY=sup3r-s3cret\"]\n",
+    )
+    .unwrap();
+    for sub in ["restore", "status", "cleanup", "promote"] {
+        let out = receiver()
+            .arg(sub)
+            .arg("--config")
+            .arg(&config)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("--object-store-option"), "{sub}: {text}");
+        assert!(
+            !text.contains("sup3r-s3cret"),
+            "{sub} --help shows the secret:\n{text}"
+        );
+    }
+    // a name that is not an AWS_* setting stops before anything is done, without echoing the value
+    let out = receiver()
+        .args(["status", "--archive"])
+        .arg(dir.path())
+        .args(["--object-store-option", "PASSWORD=sup3r-s3cret"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{text}");
+    assert!(text.contains("not an AWS_* setting"), "{text}");
+    assert!(!text.contains("sup3r-s3cret"), "{text}");
+}
