@@ -26,6 +26,11 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the receiver daemon: accept senders over TLS and append their WAL to the archive.
+    ///
+    /// With --object-store, the archive is copied to object storage: complete segments and history files go up
+    /// zstd-compressed once durable locally, in order, and the partial's durable part every
+    /// --partial-upload-interval; cleanup never removes a segment the store does not hold yet. One prefix per
+    /// cluster.
     Run(RunArgs),
     /// Write a CA, a server certificate and a client certificate for a quick start.
     Certs(CertsArgs),
@@ -34,14 +39,19 @@ enum Command {
     /// recovery.conf (PostgreSQL 10, 11) or postgresql.conf (12+):
     ///   restore_command = 'walship-receiver restore --archive /var/lib/walship/archive %f %p'
     /// Add --wait for archive recovery (recovery.signal, or recovery.conf without standby_mode), --live for a
-    /// hot standby that replays the partial segment as it grows.
+    /// hot standby that replays the partial segment as it grows. With --object-store, what the local archive
+    /// lacks is fetched from the store (decompressed and checked), the partial at failover included, and the
+    /// next segments are prefetched while recovery replays.
     Restore(RestoreArgs),
     /// Fail over: make recovery take the end of the archive (the last partial segment, zero-padded), then
-    /// promote the standby and print where its new timeline starts.
+    /// promote the standby and print where its new timeline starts. With --object-store (a standby restoring
+    /// from the store), the end of the archive may be in the store only.
     Promote(PromoteArgs),
-    /// archive_cleanup_command: remove complete segments older than %r.
+    /// archive_cleanup_command: remove complete segments older than %r. With --object-store, also delete from
+    /// the store the segments older than %r stored more than --keep-days ago (history files are kept).
     Cleanup(CleanupArgs),
-    /// Show the archive's cluster, position, current partial, connected sender and lag.
+    /// Show the archive's cluster, position, current partial, connected sender and lag. With --object-store,
+    /// also what the store holds.
     Status(StatusArgs),
     /// Verify the archive (exists, writable, its cluster, its lock), the TLS files when given, and with
     /// --pgdata the standby: restore_command reads this archive, archive_mode is not always, the recovery
@@ -52,6 +62,25 @@ enum Command {
     /// <archive>/prefetch/.
     #[command(hide = true)]
     Prefetch(PrefetchArgs),
+}
+
+/// Where the archive's object store is and how to reach it.
+#[derive(clap::Args, Debug)]
+struct StoreArgs {
+    /// The archive's object store (s3://bucket/prefix, as given to `run`). Credentials and endpoint come from
+    /// the AWS_* variables of the environment, or from --object-store-option.
+    #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
+    object_store: Option<String>,
+    /// A setting of the object-store client, as AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=…, AWS_REGION=…,
+    /// AWS_ENDPOINT_URL=…, AWS_ALLOW_HTTP=true (repeatable; in the config file: object-store-option = […], so
+    /// the secret stays in a 0600 file instead of the environment or restore_command). Overrides the
+    /// environment.
+    #[arg(
+        long = "object-store-option",
+        value_name = "AWS_NAME=VALUE",
+        hide_default_value = true
+    )]
+    object_store_option: Vec<String>,
 }
 
 #[derive(Parser, Debug)]
@@ -100,21 +129,8 @@ struct RestoreArgs {
     /// archive them under their real names).
     #[arg(long, env = "WALSHIP_ALLOW_ARCHIVE_MODE_ALWAYS")]
     allow_archive_mode_always: bool,
-    /// The archive's object store (as given to run): complete segments and history files missing locally
-    /// are fetched from it, decompressed and checked. Credentials and endpoint come from the AWS_* variables
-    /// of the server's environment.
-    #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
-    object_store: Option<String>,
-    /// A setting of the object-store client, as AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=…, AWS_REGION=…,
-    /// AWS_ENDPOINT_URL=…, AWS_ALLOW_HTTP=true (repeatable; in the config file: object-store-option = […], so
-    /// the secret stays in a 0600 file instead of the environment or restore_command). Overrides the
-    /// environment.
-    #[arg(
-        long = "object-store-option",
-        value_name = "AWS_NAME=VALUE",
-        hide_default_value = true
-    )]
-    object_store_option: Vec<String>,
+    #[command(flatten)]
+    store: StoreArgs,
     /// With --object-store: segments fetched ahead in the background (into <archive>/prefetch/) while
     /// recovery replays, so that restoring from the store keeps up with replay; 0 turns it off.
     #[arg(
@@ -151,20 +167,8 @@ struct PromoteArgs {
     /// Seconds to wait for recovery to take the end of the archive and for promotion.
     #[arg(long, env = "WALSHIP_PROMOTE_TIMEOUT", default_value_t = 120)]
     timeout: u64,
-    /// The archive's object store, when the standby restores from it (restore_command has --object-store):
-    /// the end of the archive may be there only.
-    #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
-    object_store: Option<String>,
-    /// A setting of the object-store client, as AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=…, AWS_REGION=…,
-    /// AWS_ENDPOINT_URL=…, AWS_ALLOW_HTTP=true (repeatable; in the config file: object-store-option = […], so
-    /// the secret stays in a 0600 file instead of the environment or restore_command). Overrides the
-    /// environment.
-    #[arg(
-        long = "object-store-option",
-        value_name = "AWS_NAME=VALUE",
-        hide_default_value = true
-    )]
-    object_store_option: Vec<String>,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Parser, Debug)]
@@ -177,20 +181,8 @@ struct CleanupArgs {
     /// Archive directory.
     #[arg(long, env = "WALSHIP_ARCHIVE")]
     archive: PathBuf,
-    /// The archive's object store: also delete there the segments older than %r that were stored more than
-    /// --keep-days ago (history files are kept).
-    #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
-    object_store: Option<String>,
-    /// A setting of the object-store client, as AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=…, AWS_REGION=…,
-    /// AWS_ENDPOINT_URL=…, AWS_ALLOW_HTTP=true (repeatable; in the config file: object-store-option = […], so
-    /// the secret stays in a 0600 file instead of the environment or restore_command). Overrides the
-    /// environment.
-    #[arg(
-        long = "object-store-option",
-        value_name = "AWS_NAME=VALUE",
-        hide_default_value = true
-    )]
-    object_store_option: Vec<String>,
+    #[command(flatten)]
+    store: StoreArgs,
     /// With --object-store: keep segments in the store for this many days even when the standby no longer
     /// needs them (the window for point-in-time recovery).
     #[arg(
@@ -240,19 +232,8 @@ struct StatusArgs {
     /// No sender connected for longer than this many seconds is CRITICAL (shorter: WARNING).
     #[arg(long, default_value_t = 60.0)]
     crit_no_sender: f64,
-    /// Also list what the archive's object store holds (segments, the partial, size).
-    #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
-    object_store: Option<String>,
-    /// A setting of the object-store client, as AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=…, AWS_REGION=…,
-    /// AWS_ENDPOINT_URL=…, AWS_ALLOW_HTTP=true (repeatable; in the config file: object-store-option = […], so
-    /// the secret stays in a 0600 file instead of the environment or restore_command). Overrides the
-    /// environment.
-    #[arg(
-        long = "object-store-option",
-        value_name = "AWS_NAME=VALUE",
-        hide_default_value = true
-    )]
-    object_store_option: Vec<String>,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 /// A switch.
@@ -287,22 +268,8 @@ struct RunArgs {
     /// Close a session that sent nothing for this many seconds (senders send keepalives every second).
     #[arg(long, env = "WALSHIP_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout: u64,
-    /// Copy the archive to object storage: s3://bucket/prefix (credentials and endpoint from AWS_ACCESS_KEY_ID,
-    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP), file:///dir, ... Complete segments
-    /// and history files go up zstd-compressed once durable locally, in order; cleanup never removes a
-    /// segment the store does not hold yet. One prefix per cluster.
-    #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
-    object_store: Option<String>,
-    /// A setting of the object-store client, as AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=…, AWS_REGION=…,
-    /// AWS_ENDPOINT_URL=…, AWS_ALLOW_HTTP=true (repeatable; in the config file: object-store-option = […], so
-    /// the secret stays in a 0600 file instead of the environment or restore_command). Overrides the
-    /// environment.
-    #[arg(
-        long = "object-store-option",
-        value_name = "AWS_NAME=VALUE",
-        hide_default_value = true
-    )]
-    object_store_option: Vec<String>,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Seconds between uploads of the partial segment's durable part (and one at shutdown).
     #[arg(long, env = "WALSHIP_PARTIAL_UPLOAD_INTERVAL", default_value_t = 60)]
     partial_upload_interval: u64,
@@ -352,7 +319,7 @@ async fn run(args: RunArgs) -> Result<()> {
         "the TLS certificate, key and client CA",
         move || tls::server_config(&cert, &key, &client_ca),
     )?;
-    let store = match &args.object_store {
+    let store = match &args.store.object_store {
         Some(url) => {
             let store = walship_receiver::store::Store::open(url)?;
             walship_receiver::upload::prepare(&store, &args.archive).await?;
@@ -425,11 +392,11 @@ fn main() -> ExitCode {
     // the object store's client settings become its environment (the AWS_* variables its builder reads, and
     // the prefetcher that restore starts inherits them), before any thread exists
     let store_options = match &cli.command {
-        Command::Run(a) => a.object_store_option.as_slice(),
-        Command::Restore(a) => a.object_store_option.as_slice(),
-        Command::Promote(a) => a.object_store_option.as_slice(),
-        Command::Cleanup(a) => a.object_store_option.as_slice(),
-        Command::Status(a) => a.object_store_option.as_slice(),
+        Command::Run(a) => a.store.object_store_option.as_slice(),
+        Command::Restore(a) => a.store.object_store_option.as_slice(),
+        Command::Promote(a) => a.store.object_store_option.as_slice(),
+        Command::Cleanup(a) => a.store.object_store_option.as_slice(),
+        Command::Status(a) => a.store.object_store_option.as_slice(),
         _ => &[],
     };
     if let Err(e) = walship_receiver::store::apply_options(store_options) {
@@ -490,7 +457,7 @@ fn main() -> ExitCode {
                 wanted: args.file,
                 dest: args.path,
                 data_dir: std::env::current_dir().unwrap_or_default(),
-                object_store: args.object_store,
+                object_store: args.store.object_store,
                 prefetch: args.prefetch,
             };
             // exit 0: restored; 1: missing. Never above 125: that would abort recovery.
@@ -502,7 +469,7 @@ fn main() -> ExitCode {
                 pgdata: args.pgdata,
                 pg_bin: args.pg_bin,
                 timeout: Duration::from_secs(args.timeout.max(1)),
-                object_store: args.object_store,
+                object_store: args.store.object_store,
             };
             promote::promote(&opts).map(|r| {
                 println!(
@@ -515,7 +482,7 @@ fn main() -> ExitCode {
             if !removed.is_empty() {
                 tracing::info!(count = removed.len(), first = %removed[0], last = %removed[removed.len() - 1], "removed segments older than {}", args.restartpoint);
             }
-            let Some(url) = &args.object_store else { return Ok(()) };
+            let Some(url) = &args.store.object_store else { return Ok(()) };
             let seg = archive::ensure_archive(&args.archive)?.wal_segment_size;
             let store = walship_receiver::store::Store::open(url)?;
             let now = std::time::SystemTime::now()
@@ -551,7 +518,7 @@ fn main() -> ExitCode {
                 crit_no_sender_seconds: args.crit_no_sender,
             };
             let printed = status::report(&args.archive).and_then(|mut r| {
-                if let Some(url) = &args.object_store {
+                if let Some(url) = &args.store.object_store {
                     let store = walship_receiver::store::Store::open(url)?;
                     let seg = archive::Identity::load(&args.archive)?
                         .map_or(walship_protocol::WalSegSize::DEFAULT, |id| id.wal_segment_size);
