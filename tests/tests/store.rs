@@ -13,7 +13,7 @@ use walship_tests::cluster::{run_ok, WAIT};
 use walship_tests::ledger::{verdict, Ledger};
 use walship_tests::s3::S3Server;
 use walship_tests::scenario::{stage, wait_drained, Stage};
-use walship_tests::{wait_for, Cluster, InitOptions, Walship};
+use walship_tests::{wait_for, Cluster, Daemon, InitOptions, TestDir, Walship};
 
 fn decompress(bytes: &[u8]) -> Vec<u8> {
     zstd::stream::decode_all(bytes).expect("a stored object decompresses")
@@ -58,6 +58,32 @@ fn assert_store_matches_primary(
     n
 }
 
+/// A receiver that uploads `archive` to `url` of `s3` (the partial every second), and a sender shipping
+/// `primary` to it, streaming.
+fn ship_to_store(
+    dir: &TestDir,
+    primary: &Cluster,
+    archive: &Path,
+    certs: &Path,
+    walship: &Walship,
+    s3: &S3Server,
+    url: &str,
+) -> (Daemon, Daemon) {
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let receiver = walship.receiver_with(
+        dir,
+        archive,
+        certs,
+        0,
+        &["--object-store", url, "--partial-upload-interval", "1"],
+        &env,
+    );
+    let mut sender = walship.sender(dir, &primary.conninfo(), receiver.port, certs, certs, &[]);
+    sender.wait_for_log("streaming", WAIT);
+    (receiver, sender)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it() {
     let Stage {
@@ -72,23 +98,8 @@ async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it() {
     let env = s3.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let url = s3.url("cluster-a");
-    let receiver = walship.receiver_with(
-        &dir,
-        &archive,
-        &certs,
-        0,
-        &["--object-store", &url, "--partial-upload-interval", "1"],
-        &env,
-    );
-    let mut sender = walship.sender(
-        &dir,
-        &primary.conninfo(),
-        receiver.port,
-        &certs,
-        &certs,
-        &[],
-    );
-    sender.wait_for_log("streaming", WAIT);
+    let (_receiver, mut sender) =
+        ship_to_store(&dir, &primary, &archive, &certs, &walship, &s3, &url);
     let seg = WalSegSize::DEFAULT;
 
     // shipping under pgbench, then two switches: the store holds every complete segment
@@ -301,26 +312,10 @@ async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(
     } = stage("store-failover", &InitOptions::default());
     let s3 = S3Server::start(&dir, "s3");
     let env = s3.env();
-    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let url = s3.url("cluster");
     let seg = WalSegSize::DEFAULT;
-    let mut receiver = walship.receiver_with(
-        &dir,
-        &archive,
-        &certs,
-        0,
-        &["--object-store", &url, "--partial-upload-interval", "1"],
-        &env_refs,
-    );
-    let mut sender = walship.sender(
-        &dir,
-        &primary.conninfo(),
-        receiver.port,
-        &certs,
-        &certs,
-        &[],
-    );
-    sender.wait_for_log("streaming", WAIT);
+    let (mut receiver, mut sender) =
+        ship_to_store(&dir, &primary, &archive, &certs, &walship, &s3, &url);
     let mut standby = primary.base_backup(&dir, "standby");
 
     run_ok(&mut primary.pgbench(&["-i", "-s", "2", "-q"]));
