@@ -64,6 +64,16 @@ enum Command {
     Prefetch(PrefetchArgs),
 }
 
+/// `--config FILE` of the commands that restore_command, archive_cleanup_command and operators run.
+#[derive(clap::Args, Debug)]
+struct ConfigFile {
+    /// TOML file of defaults (the receiver's config file: archive, object-store and object-store-option are
+    /// taken from it).
+    #[arg(long, env = "WALSHIP_CONFIG", value_name = "FILE")]
+    #[allow(dead_code)] // read before clap, by walship_daemon::config
+    config: Option<PathBuf>,
+}
+
 /// Where the archive's object store is and how to reach it.
 #[derive(clap::Args, Debug)]
 struct StoreArgs {
@@ -106,11 +116,8 @@ struct CheckArgs {
 
 #[derive(Parser, Debug)]
 struct RestoreArgs {
-    /// TOML file of defaults (the receiver's config file: archive, object-store and object-store-option are
-    /// taken from it).
-    #[arg(long, env = "WALSHIP_CONFIG", value_name = "FILE")]
-    #[allow(dead_code)] // read before clap, by walship_daemon::config
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigFile,
     /// Archive directory.
     #[arg(long, env = "WALSHIP_ARCHIVE")]
     archive: PathBuf,
@@ -150,11 +157,8 @@ struct RestoreArgs {
 
 #[derive(Parser, Debug)]
 struct PromoteArgs {
-    /// TOML file of defaults (the receiver's config file: archive, object-store and object-store-option are
-    /// taken from it).
-    #[arg(long, env = "WALSHIP_CONFIG", value_name = "FILE")]
-    #[allow(dead_code)] // read before clap, by walship_daemon::config
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigFile,
     /// Archive directory the standby's restore_command reads.
     #[arg(long, env = "WALSHIP_ARCHIVE")]
     archive: PathBuf,
@@ -173,11 +177,8 @@ struct PromoteArgs {
 
 #[derive(Parser, Debug)]
 struct CleanupArgs {
-    /// TOML file of defaults (the receiver's config file: archive, object-store and object-store-option are
-    /// taken from it).
-    #[arg(long, env = "WALSHIP_CONFIG", value_name = "FILE")]
-    #[allow(dead_code)] // read before clap, by walship_daemon::config
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigFile,
     /// Archive directory.
     #[arg(long, env = "WALSHIP_ARCHIVE")]
     archive: PathBuf,
@@ -211,11 +212,8 @@ struct PrefetchArgs {
 
 #[derive(Parser, Debug)]
 struct StatusArgs {
-    /// TOML file of defaults (the receiver's config file: archive, object-store and object-store-option are
-    /// taken from it).
-    #[arg(long, env = "WALSHIP_CONFIG", value_name = "FILE")]
-    #[allow(dead_code)] // read before clap, by walship_daemon::config
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigFile,
     /// Archive directory.
     #[arg(long, env = "WALSHIP_ARCHIVE")]
     archive: PathBuf,

@@ -94,6 +94,17 @@ pub struct Verdict {
     pub lost_beyond: usize,
 }
 
+impl Verdict {
+    /// Fails unless every acknowledged row that `target` held (LSN at or before its end) is present.
+    pub fn assert_none_missing(&self, target: &str) {
+        assert!(
+            self.missing_covered.is_empty(),
+            "acknowledged rows {target} held are missing: {:?}",
+            self.missing_covered
+        );
+    }
+}
+
 /// Compares the ledger with the ids present on the promoted standby. A standby without the ledger table is
 /// a verdict too: every acknowledged row is missing (the check then says how many the archive covered).
 pub async fn verdict(rows: &[(i64, Lsn)], archived_end: Lsn, promoted: &Client) -> Verdict {

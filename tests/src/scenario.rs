@@ -222,11 +222,7 @@ pub async fn crash_and_fail_over(name: &str, opts: &InitOptions, mode: Mode) -> 
         "{name} {mode:?}: acknowledged {}, covered by the archive (LSN <= {end}) {}, present after failover {}, lost beyond the archive {}; the sender drained pg_wal {drain_ms} ms after the crash",
         v.acknowledged, v.covered, v.present, v.lost_beyond
     );
-    assert!(
-        v.missing_covered.is_empty(),
-        "acknowledged rows the archive held are missing: {:?}",
-        v.missing_covered
-    );
+    v.assert_none_missing("the archive");
     assert_eq!(
         v.lost_beyond, 0,
         "acknowledged rows lost although postgres died with its host alive (the drain should have shipped them): {v:?}"

@@ -423,11 +423,7 @@ async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(
         "acknowledged {}, held by the store (LSN <= {end}) {}, present after failover {}, lost beyond {}",
         v.acknowledged, v.covered, v.present, v.lost_beyond
     );
-    assert!(
-        v.missing_covered.is_empty(),
-        "acknowledged rows the store held are missing: {:?}",
-        v.missing_covered
-    );
+    v.assert_none_missing("the store");
     assert_eq!(v.lost_beyond, 0, "{v:?}");
     assert!(v.covered > 100, "{v:?}");
     promoted
