@@ -131,18 +131,7 @@ async fn wire_round(
     );
     let metrics = metrics_port(&mut receiver);
     let sender_args = ["--compression", compression];
-    let start_sender = || {
-        let mut s = world.walship.sender(
-            &world.dir,
-            &world.primary.conninfo(),
-            receiver.port,
-            &world.certs,
-            &world.certs,
-            &sender_args,
-        );
-        s.wait_for_log("streaming", Duration::from_secs(60));
-        s
-    };
+    let start_sender = || world.start_sender_with(receiver.port, &sender_args);
     // the archive holds what is there; then the sender stops and a backlog builds
     let client = world.primary.connect().await;
     let now = world.primary.flush_lsn(&client).await;

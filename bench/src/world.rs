@@ -313,13 +313,18 @@ impl World {
     pub(crate) fn start_sender(&self, port: u16) -> Daemon {
         let extra = std::env::var("WALSHIP_BENCH_SENDER_ARGS").unwrap_or_default();
         let extra: Vec<&str> = extra.split_whitespace().collect();
+        self.start_sender_with(port, &extra)
+    }
+
+    /// A sender to `port` with `extra` flags, once it streams.
+    pub(crate) fn start_sender_with(&self, port: u16, extra: &[&str]) -> Daemon {
         let mut s = self.walship.sender(
             &self.dir,
             &self.primary.conninfo(),
             port,
             &self.certs,
             &self.certs,
-            &extra,
+            extra,
         );
         s.wait_for_log("streaming", Duration::from_secs(60));
         s

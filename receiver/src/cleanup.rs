@@ -68,13 +68,10 @@ pub async fn cleanup_store(
     let cutoff = now - (keep_days * 86_400) as i64;
     let mut deleted = Vec::new();
     for f in store.list("").await? {
-        let segment = match WalFileName::parse(&f.name, seg) {
-            Ok(WalFileName::Segment { timeline, segno })
-            | Ok(WalFileName::Partial { timeline, segno }) => {
-                segment_file_name(timeline, segno, seg)
-            }
-            _ => continue,
+        let Some(s) = crate::archive::ArchivedSegment::from_name(&f.name, seg, 0) else {
+            continue;
         };
+        let segment = segment_file_name(s.timeline, s.segno, seg);
         if segment.as_str() < restartpoint && f.modified_unix < cutoff {
             store.delete(&f.name).await?;
             deleted.push(f.name);

@@ -486,25 +486,25 @@ fn main() -> ExitCode {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            let deleted = runtime()?.block_on(cleanup::cleanup_store(
+            let deleted = walship_receiver::store::block_on(cleanup::cleanup_store(
                 &store,
                 seg,
                 &args.restartpoint,
                 args.keep_days,
                 now,
-            ))?;
+            ))??;
             if !deleted.is_empty() {
                 tracing::info!(count = deleted.len(), first = %deleted[0], last = %deleted[deleted.len() - 1], "deleted from the object store: older than {} and than {} days", args.restartpoint, args.keep_days);
             }
             Ok(())
         }),
         Command::Prefetch(args) => walship_receiver::store::Store::open(&args.object_store).and_then(|store| {
-            let fetched = runtime()?.block_on(walship_receiver::prefetch::run(
+            let fetched = walship_receiver::store::block_on(walship_receiver::prefetch::run(
                 &args.archive,
                 &store,
                 &args.after,
                 args.count,
-            ))?;
+            ))??;
             tracing::debug!(fetched, "prefetched after {}", args.after);
             Ok(())
         }),
@@ -521,7 +521,7 @@ fn main() -> ExitCode {
                     let seg = archive::Identity::load(&args.archive)?
                         .map_or(walship_protocol::WalSegSize::DEFAULT, |id| id.wal_segment_size);
                     r.store_contents =
-                        Some(runtime()?.block_on(status::StoreContents::list(&store, seg)));
+                        Some(walship_receiver::store::block_on(status::StoreContents::list(&store, seg))?);
                 }
                 let code = r.judge(&thresholds).code;
                 if args.json {
@@ -548,12 +548,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// A runtime for a one-shot command that talks to the object store.
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| anyhow::anyhow!("start a runtime: {e}"))
 }

@@ -23,6 +23,8 @@ use crate::store::Store;
 
 /// The spool directory inside the archive.
 pub const SPOOL_DIR: &str = "prefetch";
+/// Held by the running prefetcher.
+const LOCK_FILE: &str = ".lock";
 /// Downloads in flight at once.
 const PARALLEL: usize = 4;
 
@@ -36,10 +38,11 @@ pub fn start(archive: &Path, url: &str, after: &str, count: usize) {
     if count == 0 {
         return;
     }
-    // a running prefetcher reads where recovery is from the spool and goes on from there
+    // a running prefetcher reads where recovery is from the spool and goes on from there (a hint: no fsync;
+    // the prefetcher ignores anything but a whole segment name)
     let dir = spool(archive);
     if fs::create_dir_all(&dir).is_ok()
-        && crate::archive::write_atomically(&dir, WANTED_FILE, after.as_bytes()).is_ok()
+        && fs::write(dir.join(WANTED_FILE), after).is_ok()
         && prefetcher_running(&dir)
     {
         return;
@@ -79,7 +82,7 @@ pub async fn run(archive: &Path, store: &Store, after: &str, count: usize) -> Re
     let id = crate::archive::ensure_archive(archive)?;
     let dir = spool(archive);
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let lock_path = dir.join(".lock");
+    let lock_path = dir.join(LOCK_FILE);
     let lock = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -94,7 +97,7 @@ pub async fn run(archive: &Path, store: &Store, after: &str, count: usize) -> Re
         // another boot's spool (or none yet): start afresh
         for entry in fs::read_dir(&dir).with_context(|| format!("list {}", dir.display()))? {
             let Ok(entry) = entry else { continue };
-            if entry.file_name() != ".lock" && entry.file_name() != WANTED_FILE {
+            if entry.file_name() != LOCK_FILE && entry.file_name() != WANTED_FILE {
                 let _ = fs::remove_file(entry.path());
             }
         }
@@ -249,7 +252,7 @@ pub fn trusted(archive: &Path) -> bool {
 
 /// Whether a prefetcher is at work in `dir` (it holds the spool's lock).
 fn prefetcher_running(dir: &Path) -> bool {
-    let Ok(lock) = fs::File::open(dir.join(".lock")) else {
+    let Ok(lock) = fs::File::open(dir.join(LOCK_FILE)) else {
         return false;
     };
     match lock.try_lock_shared() {

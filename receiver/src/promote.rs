@@ -151,16 +151,12 @@ pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
     let stored_timeline = match &opts.object_store {
         Some(url) => {
             let store = crate::store::Store::open(url)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("start a runtime for the object store")?;
-            rt.block_on(async {
+            crate::store::block_on(async {
                 match store.adopt_identity(&opts.archive).await? {
                     Some(id) => store.newest_timeline(id.wal_segment_size).await,
                     None => Ok(None),
                 }
-            })?
+            })??
         }
         None => None,
     };

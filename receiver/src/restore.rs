@@ -24,7 +24,7 @@ use tracing::{debug, error, info, warn};
 use walship_protocol::wal::{segment_file_name, SegNo, WalFileName, LONG_PAGE_HEADER};
 use walship_protocol::{Lsn, TimelineId, WalSegSize};
 
-use crate::archive::{list_segments, ArchivedSegment, Identity};
+use crate::archive::{list_segments, merge_segments, ArchivedSegment, Identity};
 
 pub use crate::archive::{Failover, Handover, FAILOVER_FILE};
 
@@ -70,11 +70,7 @@ where
         return Ok(None);
     };
     let store = crate::store::Store::open(url)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("start a runtime for the object store")?;
-    rt.block_on(f(store)).map(Some)
+    crate::store::block_on(f(store))?.map(Some)
 }
 
 /// Writes `bytes` to `%p` (a failed write leaves nothing there).
@@ -418,31 +414,15 @@ fn segments_after(
     timeline: TimelineId,
     segno: SegNo,
 ) -> Result<Vec<ArchivedSegment>> {
-    let mut all = list_segments(&opts.archive, seg)?;
+    let local = list_segments(&opts.archive, seg)?;
     let from = segment_file_name(timeline, segno.saturating_sub(1), seg);
-    if let Some(stored) = with_store(opts, |store| async move { store.list(&from).await })? {
-        for f in stored {
-            let (timeline, segno, complete) = match WalFileName::parse(&f.name, seg) {
-                Ok(WalFileName::Segment { timeline, segno }) => (timeline, segno, true),
-                Ok(WalFileName::Partial { timeline, segno }) => (timeline, segno, false),
-                _ => continue,
-            };
-            match all
-                .iter_mut()
-                .find(|s| (s.timeline, s.segno) == (timeline, segno))
-            {
-                Some(s) => s.complete |= complete,
-                None => all.push(ArchivedSegment {
-                    timeline,
-                    segno,
-                    complete,
-                    size: 0,
-                }),
-            }
-        }
-        all.sort_by_key(|s| (s.timeline, s.segno));
-    }
-    Ok(all)
+    let Some(stored) = with_store(opts, |store| async move { store.list(&from).await })? else {
+        return Ok(local);
+    };
+    let stored = stored
+        .iter()
+        .filter_map(|f| ArchivedSegment::from_name(&f.name, seg, 0));
+    Ok(merge_segments(local.into_iter().chain(stored)))
 }
 
 /// Whether `segno` of `timeline` is where the archive ends (the next segment after the newest complete one).
@@ -554,33 +534,31 @@ fn from_spool_or_store(
         validate_complete(&f, id, timeline, segno)
     };
     let spooled = crate::prefetch::spool(&opts.archive).join(&name);
-    let mut source = "the object store";
     // the prefetcher may be downloading this very segment: waiting for it beats downloading it twice
     crate::prefetch::await_in_flight(&opts.archive, &name, Duration::from_secs(30));
-    match crate::prefetch::take(&opts.archive, &spooled, &opts.dest) {
-        Ok(true) => match checked_dest() {
-            Ok(()) => source = "the object store (prefetched)",
+    let taken = crate::prefetch::take(&opts.archive, &spooled, &opts.dest)
+        .with_context(|| format!("move {} to {}", spooled.display(), opts.dest.display()))?;
+    let prefetched = taken
+        && match checked_dest() {
+            Ok(()) => true,
             Err(e) => {
                 warn!(file = %name, "prefetched copy is damaged ({e:#}); taking it from the store again");
                 let _ = fs::remove_file(&opts.dest);
-                from_store_to_dest(opts, &name)?;
+                false
             }
-        },
-        Ok(false) => {
-            if !from_store_to_dest(opts, &name)? {
-                return Ok(None);
-            }
+        };
+    let source = if prefetched {
+        "the object store (prefetched)"
+    } else {
+        if !from_store_to_dest(opts, &name)? {
+            return Ok(None);
         }
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("move {} to {}", spooled.display(), opts.dest.display()))
+        if let Err(e) = checked_dest() {
+            let _ = fs::remove_file(&opts.dest);
+            return Err(e.context(format!("segment {name} from the object store is damaged")));
         }
-    }
-    let _ = fs::remove_file(&spooled);
-    if let Err(e) = checked_dest() {
-        let _ = fs::remove_file(&opts.dest);
-        return Err(e.context(format!("segment {name} from the object store is damaged")));
-    }
+        "the object store"
+    };
     info!(file = %name, "restored from {source}");
     if let Some(url) = &opts.object_store {
         crate::prefetch::start(&opts.archive, url, &name, opts.prefetch);

@@ -66,6 +66,16 @@ pub fn apply_options(options: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Runs `f` on a runtime of its own: the one-shot commands (restore, promote, cleanup, status, prefetch) reach
+/// the store from synchronous code.
+pub fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start a runtime for the object store")?;
+    Ok(rt.block_on(f))
+}
+
 /// One archive file in the store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredFile {
@@ -266,17 +276,12 @@ impl Store {
         &self,
         seg: walship_protocol::WalSegSize,
     ) -> Result<Option<walship_protocol::TimelineId>> {
-        use walship_protocol::wal::WalFileName;
         Ok(self
             .list("")
             .await?
             .iter()
-            .filter_map(|f| match WalFileName::parse(&f.name, seg) {
-                Ok(
-                    WalFileName::Segment { timeline, .. } | WalFileName::Partial { timeline, .. },
-                ) => Some(timeline),
-                _ => None,
-            })
+            .filter_map(|f| crate::archive::ArchivedSegment::from_name(&f.name, seg, 0))
+            .map(|s| s.timeline)
             .max())
     }
 
