@@ -30,6 +30,10 @@ pub const MAX_RECORD: u32 = 1020 * 1024 * 1024;
 pub const RM_XLOG_ID: u8 = 0;
 /// `XLOG_SWITCH` (in `xl_info & !XLR_INFO_MASK`).
 pub const XLOG_SWITCH: u8 = 0x40;
+/// `XLOG_CHECKPOINT_SHUTDOWN` (pg_control.h): a shutdown or end-of-recovery checkpoint.
+pub const XLOG_CHECKPOINT_SHUTDOWN: u8 = 0x00;
+/// `XLOG_CHECKPOINT_ONLINE` (pg_control.h).
+pub const XLOG_CHECKPOINT_ONLINE: u8 = 0x10;
 /// `XLR_INFO_MASK`: the bits of `xl_info` that belong to the record machinery, not the resource manager.
 pub const XLR_INFO_MASK: u8 = 0x0F;
 
@@ -61,6 +65,15 @@ pub struct Record {
 impl Record {
     pub fn is_switch(&self) -> bool {
         self.rmid == RM_XLOG_ID && self.info & !XLR_INFO_MASK == XLOG_SWITCH
+    }
+
+    /// A checkpoint record (`XLOG_CHECKPOINT_SHUTDOWN` or `XLOG_CHECKPOINT_ONLINE`).
+    pub fn is_checkpoint(&self) -> bool {
+        self.rmid == RM_XLOG_ID
+            && matches!(
+                self.info & !XLR_INFO_MASK,
+                XLOG_CHECKPOINT_SHUTDOWN | XLOG_CHECKPOINT_ONLINE
+            )
     }
 }
 

@@ -557,6 +557,7 @@ async fn open<'a>(
         shipped_on_write_total: 0,
         asking: None,
         slot_task: None,
+        drain_target: None,
     })
 }
 
@@ -645,6 +646,8 @@ struct Streaming<'a> {
     asking: Option<tokio::task::JoinHandle<anyhow::Result<Position>>>,
     /// The slot advance in progress, with the position it advances to.
     slot_task: Option<(Lsn, tokio::task::JoinHandle<anyhow::Result<()>>)>,
+    /// While draining a stopped primary: how far to ship (valid records, provisional beyond `pos.flush`).
+    drain_target: Option<Lsn>,
 }
 
 impl Streaming<'_> {
@@ -783,6 +786,9 @@ impl Streaming<'_> {
     /// validated, except the last byte of a segment (a segment is completed in the archive, and handed to
     /// recovery, only with confirmed bytes).
     fn target(&self) -> Lsn {
+        if let Some(target) = self.drain_target {
+            return target;
+        }
         let flush = self.pos.flush;
         if !self.ships_on_write() {
             return flush;
@@ -1073,8 +1079,10 @@ impl Streaming<'_> {
                 _ = shutdown.cancelled() => return Ok(Stop::Drain),
                 moved = self.link.recv() => *progressed |= moved?,
                 _ = keepalive.tick() => {
+                    // only what is proven flushed: the rest of the drained WAL stays provisional
                     let grace = self.cfg.shutdown_grace;
-                    if let Some(stop) = finish_on_shutdown(self.link.keepalive(end, now_micros()), shutdown, grace).await? {
+                    let flushed = self.pos.flush;
+                    if let Some(stop) = finish_on_shutdown(self.link.keepalive(flushed, now_micros()), shutdown, grace).await? {
                         return Ok(stop);
                     }
                 }
@@ -1098,22 +1106,41 @@ impl Streaming<'_> {
 
     /// Ships every complete, valid record in `pg_wal/` beyond what was sent and waits until the receiver
     /// has made it durable. Returns where the valid WAL ends.
+    ///
+    /// The server that wrote these records is down, but that does not make them flushed: a power loss can
+    /// still take the unflushed tail, and the restarted primary then writes other WAL there. So drained WAL
+    /// stays **provisional** (DESIGN.md §1): only what is proven flushed is confirmed (see
+    /// [`Streaming::proven_flush`]), the rest is shipped for a failover and compared when a sender resumes.
     async fn ship_valid_wal(
         &mut self,
         shutdown: &CancellationToken,
         progressed: &mut bool,
     ) -> Result<Lsn, Failure> {
-        let end = self.wal_end(self.link.sent())?;
-        // the records are complete and valid, and the server that wrote them is down
-        if end > self.pos.flush {
-            self.pos.flush = end;
+        let from = self.link.sent().min(self.pos.flush.max(self.start));
+        let walked = self.walk_pg_wal(from)?;
+        let end = walked.end.max(self.link.sent());
+        let proven = self.proven_flush(&walked);
+        if proven > self.pos.flush {
+            info!(flushed = %proven, previous = %self.pos.flush, "the stopped primary's WAL is proven flushed up to {proven}");
+            self.pos.flush = proven;
         }
         self.pos.insert = self.pos.flush;
-        while self.link.sent() < end {
+        // An old receiver (protocol < 3) takes only flushed WAL. Otherwise ship every valid record, short of
+        // the last byte of a segment that is not proven flushed (a segment is completed only with confirmed
+        // bytes): by construction of the proof that can only be the segment where the valid WAL ends.
+        let target = if !self.ships_on_write() {
+            self.pos.flush.min(end)
+        } else if end > self.pos.flush {
+            end.min(self.provisional_cap())
+        } else {
+            end
+        };
+        self.drain_target = Some(target);
+        while self.link.sent() < target {
             if self.pump(shutdown).await?.is_some() {
                 return Err(retry(anyhow!("shutting down during the drain")));
             }
-            if self.link.sent() < end {
+            if self.link.sent() < target {
                 // the window is full: wait for acknowledgements
                 tokio::select! {
                     moved = self.link.recv() => *progressed |= moved?,
@@ -1121,17 +1148,45 @@ impl Streaming<'_> {
                 }
             }
         }
+        // confirm what is proven flushed (never more than was sent)
+        if self.confirm(shutdown).await?.is_some() {
+            return Err(retry(anyhow!("shutting down during the drain")));
+        }
         let deadline = tokio::time::Instant::now() + self.cfg.receiver_timeout;
-        while self.link.acked() < end {
+        while self.link.acked() < target {
             tokio::select! {
                 moved = self.link.recv() => *progressed |= moved?,
                 _ = shutdown.cancelled() => return Err(retry(anyhow!("shutting down during the drain"))),
                 _ = tokio::time::sleep_until(deadline) => {
-                    return Err(retry(anyhow!("the receiver did not acknowledge the drained WAL up to {end} within {:?}", self.cfg.receiver_timeout)));
+                    return Err(retry(anyhow!("the receiver did not acknowledge the drained WAL up to {target} within {:?}", self.cfg.receiver_timeout)));
                 }
             }
         }
         Ok(end)
+    }
+
+    /// How far the WAL of a primary that is down is proven flushed, from what PostgreSQL itself wrote:
+    /// - the flush position it last reported;
+    /// - the checkpoint `pg_control` names, when that record is among the valid records walked: PostgreSQL
+    ///   updates `pg_control` only after flushing the checkpoint record (`CreateCheckPoint`), so everything up
+    ///   to its end was flushed (a clean shutdown's checkpoint ends its WAL);
+    /// - the start of the segment where the valid WAL ends: PostgreSQL fsyncs a segment as soon as it has
+    ///   written its last page, before it writes any page of the next one (`XLogWrite`, `finishing_seg`), so
+    ///   a valid record in segment M proves every segment before M flushed.
+    fn proven_flush(&self, walked: &Walked) -> Lsn {
+        let mut proven = self.pos.flush;
+        if walked.end > Lsn(0) {
+            let last = Lsn(walked.end.0 - 1);
+            proven = proven.max(self.seg.segment_start(self.seg.segno(last)).min(walked.end));
+        }
+        if let Some(at) = self.data_dir.as_deref().and_then(|d| {
+            pg_control_checkpoint(d, self.reader.expectation(self.timeline).system_identifier)
+        }) {
+            if let Some((_, end)) = walked.checkpoints.iter().find(|(start, _)| *start == at) {
+                proven = proven.max(*end);
+            }
+        }
+        proven
     }
 
     /// Tells the receiver (protocol 2+) that the primary is down and where its WAL ends.
@@ -1147,14 +1202,20 @@ impl Streaming<'_> {
         Ok(())
     }
 
-    /// Where the last complete, valid record in `pg_wal/` ends, walking from the page holding `sent`
-    /// (never before `sent`).
-    fn wal_end(&self, sent: Lsn) -> Result<Lsn, Failure> {
+    /// Walks the valid records in `pg_wal/` from the page holding `from`: where the last complete, valid
+    /// record ends, and the checkpoint records on the way.
+    fn walk_pg_wal(&self, from: Lsn) -> Result<Walked, Failure> {
         const CHUNK: usize = 1 << 20;
         let exp = self.reader.expectation(self.timeline);
-        let base = Lsn(sent.0 - sent.0 % walship_protocol::wal::XLOG_BLCKSZ as u64);
+        let base = Lsn(from.0 - from.0 % walship_protocol::wal::XLOG_BLCKSZ as u64);
         let mut buf: Vec<u8> = Vec::new();
         let mut walker: Option<Walker> = None;
+        let mut checkpoints = Vec::new();
+        let mut note = |r: &walship_protocol::walker::Record| {
+            if r.is_checkpoint() {
+                checkpoints.push((r.start, r.end));
+            }
+        };
         loop {
             let at = Lsn(base.0 + buf.len() as u64);
             let chunk = self
@@ -1171,21 +1232,50 @@ impl Streaming<'_> {
                     Ok(w) => walker.insert(w),
                     Err(WalkStop::NeedMore { .. }) => continue,
                     Err(stop) => {
-                        warn!(%sent, "no valid record after what was sent: {stop}");
+                        warn!(%from, "no valid record after {from}: {stop}");
                         break;
                     }
                 },
             };
-            match w.walk(&buf, base, |_| {}) {
+            match w.walk(&buf, base, &mut note) {
                 WalkStop::NeedMore { .. } => continue,
                 stop => {
-                    debug!(%sent, "the WAL in pg_wal ends at {}: {stop}", w.next_lsn());
+                    debug!(%from, "the WAL in pg_wal ends at {}: {stop}", w.next_lsn());
                     break;
                 }
             }
         }
-        Ok(walker.map(|w| w.next_lsn()).unwrap_or(sent).max(sent))
+        Ok(Walked {
+            end: walker.map(|w| w.next_lsn()).unwrap_or(from).max(from),
+            checkpoints,
+        })
     }
+}
+
+/// What a walk of `pg_wal/` found.
+struct Walked {
+    /// Where the last complete, valid record ends.
+    end: Lsn,
+    /// The checkpoint records walked: (start, end).
+    checkpoints: Vec<(Lsn, Lsn)>,
+}
+
+/// The location of the latest checkpoint that `global/pg_control` in `data_dir` names, if the file belongs
+/// to the cluster `system_identifier`. `ControlFileData` starts (9.3+) with `system_identifier: u64`,
+/// `pg_control_version: u32`, `catalog_version_no: u32`, `state: u32`, `time: i64` (aligned to 8) and
+/// `checkPoint: u64` at offset 32, native byte order. The caller trusts the location only if a valid
+/// checkpoint record starts there.
+fn pg_control_checkpoint(data_dir: &std::path::Path, system_identifier: u64) -> Option<Lsn> {
+    use std::io::Read;
+    let mut head = [0u8; 40];
+    std::fs::File::open(data_dir.join("global").join("pg_control"))
+        .and_then(|mut f| f.read_exact(&mut head))
+        .ok()?;
+    let sysid = u64::from_le_bytes(head[0..8].try_into().ok()?);
+    if sysid != system_identifier {
+        return None;
+    }
+    Some(Lsn(u64::from_le_bytes(head[32..40].try_into().ok()?)))
 }
 
 /// What the sender can tell of the primary's server after its connection failed.
