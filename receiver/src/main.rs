@@ -125,8 +125,9 @@ struct RestoreArgs {
     /// Without it, a missing segment is answered at once (standby mode: PostgreSQL retries by itself).
     #[arg(long, env = "WALSHIP_RESTORE_WAIT")]
     wait: bool,
-    /// Also hand over the current partial segment, zero-padded, before any failover, so that a standby in
-    /// standby mode replays shipped WAL continuously (set wal_retrieve_retry_interval low, e.g. 100ms).
+    /// Also hand over the confirmed part of the current partial segment (WAL the primary has flushed),
+    /// zero-padded, before any failover, so that a standby in standby mode replays shipped WAL continuously
+    /// (set wal_retrieve_retry_interval low, e.g. 100ms). Provisional WAL reaches recovery only at failover.
     #[arg(long, env = "WALSHIP_RESTORE_LIVE")]
     live: bool,
     /// A file whose existence triggers failover (for HA tools), besides `walship-receiver promote`.

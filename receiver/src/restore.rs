@@ -9,7 +9,7 @@
 //! | `.history`, `.backup` | copied if present, else "missing" at once |
 //! | segment not complete, failover triggered, `.partial` present | the partial zero-padded to the segment size; the handover is recorded |
 //! | segment beyond a handed-over partial | "missing", so recovery ends there |
-//! | segment not complete, `--live`, `.partial` present | the partial zero-padded (standby mode re-requests it as it grows) |
+//! | segment not complete, `--live`, `.partial` present | its confirmed part (what the primary had flushed), zero-padded (standby mode re-requests it as it grows) |
 //! | segment not there yet, `--wait` | wait for it or for failover, woken by file-system events |
 //! | segment not there yet, no `--wait` | "missing" at once; PostgreSQL in standby mode retries |
 
@@ -338,7 +338,15 @@ fn segment(
 
     let partial = opts.archive.join(format!("{name}.partial"));
     if failover.is_some() || opts.live {
-        let handed = hand_over_partial(opts, id, timeline, segno, &partial)?;
+        // A running standby gets only confirmed WAL (the primary had flushed it): provisional bytes reach
+        // recovery only at failover (DESIGN.md §1).
+        let limit = failover
+            .is_none()
+            .then(|| confirmed_in_segment(opts, seg, timeline, segno));
+        let handed = match limit {
+            Some(0) => None,
+            limit => hand_over_partial(opts, id, timeline, segno, &partial, limit)?,
+        };
         if let Some(state) = &failover {
             let bytes = handed.unwrap_or(0);
             let at_end = handed.is_some() || archive_ends_before(opts, seg, timeline, segno)?;
@@ -475,21 +483,43 @@ fn check_page_header(page: &[u8], id: &Identity, timeline: TimelineId, segno: Se
 
 /// Writes the `.partial` of the segment, zero-padded to the segment size, to `%p`. Returns the bytes handed
 /// over, or `None` when there is no partial (or one too short to hold a page header).
+/// How many bytes of segment `segno` of `timeline` the archive holds confirmed, by `walship.position` (0
+/// when it does not say: a running standby then waits for the complete segment). The file may be older than
+/// the receiver's state, never ahead of it: a running standby may get less than is confirmed, never more.
+fn confirmed_in_segment(
+    opts: &RestoreOptions,
+    seg: WalSegSize,
+    timeline: TimelineId,
+    segno: SegNo,
+) -> u64 {
+    match crate::archive::read_positions(&opts.archive) {
+        Some(p) if p.timeline == timeline && seg.segno(p.confirmed) == segno => {
+            seg.offset(p.confirmed)
+        }
+        _ => 0,
+    }
+}
+
+/// Hands the partial segment `segno` (at most `limit` bytes of it, when given) to recovery, zero-padded.
+/// Without a local partial (and without a limit: at failover) the store's partial is taken.
 fn hand_over_partial(
     opts: &RestoreOptions,
     id: &Identity,
     timeline: TimelineId,
     segno: SegNo,
     partial: &Path,
+    limit: Option<u64>,
 ) -> Result<Option<u64>> {
     let f = match File::open(partial) {
         Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && limit.is_some() => return Ok(None),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return hand_over_stored_partial(opts, id, timeline, segno)
         }
         Err(e) => return Err(e).with_context(|| format!("open {}", partial.display())),
     };
     let len = f.metadata().context("stat partial segment")?.len();
+    let len = limit.map_or(len, |l| len.min(l));
     if len < LONG_PAGE_HEADER as u64 {
         return Ok(None);
     }
@@ -511,7 +541,7 @@ fn hand_over_partial(
         .mode(0o600)
         .open(tmp_dest)
         .with_context(|| format!("create {}", tmp_dest.display()))?;
-    let mut src = f;
+    let mut src = io::Read::take(f, len);
     let copied = io::copy(&mut src, &mut out)
         .with_context(|| format!("copy {} to {}", partial.display(), tmp_dest.display()))?;
     out.set_len(seg.as_u64())
