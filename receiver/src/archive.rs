@@ -546,8 +546,16 @@ impl Archive {
             self.ends.insert(timeline, end);
             self.durable.insert(timeline, end);
             // Without a record (an older timeline, a lost file) everything counts as confirmed: a
-            // difference is then refused rather than replaced.
-            let confirmed = recorded.map_or(end, |p| p.confirmed.min(end));
+            // difference is then refused rather than replaced. A record may be stale (the file is not
+            // fsynced: a power loss of the standby leaves an older one), never below what the files prove:
+            // a segment is completed only with confirmed bytes, so everything before the open partial is
+            // confirmed. That keeps the resume point within the segment the replication slot holds.
+            let proven = if partial {
+                seg.segment_start(segno)
+            } else {
+                end
+            };
+            let confirmed = recorded.map_or(end, |p| p.confirmed.max(proven).min(end));
             self.confirmed.insert(timeline, confirmed);
         }
         Ok(())
@@ -1392,6 +1400,40 @@ mod tests {
             }
         }
         d
+    }
+
+    /// Issue 19, point 5: `walship.position` is not fsynced, so a power loss of the standby can leave an
+    /// older one. What decides the resume point never falls below what the files prove (everything before
+    /// the open partial is confirmed), so a sender never resumes behind the segment its slot holds.
+    #[test]
+    fn a_stale_position_file_never_moves_the_resume_point_behind_the_open_partial() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        let mut a = Archive::open(&path).unwrap();
+        a.check_or_pin_identity(identity()).unwrap().unwrap();
+        let start = 2 * SEG;
+        let data = wal(start, SEG as usize + 60_000);
+        a.begin_session();
+        append_confirmed(&mut a, 1, Lsn(start), &data[..SEG as usize + 20_000]);
+        a.append(1, Lsn(start + SEG + 20_000), &data[SEG as usize + 20_000..])
+            .unwrap();
+        let synced = a.sync(1).unwrap().unwrap();
+        assert_eq!(synced.confirmed, Lsn(start + SEG + 20_000));
+        drop(a);
+        // the position file as it was long before: confirmed in the segment before the partial
+        let stale = Positions {
+            timeline: 1,
+            durable: Lsn(start + 10_000),
+            confirmed: Lsn(start + 10_000),
+        };
+        std::fs::write(path.join(POSITION_FILE), stale.render()).unwrap();
+        let mut a = Archive::open(&path).unwrap();
+        assert_eq!(a.durable_end(1), Some(Lsn(start + SEG + 60_000)));
+        assert_eq!(
+            a.begin_session(),
+            vec![(1, Lsn(start + SEG))],
+            "the complete segment is confirmed; the partial is compared from its start"
+        );
     }
 
     #[test]
