@@ -1,8 +1,9 @@
 //! A real S3-compatible server for the object-store tests: `s3s-fs` (crates.io), started per test on a free
-//! port with its data in the test directory. `.ci/run` installs it; a missing binary fails the test with the
-//! command that installs it.
+//! port with its data in the test directory. The harness installs it on first use (`cargo install` of a
+//! pinned version into the workspace's `target/tools`, one install at a time across test processes), so
+//! `cargo test --workspace` needs nothing installed by hand; a failed install stops with the command to run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,11 @@ pub const ACCESS_KEY: &str = "walship-test";
 pub const SECRET_KEY: &str = "walship-test-secret";
 pub const BUCKET: &str = "wal";
 
-/// The s3s-fs binary: `WALSHIP_S3S_FS`, else on PATH, else in ~/.cargo/bin.
+/// The s3s-fs release the tests run against.
+const S3S_FS_VERSION: &str = "0.14.1";
+
+/// The s3s-fs binary: `WALSHIP_S3S_FS`, else on PATH, else in ~/.cargo/bin, else the one the harness
+/// installs into `target/tools` (installing it first if need be).
 pub fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("WALSHIP_S3S_FS") {
         return PathBuf::from(p);
@@ -25,12 +30,52 @@ pub fn binary() -> PathBuf {
     let cargo_bin = std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".cargo/bin/s3s-fs"))
         .filter(|p| p.is_file());
-    on_path.or(cargo_bin).unwrap_or_else(|| {
-        panic!(
-            "the object-store tests need an S3-compatible server and found no s3s-fs: install it with \
-             `cargo install s3s-fs --version 0.14.1 --features binary --locked` (or set WALSHIP_S3S_FS)"
-        )
-    })
+    on_path
+        .or(cargo_bin)
+        .unwrap_or_else(|| install(&tools_dir()))
+}
+
+/// `target/tools` of this workspace.
+fn tools_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("tools")
+}
+
+/// Installs s3s-fs into `root` (under a file lock: test binaries run in parallel) unless it is there.
+fn install(root: &Path) -> PathBuf {
+    let bin = root.join("bin").join("s3s-fs");
+    std::fs::create_dir_all(root).expect("create target/tools");
+    let lock = std::fs::File::create(root.join(".s3s-fs.lock")).expect("create the install lock");
+    lock.lock().expect("take the install lock");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        println!(
+            "installing s3s-fs {S3S_FS_VERSION} into {} (once)",
+            root.display()
+        );
+        let status = Command::new(&cargo)
+            .args([
+                "install",
+                "--locked",
+                "--quiet",
+                "s3s-fs",
+                "--features",
+                "binary",
+            ])
+            .args(["--version", S3S_FS_VERSION, "--root"])
+            .arg(root)
+            .status();
+        let ok = matches!(status, Ok(s) if s.success());
+        assert!(
+            ok && bin.is_file(),
+            "the object-store tests need an S3-compatible server, and installing s3s-fs failed ({status:?}): \
+             run `cargo install s3s-fs --version {S3S_FS_VERSION} --features binary --locked`, or set \
+             WALSHIP_S3S_FS to an s3s-fs binary"
+        );
+    }
+    bin
 }
 
 /// A running s3s-fs; stopped on drop.
