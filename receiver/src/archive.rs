@@ -699,6 +699,9 @@ impl Archive {
                 bail!("WAL for timeline {timeline} but the archive already holds timeline {latest}: refusing to write to a superseded timeline");
             }
         }
+        if let Some(handover) = self.fenced(timeline)? {
+            bail!("{}", fence_message(&handover));
+        }
         let end = match self.ends.get(&timeline) {
             Some(end) => *end,
             None => {
@@ -738,6 +741,18 @@ impl Archive {
         let v = self.verified.entry(timeline).or_insert(end);
         *v = (*v).max(end);
         Ok(())
+    }
+
+    /// Whether `timeline` is fenced: its end was handed to recovery at a failover (`restore` recorded the
+    /// handover), so a standby was promoted from it and the server that wrote it must not extend or change
+    /// it. Cheap while no failover is under way (one `stat`).
+    pub fn fenced(&self, timeline: TimelineId) -> Result<Option<Handover>> {
+        if !self.dir.join(FAILOVER_FILE).exists() {
+            return Ok(None);
+        }
+        Ok(Failover::load(&self.dir)?
+            .and_then(|f| f.current_handover().cloned())
+            .filter(|h| h.timeline == timeline))
     }
 
     /// The resent WAL of `timeline` differs from the archive's from `at` on. Allowed only where nothing is
@@ -1253,6 +1268,18 @@ impl Failover {
             .as_ref()
             .filter(|h| h.at_unix_micros >= self.requested_at_unix_micros)
     }
+}
+
+/// What a sender of a fenced timeline is told (see [`Archive::fenced`]).
+pub fn fence_message(h: &Handover) -> String {
+    format!(
+        "timeline {t} of this archive was handed to recovery at a failover (WAL up to {end}, segment {seg}): a standby \
+         was promoted from it, so timeline {t} is fenced and this server must not ship WAL into it; rebuild this \
+         server as a standby of the new primary (pg_rewind, or a new base backup) before it ships again",
+        t = h.timeline,
+        end = h.end_lsn,
+        seg = h.segment,
+    )
 }
 
 /// Removes the failover state of a timeline older than `timeline` (its failover is over).

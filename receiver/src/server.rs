@@ -451,6 +451,12 @@ async fn session(
         if let Some(latest) = guard.latest_timeline().filter(|t| *t > hello.timeline) {
             return Err(refuse(&mut writer, RefuseCode::TimelineBehind, superseded(latest, &hello)).await.into());
         }
+        // after a failover the old primary's timeline is fenced (its end went to recovery)
+        if let Some(handover) = guard.fenced(hello.timeline).context("read the failover state")? {
+            let reason = crate::archive::fence_message(&handover);
+            warn!("refused a sender of a fenced timeline: {reason}");
+            return Err(refuse(&mut writer, RefuseCode::TimelineBehind, reason).await.into());
+        }
         shared.learn(&guard, Some(hello.timeline));
         // a sender connected: the primary (or its successor) is up again
         let guard = tokio::task::spawn_blocking(move || {
