@@ -765,7 +765,7 @@ impl Archive {
         let name = segment_file_name(timeline, seg.segno(at), seg);
         if at < confirmed {
             bail!(
-                "resent WAL differs from the archive at {at} (segment {name}), where the archive holds WAL the primary had confirmed (flushed, up to {confirmed}): the sender's history diverged from what was archived; refusing to overwrite"
+                "resent WAL differs from the archive at {at} (segment {name}), where the archive holds WAL the primary had confirmed (flushed, up to {confirmed}): the sender's history diverged from what was archived (another primary of this cluster: a restored copy started as a primary, a split brain, or a primary rebuilt without a new archive); refusing to overwrite"
             );
         }
         let Some(cur) = self

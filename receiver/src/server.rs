@@ -106,7 +106,16 @@ struct Shared {
     /// Set when the archive cannot be trusted any more: the server stops with this error.
     fatal: Mutex<Option<anyhow::Error>>,
     stop: CancellationToken,
+    /// When the session that holds the archive last received a message from its sender.
+    heard: Mutex<Instant>,
 }
+
+/// A session that received a message this recently is alive: a new session does not take the archive from it
+/// (senders send a keepalive every second).
+const LIVE_SENDER: Duration = Duration::from_secs(3);
+/// How long a new session waits for the one holding the archive to end by itself (a sender that reconnects has
+/// just closed its old connection) before it looks at whether that one is alive.
+const RECONNECT_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct Admission {
@@ -163,6 +172,18 @@ impl Shared {
         };
     }
 
+    fn heard_now(&self) {
+        *self.heard.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// How long the session holding the archive has received nothing.
+    fn silent_for(&self) -> Duration {
+        self.heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
     fn fail(&self, e: anyhow::Error) {
         let mut f = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
         if f.is_none() {
@@ -198,6 +219,7 @@ pub async fn serve(
         status,
         handshakes: Mutex::new(Admission::default()),
         fatal: Mutex::new(None),
+        heard: Mutex::new(Instant::now()),
         stop: stop.clone(),
     });
     let tracker = TaskTracker::new();
@@ -420,22 +442,51 @@ async fn session(
             return Err(refuse(&mut writer, RefuseCode::TimelineBehind, superseded(latest, &hello)).await.into());
         }
 
-        // take the archive over from an older session
-        let previous = shared.active.lock().unwrap_or_else(|p| p.into_inner()).replace(token.clone());
-        if let Some(previous) = previous {
-            info!("a session holds the archive; asking it to hand over");
-            previous.cancel();
-        }
-        let guard = tokio::select! {
-            _ = token.cancelled() => return Err(anyhow!("a newer session took over before this one started").into()),
-            g = tokio::time::timeout(opts.takeover_timeout, shared.archive.clone().lock_owned()) => match g {
-                Ok(guard) => guard,
-                Err(_) => {
-                    let reason = format!("the archive is busy: the previous session did not hand it over within {:?}", opts.takeover_timeout);
-                    return Err(refuse(&mut writer, RefuseCode::Busy, reason).await.into());
+        // A live session keeps the archive: two primaries of one cluster (a restored copy started as a
+        // primary, a split brain) must not take turns writing it. A session whose sender is gone or silent
+        // hands it over.
+        let guard = match shared.archive.clone().try_lock_owned() {
+            Ok(guard) => guard,
+            Err(_) => {
+                let waited = tokio::select! {
+                    _ = token.cancelled() => return Err(anyhow!("the receiver is shutting down").into()),
+                    g = tokio::time::timeout(RECONNECT_GRACE, shared.archive.clone().lock_owned()) => g.ok(),
+                };
+                match waited {
+                    Some(guard) => guard,
+                    None => {
+                        let silent = shared.silent_for();
+                        if silent < LIVE_SENDER {
+                            let reason = format!(
+                                "another sender is streaming into this archive (its last message came {} ms ago): an archive takes WAL from one primary at a time. \
+                                 The same server reconnecting gets in once its old connection has been silent for {LIVE_SENDER:?}; \
+                                 another server with this cluster's system identifier (a restored copy started as a primary, a split brain) must not ship here: stop its sender",
+                                silent.as_millis()
+                            );
+                            warn!("refused a second sender: {reason}");
+                            return Err(refuse(&mut writer, RefuseCode::Busy, reason).await.into());
+                        }
+                        info!(silent_ms = silent.as_millis() as u64, "a silent session holds the archive; asking it to hand over");
+                        let previous = shared.active.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        if let Some(previous) = previous {
+                            previous.cancel();
+                        }
+                        tokio::select! {
+                            _ = token.cancelled() => return Err(anyhow!("the receiver is shutting down").into()),
+                            g = tokio::time::timeout(opts.takeover_timeout, shared.archive.clone().lock_owned()) => match g {
+                                Ok(guard) => guard,
+                                Err(_) => {
+                                    let reason = format!("the archive is busy: the previous session did not hand it over within {:?}", opts.takeover_timeout);
+                                    return Err(refuse(&mut writer, RefuseCode::Busy, reason).await.into());
+                                }
+                            },
+                        }
+                    }
                 }
-            },
+            }
         };
+        shared.active.lock().unwrap_or_else(|p| p.into_inner()).replace(token.clone());
+        shared.heard_now();
         // the authoritative check, under the archive's lock (pins the identity on first contact)
         let (guard, checked) = tokio::task::spawn_blocking(move || {
             let mut guard = guard;
@@ -813,6 +864,7 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                             msg
                         }
                     };
+                    shared.heard_now();
                     match msg {
                         SenderMessage::Wal(w) => {
                             if w.timeline != timeline {

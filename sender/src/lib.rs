@@ -477,6 +477,17 @@ async fn open<'a>(
         cfg.start_lsn,
         &reader,
     )?;
+    // Prove that this server continues the archive's history: resend the page before the resume point
+    // (within its segment). The receiver holds those bytes confirmed and compares them, so another primary
+    // of this cluster (a restored copy started as a primary, a split brain) is refused before it writes.
+    let resumed = resume.iter().any(|(t, _)| *t == timeline);
+    let resume_at = start;
+    let start = if resumed {
+        let page = walship_protocol::wal::XLOG_BLCKSZ as u64;
+        Lsn(start.0.saturating_sub(page).max(info.seg.floor(start).0))
+    } else {
+        start
+    };
     let mut link = Link::new(rx, tx, timeline, start, cfg.window, cfg.receiver_timeout);
     // zstd on the wire when both sides want it (the receiver says so in its Welcome)
     if compression == walship_protocol::Compression::Zstd {
@@ -513,14 +524,14 @@ async fn open<'a>(
     metrics::METRICS.timeline.set(i64::from(timeline));
     metrics::METRICS.primary_flush_lsn.set(pos.flush.0 as i64);
     if let Some((t, acked)) = acked_before.filter(|(t, _)| *t == timeline) {
-        if start < acked {
+        if resume_at < acked {
             // The archive lost WAL it had acknowledged (restored from a backup, a disk that lied about its
             // fsync, or a bug). Resending from the receiver's position repairs the archive while pg_wal still
             // holds the bytes; say so loudly.
             tracing::error!(
                 acknowledged = %acked,
-                resume = %start,
-                "the receiver acknowledged timeline {t} up to {acked} earlier but now resumes at {start}: \
+                resume = %resume_at,
+                "the receiver acknowledged timeline {t} up to {acked} earlier but now resumes at {resume_at}: \
                  its archive lost acknowledged WAL; resending it from pg_wal"
             );
         }
