@@ -1293,8 +1293,8 @@ fn pg_control_checkpoint(data_dir: &std::path::Path, system_identifier: u64) -> 
 enum ServerState {
     /// A new connection works.
     Up,
-    /// The postmaster of `postmaster.pid` is gone (or the file is: a clean shutdown), or the server refuses
-    /// connections while it restarts after a crash.
+    /// The server refuses connections: nothing listens, its socket is gone, or it is starting up, in
+    /// crash recovery or shutting down.
     Down(String),
     /// Neither (yet).
     Unknown(String),
@@ -1344,10 +1344,15 @@ fn postmaster_running(data_dir: Option<&std::path::Path>) -> bool {
     matches!(postmaster(data_dir), Postmaster::Running)
 }
 
+/// Only positive evidence counts as "down": the server refusing connections (nothing listens, its socket is
+/// gone, or it says it is starting up, in recovery or shutting down). A missing `postmaster.pid` or an
+/// unreadable `/proc/PID` alone proves nothing (a sender in another PID or mount namespace, a container
+/// sidecar, `--wal-dir` without the data directory), so a working connection always means "up".
 async fn server_state(data_dir: Option<&std::path::Path>, pgconn: &conninfo::Conn) -> ServerState {
-    if let Postmaster::Gone(why) = postmaster(data_dir) {
-        return ServerState::Down(why);
-    }
+    let postmaster = match postmaster(data_dir) {
+        Postmaster::Gone(why) => format!("{why}; "),
+        _ => String::new(),
+    };
     match tokio::time::timeout(Duration::from_secs(2), Primary::connect(pgconn)).await {
         Ok(Ok(_)) => ServerState::Up,
         Ok(Err(e)) => {
@@ -1361,12 +1366,12 @@ async fn server_state(data_dir: Option<&std::path::Path>, pgconn: &conninfo::Con
                 "No such file or directory",
             ];
             if down.iter().any(|p| text.contains(p)) {
-                ServerState::Down(format!("it refuses connections: {text}"))
+                ServerState::Down(format!("{postmaster}it refuses connections: {text}"))
             } else {
-                ServerState::Unknown(text)
+                ServerState::Unknown(format!("{postmaster}{text}"))
             }
         }
-        Err(_) => ServerState::Unknown("a connection attempt timed out".into()),
+        Err(_) => ServerState::Unknown(format!("{postmaster}a connection attempt timed out")),
     }
 }
 

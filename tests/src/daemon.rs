@@ -167,8 +167,21 @@ impl Walship {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Daemon {
-        let mut cmd = Command::new(self.path(Self::SENDER));
+        let mut cmd = self.sender_command(conninfo, port, ca_dir, client_dir, extra);
         cmd.envs(env.iter().copied());
+        Daemon::spawn(dir, "sender", cmd)
+    }
+
+    /// The command line of [`Walship::sender`], not started (to run it under a wrapper such as `unshare`).
+    pub fn sender_command(
+        &self,
+        conninfo: &str,
+        port: u16,
+        ca_dir: &Path,
+        client_dir: &Path,
+        extra: &[&str],
+    ) -> Command {
+        let mut cmd = Command::new(self.path(Self::SENDER));
         cmd.arg("run")
             .args(["--pgconn", conninfo])
             .args(["--receiver", &format!("127.0.0.1:{port}")])
@@ -181,7 +194,7 @@ impl Walship {
             .arg(client_dir.join("client.key"))
             .args(["--poll-ms", "50"])
             .args(extra);
-        Daemon::spawn(dir, "sender", cmd)
+        cmd
     }
 }
 
