@@ -183,6 +183,12 @@ fn standby(out: &mut Lines, pgdata: &Path, dir: &Path, identity: Option<&Identit
                 }
             ),
         ),
+        Some(cmd) if cmd.contains("--live") && crate::restore::archive_recovery(pgdata) => out.fail(
+            "restore_command",
+            "--live with archive recovery (recovery.signal, or recovery.conf without standby_mode): recovery would replay \
+             the padded partial segment and promote this server while the primary is alive",
+            "use standby.signal (standby_mode = on) for a hot standby, or drop --live",
+        ),
         Some(cmd) => {
             if points_at(&cmd, dir) {
                 out.ok("restore_command", &cmd)

@@ -108,6 +108,24 @@ fn now_micros() -> u64 {
 
 /// Runs one `restore_command` call. Never panics on I/O errors; returns the answer for PostgreSQL.
 pub fn restore(opts: &RestoreOptions) -> Outcome {
+    // --live is for standby mode: archive recovery would replay the padded partial, find its end and promote
+    // the server while the primary is alive. Refuse the live part; complete segments are still served.
+    let live_refused;
+    let opts = if opts.live && archive_recovery(&opts.data_dir) {
+        error!(
+            data_dir = %opts.data_dir.display(),
+            "--live with archive recovery (recovery.signal, or recovery.conf without standby_mode = on) would promote \
+             this server at the end of the partial segment while the primary is alive: ignoring --live, serving complete \
+             segments only; use standby.signal (standby_mode = on) for a hot standby"
+        );
+        live_refused = RestoreOptions {
+            live: false,
+            ..opts.clone()
+        };
+        &live_refused
+    } else {
+        opts
+    };
     // with --wait, watch before looking, so that nothing that happens in between is missed
     let mut watcher = if opts.wait { Watcher::new(opts) } else { None };
     let mut logged_wait = false;
@@ -663,6 +681,20 @@ pub fn archive_mode_always(data_dir: &Path) -> bool {
 /// The value of the server setting `name` as the configuration files of `data_dir` give it: postgresql.conf,
 /// the `config_file` in postmaster.opts, postgresql.auto.conf, and (PostgreSQL 11 and older) recovery.conf;
 /// the last setting wins. `include` directives are not followed.
+/// Whether the server of `data_dir` runs archive recovery, not standby mode: `recovery.signal` without
+/// `standby.signal` (12+), or `recovery.conf` without `standby_mode = on` (up to 11).
+pub fn archive_recovery(data_dir: &Path) -> bool {
+    if data_dir.join("standby.signal").exists() {
+        return false;
+    }
+    if data_dir.join("recovery.signal").exists() {
+        return true;
+    }
+    data_dir.join("recovery.conf").exists()
+        && !setting(data_dir, "standby_mode")
+            .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "on" | "true" | "yes" | "1"))
+}
+
 pub fn setting(data_dir: &Path, name: &str) -> Option<String> {
     let mut files = vec![data_dir.join("postgresql.conf")];
     if let Ok(opts) = fs::read_to_string(data_dir.join("postmaster.opts")) {

@@ -263,3 +263,52 @@ async fn damaged_segments_are_never_handed_to_recovery() {
     drop(client);
     let _ = &s.receiver;
 }
+
+/// Issue 19, point 8: `--live` with archive recovery (recovery.signal) would hand the padded partial to a
+/// recovery that then promotes the server while the primary lives. restore refuses the live part (complete
+/// segments only) and says why; the server stays in recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_mode_with_archive_recovery_never_promotes_the_standby() {
+    let s = shipping("live-archive-recovery", &default()).await;
+    let mut standby = s.primary.base_backup(&s.dir, "standby");
+    standby.configure_recovery(&s.restore_command("--live --wait"), false, &[]);
+    standby.start_no_wait();
+    let primary = s.primary.connect().await;
+    primary
+        .batch_execute(
+            "CREATE TABLE probe (id int); INSERT INTO probe SELECT generate_series(1, 100)",
+        )
+        .await
+        .unwrap();
+    // a complete segment past the end of the base backup: the standby becomes consistent
+    let switched = s.primary.switch_wal(&primary).await;
+    wait_for("the switch to be archived", WAIT, || async {
+        archive_end(&s.archive, s.seg, 1)
+            .filter(|e| *e >= switched)
+            .map(|_| ())
+    })
+    .await;
+    primary
+        .batch_execute("INSERT INTO probe SELECT generate_series(101, 200)")
+        .await
+        .unwrap();
+    wait_for("restore to refuse --live", WAIT, || async {
+        standby.log_text().contains("ignoring --live").then_some(())
+    })
+    .await;
+    let replica = wait_for("the standby to accept connections", WAIT, || {
+        standby.try_connect()
+    })
+    .await;
+    let in_recovery: bool = replica
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery, "the standby must stay in recovery");
+    assert!(
+        !standby.log_text().contains("selected new timeline ID"),
+        "the standby promoted:\n{}",
+        standby.log_text()
+    );
+}
