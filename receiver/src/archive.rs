@@ -673,8 +673,53 @@ impl Archive {
         if walship_protocol::wal::parse_history(content).is_none() {
             bail!("history file {name} sent by the sender is malformed; not stored");
         }
+        self.check_branch(timeline, content)?;
         self.write_atomically(&name, content)?;
         tracing::info!(file = %name, "stored timeline history file");
+        Ok(())
+    }
+
+    /// A timeline newer than any in the archive is accepted only with a history file whose branch point the
+    /// archive holds: it must descend from the archive's newest timeline L, branching off at or before the
+    /// end of L's WAL here, and at or before what was handed to recovery when a failover of L was recorded.
+    /// A sender that claims a new timeline without that (a copy of the primary promoted elsewhere, another
+    /// history) is refused and the archive keeps no trace of it.
+    fn check_branch(&self, timeline: TimelineId, content: &[u8]) -> Result<()> {
+        let Some(latest) = self.latest_timeline() else {
+            return Ok(());
+        };
+        if timeline <= latest {
+            return Ok(());
+        }
+        let name = history_file_name(timeline);
+        let entries = walship_protocol::wal::parse_history(content)
+            .with_context(|| format!("history file {name} is malformed"))?;
+        let Some(branch) = entries.iter().find(|e| e.timeline == latest) else {
+            bail!(
+                "timeline {timeline} does not descend from timeline {latest}, the newest in this archive (its history file {name} \
+                 names no switch from {latest}): it belongs to another history; refusing it"
+            );
+        };
+        let end = self.ends.get(&latest).copied().unwrap_or(Lsn(0));
+        if branch.switchpoint > end {
+            bail!(
+                "timeline {timeline} branched off timeline {latest} at {}, beyond the end of the archive's timeline {latest} ({end}): \
+                 this archive does not hold the WAL it branched from; refusing it",
+                branch.switchpoint
+            );
+        }
+        if let Some(handover) = self.fenced(latest)? {
+            let handed: Lsn = handover.end_lsn.parse().map_err(|_| {
+                anyhow::anyhow!("the failover state names a bad LSN {:?}", handover.end_lsn)
+            })?;
+            if branch.switchpoint > handed {
+                bail!(
+                    "timeline {timeline} branched off timeline {latest} at {}, after what the failover of timeline {latest} handed to \
+                     recovery ({handed}): it is not the server promoted from this archive; refusing it",
+                    branch.switchpoint
+                );
+            }
+        }
         Ok(())
     }
 
@@ -708,6 +753,15 @@ impl Archive {
                 if seg.offset(start) != 0 {
                     bail!(
                         "first WAL of timeline {timeline} starts at {start}, not at a segment boundary ({seg} segments)"
+                    );
+                }
+                if self.latest_timeline().is_some_and(|l| timeline > l)
+                    && !self.dir.join(history_file_name(timeline)).exists()
+                {
+                    bail!(
+                        "WAL of timeline {timeline}, newer than the archive's, without its history file {}: a new timeline is \
+                         accepted only with a history that branches from WAL this archive holds; refusing it",
+                        history_file_name(timeline)
                     );
                 }
                 // a failover of an older timeline is over once WAL of a newer one arrives
