@@ -221,6 +221,26 @@ pub enum IdentityMismatch {
     MajorVersion { archive: u32, sender: u32 },
 }
 
+impl IdentityMismatch {
+    /// What the refused sender is told: its own side only, nothing about the archive's cluster (the
+    /// receiver's log has the whole message).
+    pub fn for_peer(&self) -> String {
+        match self {
+            IdentityMismatch::ForeignCluster { sender, sender_seg, .. } => format!(
+                "this archive belongs to another cluster than this server's (system identifier {sender}, {sender_seg} segments): \
+                 a walship archive holds the WAL of one cluster only; give this cluster its own archive directory (the receiver's \
+                 log names the archive's cluster)"
+            ),
+            IdentityMismatch::SegmentSize { sender, .. } => format!(
+                "this archive holds WAL segments of another size than this cluster's {sender}: give this cluster its own archive directory"
+            ),
+            IdentityMismatch::MajorVersion { sender, .. } => format!(
+                "this archive holds WAL of another PostgreSQL major version than this server's {sender}: after a major upgrade, start a new archive directory"
+            ),
+        }
+    }
+}
+
 /// The segment being appended to.
 #[derive(Debug)]
 struct OpenPartial {

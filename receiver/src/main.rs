@@ -267,6 +267,17 @@ struct RunArgs {
     /// Close a session that sent nothing for this many seconds (senders send keepalives every second).
     #[arg(long, env = "WALSHIP_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout: u64,
+    /// Only senders whose client certificate has this name (its CN or a DNS subject alternative name, as
+    /// `certs --add-client NAME` issues it) may ship into the archive; repeat for several, or list them in
+    /// the config file (allow-sender = ["db1", "db2"]). Without it, any certificate of --tls-client-ca may.
+    /// A certificate not named is closed without a word about the archive.
+    #[arg(
+        long = "allow-sender",
+        env = "WALSHIP_ALLOW_SENDER",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    allow_sender: Vec<String>,
     #[command(flatten)]
     store: StoreArgs,
     /// Seconds between uploads of the partial segment's durable part (and one at shutdown).
@@ -367,6 +378,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let opts = server::ServerOptions {
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
         wire_compression: matches!(args.wire_compression, OnOff::On),
+        allowed_senders: args.allow_sender.clone(),
         ..Default::default()
     };
     let served = server::serve(listener, config, archive, opts, board, shutdown).await;

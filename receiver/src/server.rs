@@ -65,6 +65,9 @@ pub struct ServerOptions {
     pub max_sessions: usize,
     /// Let senders send zstd-compressed WAL (protocol 4).
     pub wire_compression: bool,
+    /// Names (certificate CN or DNS subject alternative name) of the senders that may ship into the archive;
+    /// empty: any certificate the client CA signed.
+    pub allowed_senders: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -79,6 +82,7 @@ impl Default for ServerOptions {
             max_handshakes: 64,
             max_sessions: 16,
             wire_compression: true,
+            allowed_senders: Vec::new(),
         }
     }
 }
@@ -283,6 +287,27 @@ fn error_count(kind: &'static str) {
 }
 
 /// How a connection ended.
+/// The names a certificate (DER) stands for: its subject's common names and its DNS subject alternative
+/// names. Empty for a certificate that does not parse.
+fn certificate_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                names.push((*d).to_owned());
+            }
+        }
+    }
+    names
+}
+
 enum SessionError {
     /// Before the TLS handshake completed (a stranger, a scan, an evicted idle connection): logged at debug.
     Unauthenticated(anyhow::Error),
@@ -374,6 +399,22 @@ async fn session(
     };
     shared.authenticated(id);
     let tls = accepted.map_err(SessionError::Unauthenticated)?;
+    if !opts.allowed_senders.is_empty() {
+        // a certificate of the CA that is not named: closed without a word about the archive
+        let names = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| certificate_names(c.as_ref()))
+            .unwrap_or_default();
+        if !names.iter().any(|n| opts.allowed_senders.contains(n)) {
+            return Err(SessionError::Closed(anyhow!(
+                "client certificate {names:?} is not among --allow-sender {:?}; closing the connection",
+                opts.allowed_senders
+            )));
+        }
+    }
     let Ok(_permit) = shared.sessions.clone().try_acquire_owned() else {
         return Err(SessionError::Closed(anyhow!(
             "too many authenticated connections ({}); closing this one",
@@ -436,7 +477,8 @@ async fn session(
         // session goes on.
         let known = shared.known();
         if let Some(Err(mismatch)) = known.identity.map(|id| id.admits(&offered)) {
-            return Err(refuse(&mut writer, refuse_code(&mismatch), mismatch.to_string()).await.into());
+            warn!("refused a sender: {mismatch}");
+            return Err(refuse(&mut writer, refuse_code(&mismatch), mismatch.for_peer()).await.into());
         }
         if let Some(latest) = known.latest_timeline.filter(|t| *t > hello.timeline) {
             return Err(refuse(&mut writer, RefuseCode::TimelineBehind, superseded(latest, &hello)).await.into());
@@ -497,7 +539,8 @@ async fn session(
         .context("identity check task")?;
         shared.learn(&guard, None);
         if let Err(mismatch) = checked.context("pin archive identity")? {
-            return Err(refuse(&mut writer, refuse_code(&mismatch), mismatch.to_string()).await.into());
+            warn!("refused a sender: {mismatch}");
+            return Err(refuse(&mut writer, refuse_code(&mismatch), mismatch.for_peer()).await.into());
         }
         if let Some(latest) = guard.latest_timeline().filter(|t| *t > hello.timeline) {
             return Err(refuse(&mut writer, RefuseCode::TimelineBehind, superseded(latest, &hello)).await.into());

@@ -119,7 +119,8 @@ async fn strangers_are_refused_and_the_archive_is_unchanged() {
     );
     stranger.kill9();
 
-    // 3. a sender of another cluster: refused, naming both system identifiers; the sender stops
+    // 3. a sender of another cluster: refused, told its own system identifier and nothing of the archive's
+    //    cluster (the receiver's log names both); the sender stops
     let mut other = Cluster::init(&dir, "other", &InitOptions::default());
     other.start();
     let other_client = other.connect().await;
@@ -133,10 +134,15 @@ async fn strangers_are_refused_and_the_archive_is_unchanged() {
     );
     let log = foreign.log_text();
     assert!(
-        log.contains(&ours.to_string()) && log.contains(&theirs.to_string()),
-        "refusal must name both identifiers:\n{log}"
+        log.contains(&theirs.to_string()) && log.contains("belongs to another cluster"),
+        "the refusal names the sender's own cluster:\n{log}"
     );
-    assert!(receiver.log_text().contains(&theirs.to_string()));
+    assert!(
+        !log.contains(&ours.to_string()),
+        "a refused sender learns nothing about the archive's cluster:\n{log}"
+    );
+    let receiver_log = receiver.log_text();
+    assert!(receiver_log.contains(&theirs.to_string()) && receiver_log.contains(&ours.to_string()));
 
     assert_eq!(
         snapshot(&archive),
@@ -178,9 +184,10 @@ async fn strangers_are_refused_and_the_archive_is_unchanged() {
     assert!(!s1.wait_exit(Duration::from_secs(30)).success());
     let log = s1.log_text();
     assert!(
-        log.contains("refused") && log.contains("16 MB segments") && log.contains("1 MB segments"),
-        "{log}"
+        log.contains("refused") && log.contains("1 MB segments") && !log.contains("16 MB segments"),
+        "the sender is told its own segment size, not the archive's:\n{log}"
     );
+    assert!(receiver16.log_text().contains("16 MB segments"));
     let fresh_after = snapshot(&fresh_archive);
     assert_eq!(
         fresh_before.keys().collect::<Vec<_>>(),
@@ -411,4 +418,69 @@ async fn sighup_takes_renewed_certificates_without_a_restart() {
     stale.wait_for_log("reconnecting", WAIT);
     stale.kill9();
     assert!(sender.terminate(Duration::from_secs(20)).success());
+}
+
+/// `--allow-sender`: only the named client certificates may ship; another certificate of the same CA is
+/// closed right after the TLS handshake, told nothing, and the archive stays untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_sender_names_may_ship() {
+    let dir = TestDir::new("allow-sender");
+    let walship = Walship::install(&dir);
+    let certs = walship.certs(&dir, "certs");
+    for name in ["db1", "intruder"] {
+        let out = walship_tests::cluster::run_ok(
+            std::process::Command::new(walship.path(Walship::RECEIVER))
+                .args(["certs", "--out"])
+                .arg(&certs)
+                .args(["--add-client", name]),
+        );
+        assert!(out.status.success());
+    }
+    // the sender helper takes client.crt/client.key from a directory: one per name
+    let as_client = |name: &str| {
+        let d = dir.subdir(&format!("client-{name}"));
+        std::fs::copy(certs.join(format!("{name}.crt")), d.join("client.crt")).unwrap();
+        std::fs::copy(certs.join(format!("{name}.key")), d.join("client.key")).unwrap();
+        walship_tests::env::chown_to_db_user(&d.join("client.crt"));
+        walship_tests::env::chown_to_db_user(&d.join("client.key"));
+        d
+    };
+    let mut primary = Cluster::init(&dir, "primary", &InitOptions::default());
+    primary.start();
+    let archive = dir.path().join("archive");
+    let receiver =
+        walship.receiver_with(&dir, &archive, &certs, 0, &["--allow-sender", "db1"], &[]);
+
+    let intruder_certs = as_client("intruder");
+    let mut intruder = walship.sender(
+        &dir,
+        &primary.conninfo(),
+        receiver.port,
+        &certs,
+        &intruder_certs,
+        &[],
+    );
+    intruder.wait_for_log("reconnecting", Duration::from_secs(30));
+    let log = intruder.log_text();
+    assert!(!log.contains("streaming"), "{log}");
+    assert!(
+        !archive.join("walship.id").exists(),
+        "an unnamed certificate must not pin or touch the archive"
+    );
+    assert!(receiver.log_text().contains("is not among --allow-sender"));
+    intruder.kill9();
+
+    let db1_certs = as_client("db1");
+    let mut sender = walship.sender(
+        &dir,
+        &primary.conninfo(),
+        receiver.port,
+        &certs,
+        &db1_certs,
+        &[],
+    );
+    sender.wait_for_log("streaming", Duration::from_secs(30));
+    let client = primary.connect().await;
+    let flush = primary.switch_wal(&client).await;
+    wait_archived(&archive, WalSegSize::DEFAULT, flush).await;
 }
