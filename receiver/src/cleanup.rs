@@ -48,6 +48,17 @@ pub fn cleanup(archive: &Path, restartpoint: &str) -> Result<Vec<String>> {
             "walship cleanup: kept {kept} segment(s) older than {restartpoint} that the object store does not hold yet"
         );
     }
+    if let Some(newest) = removed.iter().max() {
+        // remembered, so that restore never takes a removed segment for one that never arrives
+        let previous = removed_up_to(archive);
+        if previous.as_deref().is_none_or(|p| p < newest.as_str()) {
+            crate::archive::write_atomically(
+                archive,
+                CLEANUP_FILE,
+                format!("{newest}\n").as_bytes(),
+            )?;
+        }
+    }
     if !removed.is_empty() {
         fs::File::open(archive)
             .and_then(|d| d.sync_all())
@@ -58,6 +69,17 @@ pub fn cleanup(archive: &Path, restartpoint: &str) -> Result<Vec<String>> {
 
 /// Deletes from the store the segments before `restartpoint` stored more than `keep_days` days before `now`
 /// (seconds since the epoch); returns the names deleted.
+/// Where cleanup records the newest segment it removed.
+pub const CLEANUP_FILE: &str = "walship.cleanup";
+
+/// The newest segment `cleanup` removed from the archive in `dir`, if it removed any.
+pub fn removed_up_to(dir: &Path) -> Option<String> {
+    fs::read_to_string(dir.join(CLEANUP_FILE))
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+}
+
 pub async fn cleanup_store(
     store: &crate::store::Store,
     seg: walship_protocol::WalSegSize,

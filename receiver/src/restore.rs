@@ -400,6 +400,15 @@ fn segment(
         }
     }
 
+    if let Some(removed) = crate::cleanup::removed_up_to(&opts.archive).filter(|r| *r >= name) {
+        if removed.get(..8) == name.get(..8) {
+            // never "missing": in archive recovery that would end recovery here, early
+            bail!(
+                "segment {name} was removed from the archive by cleanup (archive_cleanup_command removed segments up to {removed}): \
+                 this server needs WAL the archive no longer keeps; rebuild it from a newer base backup"
+            );
+        }
+    }
     if never_arrives(opts, seg, timeline, segno)? {
         debug!(file = %name, "the archive holds newer WAL: this segment will never arrive");
         return Ok(Some(Outcome::Missing));

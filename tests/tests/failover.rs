@@ -260,6 +260,57 @@ async fn damaged_segments_are_never_handed_to_recovery() {
             assert!(kept, "{} was removed but %r is {r}", name(*segno));
         }
     }
+    // a segment cleanup removed is never answered "missing" by a waiting restore (archive recovery would end
+    // there, early): it says what happened and keeps the server waiting; standby mode gets "missing" (it
+    // retries by itself) with the same error
+    let removed = name(*segs.keys().next().unwrap());
+    let (restored, stderr, _) = restore_once(&s, &removed, false);
+    assert!(!restored);
+    assert!(
+        stderr.contains("was removed from the archive by cleanup"),
+        "{stderr}"
+    );
+    let out_dir = s.dir.subdir("restore-removed");
+    let mut waiting = walship_tests::env::as_db_user(
+        Command::new(s.walship.path(Walship::RECEIVER))
+            .arg("restore")
+            .arg("--archive")
+            .arg(&s.archive)
+            .arg("--wait")
+            .arg(&removed)
+            .arg(out_dir.join("RECOVERYXLOG"))
+            .current_dir(&out_dir)
+            .stderr(std::process::Stdio::piped()),
+    )
+    .spawn()
+    .expect("start restore --wait");
+    let mut stderr = waiting.stderr.take().unwrap();
+    let said = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        let mut text = String::new();
+        while !text.contains("removed from the archive by cleanup") {
+            match stderr.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        text
+    });
+    let text = tokio::time::timeout(WAIT, said)
+        .await
+        .expect("restore --wait to say why")
+        .unwrap();
+    assert!(
+        text.contains("rebuild it from a newer base backup"),
+        "{text}"
+    );
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "restore --wait must keep waiting, not answer \"missing\""
+    );
+    let _ = waiting.kill();
+    let _ = waiting.wait();
     drop(client);
     let _ = &s.receiver;
 }
