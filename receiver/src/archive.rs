@@ -790,7 +790,9 @@ impl Archive {
             }
         };
         if start > end {
-            bail!("gap in WAL of timeline {timeline}: archive ends at {end}, the sender sent bytes from {start}");
+            bail!("gap in WAL of timeline {timeline}: archive ends at {end}, the sender sent bytes from {start} (the WAL between \
+                   is gone from the primary's pg_wal: keep WAL for walship with a replication slot, then restore the missing \
+                   segments into the archive, or start over with a new base backup and an empty archive)");
         }
         let mut overlap = (end.0 - start.0).min(bytes.len() as u64) as usize;
         if overlap > 0 {
@@ -931,6 +933,11 @@ impl Archive {
             cur.synced = cur.len;
             self.current = None;
             self.finish_segment_file(timeline, segno)?;
+            // A sender completes a segment only with WAL the primary flushed (it never ships provisional WAL
+            // to a segment's last byte), though its confirmation may come a moment later: the complete segment
+            // is confirmed now, so a resume never needs a segment PostgreSQL may have removed meanwhile.
+            let c = self.confirmed.entry(timeline).or_insert(Lsn(0));
+            *c = (*c).max(seg.segment_start(segno + 1));
             self.dir_dirty = true;
             crash_point!("archive-renamed-before-dir-fsync");
         }
@@ -1503,6 +1510,24 @@ mod tests {
         d
     }
 
+    /// Issue 19, point 10: a segment completed before the sender's confirmation arrived is confirmed all
+    /// the same, so a sender resumes in the next segment (the one PostgreSQL still has after a restart).
+    #[test]
+    fn a_completed_segment_is_confirmed_before_its_confirmation_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        let mut a = Archive::open(&path).unwrap();
+        a.check_or_pin_identity(identity()).unwrap().unwrap();
+        let start = 2 * SEG;
+        let data = wal(start, SEG as usize + 100);
+        a.begin_session();
+        a.append(1, Lsn(start), &data).unwrap();
+        a.confirm(1, Lsn(start + 100));
+        let synced = a.sync(1).unwrap().unwrap();
+        assert_eq!(synced.confirmed, Lsn(start + SEG));
+        assert_eq!(a.begin_session(), vec![(1, Lsn(start + SEG))]);
+    }
+
     /// Issue 19, point 5: `walship.position` is not fsynced, so a power loss of the standby can leave an
     /// older one. What decides the resume point never falls below what the files prove (everything before
     /// the open partial is confirmed), so a sender never resumes behind the segment its slot holds.
@@ -1605,7 +1630,11 @@ mod tests {
         let err = a
             .append(1, Lsn(SEG - 8192), &other[(SEG - 8192) as usize..])
             .unwrap_err();
-        assert!(format!("{err:#}").contains("complete segment"), "{err:#}");
+        // a complete segment is confirmed (it holds only flushed WAL): refused as confirmed WAL
+        assert!(
+            format!("{err:#}").contains("refusing to overwrite"),
+            "{err:#}"
+        );
         assert_eq!(
             fs::read(path.join("000000010000000000000000")).unwrap(),
             data[..SEG as usize]

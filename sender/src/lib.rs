@@ -369,7 +369,7 @@ async fn open<'a>(
         Err(fatal) => return Err(fatal),
     };
     let Origin { info, wal_dir, pos } = origin;
-    let reader = WalReader::new(&wal_dir, info.seg, info.magic, info.system_identifier);
+    let mut reader = WalReader::new(&wal_dir, info.seg, info.magic, info.system_identifier);
     let events = match watch_dir(&wal_dir) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -477,21 +477,32 @@ async fn open<'a>(
         cfg.start_lsn,
         &reader,
     )?;
-    // Prove that this server continues the archive's history: resend the page before the resume point
-    // (within its segment). The receiver holds those bytes confirmed and compares them, so another primary
-    // of this cluster (a restored copy started as a primary, a split brain) is refused before it writes.
     let resumed = resume.iter().any(|(t, _)| *t == timeline);
-    let resume_at = start;
-    let start = if resumed {
-        let page = walship_protocol::wal::XLOG_BLCKSZ as u64;
-        Lsn(start.0.saturating_sub(page).max(info.seg.floor(start).0))
-    } else {
-        start
-    };
     let mut link = Link::new(rx, tx, timeline, start, cfg.window, cfg.receiver_timeout);
     // zstd on the wire when both sides want it (the receiver says so in its Welcome)
     if compression == walship_protocol::Compression::Zstd {
         link.compress_with(cfg.compression_level);
+    }
+    // Prove that this server continues the archive's history: resend the page before the resume point
+    // (within its segment). The receiver holds those bytes confirmed and compares them, so another primary
+    // of this cluster (a restored copy started as a primary, a split brain) is refused before it writes.
+    let proof_from = Lsn(start
+        .0
+        .saturating_sub(walship_protocol::wal::XLOG_BLCKSZ as u64)
+        .max(info.seg.floor(start).0));
+    if resumed && proof_from < start {
+        match reader.read(timeline, proof_from, start) {
+            Ok(bytes) => {
+                let msg = SenderMessage::Wal(walship_protocol::message::Wal {
+                    timeline,
+                    start_lsn: proof_from,
+                    bytes,
+                });
+                link.send(msg, "resending the page before the resume point")
+                    .await?;
+            }
+            Err(e) => return Err(read_failure(e)),
+        }
     }
     for t in 2..=timeline {
         if let Some(content) = reader
@@ -524,14 +535,14 @@ async fn open<'a>(
     metrics::METRICS.timeline.set(i64::from(timeline));
     metrics::METRICS.primary_flush_lsn.set(pos.flush.0 as i64);
     if let Some((t, acked)) = acked_before.filter(|(t, _)| *t == timeline) {
-        if resume_at < acked {
+        if start < acked {
             // The archive lost WAL it had acknowledged (restored from a backup, a disk that lied about its
             // fsync, or a bug). Resending from the receiver's position repairs the archive while pg_wal still
             // holds the bytes; say so loudly.
             tracing::error!(
                 acknowledged = %acked,
-                resume = %resume_at,
-                "the receiver acknowledged timeline {t} up to {acked} earlier but now resumes at {resume_at}: \
+                resume = %start,
+                "the receiver acknowledged timeline {t} up to {acked} earlier but now resumes at {start}: \
                  its archive lost acknowledged WAL; resending it from pg_wal"
             );
         }
