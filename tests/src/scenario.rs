@@ -95,6 +95,18 @@ impl Shipping {
         )
     }
 
+    /// Starts another sender, for the server of `conninfo`, shipping to this receiver with this certificate set.
+    pub fn sender_for(&self, conninfo: &str) -> Daemon {
+        self.walship.sender(
+            &self.dir,
+            conninfo,
+            self.receiver.port,
+            &self.certs,
+            &self.certs,
+            &[],
+        )
+    }
+
     pub fn end(&self) -> Lsn {
         archive_end(&self.archive, self.seg, 1).unwrap_or(Lsn(0))
     }

@@ -56,14 +56,7 @@ async fn the_old_primary_is_refused_after_a_failover() {
         .await
         .expect("rows on the old primary");
     drop(client);
-    let mut old = s.walship.sender(
-        &s.dir,
-        &s.primary.conninfo(),
-        s.receiver.port,
-        &s.certs,
-        &s.certs,
-        &[],
-    );
+    let mut old = s.sender_for(&s.primary.conninfo());
     let status = old.wait_exit(WAIT);
     assert!(!status.success(), "the old primary's sender must stop");
     let log = old.log_text();
@@ -80,14 +73,7 @@ async fn the_old_primary_is_refused_after_a_failover() {
     s.primary.stop("immediate");
 
     // the promoted standby ships its new timeline into the same archive
-    let mut new = s.walship.sender(
-        &s.dir,
-        &standby.conninfo(),
-        s.receiver.port,
-        &s.certs,
-        &s.certs,
-        &[],
-    );
+    let mut new = s.sender_for(&standby.conninfo());
     new.wait_for_log("streaming", Duration::from_secs(30));
     let promoted = standby.connect().await;
     promoted

@@ -68,14 +68,7 @@ async fn host_death_under_load_loses_at_most_what_was_in_flight() {
         all_rows.extend(rows);
         if round < 5 {
             s.primary.start();
-            s.sender = s.walship.sender(
-                &s.dir,
-                &s.primary.conninfo(),
-                s.receiver.port,
-                &s.certs,
-                &s.certs,
-                &[],
-            );
+            s.sender = s.sender_for(&s.primary.conninfo());
             s.sender.wait_for_log("streaming", WAIT);
         }
     }

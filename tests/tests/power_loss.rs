@@ -11,7 +11,7 @@ use walship_protocol::wal::segment_file_name;
 use walship_protocol::{Lsn, WalSegSize};
 use walship_tests::archive::{archive_end, assert_matches_primary_from, wait_archived};
 use walship_tests::cluster::WAIT;
-use walship_tests::scenario::shipping;
+use walship_tests::scenario::{shipping, wait_drained};
 use walship_tests::{wait_for, InitOptions};
 
 /// `walship.position`: (durable, confirmed) of the archive's newest timeline.
@@ -118,21 +118,8 @@ async fn a_power_loss_after_a_drain_never_splices_two_histories() {
     drop(client);
 
     // postgres dies, its host lives: the sender drains what is in pg_wal
-    let drained_before = s
-        .sender
-        .log_text()
-        .matches("primary down: the receiver holds")
-        .count();
     s.primary.kill9();
-    wait_for("the sender to drain pg_wal", WAIT, || async {
-        (s.sender
-            .log_text()
-            .matches("primary down: the receiver holds")
-            .count()
-            > drained_before)
-            .then_some(())
-    })
-    .await;
+    wait_drained(&mut s.sender);
     let drained_end = archive_end(&s.archive, s.seg, 1).expect("archive end");
     assert!(
         drained_end >= Lsn(write.0.saturating_sub(64 << 10)),
@@ -163,14 +150,7 @@ async fn a_power_loss_after_a_drain_never_splices_two_histories() {
     let after = lsn(&client, "SELECT pg_current_wal_flush_lsn()::text").await;
 
     // a new sender (the host is back): it resumes at the confirmed position and the receiver compares
-    let mut sender = s.walship.sender(
-        &s.dir,
-        &s.primary.conninfo(),
-        s.receiver.port,
-        &s.certs,
-        &s.certs,
-        &[],
-    );
+    let mut sender = s.sender_for(&s.primary.conninfo());
     sender.wait_for_log("streaming", Duration::from_secs(30));
     wait_for("the archive to confirm the new rows", WAIT, || async {
         positions(&s.archive)

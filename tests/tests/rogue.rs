@@ -60,14 +60,7 @@ async fn a_copy_of_the_primary_never_writes_into_the_archive() {
     drop(on_copy);
 
     // its sender is refused while the primary's sender is live
-    let mut rogue = s.walship.sender(
-        &s.dir,
-        &copy.conninfo(),
-        s.receiver.port,
-        &s.certs,
-        &s.certs,
-        &[],
-    );
+    let mut rogue = s.sender_for(&copy.conninfo());
     rogue.wait_for_log("another sender is streaming into this archive", WAIT);
     assert!(s.sender.alive(), "the primary's sender goes on");
     assert!(
