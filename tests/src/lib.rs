@@ -16,6 +16,7 @@ pub mod proxy;
 pub mod s3;
 pub mod scenario;
 pub mod versions;
+pub mod wire;
 
 use std::time::{Duration, Instant};
 

@@ -5,14 +5,12 @@
 //! difference in confirmed bytes is refused and changes nothing.
 
 use std::path::Path;
-use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use walship_protocol::message::{Hello, Wal};
 use walship_protocol::wal::{page_magic_for_version, PageExpectation};
 use walship_protocol::walker::WalBuilder;
 use walship_protocol::{Lsn, ReceiverMessage, SenderMessage, WalSegSize};
-use walship_sender::link::{client_config, connect, Link};
 use walship_tests::cluster::WAIT;
 use walship_tests::{wait_for, TestDir, Walship};
 
@@ -48,22 +46,7 @@ impl Session {
     /// A session, or why the receiver did not accept one now (e.g. `Busy` while the previous session hands the
     /// archive over): the caller retries.
     async fn open(port: u16, certs: &Path) -> Result<Session, String> {
-        let tls = client_config(
-            &certs.join("ca.crt"),
-            &certs.join("client.crt"),
-            &certs.join("client.key"),
-        )
-        .unwrap();
-        let stream = connect(
-            &format!("127.0.0.1:{port}"),
-            "localhost",
-            tls,
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
-        let (mut rx, mut tx) = Link::frame(stream);
-        tx.send(SenderMessage::Hello(Hello {
+        let hello = Hello {
             version_min: 3,
             version_max: 3,
             system_identifier: SYSID,
@@ -71,24 +54,15 @@ impl Session {
             wal_segment_size: WalSegSize::DEFAULT.bytes(),
             pg_version_num: PG,
             sender_name: "provisional-test".into(),
-        }))
-        .await
-        .unwrap();
-        let resume = match rx.next().await {
-            Some(Ok(ReceiverMessage::Welcome {
-                protocol_version,
-                resume,
-                ..
-            })) => {
-                assert_eq!(protocol_version, 3);
-                resume.iter().find(|(t, _)| *t == 1).map(|(_, l)| *l)
-            }
-            Some(Ok(ReceiverMessage::Refuse { code, reason })) if code.is_transient() => {
-                return Err(reason)
-            }
-            other => panic!("expected Welcome, got {other:?}"),
         };
-        Ok(Session { rx, tx, resume })
+        let s = walship_tests::wire::open(port, certs, hello).await?;
+        assert_eq!(s.protocol_version, 3);
+        let resume = s.resume.iter().find(|(t, _)| *t == 1).map(|(_, l)| *l);
+        Ok(Session {
+            rx: s.rx,
+            tx: s.tx,
+            resume,
+        })
     }
 
     async fn wal(&mut self, bytes: &[u8], from: Lsn, to: Lsn) {

@@ -10,7 +10,7 @@ use walship_protocol::message::{Hello, Wal};
 use walship_protocol::wal::{page_magic_for_version, PageExpectation};
 use walship_protocol::walker::WalBuilder;
 use walship_protocol::{Lsn, ReceiverMessage, SenderMessage, TimelineId, WalSegSize};
-use walship_sender::link::{client_config, connect, Link, Rx, Tx};
+use walship_sender::link::{Rx, Tx};
 use walship_tests::archive::snapshot;
 use walship_tests::cluster::WAIT;
 use walship_tests::{wait_for, TestDir, Walship};
@@ -38,24 +38,9 @@ fn wal(timeline: TimelineId, segno: u64, n: usize) -> (Lsn, Vec<u8>) {
     (start, b.bytes)
 }
 
-/// Hello for `timeline`; the Welcome's resume points, or the refusal's reason.
+/// A session for `timeline`, or the receiver's answer instead of `Welcome`.
 async fn open(port: u16, certs: &Path, timeline: TimelineId) -> Result<(Rx, Tx), String> {
-    let tls = client_config(
-        &certs.join("ca.crt"),
-        &certs.join("client.crt"),
-        &certs.join("client.key"),
-    )
-    .unwrap();
-    let stream = connect(
-        &format!("127.0.0.1:{port}"),
-        "localhost",
-        tls,
-        std::time::Duration::from_secs(10),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let (mut rx, mut tx) = Link::frame(stream);
-    tx.send(SenderMessage::Hello(Hello {
+    let hello = Hello {
         version_min: 3,
         version_max: 3,
         system_identifier: SYSID,
@@ -63,13 +48,10 @@ async fn open(port: u16, certs: &Path, timeline: TimelineId) -> Result<(Rx, Tx),
         wal_segment_size: seg().bytes(),
         pg_version_num: PG,
         sender_name: "timeline-test".into(),
-    }))
-    .await
-    .map_err(|e| e.to_string())?;
-    match rx.next().await {
-        Some(Ok(ReceiverMessage::Welcome { .. })) => Ok((rx, tx)),
-        other => Err(format!("{other:?}")),
-    }
+    };
+    walship_tests::wire::open(port, certs, hello)
+        .await
+        .map(|s| (s.rx, s.tx))
 }
 
 /// Sends `messages`, then a keepalive confirming `flush`; returns the receiver's Error, or None once it
