@@ -1,7 +1,8 @@
 //! Power loss of the primary's host against real PostgreSQL: WAL that PostgreSQL wrote but never flushed is
 //! dropped before the restart, as a power loss drops it. The archive must follow the restarted primary (the
 //! provisional rule, DESIGN.md §1): drained WAL is never confirmed, a resuming sender is compared and the
-//! lost tail replaced, and a standby recovered from the archive holds exactly the rows the primary kept.
+//! lost tail replaced, a hot standby fed by `restore --live` throughout never replays the lost WAL, and a
+//! standby recovered from the archive holds exactly the rows the primary kept.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -79,6 +80,14 @@ async fn a_power_loss_after_a_drain_never_splices_two_histories() {
     let mut standby = s.primary.base_backup(&s.dir, "standby");
     standby.configure_recovery(&s.restore_command("--wait"), false, &[]);
     standby.start_no_wait();
+    // and a hot standby with --live throughout: it replays confirmed WAL only
+    let mut hot = s.primary.base_backup(&s.dir, "hot");
+    hot.configure_recovery(
+        &s.restore_command("--live"),
+        true,
+        &["wal_retrieve_retry_interval = '100ms'"],
+    );
+    hot.start_no_wait();
     // a fresh segment: the unflushed WAL below stays in one segment
     let switched = s.primary.switch_wal(&client).await;
     wait_archived(&s.archive, s.seg, switched).await;
@@ -174,6 +183,28 @@ async fn a_power_loss_after_a_drain_never_splices_two_histories() {
     );
     println!("the archive matches the restarted primary's pg_wal: {compared:?}");
     drop(client);
+
+    // the hot standby ends with exactly the restarted primary's rows: it never replayed the lost ones
+    let replica = wait_for("the hot standby to accept connections", WAIT, || {
+        hot.try_connect()
+    })
+    .await;
+    let counts = wait_for("the hot standby to replay the new rows", WAIT, || async {
+        let lost: i64 = replica
+            .query_one("SELECT count(*) FROM t WHERE i <= 100000", &[])
+            .await
+            .ok()?
+            .get(0);
+        let kept: i64 = replica
+            .query_one("SELECT count(*) FROM t WHERE i > 100000", &[])
+            .await
+            .ok()?
+            .get(0);
+        (kept == 5000).then_some((lost, kept))
+    })
+    .await;
+    assert_eq!(counts, (0, 5000), "the hot standby diverged");
+    drop(replica);
 
     // a standby recovered from the archive holds exactly the rows the restarted primary kept
     s.primary.stop("fast");
