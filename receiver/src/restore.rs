@@ -272,7 +272,22 @@ fn attempt(opts: &RestoreOptions) -> Result<Option<Outcome>> {
                     Ok(Some(Outcome::Restored))
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    match from_store(opts, &opts.wanted)? {
+                    let stored = match from_store(opts, &opts.wanted) {
+                        Ok(stored) => stored,
+                        // The store only holds what this archive's receiver uploaded: a history file missing
+                        // from an archive that receives WAL is missing (recovery_target_timeline = latest
+                        // probes timelines that never existed). Only an archive with no WAL of its own
+                        // (restoring from the store alone) has to wait for the store.
+                        Err(e)
+                            if identity.is_some()
+                                && !list_segments(&opts.archive, seg)?.is_empty() =>
+                        {
+                            warn!(file = %opts.wanted, "the object store is unreachable ({e:#}); the local archive does not hold this file: answering \"missing\"");
+                            None
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    match stored {
                         Some(bytes) => {
                             write_dest(opts, &bytes)?;
                             info!(file = %opts.wanted, "restored from the object store");

@@ -158,6 +158,26 @@ async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it() {
         "cleanup removed {not_uploaded}, which the store does not hold: {}",
         String::from_utf8_lossy(&cleanup.stderr)
     );
+    // recovery_target_timeline = latest probes a history file that never existed: with the store down,
+    // restore --wait answers "missing" from the local archive instead of waiting for the store forever
+    let probe = {
+        let mut cmd = Command::new(walship.path(Walship::RECEIVER));
+        cmd.args(["restore", "--wait", "--archive"])
+            .arg(&archive)
+            .args(["--object-store", &url])
+            .arg("00000002.history")
+            .arg(dir.path().join("probe"))
+            .envs(env.iter().copied());
+        walship_tests::env::as_db_user(&mut cmd)
+            .output()
+            .expect("run restore")
+    };
+    assert_eq!(
+        probe.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
     // back: the uploads resume with no gap
     s3.resume(&dir);
     wait_uploaded(&archive, &not_uploaded).await;
@@ -274,8 +294,12 @@ async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it() {
     assert!(!status.success(), "{log}");
     let ours = primary.system_identifier(&client).await.to_string();
     assert!(
-        log.contains(&ours),
-        "the refusal does not name the store's cluster:\n{log}"
+        log.contains("belongs to another cluster") && !log.contains(&ours),
+        "the refusal says the archive belongs to another cluster, without naming it to the sender:\n{log}"
+    );
+    assert!(
+        other_receiver.log_text().contains(&ours),
+        "the receiver's log names the store's cluster"
     );
 }
 
