@@ -1094,7 +1094,9 @@ impl Streaming<'_> {
         );
         let mut keepalive = tokio::time::interval(self.cfg.keepalive_interval);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut probe = tokio::time::interval(Duration::from_secs(1));
+        // Probe often: a restarted server's end-of-recovery checkpoint may remove old segments at once, so the
+        // sender has to be back (and compare, confirm) before the next restart or checkpoint does the same.
+        let mut probe = tokio::time::interval(Duration::from_millis(100));
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
