@@ -491,18 +491,16 @@ async fn open<'a>(
         .saturating_sub(walship_protocol::wal::XLOG_BLCKSZ as u64)
         .max(info.seg.floor(start).0));
     if resumed && proof_from < start {
-        match reader.read(timeline, proof_from, start) {
-            Ok(bytes) => {
-                let msg = SenderMessage::Wal(walship_protocol::message::Wal {
-                    timeline,
-                    start_lsn: proof_from,
-                    bytes,
-                });
-                link.send(msg, "resending the page before the resume point")
-                    .await?;
-            }
-            Err(e) => return Err(read_failure(e)),
-        }
+        let bytes = reader
+            .read(timeline, proof_from, start)
+            .map_err(read_failure)?;
+        let msg = SenderMessage::Wal(walship_protocol::message::Wal {
+            timeline,
+            start_lsn: proof_from,
+            bytes,
+        });
+        link.send(msg, "resending the page before the resume point")
+            .await?;
     }
     for t in 2..=timeline {
         if let Some(content) = reader
