@@ -27,8 +27,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use walship_protocol::wal::{
     history_file_name, page_magic_for_version, segment_file_name, PageExpectation, SegNo,
-    WalFileName, XLOG_BLCKSZ,
+    WalFileName, LONG_PAGE_HEADER, XLOG_BLCKSZ,
 };
+use walship_protocol::walker::{WalkStop, Walker};
 use walship_protocol::{Lsn, TimelineId, WalSegSize};
 
 /// The identity file's name.
@@ -789,11 +790,12 @@ impl Archive {
                 start
             }
         };
-        if start > end {
+        if start > end && !self.bridge_switch(timeline, end, start, bytes)? {
             bail!("gap in WAL of timeline {timeline}: archive ends at {end}, the sender sent bytes from {start} (the WAL between \
                    is gone from the primary's pg_wal: keep WAL for walship with a replication slot, then restore the missing \
                    segments into the archive, or start over with a new base backup and an empty archive)");
         }
+        let end = self.ends.get(&timeline).copied().unwrap_or(end);
         let mut overlap = (end.0 - start.0).min(bytes.len() as u64) as usize;
         if overlap > 0 {
             if let Some(differs) = self.verify_overlap(timeline, start, &bytes[..overlap])? {
@@ -817,6 +819,99 @@ impl Archive {
         let v = self.verified.entry(timeline).or_insert(end);
         *v = (*v).max(end);
         Ok(())
+    }
+
+    /// A sender resumes at `start`, the first byte of the segment after the archive's open partial, which ends
+    /// at `end`: PostgreSQL removed the partial's segment after a crash, so the bytes cannot be resent and
+    /// compared (issue 19, point 10). Accepted only where PostgreSQL's own history proves the archive's WAL:
+    /// the partial's last valid record is an `XLOG_SWITCH` ending at `end`, so the rest of its segment is
+    /// padding, and the first record at `start` names that switch as its predecessor (`xl_prev`, the link
+    /// PostgreSQL's recovery follows). The partial is then completed with the padding PostgreSQL writes
+    /// (zeros, PostgreSQL 11 and later) and the new bytes follow. Returns whether it bridged; `false` leaves
+    /// the archive unchanged (the caller reports the gap).
+    fn bridge_switch(
+        &mut self,
+        timeline: TimelineId,
+        end: Lsn,
+        start: Lsn,
+        bytes: &[u8],
+    ) -> Result<bool> {
+        let seg = self.seg()?;
+        let Some(identity) = self.identity else {
+            return Ok(false);
+        };
+        // PostgreSQL 10 pads a switched segment with page headers, which the archive cannot rebuild
+        if identity.pg_major() < 11 || seg.offset(start) != 0 || seg.offset(end) == 0 {
+            return Ok(false);
+        }
+        let segno = seg.segno(end);
+        if seg.segno(start) != segno + 1 {
+            return Ok(false);
+        }
+        let Some(exp) = identity.page_expectation(timeline) else {
+            return Ok(false);
+        };
+        let Some(cur) = self
+            .current
+            .as_ref()
+            .filter(|c| c.timeline == timeline && c.segno == segno && c.len == seg.offset(end))
+        else {
+            return Ok(false);
+        };
+        let mut held = vec![0u8; cur.len as usize];
+        cur.file.read_exact_at(&mut held, 0).with_context(|| {
+            format!("read back {} to link a resumed sender", cur.path.display())
+        })?;
+        let base = seg.segment_start(segno);
+        let Ok(mut walker) = Walker::resync(exp, &held, base) else {
+            return Ok(false);
+        };
+        let mut last = None;
+        walker.walk(&held, base, |r| last = Some(*r));
+        // what follows the switch in the partial (a drain ships the padding it finds) must be padding
+        let Some(switch) = last.filter(|r| {
+            r.is_switch()
+                && r.own_end <= end
+                && held[(r.own_end.0 - base.0) as usize..]
+                    .iter()
+                    .all(|b| *b == 0)
+        }) else {
+            return Ok(false);
+        };
+        // the first record at `start` must name the switch as the record before it
+        let mut next = Walker::new(exp, start, Some(switch.start));
+        match next.next_record(bytes, start) {
+            Ok(_) => {}
+            // the record is not complete in this message: its header's prev-link decides
+            Err(WalkStop::NeedMore { .. })
+                if bytes.len() >= LONG_PAGE_HEADER + 16
+                    && u64::from_le_bytes(
+                        bytes[LONG_PAGE_HEADER + 8..LONG_PAGE_HEADER + 16]
+                            .try_into()
+                            .expect("8 bytes"),
+                    ) == switch.start.0 => {}
+            Err(stop) => {
+                tracing::warn!(%start, switch = %switch.start, "not linking the resumed sender's WAL to the archive's switch record: {stop}");
+                return Ok(false);
+            }
+        }
+        let name = segment_file_name(timeline, segno, seg);
+        tracing::info!(
+            segment = %name,
+            switch = %switch.start,
+            resumed = %start,
+            "PostgreSQL removed the segment of the archive's last WAL after a restart; the primary's next record \
+             follows the archive's switch record, so the segment is completed with its padding"
+        );
+        let zeros = vec![0u8; XLOG_BLCKSZ * 16];
+        let mut pos = end;
+        while pos < start {
+            let n = ((start.0 - pos.0) as usize).min(zeros.len());
+            self.write_segment(timeline, segno, seg.offset(pos), &zeros[..n])?;
+            pos = Lsn(pos.0 + n as u64);
+            self.ends.insert(timeline, pos);
+        }
+        Ok(true)
     }
 
     /// Whether `timeline` is fenced: its end was handed to recovery at a failover (`restore` recorded the
@@ -1560,6 +1655,74 @@ mod tests {
             vec![(1, Lsn(start + SEG))],
             "the complete segment is confirmed; the partial is compared from its start"
         );
+    }
+
+    /// Issue 19, point 10: PostgreSQL crashed right after a WAL switch, and the restarted server removed the
+    /// switched segment before the sender could resend its tail. The sender resumes at the next segment; the
+    /// archive links it through the switch record (the next record's `xl_prev`) and pads the segment (part
+    /// of the padding may be there already: a drain ships what it finds), or
+    /// refuses and stays unchanged when the link does not hold.
+    #[test]
+    fn a_resume_after_a_removed_switched_segment_links_through_the_switch() {
+        use walship_protocol::walker::{WalBuilder, RM_XLOG_ID, XLOG_SWITCH};
+        let exp = identity().page_expectation(1).unwrap();
+        let start = 2 * SEG;
+        let mut b = WalBuilder::new(exp, Lsn(start));
+        for _ in 0..20 {
+            b.record(300, 10, 0);
+        }
+        let switch = b.record(0, RM_XLOG_ID, XLOG_SWITCH);
+        for _ in 0..5 {
+            b.record(200, 10, 0);
+        }
+        let own_end = (switch.own_end.0 - start) as usize;
+        let next = (3 * SEG - start) as usize;
+
+        let open = |name: &str, shipped: usize| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(name);
+            let mut a = Archive::open(&path).unwrap();
+            a.check_or_pin_identity(identity()).unwrap().unwrap();
+            a.begin_session();
+            // shipped up to the switch record's own end or into its padding; only the first records confirmed
+            a.append(1, Lsn(start), &b.bytes[..shipped]).unwrap();
+            a.confirm(1, Lsn(start + 1000));
+            a.sync(1).unwrap();
+            drop(a);
+            let mut a = Archive::open(&path).unwrap();
+            assert_eq!(a.begin_session(), vec![(1, Lsn(start + 1000))]);
+            (dir, path, a)
+        };
+
+        // WAL of another history at the next segment: its first record does not follow the switch
+        let (_dir, path, mut a) = open("refused", own_end);
+        let mut other = WalBuilder::new(exp, Lsn(3 * SEG));
+        other.record(200, 10, 0);
+        let err = a.append(1, Lsn(3 * SEG), &other.bytes).unwrap_err();
+        assert!(format!("{err:#}").contains("gap"), "{err:#}");
+        assert_eq!(
+            fs::read(path.join("000000010000000000000002.partial")).unwrap(),
+            b.bytes[..own_end]
+        );
+        assert!(!path.join("000000010000000000000003.partial").exists());
+
+        // the primary's own next record: linked, the segment completed with its (zero) padding, whether
+        // the archive held the switch alone or some of its padding as well
+        for shipped in [own_end, next - 1] {
+            let (_dir, path, mut a) = open("linked", shipped);
+            a.append(1, Lsn(3 * SEG), &b.bytes[next..]).unwrap();
+            let synced = a.sync(1).unwrap().unwrap();
+            assert_eq!(synced.durable, b.end());
+            assert_eq!(
+                fs::read(path.join("000000010000000000000002")).unwrap(),
+                b.bytes[..next],
+                "the switched segment is the primary's, padding included"
+            );
+            assert_eq!(
+                fs::read(path.join("000000010000000000000003.partial")).unwrap(),
+                b.bytes[next..]
+            );
+        }
     }
 
     #[test]

@@ -219,6 +219,30 @@ fn read_failure(e: ReadError) -> Failure {
     }
 }
 
+/// The archive resumes at `lsn`, inside a segment PostgreSQL has already removed while the next segment is
+/// still in `pg_wal/`: after a crash right after a WAL switch, the restarted server's checkpoint removes the
+/// switched segment before the sender could resend and compare its tail. Resume at the next segment instead;
+/// the receiver accepts that only if its WAL there ends with the switch record that the first record of the
+/// next segment names as its predecessor (otherwise it reports the gap). Anywhere else: `lsn`.
+fn resume_past_removed(lsn: Lsn, timeline: TimelineId, seg: WalSegSize, reader: &WalReader) -> Lsn {
+    let segno = seg.segno(lsn);
+    let file = |n| {
+        reader
+            .dir()
+            .join(walship_protocol::wal::segment_file_name(timeline, n, seg))
+    };
+    if file(segno).exists() || !file(segno + 1).exists() {
+        return lsn;
+    }
+    let next = seg.segment_start(segno + 1);
+    info!(
+        resume = %lsn,
+        from = %next,
+        "the segment of the archive's resume point is gone from pg_wal; resuming at the next segment, which the receiver links to the archive's WAL through the WAL switch before it"
+    );
+    next
+}
+
 /// Where to start streaming on `timeline`, given the receiver's resume points.
 fn decide_start(
     resume: &[(TimelineId, Lsn)],
@@ -232,7 +256,7 @@ fn decide_start(
         if start_lsn.is_some() {
             info!("--start-lsn ignored: the archive already holds timeline {timeline}");
         }
-        return Ok(*lsn);
+        return Ok(resume_past_removed(*lsn, timeline, seg, reader));
     }
     if let Some(&(old, old_end)) = resume
         .iter()
@@ -1016,6 +1040,11 @@ impl Streaming<'_> {
             Ok(pos) => pos,
             Err(e) => return Ok(Some(Stop::PrimaryLost(e))),
         };
+        // tests: the primary's flush reports stop reaching the sender, so what it ships stays provisional
+        #[cfg(feature = "failpoints")]
+        if fail::eval("sender-flush-frozen", |_| ()).is_some() {
+            self.pos.flush = before;
+        }
         if self.pos.flush != before {
             self.last_flush_change = Instant::now();
             metrics::METRICS
