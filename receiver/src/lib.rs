@@ -25,6 +25,7 @@ pub mod prefetch;
 pub mod promote;
 pub mod restore;
 pub mod server;
+pub mod socket;
 pub mod status;
 pub mod store;
 pub mod tls;

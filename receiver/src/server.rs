@@ -383,8 +383,8 @@ async fn session(
     token: CancellationToken,
 ) -> Result<(), SessionError> {
     let opts = &shared.opts;
-    // TLS reads the socket in small pieces; a large buffer under it turns many small reads into few
-    let tcp = tokio::io::BufReader::with_capacity(SOCKET_BUFFER, tcp);
+    // a small read buffer until the peer has authenticated (see crate::socket)
+    let tcp = crate::socket::SocketBuf::new(tcp);
     let (id, evict) = shared.admit();
     let accepted = tokio::select! {
         _ = evict.cancelled() => Err(anyhow!("evicted before completing the TLS handshake: newer connections needed the place")),
@@ -398,7 +398,7 @@ async fn session(
         },
     };
     shared.authenticated(id);
-    let tls = accepted.map_err(SessionError::Unauthenticated)?;
+    let mut tls = accepted.map_err(SessionError::Unauthenticated)?;
     if !opts.allowed_senders.is_empty() {
         // a certificate of the CA that is not named: closed without a word about the archive
         let names = tls
@@ -421,6 +421,8 @@ async fn session(
             opts.max_sessions
         )));
     };
+    // an authenticated sender of this archive: now the large buffer that its stream of WAL reads through
+    tls.get_mut().0.enlarge(SOCKET_BUFFER);
     let (rd, wr) = tokio::io::split(tls);
     let mut reader: Reader<_> = FramedRead::new(rd, MessageCodec::new(opts.max_payload));
     let mut writer: Writer<_> = FramedWrite::new(wr, MessageCodec::new(opts.max_payload));
@@ -597,7 +599,8 @@ enum Cmd {
 /// Publishes the durable and confirmed positions of the session's timeline.
 type AckTx = watch::Sender<Option<(TimelineId, Synced)>>;
 
-/// Read buffer under the TLS layer.
+/// Read buffer under the TLS layer of an authenticated session: TLS reads the socket in small pieces, and a
+/// large buffer under it turns many small reads into few.
 const SOCKET_BUFFER: usize = 256 << 10;
 
 /// A WAL message this large means the sender is sending a backlog.
