@@ -48,17 +48,7 @@ pub fn cleanup(archive: &Path, restartpoint: &str) -> Result<Vec<String>> {
             "walship cleanup: kept {kept} segment(s) older than {restartpoint} that the object store does not hold yet"
         );
     }
-    if let Some(newest) = removed.iter().max() {
-        // remembered, so that restore never takes a removed segment for one that never arrives
-        let previous = removed_up_to(archive);
-        if previous.as_deref().is_none_or(|p| p < newest.as_str()) {
-            crate::archive::write_atomically(
-                archive,
-                CLEANUP_FILE,
-                format!("{newest}\n").as_bytes(),
-            )?;
-        }
-    }
+    record_removed(archive, &removed)?;
     if !removed.is_empty() {
         fs::File::open(archive)
             .and_then(|d| d.sync_all())
@@ -67,8 +57,19 @@ pub fn cleanup(archive: &Path, restartpoint: &str) -> Result<Vec<String>> {
     Ok(removed)
 }
 
-/// Deletes from the store the segments before `restartpoint` stored more than `keep_days` days before `now`
-/// (seconds since the epoch); returns the names deleted.
+/// Remembers the newest of the segments `removed` (from the archive or its store), so that restore never
+/// takes a removed segment for one that never arrives.
+fn record_removed(archive: &Path, removed: &[String]) -> Result<()> {
+    let Some(newest) = removed.iter().max() else {
+        return Ok(());
+    };
+    let previous = removed_up_to(archive);
+    if previous.as_deref().is_none_or(|p| p < newest.as_str()) {
+        crate::archive::write_atomically(archive, CLEANUP_FILE, format!("{newest}\n").as_bytes())?;
+    }
+    Ok(())
+}
+
 /// Where cleanup records the newest segment it removed.
 pub const CLEANUP_FILE: &str = "walship.cleanup";
 
@@ -80,7 +81,11 @@ pub fn removed_up_to(dir: &Path) -> Option<String> {
         .filter(|t| !t.is_empty())
 }
 
+/// Deletes from the store the segments before `restartpoint` stored more than `keep_days` days before `now`
+/// (seconds since the epoch), and records them as removed in `archive` (see [`removed_up_to`]); returns the
+/// object names deleted.
 pub async fn cleanup_store(
+    archive: &Path,
     store: &crate::store::Store,
     seg: walship_protocol::WalSegSize,
     restartpoint: &str,
@@ -89,6 +94,7 @@ pub async fn cleanup_store(
 ) -> Result<Vec<String>> {
     let cutoff = now - (keep_days * 86_400) as i64;
     let mut deleted = Vec::new();
+    let mut segments = Vec::new();
     for f in store.list("").await? {
         let Some(s) = crate::archive::ArchivedSegment::from_name(&f.name, seg, 0) else {
             continue;
@@ -97,7 +103,9 @@ pub async fn cleanup_store(
         if segment.as_str() < restartpoint && f.modified_unix < cutoff {
             store.delete(&f.name).await?;
             deleted.push(f.name);
+            segments.push(segment);
         }
     }
+    record_removed(archive, &segments)?;
     Ok(deleted)
 }

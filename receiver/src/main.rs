@@ -500,6 +500,7 @@ fn main() -> ExitCode {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
             let deleted = walship_receiver::store::block_on(cleanup::cleanup_store(
+                &args.archive,
                 &store,
                 seg,
                 &args.restartpoint,

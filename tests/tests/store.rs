@@ -268,6 +268,13 @@ async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it() {
     assert!(s3.object(&format!("cluster-a/{second}.zst")).is_none());
     assert!(s3.object(&format!("cluster-a/{third}.zst")).is_some());
     assert!(s3.object("cluster-a/walship.id").is_some());
+    // what retention deleted is recorded, so restore says "removed", never "missing"
+    let recorded =
+        std::fs::read_to_string(archive.join("walship.cleanup")).expect("walship.cleanup");
+    assert!(
+        recorded.trim() >= second.as_str(),
+        "walship.cleanup names the newest removed segment: {recorded}"
+    );
 
     // a second cluster on the same prefix: its receiver takes the store's identity, its sender is refused
     let mut other = Cluster::init(&dir, "other", &InitOptions::default());
