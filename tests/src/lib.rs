@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod env;
 pub mod ledger;
 pub mod metrics;
+pub mod pgsource;
 pub mod proxy;
 pub mod s3;
 pub mod scenario;

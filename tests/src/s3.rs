@@ -36,7 +36,7 @@ pub fn binary() -> PathBuf {
 }
 
 /// `target/tools` of this workspace.
-fn tools_dir() -> PathBuf {
+pub(crate) fn tools_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join("target")
