@@ -361,8 +361,13 @@ fn segment(
             // are uploaded): no need to ask it on every call while the receiver fills it
             let receiving = opts.archive.join(format!("{name}.partial")).exists();
             if opts.object_store.is_some() && !receiving {
-                if let Some(outcome) = from_spool_or_store(opts, id, timeline, segno)? {
-                    return Ok(Some(outcome));
+                match from_spool_or_store(opts, id, timeline, segno) {
+                    Ok(Some(outcome)) => return Ok(Some(outcome)),
+                    Ok(None) => {}
+                    Err(e) if beyond_local_end(opts, seg, timeline, segno)? => {
+                        warn!(file = %name, "the object store is unreachable ({e:#}); going on with the local archive, which receives WAL up to the segment before this one");
+                    }
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -466,13 +471,38 @@ fn segments_after(
 ) -> Result<Vec<ArchivedSegment>> {
     let local = list_segments(&opts.archive, seg)?;
     let from = segment_file_name(timeline, segno.saturating_sub(1), seg);
-    let Some(stored) = with_store(opts, |store| async move { store.list(&from).await })? else {
-        return Ok(local);
+    let stored = match with_store(opts, |store| async move { store.list(&from).await }) {
+        Ok(Some(stored)) => stored,
+        Ok(None) => return Ok(local),
+        Err(e) if beyond_local_end(opts, seg, timeline, segno)? => {
+            warn!("the object store is unreachable ({e:#}); listing the local archive only, which receives WAL up to the segment before {}", segment_file_name(timeline, segno, seg));
+            return Ok(local);
+        }
+        Err(e) => return Err(e),
     };
     let stored = stored
         .iter()
         .filter_map(|f| ArchivedSegment::from_name(&f.name, seg, 0));
     Ok(merge_segments(local.into_iter().chain(stored)))
+}
+
+/// Whether the local archive holds WAL of `timeline` and `segno` comes after all of it. The store holds
+/// copies of what this archive's receiver completed, never WAL beyond it, so there an unreachable store can
+/// be done without (a failover while the store is down, issue 19 point 8). Before the local end (a segment
+/// `cleanup` removed here, or a local archive rebuilt from the store) the store is needed: never answer
+/// from the local archive alone there, or archive recovery would end early.
+fn beyond_local_end(
+    opts: &RestoreOptions,
+    seg: WalSegSize,
+    timeline: TimelineId,
+    segno: SegNo,
+) -> Result<bool> {
+    let newest = list_segments(&opts.archive, seg)?
+        .iter()
+        .filter(|s| s.timeline == timeline)
+        .map(|s| s.segno)
+        .max();
+    Ok(newest.is_some_and(|n| segno > n))
 }
 
 /// Whether `segno` of `timeline` is where the archive ends (the next segment after the newest complete one).
@@ -556,7 +586,13 @@ fn hand_over_partial(
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound && limit.is_some() => return Ok(None),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return hand_over_stored_partial(opts, id, timeline, segno)
+            return match hand_over_stored_partial(opts, id, timeline, segno) {
+                Err(e) if beyond_local_end(opts, id.wal_segment_size, timeline, segno)? => {
+                    warn!(partial = %partial.display(), "the object store is unreachable ({e:#}); the local archive ends before this segment, so there is no partial to hand over");
+                    Ok(None)
+                }
+                r => r,
+            };
         }
         Err(e) => return Err(e).with_context(|| format!("open {}", partial.display())),
     };

@@ -58,6 +58,27 @@ fn assert_store_matches_primary(
     n
 }
 
+/// The store and its credentials in a 0600 config file for `restore` and `promote` (`--config`), not in
+/// postgresql.conf or the environment.
+fn store_config(dir: &TestDir, url: &str, env: &[(String, String)]) -> std::path::PathBuf {
+    let config = dir.path().join("restore.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "object-store = {url:?}\nobject-store-option = [{}]\n",
+            env.iter()
+                .map(|(k, v)| format!("\"{k}={v}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    walship_tests::env::chown_to_db_user(&config);
+    config
+}
+
 /// A receiver that uploads `archive` to `url` of `s3` (the partial every second), and a sender shipping
 /// `primary` to it, streaming.
 fn ship_to_store(
@@ -375,22 +396,7 @@ async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(
     // a new standby from the base backup, its local directory empty: everything comes from the store
     let local = dir.subdir("new-archive");
     walship_tests::env::chown_to_db_user(&local);
-    // the store and its credentials in a 0600 config file, not in postgresql.conf or the environment
-    let config = dir.path().join("restore.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "object-store = {url:?}\nobject-store-option = [{}]\n",
-            env.iter()
-                .map(|(k, v)| format!("\"{k}={v}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
-    walship_tests::env::chown_to_db_user(&config);
+    let config = store_config(&dir, &url, &env);
     let receiver_bin = walship.path(Walship::RECEIVER);
     standby.configure_recovery(
         &format!(
@@ -461,4 +467,125 @@ async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(
         .execute("INSERT INTO ledger (id) VALUES (-1)", &[])
         .await
         .expect("write on the promoted standby");
+}
+
+/// Issue 19, point 8: the object store goes down; a standby in archive recovery goes on replaying from the
+/// local archive, and a failover where the archive ends exactly on a segment boundary (no partial to hand
+/// over) promotes the standby without the store, instead of waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_during_recovery_and_failover_is_done_without() {
+    let opts = InitOptions {
+        // nothing but the test writes WAL (the archive must end where the test's switch ends it)
+        conf: vec!["autovacuum = off".into()],
+        ..Default::default()
+    };
+    let Stage {
+        dir,
+        mut primary,
+        archive,
+        certs,
+        walship,
+    } = stage("store-down", &opts);
+    let mut s3 = S3Server::start(&dir, "s3");
+    let env = s3.env();
+    let url = s3.url("cluster");
+    let seg = WalSegSize::DEFAULT;
+    let (_receiver, mut sender) =
+        ship_to_store(&dir, &primary, &archive, &certs, &walship, &s3, &url);
+    let mut standby = primary.base_backup(&dir, "standby");
+    let config = store_config(&dir, &url, &env);
+    let receiver_bin = walship.path(Walship::RECEIVER);
+    standby.configure_recovery(
+        &format!(
+            "{} restore --config {} --archive {} %f %p",
+            receiver_bin.display(),
+            config.display(),
+            archive.display()
+        ),
+        true,
+        &["wal_retrieve_retry_interval = '200ms'"],
+    );
+    standby.start_no_wait();
+    let client = primary.connect().await;
+    client
+        .batch_execute("CREATE TABLE t (i int); INSERT INTO t SELECT generate_series(1, 1000)")
+        .await
+        .expect("rows");
+    primary.switch_wal(&client).await;
+    let replica = wait_for("the standby to accept connections", WAIT, || {
+        standby.try_connect()
+    })
+    .await;
+
+    // the store goes away: the standby goes on replaying from the local archive
+    s3.stop();
+    client
+        .batch_execute("INSERT INTO t SELECT generate_series(1001, 2000)")
+        .await
+        .expect("rows while the store is down");
+    primary.switch_wal(&client).await;
+    wait_for("the standby to replay during the outage", WAIT, || async {
+        let n: i64 = replica
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .ok()?
+            .get(0);
+        (n == 2000).then_some(())
+    })
+    .await;
+    drop(replica);
+
+    // the last WAL is a switch whose segment is complete in the archive: the archive ends on a boundary
+    client
+        .batch_execute("INSERT INTO t SELECT generate_series(2001, 3000)")
+        .await
+        .expect("the last rows");
+    let end = primary.switch_wal(&client).await;
+    let last = segment_file_name(1, seg.segno(end) - 1, seg);
+    wait_for(
+        &format!("{last} to be complete in the archive"),
+        WAIT,
+        || async { archive.join(&last).exists().then_some(()) },
+    )
+    .await;
+    drop(client);
+    primary.kill9();
+    wait_drained(&mut sender);
+    sender.kill9();
+    let next = segment_file_name(1, seg.segno(end), seg);
+    assert!(
+        !archive.join(format!("{next}.partial")).exists(),
+        "the primary wrote WAL after its last switch: this test needs the archive to end on a segment boundary"
+    );
+
+    let out = run_ok(
+        Command::new(&receiver_bin)
+            .arg("promote")
+            .arg("--config")
+            .arg(&config)
+            .arg("--archive")
+            .arg(&archive)
+            .arg("--pgdata")
+            .arg(&standby.data)
+            .args(["--timeout", "120"]),
+    );
+    println!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let promoted = standby.connect().await;
+    let n: i64 = promoted
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 3000, "the promoted standby holds every row");
+    assert!(
+        standby
+            .log_text()
+            .contains("the object store is unreachable"),
+        "restore should say it went on without the store:\n{}",
+        standby.log_text()
+    );
 }
