@@ -529,6 +529,12 @@ async fn a_connection_flood_does_not_lock_the_sender_out() {
         flood.len(),
         served.as_secs_f64() * 1e3
     );
+    // issue 19.9 asks for "within a second" (measured here: 40 to 50 ms); the bound leaves room for a
+    // loaded CI machine, where the other tests of this file run at the same time
+    assert!(
+        served < Duration::from_secs(3),
+        "a sender needed {served:?} to get in through the flood"
+    );
     assert!(
         rig.receiver
             .log_text()
