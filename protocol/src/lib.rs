@@ -44,6 +44,8 @@
 //! and the receiver compares it (replacing it where the primary's WAL now differs, refusing where a
 //! confirmed byte would change).
 //!
+//! Each version's features are named in [`Features`], which both daemons ask.
+//!
 //! Version 4 (compression on the wire): the receiver's `Welcome` says whether the sender may send WAL as
 //! `WalZstd` (each message one zstd frame of at most one `Wal`'s bytes; the receiver decompresses into at
 //! most the frame limit, so memory stays bounded). A sender or receiver configured without compression sends
@@ -52,6 +54,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod features;
 pub mod lsn;
 pub mod message;
 pub mod wal;
@@ -59,6 +62,7 @@ pub mod walker;
 
 pub use codec::{Frame, FrameCodec, MessageCodec, DEFAULT_MAX_PAYLOAD};
 pub use error::{FrameError, PageError, WalNameError};
+pub use features::Features;
 pub use lsn::Lsn;
 pub use message::{CompressedWal, Compression, ReceiverMessage, RefuseCode, SenderMessage};
 pub use wal::{TimelineId, WalSegSize};

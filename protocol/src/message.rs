@@ -531,7 +531,7 @@ impl Encode for ReceiverMessage {
                     dst.put_u32(*timeline);
                     dst.put_u64(lsn.0);
                 }
-                if *protocol_version >= 4 {
+                if crate::Features::of(*protocol_version).wire_compression() {
                     dst.put_u8(*compression as u8);
                 }
             }
@@ -578,7 +578,7 @@ impl Decode for ReceiverMessage {
                 for _ in 0..n {
                     resume.push((b.timeline(1)?, Lsn(b.u64("resume lsn")?)));
                 }
-                let compression = if protocol_version >= 4 {
+                let compression = if crate::Features::of(protocol_version).wire_compression() {
                     match b.u8("compression")? {
                         0 => Compression::None,
                         1 => Compression::Zstd,

@@ -37,8 +37,8 @@ use tracing::{info, warn, Instrument};
 use walship_daemon::Reloadable;
 use walship_protocol::message::Hello;
 use walship_protocol::{
-    Compression, Lsn, MessageCodec, ReceiverMessage, RefuseCode, SenderMessage, TimelineId,
-    WalSegSize, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    Compression, Features, Lsn, MessageCodec, ReceiverMessage, RefuseCode, SenderMessage,
+    TimelineId, WalSegSize, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 
 use crate::archive::{Archive, Identity, IdentityMismatch, Synced};
@@ -457,14 +457,14 @@ async fn session(
     };
     let span = tracing::info_span!("sender", name = %hello.sender_name, timeline = hello.timeline);
     async move {
-        let version = PROTOCOL_VERSION_MAX.min(hello.version_max);
-        if version < PROTOCOL_VERSION_MIN.max(hello.version_min) {
+        let Some(features) = Features::negotiate(hello.version_min, hello.version_max) else {
             let reason = format!(
                 "no common protocol version: sender speaks {}..={}, this receiver {}..={}",
                 hello.version_min, hello.version_max, PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX
             );
             return Err(refuse(&mut writer, RefuseCode::UnsupportedVersion, reason).await.into());
-        }
+        };
+        let version = features.version();
         let seg = match WalSegSize::new(hello.wal_segment_size as u64) {
             Ok(seg) => seg,
             Err(e) => return Err(refuse(&mut writer, RefuseCode::Other, e.to_string()).await.into()),
@@ -568,10 +568,10 @@ async fn session(
         let resume = guard.begin_session();
         info!(?resume, version, pg_version_num = hello.pg_version_num, "sender accepted");
         crate::metrics::METRICS.sessions.inc();
-        let compression = if version >= 4 && opts.wire_compression { Compression::Zstd } else { Compression::None };
+        let compression = if features.wire_compression() && opts.wire_compression { Compression::Zstd } else { Compression::None };
         send(&mut writer, ReceiverMessage::Welcome { protocol_version: version, resume: resume.clone(), compression }, opts.send_timeout, "Welcome").await?;
         let start = resume.iter().find(|(t, _)| *t == hello.timeline).map(|(t, l)| (*t, *l));
-        stream(shared, &hello, version, guard, reader, writer, start, token).await
+        stream(shared, &hello, features, guard, reader, writer, start, token).await
     }
     .instrument(span)
     .await
@@ -623,7 +623,7 @@ fn writer_loop(
     mut rx: mpsc::Receiver<Cmd>,
     acks: AckTx,
     timeline: TimelineId,
-    version: u16,
+    features: Features,
 ) -> Result<(), WriterError> {
     let state = std::sync::Mutex::new(SyncState {
         archive,
@@ -652,7 +652,7 @@ fn writer_loop(
                         if g.failed.is_some() {
                             return Ok(()); // the syncer stopped on an error, taken up below
                         }
-                        apply(&mut g.archive, cmd, version, &mut taken)?
+                        apply(&mut g.archive, cmd, features, &mut taken)?
                     };
                     if taken >= MAX_BATCH {
                         break;
@@ -714,13 +714,13 @@ struct SyncState {
 }
 
 /// Applies one command; returns whether it was a large WAL message (a catch-up).
-fn apply(archive: &mut Archive, cmd: Cmd, version: u16, taken: &mut usize) -> Result<bool> {
+fn apply(archive: &mut Archive, cmd: Cmd, features: Features, taken: &mut usize) -> Result<bool> {
     Ok(match cmd {
         Cmd::Wal(w) => {
             *taken += w.bytes.len();
             archive.append(w.timeline, w.start_lsn, &w.bytes)?;
-            if version < 3 {
-                // before protocol 3 a sender sends only WAL the primary has flushed
+            if !features.ship_on_write() {
+                // before shipping on write a sender sends only WAL the primary has flushed
                 archive.confirm(w.timeline, w.end_lsn());
             }
             w.bytes.len() >= LARGE_MESSAGE
@@ -814,7 +814,7 @@ enum WriterError {
 async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     shared: &Arc<Shared>,
     hello: &Hello,
-    version: u16,
+    features: Features,
     guard: OwnedMutexGuard<Archive>,
     mut reader: Reader<S>,
     mut writer: Writer<S>,
@@ -835,7 +835,7 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     });
     let (ack_tx, mut ack_rx) = watch::channel(start);
     let mut writer_task =
-        tokio::task::spawn_blocking(move || writer_loop(guard, rx, ack_tx, timeline, version));
+        tokio::task::spawn_blocking(move || writer_loop(guard, rx, ack_tx, timeline, features));
     let mut writer_result = None;
     let mut last_ack = start;
     // WAL received while the writer is busy (fsyncing): merged into one command, so that the next fsync
@@ -877,7 +877,7 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                     if let Some((t, synced)) = ack {
                         last_ack = ack;
                         shared.status.durable(synced.durable);
-                        send(&mut writer, ack_message(t, synced, version), send_timeout, "Ack").await?;
+                        send(&mut writer, ack_message(t, synced, features), send_timeout, "Ack").await?;
                     }
                 }
                 frame = tokio::time::timeout(shared.opts.idle_timeout, reader.next()) => {
@@ -889,7 +889,7 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                             return Err(anyhow::Error::new(e).context("bad frame from sender"));
                         }
                         Ok(Some(Ok(SenderMessage::WalZstd(z)))) => {
-                            if version < 4 || !shared.opts.wire_compression {
+                            if !features.wire_compression() || !shared.opts.wire_compression {
                                 let reason = "compressed WAL, which this session did not allow".to_string();
                                 say(&mut writer, ReceiverMessage::Error { reason: reason.clone() }).await;
                                 bail!(reason);
@@ -947,7 +947,7 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                         }
                         SenderMessage::Keepalive { primary_flush_lsn, sent_at_unix_micros, .. } => {
                             shared.status.keepalive(primary_flush_lsn, sent_at_unix_micros);
-                            if version >= 3 {
+                            if features.ship_on_write() {
                                 // in order with the WAL before it; the writer acknowledges it
                                 pending.flush(&tx).await;
                                 let confirm = Cmd::Confirm { timeline, flush: primary_flush_lsn };
@@ -955,7 +955,7 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                                     continue;
                                 }
                             } else if let Some((t, synced)) = last_ack {
-                                send(&mut writer, ack_message(t, synced, version), send_timeout, "Ack").await?;
+                                send(&mut writer, ack_message(t, synced, features), send_timeout, "Ack").await?;
                             }
                         }
                         SenderMessage::PrimaryDown { timeline: t, wal_end, down_since_unix_micros } => {
@@ -998,7 +998,7 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
             let last = *ack_rx.borrow_and_update();
             if let Some((t, synced)) = last.filter(|_| last != last_ack) {
                 shared.status.durable(synced.durable);
-                say(&mut writer, ack_message(t, synced, version)).await;
+                say(&mut writer, ack_message(t, synced, features)).await;
             }
             r
         }
@@ -1014,12 +1014,12 @@ async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     }
 }
 
-/// The `Ack` for `synced` in a session of protocol `version`.
-fn ack_message(timeline: TimelineId, synced: Synced, version: u16) -> ReceiverMessage {
+/// The `Ack` for `synced` in a session with `features`.
+fn ack_message(timeline: TimelineId, synced: Synced, features: Features) -> ReceiverMessage {
     ReceiverMessage::Ack {
         timeline,
         durable_lsn: synced.durable,
-        confirmed_lsn: (version >= 3).then_some(synced.confirmed),
+        confirmed_lsn: features.ship_on_write().then_some(synced.confirmed),
     }
 }
 

@@ -431,11 +431,8 @@ async fn open<'a>(
         })?
         .context("send Hello")
         .map_err(retry)?;
-    let (resume, protocol_version, compression) = match tokio::time::timeout(
-        cfg.connect_timeout,
-        rx.next(),
-    )
-    .await
+    let (resume, features, compression) = match tokio::time::timeout(cfg.connect_timeout, rx.next())
+        .await
     {
         Err(_) => {
             return Err(retry(anyhow!(
@@ -463,7 +460,11 @@ async fn open<'a>(
             resume,
             protocol_version,
             compression,
-        }))) => (resume, protocol_version, compression),
+        }))) => (
+            resume,
+            walship_protocol::Features::of(protocol_version),
+            compression,
+        ),
         Ok(Some(Ok(ReceiverMessage::Refuse { code, reason }))) => {
             let e = anyhow!("the receiver refused this sender: {reason}");
             return Err(if code.is_transient() {
@@ -574,7 +575,7 @@ async fn open<'a>(
         cfg,
         pg,
         data_dir,
-        protocol_version,
+        features,
         reader,
         events,
         link,
@@ -654,8 +655,8 @@ struct Streaming<'a> {
     pg: Option<Arc<Primary>>,
     /// The primary's data directory (for `postmaster.pid`), when known.
     data_dir: Option<PathBuf>,
-    /// The protocol version of the session (2+: the receiver understands `PrimaryDown`).
-    protocol_version: u16,
+    /// What the session's protocol version allows.
+    features: walship_protocol::Features,
     reader: WalReader,
     events: Option<Events>,
     link: Link,
@@ -823,7 +824,7 @@ impl Streaming<'_> {
 
     /// Protocol 3: the receiver takes WAL before it is flushed (provisional until confirmed).
     fn ships_on_write(&self) -> bool {
-        self.protocol_version >= 3
+        self.features.ship_on_write()
     }
 
     /// How far to ship: the flush position, and from protocol 3 the written WAL beyond it that the scout
@@ -1242,7 +1243,7 @@ impl Streaming<'_> {
 
     /// Tells the receiver (protocol 2+) that the primary is down and where its WAL ends.
     async fn report_down(&mut self, end: Lsn, since: u64) -> Result<(), Failure> {
-        if self.protocol_version >= 2 {
+        if self.features.primary_down() {
             let msg = SenderMessage::PrimaryDown {
                 timeline: self.timeline,
                 wal_end: end,
