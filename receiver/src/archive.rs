@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -30,6 +30,8 @@ use walship_protocol::wal::{
     WalFileName, LONG_PAGE_HEADER, XLOG_BLCKSZ,
 };
 use walship_protocol::walker::{WalkStop, Walker};
+
+use crate::durable::{sync_dir_handle, sync_file};
 use walship_protocol::{Lsn, TimelineId, WalSegSize};
 
 /// The identity file's name.
@@ -315,46 +317,6 @@ pub struct Synced {
     pub confirmed: Lsn,
 }
 
-/// Writes the archive file `name` crash-safely: a temp file, fsync, rename over the old one, fsync of the
-/// directory. A crash leaves the old content or the new, never a mix; a `.tmp` left over is removed when the
-/// archive is next opened. Every small archive file (identity, history, failover state) is written here.
-pub fn write_atomically(dir: &Path, name: &str, content: &[u8]) -> Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let path = dir.join(name);
-    let mut f = create_options()
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .with_context(|| format!("create {}", tmp.display()))?;
-    f.write_all(content)
-        .with_context(|| format!("write {}", tmp.display()))?;
-    sync_file(&f, &tmp, true)?;
-    fs::rename(&tmp, &path)
-        .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
-    let d = File::open(dir).with_context(|| format!("open directory {}", dir.display()))?;
-    fsync_dir(&d, dir)
-}
-
-/// Fsyncs an archive directory (names created or renamed in it).
-fn fsync_dir(dir: &File, path: &Path) -> Result<()> {
-    fail::fail_point!("archive-fsync-dir", |_| Err(injected_eio())
-        .with_context(|| format!("fsync directory {}", path.display())));
-    dir.sync_all()
-        .with_context(|| format!("fsync directory {}", path.display()))
-}
-
-/// `fdatasync` (or `fsync` with `all`) of an archive file, naming it in the error.
-fn sync_file(file: &File, path: &Path, all: bool) -> Result<()> {
-    fail::fail_point!("archive-fsync", |_| Err(injected_eio())
-        .with_context(|| format!("fsync {}", path.display())));
-    if all {
-        file.sync_all()
-    } else {
-        file.sync_data()
-    }
-    .with_context(|| format!("fsync {}", path.display()))
-}
-
 fn write_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
     fail::fail_point!("archive-write-enospc", |_| Err(
         io::Error::from_raw_os_error(libc::ENOSPC)
@@ -364,12 +326,6 @@ fn write_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
 
 fn file_len(file: &File) -> Option<u64> {
     file.metadata().ok().map(|m| m.len())
-}
-
-/// The error a failpoint injects for a failed fsync (tests only).
-#[allow(dead_code)]
-fn injected_eio() -> io::Error {
-    io::Error::from_raw_os_error(libc::EIO)
 }
 
 /// A crash point for tests (cargo feature `failpoints`): with `FAILPOINTS=name=return` the process dies here
@@ -546,7 +502,7 @@ impl Archive {
         }
         if !newest.is_empty() {
             // names renamed just before a crash count only once the directory is on disk
-            fsync_dir(&self.dir_handle, &self.dir)?;
+            sync_dir_handle(&self.dir_handle, &self.dir)?;
         }
         let recorded = read_positions(&self.dir);
         for (timeline, (segno, partial)) in newest {
@@ -641,7 +597,7 @@ impl Archive {
         if keep as u64 == seg.as_u64() {
             // complete, but the rename did not happen before a crash
             self.finish_segment_file(timeline, segno)?;
-            fsync_dir(&self.dir_handle, &self.dir)?;
+            sync_dir_handle(&self.dir_handle, &self.dir)?;
         } else {
             self.current = Some(OpenPartial {
                 timeline,
@@ -673,9 +629,9 @@ impl Archive {
         Ok(Ok(()))
     }
 
-    /// Writes `name` durably (see [`write_atomically`]).
+    /// Writes `name` durably (see [`crate::durable::replace`]; a `.tmp` left over is removed at open).
     fn write_atomically(&mut self, name: &str, content: &[u8]) -> Result<()> {
-        write_atomically(&self.dir, name, content)
+        crate::durable::replace(&self.dir, name, content)
     }
 
     /// Stores a timeline history file. A file already present must be identical.
@@ -1103,7 +1059,7 @@ impl Archive {
             }
         }
         if self.dir_dirty {
-            fsync_dir(&self.dir_handle, &self.dir)?;
+            sync_dir_handle(&self.dir_handle, &self.dir)?;
             self.dir_dirty = false;
         }
         for (t, end) in &self.ends {
@@ -1124,7 +1080,7 @@ impl Archive {
     pub fn prepare_sync(&mut self) -> Result<SyncJob> {
         self.check_usable()?;
         if self.dir_dirty {
-            fsync_dir(&self.dir_handle, &self.dir)?;
+            sync_dir_handle(&self.dir_handle, &self.dir)?;
             self.dir_dirty = false;
         }
         let file = match &self.current {
@@ -1282,7 +1238,7 @@ impl Archive {
     pub fn clear_primary_down(&mut self) -> Result<()> {
         let path = self.dir.join(PRIMARY_FILE);
         match fs::remove_file(&path) {
-            Ok(()) => fsync_dir(&self.dir_handle, &self.dir),
+            Ok(()) => sync_dir_handle(&self.dir_handle, &self.dir),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e).with_context(|| format!("remove {}", path.display())),
         }
@@ -1435,7 +1391,7 @@ impl Failover {
 
     fn store(&self, dir: &Path) -> Result<()> {
         let json = serde_json::to_vec_pretty(self).context("encode the failover state")?;
-        write_atomically(dir, FAILOVER_FILE, &json)
+        crate::durable::replace(dir, FAILOVER_FILE, &json)
     }
 
     /// The handover, if it was made after this request (not one left from an earlier request).
@@ -1559,6 +1515,7 @@ pub fn archive_end(segments: &[ArchivedSegment], seg: WalSegSize) -> Option<(Tim
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use walship_protocol::wal::write_page_header;
 
     const SEG: u64 = 1 << 20;

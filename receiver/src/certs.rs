@@ -1,8 +1,7 @@
 //! `walship-receiver certs`: a CA plus server and client certificates for a quick start (rcgen).
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -37,36 +36,8 @@ fn write_set(dir: &Path, files: &[(&str, String)], overwrite: bool) -> Result<()
             );
         }
     }
-    let temp = |name: &str| dir.join(format!(".{name}.tmp"));
-    let written = (|| -> Result<()> {
-        for (name, content) in files {
-            let path = temp(name);
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("create {}", path.display()))?;
-            f.write_all(content.as_bytes())
-                .and_then(|()| f.sync_all())
-                .with_context(|| format!("write {}", path.display()))?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = written {
-        for (name, _) in files {
-            let _ = fs::remove_file(temp(name));
-        }
-        return Err(e.context("nothing was written"));
-    }
-    for (name, _) in files {
-        fs::rename(temp(name), dir.join(name))
-            .with_context(|| format!("rename into {}", dir.join(name).display()))?;
-    }
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync {}", dir.display()))
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(n, c)| (*n, c.as_bytes())).collect();
+    crate::durable::replace_all(dir, &files, 0o600)
 }
 
 fn leaf(

@@ -65,7 +65,7 @@ fn record_removed(archive: &Path, removed: &[String]) -> Result<()> {
     };
     let previous = removed_up_to(archive);
     if previous.as_deref().is_none_or(|p| p < newest.as_str()) {
-        crate::archive::write_atomically(archive, CLEANUP_FILE, format!("{newest}\n").as_bytes())?;
+        crate::durable::replace(archive, CLEANUP_FILE, format!("{newest}\n").as_bytes())?;
     }
     Ok(())
 }

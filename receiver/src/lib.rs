@@ -20,6 +20,7 @@ pub mod archive;
 pub mod certs;
 pub mod check;
 pub mod cleanup;
+pub mod durable;
 pub mod metrics;
 pub mod prefetch;
 pub mod promote;

@@ -163,21 +163,10 @@ impl StatusBoard {
 }
 
 fn write_status(dir: &Path, status: &StatusFile) {
-    let tmp = dir.join(format!("{STATUS_FILE}.tmp"));
+    // a report rewritten every second: atomic, not fsynced (see crate::durable)
     let result = serde_json::to_vec_pretty(status)
         .map_err(std::io::Error::other)
-        .and_then(|json| {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&json)
-        })
-        .and_then(|()| std::fs::rename(&tmp, dir.join(STATUS_FILE)));
+        .and_then(|json| crate::durable::replace_unsynced(dir, STATUS_FILE, &json));
     if let Err(e) = result {
         tracing::debug!(error = %e, "could not write {STATUS_FILE}");
     }

@@ -293,7 +293,7 @@ impl Store {
         let Some(id) = self.identity().await? else {
             return Ok(None);
         };
-        crate::archive::write_atomically(dir, crate::archive::ID_FILE, id.render().as_bytes())?;
+        crate::durable::replace(dir, crate::archive::ID_FILE, id.render().as_bytes())?;
         tracing::info!(
             system_identifier = id.system_identifier,
             "the archive {} takes the identity of the object store {}",

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use walship_protocol::wal::{segment_file_name, WalFileName};
 
-use crate::archive::{list_segments, read_positions, write_atomically, Identity, ID_FILE};
+use crate::archive::{list_segments, read_positions, Identity, ID_FILE};
+use crate::durable::replace as write_atomically;
 use crate::store::Store;
 
 /// What has reached the store (written crash-safely after each upload).
