@@ -1,0 +1,278 @@
+//! Draining a stopped primary: when PostgreSQL is down and its host lives, every complete, valid record left
+//! in `pg_wal/` is shipped; what PostgreSQL proved flushed (its last reported flush position, the checkpoint
+//! `pg_control` names, every segment before the one where its WAL ends) is confirmed, the rest stays
+//! provisional (DESIGN.md §1).
+
+use super::*;
+
+impl Streaming<'_> {
+    /// The PostgreSQL connection failed. If the server is down while its host lives (a crash, the OOM
+    /// killer, `pg_ctl stop`), every record it flushed is still in `pg_wal/`: ship every complete, valid
+    /// record beyond what was sent, tell the receiver where the primary's WAL ends, then wait for the server
+    /// to come back (crash recovery continues the WAL exactly there) or for shutdown.
+    pub(crate) async fn drain(
+        &mut self,
+        shutdown: &CancellationToken,
+        cause: anyhow::Error,
+        progressed: &mut bool,
+    ) -> Result<Stop, Failure> {
+        // A crash takes a moment to show: the postmaster may still exist for a few milliseconds after its
+        // backends died. Decide within a few seconds; only a successful connection means "up".
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let why = loop {
+            match server_state(self.data_dir.as_deref(), &self.cfg.pgconn.current()).await {
+                ServerState::Up => return Err(retry(cause.context("PostgreSQL is still up"))),
+                ServerState::Down(why) => break why,
+                ServerState::Unknown(why) if Instant::now() >= deadline => {
+                    return Err(retry(cause.context(format!(
+                        "PostgreSQL's state is unclear ({why}); not draining pg_wal"
+                    ))))
+                }
+                ServerState::Unknown(_) => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(Stop::Drain),
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                }
+            }
+        };
+        let down_since = now_micros();
+        let started = Instant::now();
+        let sent = self.link.sent();
+        warn!(%sent, "PostgreSQL is down ({why}; {cause:#}): shipping every complete record left in pg_wal");
+        // A server that is shutting down (or restarting) may still write WAL, e.g. its shutdown checkpoint:
+        // keep shipping what appears until its postmaster is gone (at most a minute), then report.
+        let settle = Instant::now() + Duration::from_secs(60);
+        let mut end = self.ship_valid_wal(shutdown, progressed).await?;
+        while postmaster_running(self.data_dir.as_deref()) && Instant::now() < settle {
+            if let ServerState::Up =
+                server_state(self.data_dir.as_deref(), &self.cfg.pgconn.current()).await
+            {
+                info!("PostgreSQL is back; resuming from {end}");
+                return Ok(Stop::PrimaryLost(anyhow!("PostgreSQL restarted")));
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Stop::Drain),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            end = self.ship_valid_wal(shutdown, progressed).await?;
+        }
+        self.report_down(end, down_since).await?;
+        info!(
+            wal_end = %end,
+            drained_bytes = end.0.saturating_sub(sent.0),
+            drain_ms = started.elapsed().as_millis() as u64,
+            "primary down: the receiver holds all of its WAL (up to {end}); waiting for PostgreSQL to come back"
+        );
+        let mut keepalive = tokio::time::interval(self.cfg.keepalive_interval);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Probe often: a restarted server's end-of-recovery checkpoint may remove old segments at once, so the
+        // sender has to be back (and compare, confirm) before the next restart or checkpoint does the same.
+        let mut probe = tokio::time::interval(Duration::from_millis(100));
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Stop::Drain),
+                moved = self.link.recv() => *progressed |= moved?,
+                _ = keepalive.tick() => {
+                    // only what is proven flushed: the rest of the drained WAL stays provisional
+                    let grace = self.cfg.shutdown_grace;
+                    let flushed = self.pos.flush;
+                    if let Some(stop) = finish_on_shutdown(self.link.keepalive(flushed, now_micros()), shutdown, grace).await? {
+                        return Ok(stop);
+                    }
+                }
+                _ = probe.tick() => {
+                    if let ServerState::Up = server_state(self.data_dir.as_deref(), &self.cfg.pgconn.current()).await {
+                        info!("PostgreSQL is back; resuming from {end}");
+                        *progressed = true;
+                        return Ok(Stop::PrimaryLost(anyhow!("PostgreSQL restarted")));
+                    }
+                    // a server restarting after a crash writes WAL before it accepts connections
+                    let newer = self.ship_valid_wal(shutdown, progressed).await?;
+                    if newer > end {
+                        end = newer;
+                        self.report_down(end, down_since).await?;
+                        info!(wal_end = %end, drain_ms = started.elapsed().as_millis() as u64, "primary down: the receiver holds all of its WAL (up to {end}), including WAL that appeared while PostgreSQL was down");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ships every complete, valid record in `pg_wal/` beyond what was sent and waits until the receiver
+    /// has made it durable. Returns where the valid WAL ends.
+    ///
+    /// The server that wrote these records is down, but that does not make them flushed: a power loss can
+    /// still take the unflushed tail, and the restarted primary then writes other WAL there. So drained WAL
+    /// stays **provisional** (DESIGN.md §1): only what is proven flushed is confirmed (see
+    /// [`Streaming::proven_flush`]), the rest is shipped for a failover and compared when a sender resumes.
+    pub(crate) async fn ship_valid_wal(
+        &mut self,
+        shutdown: &CancellationToken,
+        progressed: &mut bool,
+    ) -> Result<Lsn, Failure> {
+        let from = self.link.sent().min(self.pos.flush.max(self.start));
+        let walked = self.walk_pg_wal(from)?;
+        let end = walked.end.max(self.link.sent());
+        let proven = self.proven_flush(&walked);
+        if proven > self.pos.flush {
+            info!(flushed = %proven, previous = %self.pos.flush, "the stopped primary's WAL is proven flushed up to {proven}");
+            self.pos.flush = proven;
+        }
+        self.pos.insert = self.pos.flush;
+        // An old receiver (protocol < 3) takes only flushed WAL. Otherwise ship every valid record, short of
+        // the last byte of a segment that is not proven flushed (a segment is completed only with confirmed
+        // bytes): by construction of the proof that can only be the segment where the valid WAL ends.
+        let target = if !self.ships_on_write() {
+            self.pos.flush.min(end)
+        } else if end > self.pos.flush {
+            end.min(self.provisional_cap())
+        } else {
+            end
+        };
+        self.drain_target = Some(target);
+        while self.link.sent() < target {
+            if self.pump(shutdown).await?.is_some() {
+                return Err(retry(anyhow!("shutting down during the drain")));
+            }
+            if self.link.sent() < target {
+                // the window is full: wait for acknowledgements
+                tokio::select! {
+                    moved = self.link.recv() => *progressed |= moved?,
+                    _ = shutdown.cancelled() => return Err(retry(anyhow!("shutting down during the drain"))),
+                }
+            }
+        }
+        // confirm what is proven flushed (never more than was sent)
+        if self.confirm(shutdown).await?.is_some() {
+            return Err(retry(anyhow!("shutting down during the drain")));
+        }
+        let deadline = tokio::time::Instant::now() + self.cfg.receiver_timeout;
+        while self.link.acked() < target {
+            tokio::select! {
+                moved = self.link.recv() => *progressed |= moved?,
+                _ = shutdown.cancelled() => return Err(retry(anyhow!("shutting down during the drain"))),
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(retry(anyhow!("the receiver did not acknowledge the drained WAL up to {target} within {:?}", self.cfg.receiver_timeout)));
+                }
+            }
+        }
+        Ok(end)
+    }
+
+    /// How far the WAL of a primary that is down is proven flushed, from what PostgreSQL itself wrote:
+    /// - the flush position it last reported;
+    /// - the checkpoint `pg_control` names, when that record is among the valid records walked: PostgreSQL
+    ///   updates `pg_control` only after flushing the checkpoint record (`CreateCheckPoint`), so everything up
+    ///   to its end was flushed (a clean shutdown's checkpoint ends its WAL);
+    /// - the start of the segment where the valid WAL ends: PostgreSQL fsyncs a segment as soon as it has
+    ///   written its last page, before it writes any page of the next one (`XLogWrite`, `finishing_seg`), so
+    ///   a valid record in segment M proves every segment before M flushed.
+    pub(crate) fn proven_flush(&self, walked: &Walked) -> Lsn {
+        let mut proven = self.pos.flush;
+        if walked.end > Lsn(0) {
+            let last = Lsn(walked.end.0 - 1);
+            proven = proven.max(self.seg.segment_start(self.seg.segno(last)).min(walked.end));
+        }
+        if let Some(at) = self.data_dir.as_deref().and_then(|d| {
+            pg_control_checkpoint(d, self.reader.expectation(self.timeline).system_identifier)
+        }) {
+            if let Some((_, end)) = walked.checkpoints.iter().find(|(start, _)| *start == at) {
+                proven = proven.max(*end);
+            }
+        }
+        proven
+    }
+
+    /// Tells the receiver (protocol 2+) that the primary is down and where its WAL ends.
+    pub(crate) async fn report_down(&mut self, end: Lsn, since: u64) -> Result<(), Failure> {
+        if self.features.primary_down() {
+            let msg = SenderMessage::PrimaryDown {
+                timeline: self.timeline,
+                wal_end: end,
+                down_since_unix_micros: since,
+            };
+            self.link.send(msg, "sending PrimaryDown").await?;
+        }
+        Ok(())
+    }
+
+    /// Walks the valid records in `pg_wal/` from the page holding `from`: where the last complete, valid
+    /// record ends, and the checkpoint records on the way.
+    pub(crate) fn walk_pg_wal(&self, from: Lsn) -> Result<Walked, Failure> {
+        const CHUNK: usize = 1 << 20;
+        let exp = self.reader.expectation(self.timeline);
+        let base = Lsn(from.0 - from.0 % walship_protocol::wal::XLOG_BLCKSZ as u64);
+        let mut buf: Vec<u8> = Vec::new();
+        let mut walker: Option<Walker> = None;
+        let mut checkpoints = Vec::new();
+        let mut note = |r: &walship_protocol::walker::Record| {
+            if r.is_checkpoint() {
+                checkpoints.push((r.start, r.end));
+            }
+        };
+        loop {
+            let at = Lsn(base.0 + buf.len() as u64);
+            let chunk = self
+                .reader
+                .read_raw(self.timeline, at, CHUNK)
+                .map_err(|e| retry(anyhow::Error::new(e)))?;
+            if chunk.is_empty() {
+                break;
+            }
+            buf.extend_from_slice(&chunk);
+            let w = match &mut walker {
+                Some(w) => w,
+                None => match Walker::resync(exp, &buf, base) {
+                    Ok(w) => walker.insert(w),
+                    Err(WalkStop::NeedMore { .. }) => continue,
+                    Err(stop) => {
+                        warn!(%from, "no valid record after {from}: {stop}");
+                        break;
+                    }
+                },
+            };
+            match w.walk(&buf, base, &mut note) {
+                WalkStop::NeedMore { .. } => continue,
+                stop => {
+                    debug!(%from, "the WAL in pg_wal ends at {}: {stop}", w.next_lsn());
+                    break;
+                }
+            }
+        }
+        Ok(Walked {
+            end: walker.map(|w| w.next_lsn()).unwrap_or(from).max(from),
+            checkpoints,
+        })
+    }
+}
+
+/// What a walk of `pg_wal/` found.
+pub(crate) struct Walked {
+    /// Where the last complete, valid record ends.
+    end: Lsn,
+    /// The checkpoint records walked: (start, end).
+    checkpoints: Vec<(Lsn, Lsn)>,
+}
+
+/// The location of the latest checkpoint that `global/pg_control` in `data_dir` names, if the file belongs
+/// to the cluster `system_identifier`. `ControlFileData` starts (9.3+) with `system_identifier: u64`,
+/// `pg_control_version: u32`, `catalog_version_no: u32`, `state: u32`, `time: i64` (aligned to 8) and
+/// `checkPoint: u64` at offset 32, native byte order. The caller trusts the location only if a valid
+/// checkpoint record starts there.
+pub(crate) fn pg_control_checkpoint(
+    data_dir: &std::path::Path,
+    system_identifier: u64,
+) -> Option<Lsn> {
+    use std::io::Read;
+    let mut head = [0u8; 40];
+    std::fs::File::open(data_dir.join("global").join("pg_control"))
+        .and_then(|mut f| f.read_exact(&mut head))
+        .ok()?;
+    let sysid = u64::from_le_bytes(head[0..8].try_into().ok()?);
+    if sysid != system_identifier {
+        return None;
+    }
+    Some(Lsn(u64::from_le_bytes(head[32..40].try_into().ok()?)))
+}

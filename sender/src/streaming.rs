@@ -1,0 +1,452 @@
+//! The streaming loop of a session ([`Streaming::run`]): file-system events, the scout, shipping within the
+//! window, the flush position (polled off the critical path) that confirms shipped WAL, the slot, and how a
+//! send finishes when shutdown comes.
+
+use super::*;
+
+impl Streaming<'_> {
+    pub(crate) async fn run(
+        &mut self,
+        shutdown: &CancellationToken,
+        progressed: &mut bool,
+    ) -> Result<Stop, Failure> {
+        let mut keepalive = tokio::time::interval(self.cfg.keepalive_interval);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if let Some(stop) = self.pump(shutdown).await? {
+                return Ok(stop);
+            }
+            if let Some(stop) = self.confirm(shutdown).await? {
+                return Ok(stop);
+            }
+            self.maintain_slot().await;
+            self.report_catch_up();
+            if self.last_report.elapsed() >= Duration::from_secs(60) {
+                self.last_report = Instant::now();
+                let on_write = std::mem::take(&mut self.shipped_on_write);
+                info!(flush = %self.pos.flush, sent = %self.link.sent(), acked = %self.link.acked(), behind = self.pos.flush.saturating_sub(self.link.acked()), shipped_on_write_bytes = on_write, "progress");
+            }
+            // No file-system event announces a flush (only the write before it). While WAL is inserted but not
+            // yet flushed, re-poll soon. After a quiet spell (a commit arriving alone) the first event starts
+            // precise short re-polls, since the primary's fsync takes a fraction of a millisecond. Under
+            // sustained load the events keep coming; then at most one query per MIN_QUERY_GAP keeps the cost on
+            // the primary low.
+            let pending = self.pos.insert > self.pos.flush;
+            let mut query = false;
+            if self.held_at_segment_end() {
+                // Written WAL waits for the flush to pass a segment's end (once per segment): PostgreSQL
+                // fsyncs a segment as soon as its last page is written, so poll precisely until it has.
+                std::thread::sleep(HOT_POLL);
+                *progressed |= self.link.poll_received()?;
+                query = true;
+            } else if self.ships_on_write() {
+                // Ship on write: a file-system event makes the scout walk what was written, and the loop ships
+                // it at once. The flush position only confirms: asked at most every CONFIRM_GAP while
+                // something is unconfirmed, else every poll interval.
+                let unconfirmed = self.event_due || pending || self.link.sent() > self.pos.flush;
+                let gap = if unconfirmed {
+                    CONFIRM_GAP
+                } else {
+                    self.cfg.poll_interval
+                };
+                let wait = gap.saturating_sub(self.last_query.elapsed());
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        info!(sent = %self.link.sent(), acked = %self.link.acked(), "shutting down: waiting for the receiver to acknowledge what was sent");
+                        return Ok(Stop::Drain);
+                    }
+                    moved = self.link.recv() => *progressed |= moved?,
+                    _ = next_event(&mut self.events) => {
+                        while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {}
+                        self.scout.advance(&self.reader, self.timeline, self.link.sent()).map_err(read_failure)?;
+                        self.event_due = true;
+                    }
+                    answer = answer(&mut self.asking) => {
+                        self.asking = None;
+                        if let Some(stop) = self.apply_position(answer)? {
+                            return Ok(stop);
+                        }
+                    }
+                    _ = tokio::time::sleep(wait), if self.asking.is_none() => {
+                        if let Some(stop) = self.ask() {
+                            return Ok(stop);
+                        }
+                    }
+                    _ = keepalive.tick() => {
+                        let flush = self.pos.flush;
+                        let grace = self.cfg.shutdown_grace;
+                        if let Some(stop) = finish_on_shutdown(self.link.keepalive(flush, now_micros()), shutdown, grace).await? {
+                            return Ok(stop);
+                        }
+                        self.confirm_sent = self.confirm_sent.max(flush.min(self.link.sent()));
+                    }
+                }
+            } else if pending && self.hot > 0 {
+                self.hot -= 1;
+                // tokio's timers tick in milliseconds; nothing else waits on this thread meanwhile
+                std::thread::sleep(HOT_POLL);
+                *progressed |= self.link.poll_received()?;
+                query = true;
+            } else {
+                let poll = if self.event_due {
+                    MIN_QUERY_GAP.saturating_sub(self.last_query.elapsed())
+                } else if pending {
+                    Duration::from_millis(1)
+                } else {
+                    self.cfg.poll_interval
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        info!(sent = %self.link.sent(), acked = %self.link.acked(), "shutting down: waiting for the receiver to acknowledge what was sent");
+                        return Ok(Stop::Drain);
+                    }
+                    moved = self.link.recv() => *progressed |= moved?,
+                    _ = next_event(&mut self.events), if !self.event_due => {
+                        // one query covers every event already queued
+                        while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {}
+                        if self.last_query.elapsed() >= MIN_QUERY_GAP {
+                            query = true;
+                        } else {
+                            self.event_due = true;
+                        }
+                        if self.last_flush_change.elapsed() >= QUIET {
+                            self.hot = HOT_POLLS;
+                        }
+                    }
+                    _ = tokio::time::sleep(poll) => query = true,
+                    _ = keepalive.tick() => {
+                        let flush = self.pos.flush;
+                        let grace = self.cfg.shutdown_grace;
+                        if let Some(stop) = finish_on_shutdown(self.link.keepalive(flush, now_micros()), shutdown, grace).await? {
+                            return Ok(stop);
+                        }
+                    }
+                }
+            }
+            if query {
+                if let Some(stop) = self.query().await? {
+                    return Ok(stop);
+                }
+            }
+        }
+    }
+
+    /// Protocol 3: the receiver takes WAL before it is flushed (provisional until confirmed).
+    pub(crate) fn ships_on_write(&self) -> bool {
+        self.features.ship_on_write()
+    }
+
+    /// How far to ship: the flush position, and from protocol 3 the written WAL beyond it that the scout
+    /// validated, except the last byte of a segment (a segment is completed in the archive, and handed to
+    /// recovery, only with confirmed bytes).
+    pub(crate) fn target(&self) -> Lsn {
+        if let Some(target) = self.drain_target {
+            return target;
+        }
+        let flush = self.pos.flush;
+        if !self.ships_on_write() {
+            return flush;
+        }
+        let Some(written) = self.scout.valid_from(self.link.sent()) else {
+            return flush;
+        };
+        flush.max(written.min(self.provisional_cap()))
+    }
+
+    /// How far unconfirmed WAL may go: short of the last byte of the segment holding the flush position.
+    pub(crate) fn provisional_cap(&self) -> Lsn {
+        Lsn(self.seg.segment_start(self.seg.segno(self.pos.flush) + 1).0 - 1)
+    }
+
+    /// Protocol 3: written WAL is held back only because it would complete a segment with unconfirmed bytes.
+    pub(crate) fn held_at_segment_end(&self) -> bool {
+        if !self.ships_on_write() {
+            return false;
+        }
+        let cap = self.provisional_cap();
+        self.link.sent() >= cap
+            && self.link.has_room()
+            && self
+                .scout
+                .valid_from(self.link.sent())
+                .is_some_and(|w| w > cap)
+    }
+
+    /// Protocol 3: tells the receiver what the primary has flushed, once it confirms more of what was sent.
+    pub(crate) async fn confirm(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Stop>, Failure> {
+        let flush = self.pos.flush;
+        let confirms = flush.min(self.link.sent());
+        if !self.ships_on_write() || confirms <= self.confirm_sent {
+            return Ok(None);
+        }
+        let grace = self.cfg.shutdown_grace;
+        let stop =
+            finish_on_shutdown(self.link.keepalive(flush, now_micros()), shutdown, grace).await?;
+        self.confirm_sent = confirms;
+        Ok(stop)
+    }
+
+    /// Sends `[sent, target)` while the window has room. Returns how to stop if shutdown came meanwhile.
+    pub(crate) async fn pump(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Stop>, Failure> {
+        let grace = self.cfg.shutdown_grace;
+        let mut wrote = false;
+        let target = self.target();
+        while self.link.sent() < target && self.link.has_room() {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let sent = self.link.sent();
+            let seg_end = self.seg.segment_start(self.seg.segno(sent) + 1);
+            let end = Lsn(target.0.min(seg_end.0).min(sent.0 + self.cfg.max_message));
+            let on_write = end.0.saturating_sub(sent.0.max(self.pos.flush.0));
+            self.shipped_on_write += on_write;
+            self.shipped_on_write_total += on_write;
+            metrics::METRICS.shipped_on_write_bytes.inc_by(on_write);
+            // A plain blocking read: the runtime is this one thread, and WAL just written is in the page cache.
+            let bytes = self
+                .reader
+                .read(self.timeline, sent, end)
+                .map_err(read_failure)?;
+            crash_point!("sender-read-before-send");
+            // a long catch-up can keep this loop busy for a whole window: take in the acknowledgements
+            // already here (the window slides on) and report from here too
+            self.link.poll_received()?;
+            self.report_catch_up();
+            if let Some(stop) =
+                finish_on_shutdown(self.link.feed_wal(sent, bytes), shutdown, grace).await?
+            {
+                return Ok(Some(stop));
+            }
+            wrote = true;
+        }
+        if wrote {
+            if let Some(stop) = finish_on_shutdown(self.link.flush(), shutdown, grace).await? {
+                return Ok(Some(stop));
+            }
+        }
+        Ok(shutdown.is_cancelled().then_some(Stop::Drain))
+    }
+
+    /// At most once a second: release WAL the receiver has made durable.
+    pub(crate) async fn maintain_slot(&mut self) {
+        let Some(slot) = &self.cfg.slot else { return };
+        // durable and confirmed: a provisional byte may still be replaced
+        let acked = self.link.confirmed();
+        if acked > self.slot_at
+            && acked > self.start
+            && self.slot_moved.elapsed() >= Duration::from_secs(1)
+        {
+            self.slot_moved = Instant::now();
+            let Some(pg) = self.pg.clone() else { return };
+            if self.ships_on_write() {
+                // in a task of its own: shipping never waits for the primary
+                if self.slot_task.is_none() {
+                    let slot = slot.clone();
+                    let task = tokio::spawn(async move { pg.advance_slot(&slot, acked).await });
+                    self.slot_task = Some((acked, task));
+                }
+            } else {
+                match pg.advance_slot(slot, acked).await {
+                    Ok(()) => self.slot_at = acked,
+                    Err(e) => warn!("{e:#}"),
+                }
+            }
+        }
+        if let Some((to, task)) = self.slot_task.take_if(|(_, t)| t.is_finished()) {
+            match task.now_or_never() {
+                Some(Ok(Ok(()))) => self.slot_at = to,
+                Some(Ok(Err(e))) => warn!("{e:#}"),
+                Some(Err(e)) => warn!("advancing the replication slot failed: {e}"),
+                None => {}
+            }
+        }
+    }
+
+    /// Asks the primary where WAL is flushed.
+    pub(crate) async fn query(&mut self) -> Result<Option<Stop>, Failure> {
+        self.event_due = false;
+        self.last_query = Instant::now();
+        let Some(pg) = self.pg.as_ref().filter(|pg| !pg.is_closed()) else {
+            return Ok(Some(Stop::PrimaryLost(anyhow!(
+                "the PostgreSQL connection closed"
+            ))));
+        };
+        let answer = pg.position().await;
+        self.apply_position(answer)
+    }
+
+    /// Starts asking the primary where WAL is flushed, in a task of its own (protocol 3): the answer comes
+    /// back through [`answer`] while shipping goes on.
+    pub(crate) fn ask(&mut self) -> Option<Stop> {
+        self.event_due = false;
+        self.last_query = Instant::now();
+        let Some(pg) = self.pg.clone().filter(|pg| !pg.is_closed()) else {
+            return Some(Stop::PrimaryLost(anyhow!(
+                "the PostgreSQL connection closed"
+            )));
+        };
+        self.asking = Some(tokio::spawn(async move { pg.position().await }));
+        None
+    }
+
+    /// While the receiver is more than a segment behind, says every few seconds how much is left, at what
+    /// rate and for how long; and once it has caught up, how long that took.
+    pub(crate) fn report_catch_up(&mut self) {
+        const BEHIND: u64 = 16 << 20;
+        const EVERY: Duration = Duration::from_secs(5);
+        let acked = self.link.acked();
+        let behind = self.pos.flush.saturating_sub(acked);
+        let mb = |b: u64| b as f64 / (1 << 20) as f64;
+        match &mut self.catch_up {
+            None if behind > BEHIND => {
+                let now = Instant::now();
+                self.catch_up = Some(CatchUp {
+                    began: now,
+                    from: acked,
+                    reported: now,
+                });
+            }
+            Some(c) if behind <= BEHIND => {
+                let secs = c.began.elapsed().as_secs_f64();
+                if secs >= EVERY.as_secs_f64() {
+                    let done = acked.saturating_sub(c.from);
+                    info!(
+                        "caught up: {:.0} MB shipped in {secs:.1} s ({:.1} MB/s); {:.1} MB behind the primary's flush",
+                        mb(done),
+                        mb(done) / secs.max(0.001),
+                        mb(behind)
+                    );
+                }
+                self.catch_up = None;
+            }
+            Some(c) if c.reported.elapsed() >= EVERY => {
+                c.reported = Instant::now();
+                let secs = c.began.elapsed().as_secs_f64().max(0.001);
+                let rate = acked.saturating_sub(c.from) as f64 / secs;
+                let eta = if rate > 0.0 {
+                    format!("about {:.0} s to go", behind as f64 / rate)
+                } else {
+                    "no progress yet".to_owned()
+                };
+                info!(
+                    left_bytes = behind,
+                    bytes_per_second = rate as u64,
+                    "catching up: {:.0} MB left at {:.1} MB/s, {eta}",
+                    mb(behind),
+                    mb(rate as u64)
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes in the primary's positions (or the failure to get them).
+    pub(crate) fn apply_position(
+        &mut self,
+        answer: anyhow::Result<Position>,
+    ) -> Result<Option<Stop>, Failure> {
+        let before = self.pos.flush;
+        self.pos = match answer {
+            Ok(pos) => pos,
+            Err(e) => return Ok(Some(Stop::PrimaryLost(e))),
+        };
+        // tests: the primary's flush reports stop reaching the sender, so what it ships stays provisional
+        #[cfg(feature = "failpoints")]
+        if fail::eval("sender-flush-frozen", |_| ()).is_some() {
+            self.pos.flush = before;
+        }
+        if self.pos.flush != before {
+            self.last_flush_change = Instant::now();
+            metrics::METRICS
+                .primary_flush_lsn
+                .set(self.pos.flush.0 as i64);
+        }
+        if self.pos.timeline != self.timeline {
+            return Err(retry(anyhow!(
+                "the primary moved from timeline {} to {}; starting a new session",
+                self.timeline,
+                self.pos.timeline
+            )));
+        }
+        Ok(None)
+    }
+}
+
+/// Runs a send to completion. If shutdown comes meanwhile, the send gets `grace` more to finish (then the
+/// session drains); a send still blocked after that means the receiver takes nothing: stop at once.
+pub(crate) async fn finish_on_shutdown<F>(
+    send: F,
+    shutdown: &CancellationToken,
+    grace: Duration,
+) -> Result<Option<Stop>, Failure>
+where
+    F: std::future::Future<Output = Result<(), LinkError>>,
+{
+    tokio::pin!(send);
+    tokio::select! {
+        r = &mut send => { r?; Ok(None) }
+        _ = shutdown.cancelled() => match tokio::time::timeout(grace, &mut send).await {
+            Ok(r) => { r?; Ok(Some(Stop::Drain)) }
+            Err(_) => {
+                warn!("shutting down while the receiver was not taking WAL for {grace:?}; closing without waiting");
+                Ok(Some(Stop::Abandon))
+            }
+        },
+    }
+}
+
+/// Precise re-poll interval right after a file-system event while a flush is pending.
+pub(crate) const HOT_POLL: Duration = Duration::from_micros(250);
+/// How many precise re-polls one burst of events allows (then 1 ms polls take over).
+pub(crate) const HOT_POLLS: u32 = 12;
+/// Under sustained load, the shortest time between two position queries.
+pub(crate) const MIN_QUERY_GAP: Duration = Duration::from_micros(500);
+/// Protocol 3 (ship on write): while shipped or written WAL is unconfirmed, the time between two flush
+/// queries. Shipping does not wait for them; they only confirm (and release the slot).
+pub(crate) const CONFIRM_GAP: Duration = Duration::from_millis(5);
+/// No flush for this long makes the next event the start of a burst (precise re-polls allowed).
+pub(crate) const QUIET: Duration = Duration::from_millis(5);
+
+pub(crate) type Events = inotify::EventStream<Vec<u8>>;
+
+pub(crate) fn watch_dir(dir: &std::path::Path) -> std::io::Result<Events> {
+    let inotify = inotify::Inotify::init()?;
+    inotify.watches().add(
+        dir,
+        inotify::WatchMask::MODIFY
+            | inotify::WatchMask::CREATE
+            | inotify::WatchMask::MOVED_TO
+            | inotify::WatchMask::CLOSE_WRITE,
+    )?;
+    inotify.into_event_stream(vec![0u8; 16 * 1024])
+}
+
+/// The answer to the flush query in progress; pending while there is none.
+pub(crate) async fn answer(
+    asking: &mut Option<tokio::task::JoinHandle<anyhow::Result<Position>>>,
+) -> anyhow::Result<Position> {
+    match asking {
+        Some(task) => match task.await {
+            Ok(answer) => answer,
+            Err(e) => Err(anyhow!("the flush query task failed: {e}")),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+pub(crate) async fn next_event(events: &mut Option<Events>) {
+    match events {
+        Some(s) => {
+            if s.next().await.is_none() {
+                *events = None;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
