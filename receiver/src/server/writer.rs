@@ -1,0 +1,242 @@
+//! The session's writer: a blocking task that owns the archive, appends what the connection hands it and
+//! makes it durable with group commits on a syncer thread, publishing each durable position.
+
+use super::*;
+
+pub(crate) enum Cmd {
+    Wal(walship_protocol::message::Wal),
+    /// The primary has flushed its WAL up to here (protocol 3).
+    Confirm {
+        timeline: TimelineId,
+        flush: Lsn,
+    },
+
+    History {
+        timeline: TimelineId,
+        content: bytes::Bytes,
+    },
+    PrimaryDown {
+        timeline: TimelineId,
+        wal_end: Lsn,
+        since_unix_micros: u64,
+    },
+}
+
+/// Publishes the durable and confirmed positions of the session's timeline.
+pub(crate) type AckTx = watch::Sender<Option<(TimelineId, Synced)>>;
+
+/// Read buffer under the TLS layer of an authenticated session: TLS reads the socket in small pieces, and a
+/// large buffer under it turns many small reads into few.
+pub(crate) const SOCKET_BUFFER: usize = 256 << 10;
+
+/// A WAL message this large means the sender is sending a backlog.
+pub(crate) const LARGE_MESSAGE: usize = 512 << 10;
+/// Most bytes one fsync covers.
+pub(crate) const MAX_BATCH: usize = 64 << 20;
+/// While catching up, how long and how often the writer waits for more before an fsync.
+pub(crate) const CATCHUP_WAIT: std::time::Duration = std::time::Duration::from_micros(250);
+pub(crate) const CATCHUP_WAITS: u32 = 8;
+
+/// Applies commands to the archive. Runs on a blocking thread; not cancellation safe.
+///
+/// Group commit, pipelined: the writer appends WAL as it arrives, while a syncer thread runs the fdatasync of
+/// everything appended so far, outside the archive's lock, then counts it durable and acknowledges it, and at
+/// once starts the next sync if more has been appended meanwhile. So WAL lands in the archive's file without
+/// waiting for the fsync in progress, and under load the syncs follow each other with no hand-over between
+/// threads.
+pub(crate) fn writer_loop(
+    archive: OwnedMutexGuard<Archive>,
+    mut rx: mpsc::Receiver<Cmd>,
+    acks: AckTx,
+    timeline: TimelineId,
+    features: Features,
+) -> Result<(), WriterError> {
+    let state = std::sync::Mutex::new(SyncState {
+        archive,
+        done: false,
+        ack_due: false,
+        failed: None,
+    });
+    let wake = std::sync::Condvar::new();
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    let started = std::thread::scope(|scope| {
+        let syncer = std::thread::Builder::new()
+            .name("walship-fsync".into())
+            .spawn_scoped(scope, || syncer_loop(&state, &wake, &acks, timeline));
+        if let Err(e) = syncer {
+            return Err(anyhow!("start the fsync thread: {e}"));
+        }
+        let applied = (|| -> Result<()> {
+            while let Some(cmd) = rx.blocking_recv() {
+                let mut next = Some(cmd);
+                let mut taken = 0usize;
+                let mut waits = 0;
+                loop {
+                    let Some(cmd) = next.take() else { break };
+                    let large = {
+                        let mut g = lock();
+                        if g.failed.is_some() {
+                            return Ok(()); // the syncer stopped on an error, taken up below
+                        }
+                        apply(&mut g.archive, cmd, features, &mut taken)?
+                    };
+                    if taken >= MAX_BATCH {
+                        break;
+                    }
+                    next = rx.try_recv().ok();
+                    // Large messages mean the sender is catching up: a moment's wait for the next one makes
+                    // one fsync cover many megabytes instead of one (live streaming sends small messages).
+                    while next.is_none() && large && waits < CATCHUP_WAITS && taken < MAX_BATCH / 2
+                    {
+                        waits += 1;
+                        std::thread::sleep(CATCHUP_WAIT);
+                        next = rx.try_recv().ok();
+                    }
+                }
+                lock().ack_due = true;
+                wake.notify_one();
+            }
+            Ok(())
+        })();
+        let mut g = lock();
+        g.done = true;
+        if let Err(e) = applied {
+            g.failed.get_or_insert(e);
+        }
+        drop(g);
+        wake.notify_one();
+        Ok(())
+    });
+    let mut g = state.into_inner().unwrap_or_else(|p| p.into_inner());
+    let failure = match started {
+        Err(e) => Some(e),
+        Ok(()) => g.failed.take(),
+    };
+    let Some(e) = failure else { return Ok(()) };
+    // nothing written since the last good fsync is trusted: undo it, so the sender resends it
+    match g.archive.recover_after_error() {
+        Ok(()) => {
+            info!(
+                resume = ?g.archive.resume_points(),
+                "archive rolled back to its last durable position after: {e:#}"
+            );
+            Err(WriterError::Recovered(e))
+        }
+        Err(again) => Err(WriterError::Unrecoverable(
+            e.context(format!("undoing it failed: {again:#}")),
+        )),
+    }
+}
+
+/// What the writer and the syncer of a session share, under one lock.
+pub(crate) struct SyncState {
+    archive: OwnedMutexGuard<Archive>,
+    /// The writer has applied its last command.
+    done: bool,
+    /// Commands were applied since the last acknowledgement (WAL, or only a confirmation).
+    ack_due: bool,
+    /// The first error of either thread: both stop, the archive is rolled back.
+    failed: Option<anyhow::Error>,
+}
+
+/// Applies one command; returns whether it was a large WAL message (a catch-up).
+pub(crate) fn apply(
+    archive: &mut Archive,
+    cmd: Cmd,
+    features: Features,
+    taken: &mut usize,
+) -> Result<bool> {
+    Ok(match cmd {
+        Cmd::Wal(w) => {
+            *taken += w.bytes.len();
+            archive.append(w.timeline, w.start_lsn, &w.bytes)?;
+            if !features.ship_on_write() {
+                // before shipping on write a sender sends only WAL the primary has flushed
+                archive.confirm(w.timeline, w.end_lsn());
+            }
+            w.bytes.len() >= LARGE_MESSAGE
+        }
+        Cmd::Confirm { timeline, flush } => {
+            archive.confirm(timeline, flush);
+            false
+        }
+        Cmd::History { timeline, content } => {
+            archive.store_history(timeline, &content)?;
+            false
+        }
+        Cmd::PrimaryDown {
+            timeline,
+            wal_end,
+            since_unix_micros,
+        } => {
+            let state = archive.record_primary_down(timeline, wal_end, since_unix_micros)?;
+            if state.complete() {
+                info!(%wal_end, "the primary is down; the archive holds all of its WAL (up to {wal_end})");
+            } else {
+                warn!(%wal_end, archived = %state.archived_end, "the primary is down; the archive does not hold all of its WAL");
+            }
+            false
+        }
+    })
+}
+
+/// The syncer thread of a session: whenever something was appended (or confirmed), makes it durable and
+/// acknowledges it. The fdatasync runs without the lock, so the writer appends meanwhile. Ends when the
+/// writer is done and everything is durable, or at the first error.
+pub(crate) fn syncer_loop(
+    state: &std::sync::Mutex<SyncState>,
+    wake: &std::sync::Condvar,
+    acks: &AckTx,
+    timeline: TimelineId,
+) {
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut g = lock();
+    loop {
+        while !g.ack_due && !g.archive.unsynced() && !g.done && g.failed.is_none() {
+            g = wake.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        if g.failed.is_some() || (g.done && !g.ack_due && !g.archive.unsynced()) {
+            return;
+        }
+        g.ack_due = false;
+        let synced = if g.archive.unsynced() {
+            crate::archive::crash_point!("receiver-written-before-fsync");
+            let job = g.archive.prepare_sync();
+            drop(g);
+            let job = job.map(|job| {
+                let started = std::time::Instant::now();
+                let r = job.run();
+                crate::metrics::METRICS
+                    .fsync_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                (job, r)
+            });
+            g = lock();
+            job.and_then(|(job, r)| g.archive.finish_sync(timeline, job, r))
+        } else {
+            // nothing to fsync (a confirmation, WAL sent twice): record it and acknowledge
+            g.archive.sync(timeline)
+        };
+        match synced {
+            Ok(Some(synced)) => {
+                crate::archive::crash_point!("receiver-fsynced-before-ack");
+                acks.send_replace(Some((timeline, synced)));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                g.failed.get_or_insert(e);
+                return;
+            }
+        }
+    }
+}
+
+/// How the archive writer of a session ended.
+#[derive(Debug)]
+pub(crate) enum WriterError {
+    /// A write or fsync failed and the archive was rolled back to its last durable position: the session
+    /// ends, the receiver stays up, the sender resends.
+    Recovered(anyhow::Error),
+    /// The archive could not be brought back to a known durable state: the receiver must stop.
+    Unrecoverable(anyhow::Error),
+}
