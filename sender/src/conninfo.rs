@@ -13,7 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -121,11 +121,12 @@ pub fn process_env(name: &str) -> Option<String> {
 }
 
 fn invalid(why: impl std::fmt::Display) -> anyhow::Error {
-    anyhow!(
+    crate::postgres::Unfixable(format!(
         "the connection string of the primary (--pgconn) is not valid: {why}. It takes libpq's keywords \
          (host, hostaddr, port, user, password, passfile, dbname, service, connect_timeout, application_name, \
          sslmode, sslrootcert, sslcert, sslkey, ...) or a postgresql:// URI"
-    )
+    ))
+    .into()
 }
 
 /// Resolves `conninfo` as libpq would: the string, then its service, then the environment (`env`), then the

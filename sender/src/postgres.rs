@@ -13,6 +13,20 @@ use crate::conninfo::Conn;
 use walship_protocol::wal::page_magic_for_version;
 use walship_protocol::{Lsn, TimelineId, WalSegSize};
 
+/// A failure that reconnecting cannot fix: the server (or the configuration) is not one walship can ship
+/// from as it stands. Carried inside the `anyhow` chain; a session stops on it with its message, which says
+/// what to do, instead of retrying. Decided where the failure is found, never by matching message text.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unfixable(pub String);
+
+impl Unfixable {
+    /// Whether `e` (or a cause of it) is unfixable.
+    pub fn is_in(e: &anyhow::Error) -> bool {
+        e.chain().any(|c| c.is::<Unfixable>())
+    }
+}
+
 /// The SQL and paths of one PostgreSQL generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dialect {
@@ -26,7 +40,7 @@ pub struct Dialect {
 impl Dialect {
     pub fn for_version(server_version_num: u32) -> Result<Dialect> {
         if page_magic_for_version(server_version_num).is_none() {
-            bail!("PostgreSQL server_version_num {server_version_num} is not supported: walship supports 9.6 to 18");
+            return Err(Unfixable(format!("PostgreSQL server_version_num {server_version_num} is not supported: walship supports 9.6 to 18")).into());
         }
         Ok(if server_version_num >= 100_000 {
             Dialect {
@@ -134,7 +148,11 @@ impl Primary {
             .context("SELECT pg_is_in_recovery()")?
             .get::<_, bool>(0)
         {
-            bail!("the server is in recovery (a standby): run walship-sender against the primary");
+            return Err(Unfixable(
+                "the server is in recovery (a standby): run walship-sender against the primary"
+                    .into(),
+            )
+            .into());
         }
         let sysid: i64 = scalar(
             &client,
@@ -208,7 +226,7 @@ impl Primary {
     /// (`pg_replication_slot_advance`).
     pub async fn ensure_slot(&self, name: &str) -> Result<()> {
         if self.info.version_num < 110_000 {
-            bail!("--slot needs PostgreSQL 11 or later (pg_replication_slot_advance); keep WAL with wal_keep_segments instead");
+            return Err(Unfixable("--slot needs PostgreSQL 11 or later (pg_replication_slot_advance); keep WAL with wal_keep_segments instead".into()).into());
         }
         let row = self
             .client
@@ -220,7 +238,7 @@ impl Primary {
             .with_context(|| format!("look up replication slot {name}"))?;
         match row {
             Some(r) if r.get::<_, String>(0) != "physical" => {
-                bail!("replication slot {name} exists but is not a physical slot")
+                Err(Unfixable(format!("replication slot {name} exists but is not a physical slot: drop it, or name another with --slot")).into())
             }
             Some(_) => Ok(()),
             None => {

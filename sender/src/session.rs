@@ -156,10 +156,7 @@ pub(crate) async fn open<'a>(
                 r.map_err(|e| {
                     if let Some(fix) = crate::postgres::fatal_cause(&e) {
                         Failure::Fatal(e.context(fix))
-                    } else if e.to_string().contains("not supported")
-                        || e.to_string().contains("in recovery")
-                        || e.to_string().contains("--pgconn")
-                    {
+                    } else if crate::postgres::Unfixable::is_in(&e) {
                         Failure::Fatal(e)
                     } else {
                         Failure::Retry(e)
@@ -251,7 +248,7 @@ pub(crate) async fn open<'a>(
         }
         Ok(Some(Err(e))) => {
             let e = anyhow::Error::new(e);
-            return Err(retry(if format!("{e}").contains("alert") {
+            return Err(retry(if tls_alert(&e) {
                 e.context(
                     "the receiver refused the TLS session: check that --tls-cert and --tls-key were issued by the CA \
                      the receiver trusts (its --tls-client-ca)",
@@ -289,9 +286,7 @@ pub(crate) async fn open<'a>(
 
     if let (Some(slot), Some(pg)) = (&cfg.slot, &pg) {
         pg.ensure_slot(slot).await.map_err(|e| {
-            if e.to_string().contains("needs PostgreSQL")
-                || e.to_string().contains("not a physical")
-            {
+            if crate::postgres::Unfixable::is_in(&e) {
                 Failure::Fatal(e)
             } else {
                 Failure::Retry(e)
@@ -407,5 +402,15 @@ pub(crate) async fn open<'a>(
         asking: None,
         slot_task: None,
         drain_target: None,
+    })
+}
+
+/// Whether the peer ended the TLS session with an alert (it refused our certificate).
+fn tls_alert(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .is_some_and(|r| matches!(r, rustls::Error::AlertReceived(_)))
     })
 }

@@ -176,6 +176,7 @@ fn fetch_tests(major: u32, version: &str, tools: &Path, dest: &Path) {
 fn ipc_run(tools: &Path) -> Option<PathBuf> {
     let has = Command::new("perl")
         .args(["-MIPC::Run", "-e", "1"])
+        .stderr(std::process::Stdio::null())
         .status()
         .unwrap_or_else(|e| panic!("run perl (apt-get install -y perl): {e}"))
         .success();
