@@ -2,6 +2,8 @@
 //! resume ([`decide_start`]), and what a failed read of `pg_wal/` means.
 
 use super::*;
+use crate::link::{Rx, Tx};
+use walship_protocol::{Compression, Features};
 
 pub(crate) fn read_failure(e: ReadError) -> Failure {
     match e {
@@ -148,6 +150,96 @@ pub(crate) async fn open<'a>(
     acked_before: Option<(TimelineId, Lsn)>,
     remembered: &mut Option<Origin>,
 ) -> Result<Streaming<'a>, Failure> {
+    let (pg, origin) = connect_primary(cfg, remembered).await?;
+    let Origin { info, wal_dir, pos } = origin;
+    let mut reader = WalReader::new(&wal_dir, info.seg, info.magic, info.system_identifier);
+    let events = match watch_dir(&wal_dir) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(dir = %wal_dir.display(), error = %e, "no inotify on the WAL directory; polling every {:?}", cfg.poll_interval);
+            None
+        }
+    };
+    let timeline = pos.timeline;
+
+    let (rx, tx, resume, features, compression) = handshake(cfg, &info, timeline).await?;
+    if let (Some(slot), Some(pg)) = (&cfg.slot, &pg) {
+        pg.ensure_slot(slot).await.map_err(|e| {
+            if crate::postgres::Unfixable::is_in(&e) {
+                Failure::Fatal(e)
+            } else {
+                Failure::Retry(e)
+            }
+        })?;
+    }
+    let start = decide_start(
+        &resume,
+        timeline,
+        pos.flush,
+        info.seg,
+        cfg.start_lsn,
+        &reader,
+    )?;
+    let resumed = resume.iter().any(|(t, _)| *t == timeline);
+    let mut link = Link::new(rx, tx, timeline, start, cfg.window, cfg.receiver_timeout);
+    // zstd on the wire when both sides want it (the receiver says so in its Welcome)
+    if compression == walship_protocol::Compression::Zstd {
+        link.compress_with(cfg.compression_level);
+    }
+    prove_and_send_history(&mut link, &mut reader, timeline, start, resumed, info.seg).await?;
+    announce(cfg, &wal_dir, &info, &pos, start, acked_before);
+    let data_dir = Origin::data_dir_of(&info, &wal_dir);
+    Ok(Streaming {
+        cfg,
+        pg,
+        data_dir,
+        features,
+        reader,
+        events,
+        link,
+        seg: info.seg,
+        timeline,
+        start,
+        pos,
+        hot: 0,
+        event_due: false,
+        scout: Scout::default(),
+        confirm_sent: start,
+        last_query: Instant::now(),
+        last_flush_change: Instant::now(),
+        slot_at: Lsn(0),
+        slot_moved: Instant::now(),
+        last_report: Instant::now(),
+        // a catch-up is timed from the start of the session
+        catch_up: Some(CatchUp {
+            began: Instant::now(),
+            from: start,
+            reported: Instant::now(),
+        }),
+        shipped_on_write: 0,
+        shipped_on_write_total: 0,
+        asking: None,
+        slot_task: None,
+        drain_target: None,
+    })
+}
+
+/// Whether the peer ended the TLS session with an alert (it refused our certificate).
+fn tls_alert(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .is_some_and(|r| matches!(r, rustls::Error::AlertReceived(_)))
+    })
+}
+
+/// Connects to PostgreSQL and learns what the session needs of it. When the server is down and this process
+/// knew it before, the session goes on with what it knew (to drain `pg_wal/`, see `drain`).
+async fn connect_primary(
+    cfg: &SenderConfig,
+    remembered: &mut Option<Origin>,
+) -> Result<(Option<Arc<Primary>>, Origin), Failure> {
     let connected =
         tokio::time::timeout(cfg.connect_timeout, Primary::connect(&cfg.pgconn.current()))
             .await
@@ -163,7 +255,7 @@ pub(crate) async fn open<'a>(
                     }
                 })
             });
-    let (pg, origin) = match connected {
+    match connected {
         Ok(pg) => {
             let info = pg.info.clone();
             let wal_dir = match (&cfg.wal_dir, &info.data_directory) {
@@ -178,7 +270,7 @@ pub(crate) async fn open<'a>(
             let pos = pg.position().await.map_err(retry)?;
             let origin = Origin { info, wal_dir, pos };
             *remembered = Some(origin.clone());
-            (Some(Arc::new(pg)), origin)
+            Ok((Some(Arc::new(pg)), origin))
         }
         Err(Failure::Retry(e)) => {
             // PostgreSQL went down while this process was not streaming (between sessions): its WAL may
@@ -187,23 +279,21 @@ pub(crate) async fn open<'a>(
                 return Err(Failure::Retry(e));
             };
             match server_state(origin.data_dir().as_deref(), &cfg.pgconn.current()).await {
-                ServerState::Down(_) => (None, origin),
-                _ => return Err(Failure::Retry(e)),
+                ServerState::Down(_) => Ok((None, origin)),
+                _ => Err(Failure::Retry(e)),
             }
         }
-        Err(fatal) => return Err(fatal),
-    };
-    let Origin { info, wal_dir, pos } = origin;
-    let mut reader = WalReader::new(&wal_dir, info.seg, info.magic, info.system_identifier);
-    let events = match watch_dir(&wal_dir) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn!(dir = %wal_dir.display(), error = %e, "no inotify on the WAL directory; polling every {:?}", cfg.poll_interval);
-            None
-        }
-    };
-    let timeline = pos.timeline;
+        Err(fatal) => Err(fatal),
+    }
+}
 
+/// The receiver's side of the handshake: TLS, `Hello`, and its `Welcome` (where to resume, the protocol's
+/// features, compression on the wire) or its refusal.
+async fn handshake(
+    cfg: &SenderConfig,
+    info: &ServerInfo,
+    timeline: TimelineId,
+) -> Result<(Rx, Tx, Vec<(TimelineId, Lsn)>, Features, Compression), Failure> {
     let tls = crate::link::connect(
         &cfg.receiver,
         &cfg.server_name,
@@ -283,37 +373,25 @@ pub(crate) async fn open<'a>(
             )))
         }
     };
+    Ok((rx, tx, resume, features, compression))
+}
 
-    if let (Some(slot), Some(pg)) = (&cfg.slot, &pg) {
-        pg.ensure_slot(slot).await.map_err(|e| {
-            if crate::postgres::Unfixable::is_in(&e) {
-                Failure::Fatal(e)
-            } else {
-                Failure::Retry(e)
-            }
-        })?;
-    }
-    let start = decide_start(
-        &resume,
-        timeline,
-        pos.flush,
-        info.seg,
-        cfg.start_lsn,
-        &reader,
-    )?;
-    let resumed = resume.iter().any(|(t, _)| *t == timeline);
-    let mut link = Link::new(rx, tx, timeline, start, cfg.window, cfg.receiver_timeout);
-    // zstd on the wire when both sides want it (the receiver says so in its Welcome)
-    if compression == walship_protocol::Compression::Zstd {
-        link.compress_with(cfg.compression_level);
-    }
+/// Proves that this server continues the archive's history, then sends the timeline history files.
+async fn prove_and_send_history(
+    link: &mut Link,
+    reader: &mut WalReader,
+    timeline: TimelineId,
+    start: Lsn,
+    resumed: bool,
+    seg: WalSegSize,
+) -> Result<(), Failure> {
     // Prove that this server continues the archive's history: resend the page before the resume point
     // (within its segment). The receiver holds those bytes confirmed and compares them, so another primary
     // of this cluster (a restored copy started as a primary, a split brain) is refused before it writes.
     let proof_from = Lsn(start
         .0
         .saturating_sub(walship_protocol::wal::XLOG_BLCKSZ as u64)
-        .max(info.seg.floor(start).0));
+        .max(seg.floor(start).0));
     if resumed && proof_from < start {
         let bytes = reader
             .read(timeline, proof_from, start)
@@ -339,6 +417,20 @@ pub(crate) async fn open<'a>(
             link.send(msg, "sending a history file").await?;
         }
     }
+    Ok(())
+}
+
+/// Says that the session streams (log, metrics, systemd status), and loudly when the receiver resumes
+/// behind what it acknowledged to this process before.
+fn announce(
+    cfg: &SenderConfig,
+    wal_dir: &std::path::Path,
+    info: &ServerInfo,
+    pos: &Position,
+    start: Lsn,
+    acked_before: Option<(TimelineId, Lsn)>,
+) {
+    let timeline = pos.timeline;
     info!(
         receiver = %cfg.receiver,
         primary = %cfg.pgconn.current().describe(),
@@ -369,48 +461,4 @@ pub(crate) async fn open<'a>(
             );
         }
     }
-    let data_dir = Origin::data_dir_of(&info, &wal_dir);
-    Ok(Streaming {
-        cfg,
-        pg,
-        data_dir,
-        features,
-        reader,
-        events,
-        link,
-        seg: info.seg,
-        timeline,
-        start,
-        pos,
-        hot: 0,
-        event_due: false,
-        scout: Scout::default(),
-        confirm_sent: start,
-        last_query: Instant::now(),
-        last_flush_change: Instant::now(),
-        slot_at: Lsn(0),
-        slot_moved: Instant::now(),
-        last_report: Instant::now(),
-        // a catch-up is timed from the start of the session
-        catch_up: Some(CatchUp {
-            began: Instant::now(),
-            from: start,
-            reported: Instant::now(),
-        }),
-        shipped_on_write: 0,
-        shipped_on_write_total: 0,
-        asking: None,
-        slot_task: None,
-        drain_target: None,
-    })
-}
-
-/// Whether the peer ended the TLS session with an alert (it refused our certificate).
-fn tls_alert(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .is_some_and(|r| matches!(r, rustls::Error::AlertReceived(_)))
-    })
 }
