@@ -79,6 +79,31 @@ fn store_config(dir: &TestDir, url: &str, env: &[(String, String)]) -> std::path
     config
 }
 
+/// `walship-receiver promote` of `standby` with the store of `config`; what it printed (stdout, stderr).
+fn promote_with_store(
+    receiver_bin: &Path,
+    config: &Path,
+    archive: &Path,
+    standby: &Cluster,
+) -> String {
+    let out = run_ok(
+        Command::new(receiver_bin)
+            .arg("promote")
+            .arg("--config")
+            .arg(config)
+            .arg("--archive")
+            .arg(archive)
+            .arg("--pgdata")
+            .arg(&standby.data)
+            .args(["--timeout", "120"]),
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// A receiver that uploads `archive` to `url` of `s3` (the partial every second), and a sender shipping
 /// `primary` to it, streaming.
 fn ship_to_store(
@@ -414,22 +439,7 @@ async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(
         standby.try_connect().await.map(|_| ())
     })
     .await;
-    let out = run_ok(
-        Command::new(&receiver_bin)
-            .arg("promote")
-            .arg("--config")
-            .arg(&config)
-            .arg("--archive")
-            .arg(&local)
-            .arg("--pgdata")
-            .arg(&standby.data)
-            .args(["--timeout", "120"]),
-    );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = promote_with_store(&receiver_bin, &config, &local, &standby);
     println!("{}", text.trim());
     let handover =
         std::fs::read_to_string(local.join("walship.failover")).expect("the handover record");
@@ -558,21 +568,9 @@ async fn a_store_outage_during_recovery_and_failover_is_done_without() {
         "the primary wrote WAL after its last switch: this test needs the archive to end on a segment boundary"
     );
 
-    let out = run_ok(
-        Command::new(&receiver_bin)
-            .arg("promote")
-            .arg("--config")
-            .arg(&config)
-            .arg("--archive")
-            .arg(&archive)
-            .arg("--pgdata")
-            .arg(&standby.data)
-            .args(["--timeout", "120"]),
-    );
     println!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "{}",
+        promote_with_store(&receiver_bin, &config, &archive, &standby)
     );
     let promoted = standby.connect().await;
     let n: i64 = promoted
