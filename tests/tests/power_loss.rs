@@ -54,6 +54,26 @@ async fn lsn(client: &tokio_postgres::Client, sql: &str) -> Lsn {
 /// at the same positions. The archive must end up equal to the restarted primary's `pg_wal`, byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_power_loss_after_a_drain_never_splices_two_histories() {
+    power_loss(Death::PostgresThenHost).await;
+}
+
+/// The same power loss without a drain: postgres and the sender die together (the host's power fails at
+/// once). The archive holds the unflushed WAL that was shipped on write, provisional; the restarted
+/// primary's sender resumes at the confirmed position and the receiver replaces what the primary lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_loss_of_postgres_and_its_sender_together_is_followed() {
+    power_loss(Death::HostAtOnce).await;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Death {
+    /// postgres is killed, its host lives long enough for the sender to drain, then the power fails
+    PostgresThenHost,
+    /// the power fails: postgres and the sender die in the same instant
+    HostAtOnce,
+}
+
+async fn power_loss(death: Death) {
     let opts = InitOptions {
         conf: [
             // WAL stays written but unflushed: commits do not flush, the WAL writer is stopped below, the
@@ -126,19 +146,26 @@ async fn a_power_loss_after_a_drain_never_splices_two_histories() {
     assert_eq!(s.seg.segno(flush), s.seg.segno(write), "one segment");
     drop(client);
 
-    // postgres dies, its host lives: the sender drains what is in pg_wal
-    s.primary.kill9();
-    wait_drained(&mut s.sender);
-    let drained_end = archive_end(&s.archive, s.seg, 1).expect("archive end");
+    let shipped_at_least = Lsn(write.0.saturating_sub(64 << 10));
+    if death == Death::PostgresThenHost {
+        // postgres dies, its host lives: the sender drains what is in pg_wal
+        s.primary.kill9();
+        wait_drained(&mut s.sender);
+    } else {
+        // shipped on write before the power fails (provisional: nothing flushed it)
+        wait_archived(&s.archive, s.seg, shipped_at_least).await;
+        s.primary.kill9_with(&[s.sender.pid()]);
+    }
+    let shipped_end = archive_end(&s.archive, s.seg, 1).expect("archive end");
     assert!(
-        drained_end >= Lsn(write.0.saturating_sub(64 << 10)),
-        "the drain ships the written WAL (provisional): archive ends at {drained_end}, written up to {write}"
+        shipped_end >= shipped_at_least,
+        "the written WAL is in the archive (provisional): archive ends at {shipped_end}, written up to {write}"
     );
     let (durable, confirmed) = positions(&s.archive).expect("walship.position");
-    println!("drained: archive ends at {drained_end}, durable {durable}, confirmed {confirmed}");
+    println!("archive ends at {shipped_end}, durable {durable}, confirmed {confirmed}");
     assert!(
         confirmed <= flush,
-        "the drain confirmed {confirmed}, past the primary's flush position {flush}"
+        "the archive confirmed {confirmed}, past the primary's flush position {flush}"
     );
 
     // the power fails: the sender dies, what was not flushed is gone, the primary restarts and writes
