@@ -144,14 +144,6 @@ fn newest_timeline(pgdata: &Path) -> Option<(TimelineId, Lsn)> {
     Some((newest, last.switchpoint))
 }
 
-/// Whether the archive in `dir` holds WAL segments of its own (it receives WAL, it is not restoring from
-/// the store alone).
-fn local_wal(dir: &Path) -> bool {
-    crate::archive::ensure_archive(dir)
-        .and_then(|id| crate::archive::list_segments(dir, id.wal_segment_size))
-        .is_ok_and(|l| !l.is_empty())
-}
-
 pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
     let deadline = Instant::now() + opts.timeout;
     // a standby restoring from the store: the local directory takes the store's identity (if it has none
@@ -170,7 +162,7 @@ pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
                 Ok(t) => t,
                 // the store holds copies of what this archive's receiver completed: an archive that
                 // receives WAL knows its newest timeline without it (issue 19, point 8)
-                Err(e) if local_wal(&opts.archive) => {
+                Err(e) if crate::archive::receives_wal(&opts.archive) => {
                     tracing::warn!("the object store is unreachable ({e:#}); failing over from the local archive, which receives WAL");
                     None
                 }

@@ -278,10 +278,7 @@ fn attempt(opts: &RestoreOptions) -> Result<Option<Outcome>> {
                         // from an archive that receives WAL is missing (recovery_target_timeline = latest
                         // probes timelines that never existed). Only an archive with no WAL of its own
                         // (restoring from the store alone) has to wait for the store.
-                        Err(e)
-                            if identity.is_some()
-                                && !list_segments(&opts.archive, seg)?.is_empty() =>
-                        {
+                        Err(e) if crate::archive::receives_wal(&opts.archive) => {
                             warn!(file = %opts.wanted, "the object store is unreachable ({e:#}); the local archive does not hold this file: answering \"missing\"");
                             None
                         }

@@ -79,6 +79,16 @@ fn store_config(dir: &TestDir, url: &str, env: &[(String, String)]) -> std::path
     config
 }
 
+/// `restore_command` for a standby restoring from `archive` and the store of `config`.
+fn restore_with_store(receiver_bin: &Path, config: &Path, archive: &Path) -> String {
+    format!(
+        "{} restore --config {} --archive {} %f %p",
+        receiver_bin.display(),
+        config.display(),
+        archive.display()
+    )
+}
+
 /// `walship-receiver promote` of `standby` with the store of `config`; what it printed (stdout, stderr).
 fn promote_with_store(
     receiver_bin: &Path,
@@ -424,12 +434,7 @@ async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(
     let config = store_config(&dir, &url, &env);
     let receiver_bin = walship.path(Walship::RECEIVER);
     standby.configure_recovery(
-        &format!(
-            "{} restore --config {} --archive {} %f %p",
-            receiver_bin.display(),
-            config.display(),
-            local.display()
-        ),
+        &restore_with_store(&receiver_bin, &config, &local),
         true,
         &["wal_retrieve_retry_interval = '200ms'"],
     );
@@ -506,12 +511,7 @@ async fn a_store_outage_during_recovery_and_failover_is_done_without() {
     let config = store_config(&dir, &url, &env);
     let receiver_bin = walship.path(Walship::RECEIVER);
     standby.configure_recovery(
-        &format!(
-            "{} restore --config {} --archive {} %f %p",
-            receiver_bin.display(),
-            config.display(),
-            archive.display()
-        ),
+        &restore_with_store(&receiver_bin, &config, &archive),
         true,
         &["wal_retrieve_retry_interval = '200ms'"],
     );

@@ -69,3 +69,11 @@ pub fn archive_end(segments: &[ArchivedSegment], seg: WalSegSize) -> Option<(Tim
     };
     Some((last.timeline, end))
 }
+
+/// Whether the archive in `dir` holds WAL segments of its own: it receives WAL, it is not restoring from the
+/// object store alone (whose objects are copies of what such an archive completed).
+pub fn receives_wal(dir: &Path) -> bool {
+    ensure_archive(dir)
+        .and_then(|id| list_segments(dir, id.wal_segment_size))
+        .is_ok_and(|l| !l.is_empty())
+}
