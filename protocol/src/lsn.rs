@@ -47,9 +47,32 @@ impl FromStr for Lsn {
     }
 }
 
+/// In JSON, TOML and every other serde format an LSN is its `X/X` text, as PostgreSQL prints it.
+impl serde::Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Lsn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serde_uses_the_text_form() {
+        let lsn = Lsn((1 << 32) | 0x16B_3748);
+        assert_eq!(serde_json::to_string(&lsn).unwrap(), "\"1/16B3748\"");
+        assert_eq!(serde_json::from_str::<Lsn>("\"1/16B3748\"").unwrap(), lsn);
+        let err = serde_json::from_str::<Lsn>("\"16B3748\"").unwrap_err();
+        assert!(err.to_string().contains("not a WAL position"), "{err}");
+    }
 
     #[test]
     fn parse_and_print() {

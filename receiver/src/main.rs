@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use walship_receiver::run::RunConfig;
+use walship_receiver::store::{block_on, Store, StoreSpec};
 use walship_receiver::{archive, certs, cleanup, promote, restore, server, status, tls};
 
 /// jemalloc keeps freed pages for reuse: with glibc's malloc, the ~1 MiB frame buffers of a catch-up were
@@ -317,100 +319,209 @@ struct CertsArgs {
     add_client: Option<String>,
 }
 
+impl StoreArgs {
+    /// The store these flags name, if any; the settings are checked either way.
+    fn spec(&self) -> Result<Option<StoreSpec>> {
+        let spec = StoreSpec::new(
+            self.object_store.as_deref().unwrap_or_default(),
+            &self.object_store_option,
+        )?;
+        Ok(self.object_store.is_some().then_some(spec))
+    }
+}
+
 async fn run(args: RunArgs) -> Result<()> {
     let shutdown = walship_receiver::shutdown_on_signals()?;
     // the certificate, its key and the client CA, read again at SIGHUP (rotation without a restart)
-    let (cert, key, client_ca) = (
-        args.tls_cert.clone(),
-        args.tls_key.clone(),
-        args.tls_client_ca.clone(),
-    );
-    let config = walship_daemon::Reloadable::on_sighup(
+    let (cert, key, client_ca) = (args.tls_cert, args.tls_key, args.tls_client_ca);
+    let tls = walship_daemon::Reloadable::on_sighup(
         "the TLS certificate, key and client CA",
         move || tls::server_config(&cert, &key, &client_ca),
     )?;
-    let store = match &args.store.object_store {
-        Some(url) => {
-            let store = walship_receiver::store::Store::open(url)?;
-            walship_receiver::upload::prepare(&store, &args.archive).await?;
-            Some(store)
-        }
-        None => None,
+    let config = RunConfig {
+        archive: args.archive,
+        tls,
+        server: server::ServerOptions {
+            idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
+            wire_compression: matches!(args.wire_compression, OnOff::On),
+            allowed_senders: args.allow_sender,
+            ..Default::default()
+        },
+        store: args.store.spec()?,
+        partial_upload_interval: Duration::from_secs(args.partial_upload_interval),
+        metrics_listen: args.metrics_listen,
     };
-    let dir = args.archive.clone();
-    let archive = tokio::task::spawn_blocking(move || archive::Archive::open(&dir)).await??;
-    let uploads_stop = tokio_util::sync::CancellationToken::new();
-    let uploader = store.map(|store| {
-        tracing::info!(
-            store = store.url(),
-            "uploading the archive to the object store"
-        );
-        tokio::spawn(
-            walship_receiver::upload::Uploader {
-                store,
-                dir: args.archive.clone(),
-                partial_interval: Duration::from_secs(args.partial_upload_interval.max(1)),
-            }
-            .run(uploads_stop.clone()),
-        )
-    });
-    tracing::info!(archive = %args.archive.display(), resume = ?archive.resume_points(), "archive opened");
     let listener = server::bind(args.listen).await?;
-    if let Some(addr) = args.metrics_listen {
-        let dir = args.archive.clone();
-        walship_daemon::serve_metrics(addr, move || walship_receiver::metrics::render(&dir))?;
+    walship_receiver::run::run(config, listener, shutdown).await
+}
+
+fn certs(args: CertsArgs) -> Result<()> {
+    if let Some(name) = args.add_client {
+        let files = certs::add_client(&args.out, &name, args.force)?;
+        println!(
+            "wrote {} to {}: give them to the sender (--tls-cert, --tls-key) with ca.crt (--tls-ca)",
+            files.join(" and "),
+            args.out.display()
+        );
+        return Ok(());
     }
-    tracing::info!(
-        "listening on {}",
-        listener.local_addr().context("local address")?
-    );
-    walship_daemon::notify_ready(&format!(
-        "archiving into {}, listening on {}",
-        args.archive.display(),
-        args.listen
-    ));
-    let board = status::StatusBoard::default();
-    let writer = tokio::spawn(board.clone().run_writer(
-        args.archive.clone(),
-        Duration::from_secs(1),
-        shutdown.clone(),
-    ));
-    let opts = server::ServerOptions {
-        idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
-        wire_compression: matches!(args.wire_compression, OnOff::On),
-        allowed_senders: args.allow_sender.clone(),
-        ..Default::default()
+    let names = if args.server_names.is_empty() {
+        vec!["localhost".to_string(), "127.0.0.1".to_string()]
+    } else {
+        args.server_names
     };
-    let served = server::serve(listener, config, archive, opts, board, shutdown).await;
-    // the sessions are over: a last upload round, the partial included, then stop
-    uploads_stop.cancel();
-    if let Some(task) = uploader {
-        if tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .is_err()
-        {
-            tracing::warn!("stopping without the last upload to the object store (30 s passed); the local archive has it");
+    certs::write_certificates(&args.out, &names, &args.client_name, args.force)?;
+    println!(
+        "wrote {} to {}",
+        certs::FILES.join(", "),
+        args.out.display()
+    );
+    println!(
+        "ca.key issues certificates every receiver of this CA trusts: keep it offline (move it off this host; \
+         bring it back for `certs --add-client NAME`)"
+    );
+    Ok(())
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let tls = match (args.tls_cert, args.tls_key, args.tls_client_ca) {
+        (Some(c), Some(k), Some(ca)) => Some((c, k, ca)),
+        _ => None,
+    };
+    let opts = walship_receiver::check::CheckOptions {
+        archive: args.archive,
+        pgdata: args.pgdata,
+        tls,
+    };
+    if walship_receiver::check::check(&opts) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn restore(args: RestoreArgs) -> ExitCode {
+    let Ok(object_store) = args.store.spec() else {
+        return ExitCode::from(78); // checked in main
+    };
+    let opts = restore::RestoreOptions {
+        archive: args.archive,
+        wait: args.wait,
+        live: args.live,
+        trigger: args.trigger,
+        allow_archive_mode_always: args.allow_archive_mode_always,
+        wanted: args.file,
+        dest: args.path,
+        data_dir: std::env::current_dir().unwrap_or_default(),
+        object_store,
+        prefetch: args.prefetch,
+    };
+    // exit 0: restored; 1: missing.
+    ExitCode::from(restore::restore(&opts).exit_code())
+}
+
+fn promote(args: PromoteArgs) -> Result<()> {
+    let opts = promote::PromoteOptions {
+        archive: args.archive,
+        pgdata: args.pgdata,
+        pg_bin: args.pg_bin,
+        timeout: Duration::from_secs(args.timeout.max(1)),
+        object_store: args.store.spec()?,
+    };
+    let r = promote::promote(&opts)?;
+    println!(
+        "promoted: timeline {} starts at {}; recovery took {} bytes of the partial segment {} (WAL up to {})",
+        r.timeline, r.start_lsn, r.handover.partial_bytes, r.handover.segment, r.handover.end_lsn
+    );
+    Ok(())
+}
+
+fn cleanup(args: CleanupArgs) -> Result<()> {
+    let removed = cleanup::cleanup(&args.archive, &args.restartpoint)?;
+    if let (Some(first), Some(last)) = (removed.first(), removed.last()) {
+        tracing::info!(count = removed.len(), %first, %last, "removed segments older than {}", args.restartpoint);
+    }
+    let Some(spec) = args.store.spec()? else {
+        return Ok(());
+    };
+    let seg = archive::ensure_archive(&args.archive)?.wal_segment_size;
+    let store = Store::open(&spec)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let deleted = block_on(cleanup::cleanup_store(
+        &args.archive,
+        &store,
+        seg,
+        &args.restartpoint,
+        args.keep_days,
+        now,
+    ))??;
+    if let (Some(first), Some(last)) = (deleted.first(), deleted.last()) {
+        tracing::info!(count = deleted.len(), %first, %last, "deleted from the object store: older than {} and than {} days", args.restartpoint, args.keep_days);
+    }
+    Ok(())
+}
+
+fn prefetch(args: PrefetchArgs) -> Result<()> {
+    // the store's settings come as this process's environment (restore passes them so)
+    let store = Store::open(&StoreSpec::new(&args.object_store, &[])?)?;
+    let fetched = block_on(walship_receiver::prefetch::run(
+        &args.archive,
+        &store,
+        &args.after,
+        args.count,
+    ))??;
+    tracing::debug!(fetched, "prefetched after {}", args.after);
+    Ok(())
+}
+
+/// Like a monitoring plugin: 0 ok, 1 warning, 2 critical; an error (not an archive) is 3.
+fn status(args: StatusArgs) -> ExitCode {
+    let thresholds = status::Thresholds {
+        warn_lag: args.warn_lag,
+        crit_lag: args.crit_lag,
+        crit_no_sender_seconds: args.crit_no_sender,
+    };
+    let printed = status::report(&args.archive).and_then(|mut r| {
+        if let Some(spec) = args.store.spec()? {
+            let store = Store::open(&spec)?;
+            let seg = archive::Identity::load(&args.archive)?
+                .map_or(walship_protocol::WalSegSize::DEFAULT, |id| {
+                    id.wal_segment_size
+                });
+            r.store_contents = Some(block_on(status::StoreContents::list(&store, seg))?);
+        }
+        let code = r.judge(&thresholds).code;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            print!("{r}");
+        }
+        Ok(code)
+    });
+    match printed {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(3)
         }
     }
-    served?;
-    let _ = writer.await;
-    tracing::info!("receiver stopped");
-    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli: Cli = walship_daemon::config::parse();
-    // the object store's client settings become its environment (the AWS_* variables its builder reads, and
-    // the prefetcher that restore starts inherits them), before any thread exists
-    let store_options = match &cli.command {
-        Command::Run(a) => a.store.object_store_option.as_slice(),
-        Command::Restore(a) => a.store.object_store_option.as_slice(),
-        Command::Promote(a) => a.store.object_store_option.as_slice(),
-        Command::Cleanup(a) => a.store.object_store_option.as_slice(),
-        Command::Status(a) => a.store.object_store_option.as_slice(),
-        _ => &[],
+    // the object store's settings are checked before anything is done (EX_CONFIG: restore_command's
+    // recovery retries rather than aborting)
+    let store = match &cli.command {
+        Command::Run(a) => Some(&a.store),
+        Command::Restore(a) => Some(&a.store),
+        Command::Promote(a) => Some(&a.store),
+        Command::Cleanup(a) => Some(&a.store),
+        Command::Status(a) => Some(&a.store),
+        _ => None,
     };
-    if let Err(e) = walship_receiver::store::apply_options(store_options) {
+    if let Some(Err(e)) = store.map(StoreArgs::spec) {
         eprintln!("walship-receiver: {e:#}");
         return ExitCode::from(78);
     }
@@ -418,141 +529,16 @@ fn main() -> ExitCode {
     let _failpoints = fail::FailScenario::setup();
     walship_receiver::init_logging();
     let result = match cli.command {
-        Command::Run(args) => tokio::runtime::Runtime::new().context("start runtime").and_then(|rt| rt.block_on(run(args))),
-        Command::Certs(args) => match args.add_client {
-            Some(name) => certs::add_client(&args.out, &name, args.force).map(|files| {
-                println!(
-                    "wrote {} to {}: give them to the sender (--tls-cert, --tls-key) with ca.crt (--tls-ca)",
-                    files.join(" and "),
-                    args.out.display()
-                );
-            }),
-            None => {
-                let names = if args.server_names.is_empty() {
-                    vec!["localhost".to_string(), "127.0.0.1".to_string()]
-                } else {
-                    args.server_names
-                };
-                certs::write_certificates(&args.out, &names, &args.client_name, args.force).map(|()| {
-                    println!("wrote {} to {}", certs::FILES.join(", "), args.out.display());
-                    println!(
-                        "ca.key issues certificates every receiver of this CA trusts: keep it offline (move it off \
-                         this host; bring it back for `certs --add-client NAME`)"
-                    );
-                })
-            }
-        },
-        Command::Check(args) => {
-            let tls = match (args.tls_cert, args.tls_key, args.tls_client_ca) {
-                (Some(c), Some(k), Some(ca)) => Some((c, k, ca)),
-                _ => None,
-            };
-            let opts = walship_receiver::check::CheckOptions {
-                archive: args.archive,
-                pgdata: args.pgdata,
-                tls,
-            };
-            return if walship_receiver::check::check(&opts) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            };
-        }
-        Command::Restore(args) => {
-            let opts = restore::RestoreOptions {
-                archive: args.archive,
-                wait: args.wait,
-                live: args.live,
-                trigger: args.trigger,
-                allow_archive_mode_always: args.allow_archive_mode_always,
-                wanted: args.file,
-                dest: args.path,
-                data_dir: std::env::current_dir().unwrap_or_default(),
-                object_store: args.store.object_store,
-                prefetch: args.prefetch,
-            };
-            // exit 0: restored; 1: missing. Never above 125: that would abort recovery.
-            return ExitCode::from(restore::restore(&opts).exit_code());
-        }
-        Command::Promote(args) => {
-            let opts = promote::PromoteOptions {
-                archive: args.archive,
-                pgdata: args.pgdata,
-                pg_bin: args.pg_bin,
-                timeout: Duration::from_secs(args.timeout.max(1)),
-                object_store: args.store.object_store,
-            };
-            promote::promote(&opts).map(|r| {
-                println!(
-                    "promoted: timeline {} starts at {}; recovery took {} bytes of the partial segment {} (WAL up to {})",
-                    r.timeline, r.start_lsn, r.handover.partial_bytes, r.handover.segment, r.handover.end_lsn
-                );
-            })
-        }
-        Command::Cleanup(args) => cleanup::cleanup(&args.archive, &args.restartpoint).and_then(|removed| {
-            if !removed.is_empty() {
-                tracing::info!(count = removed.len(), first = %removed[0], last = %removed[removed.len() - 1], "removed segments older than {}", args.restartpoint);
-            }
-            let Some(url) = &args.store.object_store else { return Ok(()) };
-            let seg = archive::ensure_archive(&args.archive)?.wal_segment_size;
-            let store = walship_receiver::store::Store::open(url)?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            let deleted = walship_receiver::store::block_on(cleanup::cleanup_store(
-                &args.archive,
-                &store,
-                seg,
-                &args.restartpoint,
-                args.keep_days,
-                now,
-            ))??;
-            if !deleted.is_empty() {
-                tracing::info!(count = deleted.len(), first = %deleted[0], last = %deleted[deleted.len() - 1], "deleted from the object store: older than {} and than {} days", args.restartpoint, args.keep_days);
-            }
-            Ok(())
-        }),
-        Command::Prefetch(args) => walship_receiver::store::Store::open(&args.object_store).and_then(|store| {
-            let fetched = walship_receiver::store::block_on(walship_receiver::prefetch::run(
-                &args.archive,
-                &store,
-                &args.after,
-                args.count,
-            ))??;
-            tracing::debug!(fetched, "prefetched after {}", args.after);
-            Ok(())
-        }),
-        Command::Status(args) => {
-            // like a monitoring plugin: 0 ok, 1 warning, 2 critical; an error (not an archive) is 3
-            let thresholds = status::Thresholds {
-                warn_lag: args.warn_lag,
-                crit_lag: args.crit_lag,
-                crit_no_sender_seconds: args.crit_no_sender,
-            };
-            let printed = status::report(&args.archive).and_then(|mut r| {
-                if let Some(url) = &args.store.object_store {
-                    let store = walship_receiver::store::Store::open(url)?;
-                    let seg = archive::Identity::load(&args.archive)?
-                        .map_or(walship_protocol::WalSegSize::DEFAULT, |id| id.wal_segment_size);
-                    r.store_contents =
-                        Some(walship_receiver::store::block_on(status::StoreContents::list(&store, seg))?);
-                }
-                let code = r.judge(&thresholds).code;
-                if args.json {
-                    println!("{}", serde_json::to_string_pretty(&r)?);
-                } else {
-                    print!("{r}");
-                }
-                Ok(code)
-            });
-            return match printed {
-                Ok(code) => ExitCode::from(code),
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    ExitCode::from(3)
-                }
-            };
-        }
+        Command::Run(args) => tokio::runtime::Runtime::new()
+            .context("start runtime")
+            .and_then(|rt| rt.block_on(run(args))),
+        Command::Certs(args) => certs(args),
+        Command::Check(args) => return check(args),
+        Command::Restore(args) => return restore(args),
+        Command::Promote(args) => promote(args),
+        Command::Cleanup(args) => cleanup(args),
+        Command::Prefetch(args) => prefetch(args),
+        Command::Status(args) => return status(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

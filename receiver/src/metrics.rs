@@ -1,17 +1,17 @@
-//! Prometheus metrics of the receiver (`--metrics-listen`). Positions and lag are computed at each scrape
-//! by the same code as `status` ([`crate::status::report`]), so the two always agree; counters and the fsync
-//! histogram are kept as the receiver works.
+//! Prometheus metrics of the receiver (`--metrics-listen`): counters and the fsync histogram kept as the
+//! receiver works ([`METRICS`]), and gauges of positions and lag read at each scrape from the function
+//! given to [`registry`] (the daemon gives it the in-memory status report, the same code as `status`, so
+//! the two always agree). One registry, built once. A leaf: it knows nothing of the archive or the status.
 
-use std::path::Path;
 use std::sync::LazyLock;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use walship_protocol::Lsn;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Kind {
@@ -46,30 +46,119 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     errors: Family::default(),
 });
 
-fn gauge(registry: &mut Registry, name: &str, help: &str, value: Option<i64>) {
-    if let Some(v) = value {
-        let g: Gauge = Gauge::default();
-        g.set(v);
-        registry.register(name, help, g);
+/// The gauges of one scrape; `None` leaves a gauge out (not known yet).
+#[derive(Clone, Debug, Default)]
+pub struct Gauges {
+    pub timeline: Option<i64>,
+    pub durable_lsn: Option<i64>,
+    pub confirmed_lsn: Option<i64>,
+    pub primary_flush_lsn: Option<i64>,
+    pub lag_bytes: Option<i64>,
+    pub lag_seconds: Option<f64>,
+    pub sender_connected: Option<i64>,
+    pub no_sender_seconds: Option<f64>,
+    pub complete_segments: Option<i64>,
+    pub store_waiting_segments: Option<i64>,
+    pub status_code: Option<i64>,
+}
+
+/// Reads the gauges at each scrape.
+struct GaugeSource(Box<dyn Fn() -> Option<Gauges> + Send + Sync>);
+
+impl std::fmt::Debug for GaugeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GaugeSource")
     }
 }
 
-fn gauge_f64(registry: &mut Registry, name: &str, help: &str, value: Option<f64>) {
-    if let Some(v) = value {
-        let g: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
-        g.set(v);
-        registry.register(name, help, g);
+fn gauge<N>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: Option<N>,
+) -> std::fmt::Result
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    let Some(v) = value else { return Ok(()) };
+    let g = ConstGauge::new(v);
+    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for GaugeSource {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let Some(g) = (self.0)() else { return Ok(()) };
+        gauge(
+            &mut e,
+            "timeline",
+            "Timeline of the archive's end",
+            g.timeline,
+        )?;
+        gauge(
+            &mut e,
+            "durable_lsn",
+            "End of the WAL the archive holds durably (fsynced), as a byte position",
+            g.durable_lsn,
+        )?;
+        gauge(
+            &mut e,
+            "confirmed_lsn",
+            "End of the WAL the primary has flushed too (confirmed), as a byte position",
+            g.confirmed_lsn,
+        )?;
+        gauge(
+            &mut e,
+            "primary_flush_lsn",
+            "The primary's flush position as the sender last reported it",
+            g.primary_flush_lsn,
+        )?;
+        gauge(
+            &mut e,
+            "lag_bytes",
+            "WAL flushed on the primary and not yet durable in the archive",
+            g.lag_bytes,
+        )?;
+        gauge(
+            &mut e,
+            "lag_seconds",
+            "Since when the archive has been behind the primary's flush position (0 when caught up)",
+            g.lag_seconds,
+        )?;
+        gauge(
+            &mut e,
+            "sender_connected",
+            "1 while a sender is connected",
+            g.sender_connected,
+        )?;
+        gauge(
+            &mut e,
+            "no_sender_seconds",
+            "Seconds since a sender was last connected (0 while one is)",
+            g.no_sender_seconds,
+        )?;
+        gauge(
+            &mut e,
+            "complete_segments",
+            "Complete segments in the archive",
+            g.complete_segments,
+        )?;
+        gauge(
+            &mut e,
+            "store_waiting_segments",
+            "Complete segments not yet in the object store",
+            g.store_waiting_segments,
+        )?;
+        gauge(
+            &mut e,
+            "status_code",
+            "The status verdict: 0 ok, 1 warning, 2 critical",
+            g.status_code,
+        )
     }
 }
 
-fn lsn(text: &Option<String>) -> Option<i64> {
-    text.as_deref()
-        .and_then(|t| t.parse::<Lsn>().ok())
-        .map(|l| l.0 as i64)
-}
-
-/// The metrics text for the archive in `dir`.
-pub fn render(dir: &Path) -> String {
+/// The receiver's registry: the counters of [`METRICS`] and the gauges `gauges` returns at each scrape.
+pub fn registry(gauges: impl Fn() -> Option<Gauges> + Send + Sync + 'static) -> Registry {
     let mut registry = Registry::with_prefix("walship_receiver");
     let m = &*METRICS;
     registry.register(
@@ -103,86 +192,14 @@ pub fn render(dir: &Path) -> String {
         "Connections ended by an error, by kind (tls, session, archive)",
         m.errors.clone(),
     );
-    match crate::status::report(dir) {
-        Ok(mut r) => {
-            // status's default thresholds: critical after 60 s without a sender
-            r.judge(&crate::status::Thresholds {
-                crit_no_sender_seconds: 60.0,
-                ..Default::default()
-            });
-            gauge(
-                &mut registry,
-                "timeline",
-                "Timeline of the archive's end",
-                r.timeline.map(i64::from),
-            );
-            gauge(
-                &mut registry,
-                "durable_lsn",
-                "End of the WAL the archive holds durably (fsynced), as a byte position",
-                lsn(&r.archived_lsn),
-            );
-            gauge(
-                &mut registry,
-                "confirmed_lsn",
-                "End of the WAL the primary has flushed too (confirmed), as a byte position",
-                lsn(&r.confirmed_lsn),
-            );
-            gauge(
-                &mut registry,
-                "primary_flush_lsn",
-                "The primary's flush position as the sender last reported it",
-                lsn(&r.primary_flush_lsn),
-            );
-            gauge(
-                &mut registry,
-                "lag_bytes",
-                "WAL flushed on the primary and not yet durable in the archive",
-                r.lag_bytes.map(|b| b as i64),
-            );
-            gauge_f64(
-                &mut registry,
-                "lag_seconds",
-                "Since when the archive has been behind the primary's flush position (0 when caught up)",
-                r.lag_seconds,
-            );
-            gauge(
-                &mut registry,
-                "sender_connected",
-                "1 while a sender is connected",
-                Some(i64::from(r.sender_connected)),
-            );
-            gauge_f64(
-                &mut registry,
-                "no_sender_seconds",
-                "Seconds since a sender was last connected (0 while one is)",
-                r.no_sender_seconds,
-            );
-            gauge(
-                &mut registry,
-                "complete_segments",
-                "Complete segments in the archive",
-                Some(r.complete_segments as i64),
-            );
-            gauge(
-                &mut registry,
-                "store_waiting_segments",
-                "Complete segments not yet in the object store",
-                r.store_waiting_segments.map(|n| n as i64),
-            );
-            if let Some(v) = &r.verdict {
-                gauge(
-                    &mut registry,
-                    "status_code",
-                    "The status verdict: 0 ok, 1 warning, 2 critical",
-                    Some(i64::from(v.code)),
-                );
-            }
-        }
-        Err(e) => tracing::warn!("metrics: cannot read the archive: {e:#}"),
-    }
+    registry.register_collector(Box::new(GaugeSource(Box::new(gauges))));
+    registry
+}
+
+/// The metrics text of `registry`.
+pub fn encode(registry: &Registry) -> String {
     let mut text = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, registry) {
         tracing::warn!("metrics: encoding failed: {e}");
     }
     text

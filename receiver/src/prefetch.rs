@@ -34,7 +34,7 @@ pub fn spool(archive: &Path) -> PathBuf {
 
 /// Starts a prefetcher for the `count` segments after `after` (a segment name) in the background. Failing to
 /// start one only costs speed: it is logged, never an error.
-pub fn start(archive: &Path, url: &str, after: &str, count: usize) {
+pub fn start(archive: &Path, store: &crate::store::StoreSpec, after: &str, count: usize) {
     if count == 0 {
         return;
     }
@@ -54,7 +54,9 @@ pub fn start(archive: &Path, url: &str, after: &str, count: usize) {
             .arg("--archive")
             .arg(archive)
             .arg("--object-store")
-            .arg(url)
+            .arg(&store.url)
+            // the store's settings as the child's environment (never its command line)
+            .envs(store.environment())
             .arg("--after")
             .arg(after)
             .arg("--count")

@@ -20,7 +20,7 @@ pub struct PromoteOptions {
     pub pg_bin: Option<PathBuf>,
     pub timeout: Duration,
     /// The archive's object store (a standby restoring from it).
-    pub object_store: Option<String>,
+    pub object_store: Option<crate::store::StoreSpec>,
 }
 
 /// How the standby recovers.
@@ -149,8 +149,8 @@ pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
     // a standby restoring from the store: the local directory takes the store's identity (if it has none
     // yet), and the store says which timeline ends the archive
     let stored_timeline = match &opts.object_store {
-        Some(url) => {
-            let store = crate::store::Store::open(url)?;
+        Some(spec) => {
+            let store = crate::store::Store::open(spec)?;
             let asked = crate::store::block_on(async {
                 match store.adopt_identity(&opts.archive).await? {
                     Some(id) => store.newest_timeline(id.wal_segment_size).await,
@@ -229,17 +229,16 @@ pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
     if let Some(down) =
         crate::archive::PrimaryDown::load(&opts.archive).filter(|d| d.timeline == handover.timeline)
     {
-        let end: Option<Lsn> = handover.end_lsn.parse().ok();
-        let wal_end: Option<Lsn> = down.wal_end.parse().ok();
-        match (end, wal_end) {
-            (Some(e), Some(w)) if e >= w => eprintln!(
+        let (e, w) = (handover.end_lsn, down.wal_end);
+        if e >= w {
+            eprintln!(
                 "walship: all WAL the primary wrote is in the archive (up to {w}): no acknowledged commit is lost"
-            ),
-            (Some(e), Some(w)) => eprintln!(
+            );
+        } else {
+            eprintln!(
                 "walship: the archive misses {} bytes of the primary's WAL: it ends at {w}, the archive at {e}",
                 w.0 - e.0
-            ),
-            _ => {}
+            );
         }
     }
     eprintln!(

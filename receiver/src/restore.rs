@@ -47,7 +47,7 @@ pub struct RestoreOptions {
     /// The server's data directory (restore_command runs there), for the `archive_mode` check.
     pub data_dir: PathBuf,
     /// The archive's object store: complete segments and history files missing locally are taken from it.
-    pub object_store: Option<String>,
+    pub object_store: Option<crate::store::StoreSpec>,
     /// With a store: how many of the next segments a background process fetches ahead into
     /// `<archive>/prefetch/` while recovery replays (0: none).
     pub prefetch: usize,
@@ -66,10 +66,10 @@ where
     F: FnOnce(crate::store::Store) -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    let Some(url) = &opts.object_store else {
+    let Some(spec) = &opts.object_store else {
         return Ok(None);
     };
-    let store = crate::store::Store::open(url)?;
+    let store = crate::store::Store::open(spec)?;
     crate::store::block_on(f(store))?.map(Some)
 }
 
@@ -390,7 +390,7 @@ fn segment(
                     timeline,
                     segment: name.clone(),
                     partial_bytes: bytes,
-                    end_lsn: Lsn(seg.segment_start(segno).0 + bytes).to_string(),
+                    end_lsn: Lsn(seg.segment_start(segno).0 + bytes),
                     at_unix_micros: now_micros(),
                 };
                 let recorded = state.current_handover().is_some_and(|h| {
@@ -665,8 +665,8 @@ fn from_spool_or_store(
         "the object store"
     };
     info!(file = %name, "restored from {source}");
-    if let Some(url) = &opts.object_store {
-        crate::prefetch::start(&opts.archive, url, &name, opts.prefetch);
+    if let Some(spec) = &opts.object_store {
+        crate::prefetch::start(&opts.archive, spec, &name, opts.prefetch);
     }
     Ok(Some(Outcome::Restored))
 }

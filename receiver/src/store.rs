@@ -40,30 +40,57 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Sets `--object-store-option NAME=VALUE` settings as the process's environment, where the S3 client and
-/// the prefetcher (a child) read them. Only AWS_* names; the values are never printed. Call before any
-/// thread is started.
-pub fn apply_options(options: &[String]) -> Result<()> {
-    for option in options {
-        let Some((name, value)) = option.split_once('=') else {
-            bail!(
-                "--object-store-option {:?}: expected NAME=VALUE",
-                option.split('=').next().unwrap_or("")
-            );
-        };
-        let name = name.trim().to_ascii_uppercase();
-        if !name.starts_with("AWS_")
-            || name.len() == 4
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
-            bail!(
-                "--object-store-option {name}: not an AWS_* setting (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, \
-                 AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP, …)"
-            );
-        }
-        std::env::set_var(name, value.trim());
+/// Where the archive's object store is and how to reach it: `--object-store URL` and its
+/// `--object-store-option AWS_NAME=VALUE` settings, which go to the store's client builder directly (and to
+/// the prefetcher, a child, as its environment), never into this process's environment. The values are
+/// never printed (`Debug` shows the names only).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct StoreSpec {
+    pub url: String,
+    options: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for StoreSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.options.iter().map(|(n, _)| n.as_str()).collect();
+        write!(f, "{} {names:?}", self.url)
     }
-    Ok(())
+}
+
+impl StoreSpec {
+    /// The store at `url` with `--object-store-option` settings (`AWS_NAME=VALUE`). Only AWS_* names: they
+    /// override the environment.
+    pub fn new(url: &str, options: &[String]) -> Result<StoreSpec> {
+        let mut parsed = Vec::with_capacity(options.len());
+        for option in options {
+            let Some((name, value)) = option.split_once('=') else {
+                bail!(
+                    "--object-store-option {:?}: expected NAME=VALUE",
+                    option.split('=').next().unwrap_or("")
+                );
+            };
+            let name = name.trim().to_ascii_uppercase();
+            if !name.starts_with("AWS_")
+                || name.len() == 4
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                bail!(
+                    "--object-store-option {name}: not an AWS_* setting (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, \
+                     AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP, …)"
+                );
+            }
+            parsed.push((name, value.trim().to_owned()));
+        }
+        Ok(StoreSpec {
+            url: url.to_owned(),
+            options: parsed,
+        })
+    }
+
+    /// The settings as environment variables, for a child process (the prefetcher).
+    pub fn environment(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.options.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
 }
 
 /// Runs `f` on a runtime of its own: the one-shot commands (restore, promote, cleanup, status, prefetch) reach
@@ -97,13 +124,22 @@ pub enum Put {
 
 impl Store {
     /// Opens `url` (`s3://bucket/prefix`, `file:///dir` …). Nothing is contacted yet.
-    pub fn open(url: &str) -> Result<Store> {
+    pub fn open(spec: &StoreSpec) -> Result<Store> {
+        let url = spec.url.as_str();
         let parsed = url::Url::parse(url).with_context(|| {
             format!("--object-store {url:?} is not a URL (e.g. s3://bucket/walship)")
         })?;
         let (inner, prefix): (Arc<dyn ObjectStore>, StorePath) = match parsed.scheme() {
             "s3" | "s3a" => {
-                let store = object_store::aws::AmazonS3Builder::from_env()
+                let mut builder = object_store::aws::AmazonS3Builder::from_env();
+                for (name, value) in &spec.options {
+                    let key: object_store::aws::AmazonS3ConfigKey =
+                        name.to_ascii_lowercase().parse().map_err(|_| {
+                            anyhow!("--object-store-option {name}: not a setting of the S3 client")
+                        })?;
+                    builder = builder.with_config(key, value);
+                }
+                let store = builder
                     .with_url(url)
                     .build()
                     .with_context(|| {
@@ -119,9 +155,14 @@ impl Store {
                 (Arc::new(store), prefix)
             }
             _ => {
-                let (store, prefix) = object_store::parse_url(&parsed).with_context(|| {
-                    format!("--object-store {url}: not a store walship can use")
-                })?;
+                let options = spec
+                    .options
+                    .iter()
+                    .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()));
+                let (store, prefix) =
+                    object_store::parse_url_opts(&parsed, options).with_context(|| {
+                        format!("--object-store {url}: not a store walship can use")
+                    })?;
                 (Arc::from(store), prefix)
             }
         };
@@ -403,7 +444,7 @@ mod tests {
     async fn a_file_is_stored_once_and_comes_back_checked() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}", dir.path().display());
-        let store = Store::open(&url).unwrap();
+        let store = Store::open(&StoreSpec::new(&url, &[]).unwrap()).unwrap();
         let raw: Vec<u8> = (0..100_000u32).map(|i| (i % 97) as u8).collect();
         assert_eq!(
             store

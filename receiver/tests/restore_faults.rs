@@ -66,7 +66,7 @@ fn failover_state_is_keyed_by_timeline_and_the_handover_survives_a_failure() {
     assert!(got[data.len()..].iter().all(|b| *b == 0));
     let h = Failover::load(&dir).unwrap().unwrap().handover.unwrap();
     assert_eq!((h.timeline, h.partial_bytes), (1, 50_000));
-    assert_eq!(h.end_lsn, Lsn(start + 50_000).to_string());
+    assert_eq!(h.end_lsn, Lsn(start + 50_000));
     // later segments of that timeline are missing, so recovery ends at the handover
     let next = RestoreOptions {
         wanted: segment_file_name(1, 4, identity().wal_segment_size),

@@ -11,7 +11,6 @@ use walship_protocol::wal::segment_file_name;
 use walship_protocol::Lsn;
 
 use crate::conninfo::Conn;
-use crate::metrics::METRICS;
 use crate::postgres::Primary;
 use crate::SenderConfig;
 
@@ -44,7 +43,37 @@ impl Lines {
 /// Runs the checks; returns whether all passed.
 pub async fn check(input: CheckInput) -> bool {
     let mut out = Lines { failed: 0 };
-    let conn = match input.pgconn {
+    let (conn, tls) = settings(&mut out, input.pgconn, input.tls);
+    let Some(conn) = conn else {
+        return finish(out);
+    };
+    let Some(pg) = connect(&mut out, &conn).await else {
+        return finish(out);
+    };
+    let info = pg.info.clone();
+    server_facts(&mut out, &pg, &info).await;
+    let cfg_probe = (input.config)(conn.clone(), tls.clone().unwrap_or_else(dummy_tls));
+    wal_directory(&mut out, &pg, &info, cfg_probe.wal_dir.as_ref()).await;
+    if let Some(slot) = &cfg_probe.slot {
+        replication_slot(&mut out, &pg, slot).await;
+    }
+    let Some(tls) = tls else {
+        return finish(out);
+    };
+    // the receiver: run the sender itself until it streams, then a WAL switch travels the whole way
+    let mut cfg = (input.config)(conn, tls);
+    cfg.slot = None; // check never creates a slot
+    receiver_and_round_trip(&mut out, cfg, &pg, &info, input.timeout).await;
+    finish(out)
+}
+
+/// The connection settings and the TLS files, as far as they could be built.
+fn settings(
+    out: &mut Lines,
+    pgconn: Result<Conn>,
+    tls: Result<std::sync::Arc<rustls::ClientConfig>>,
+) -> (Option<Conn>, Option<std::sync::Arc<rustls::ClientConfig>>) {
+    let conn = match pgconn {
         Ok(c) => {
             out.ok("connection settings", c.describe());
             Some(c)
@@ -58,7 +87,7 @@ pub async fn check(input: CheckInput) -> bool {
             None
         }
     };
-    let tls = match input.tls {
+    let tls = match tls {
         Ok(t) => {
             out.ok("TLS files", "CA, certificate and key load and fit together");
             Some(t)
@@ -72,17 +101,19 @@ pub async fn check(input: CheckInput) -> bool {
             None
         }
     };
-    let Some(conn) = conn else {
-        return finish(out);
-    };
-    let pg = match tokio::time::timeout(Duration::from_secs(15), Primary::connect(&conn)).await {
+    (conn, tls)
+}
+
+/// The primary, reached within 15 s.
+async fn connect(out: &mut Lines, conn: &Conn) -> Option<Primary> {
+    let pg = match tokio::time::timeout(Duration::from_secs(15), Primary::connect(conn)).await {
         Ok(Ok(pg)) => pg,
         Ok(Err(e)) => {
             let fix = crate::postgres::fatal_cause(&e).unwrap_or(
                 "is PostgreSQL running, and does --pgconn (host, port) reach it? See the error",
             );
             out.fail("PostgreSQL", format!("{e:#}"), fix);
-            return finish(out);
+            return None;
         }
         Err(_) => {
             out.fail(
@@ -90,11 +121,15 @@ pub async fn check(input: CheckInput) -> bool {
                 "no connection within 15 s",
                 "check host and port in --pgconn, and the firewall",
             );
-            return finish(out);
+            return None;
         }
     };
-    let info = pg.info.clone();
-    let version = scalar(&pg, "SHOW server_version").await.unwrap_or_default();
+    Some(pg)
+}
+
+/// Its version, the role's privileges, `wal_level`.
+async fn server_facts(out: &mut Lines, pg: &Primary, info: &crate::postgres::ServerInfo) {
+    let version = scalar(pg, "SHOW server_version").await.unwrap_or_default();
     out.ok(
         "PostgreSQL",
         format!(
@@ -103,7 +138,7 @@ pub async fn check(input: CheckInput) -> bool {
         ),
     );
     let superuser = scalar(
-        &pg,
+        pg,
         "SELECT rolsuper::text FROM pg_roles WHERE rolname = current_user",
     )
     .await
@@ -116,7 +151,7 @@ pub async fn check(input: CheckInput) -> bool {
             "reads pg_control_system() and the settings walship needs"
         },
     );
-    match scalar(&pg, "SHOW wal_level").await.as_deref() {
+    match scalar(pg, "SHOW wal_level").await.as_deref() {
         Some("minimal") => out.fail(
             "wal_level",
             "wal_level is minimal: WAL cannot rebuild a standby",
@@ -129,10 +164,16 @@ pub async fn check(input: CheckInput) -> bool {
             "connect as a role that may SHOW wal_level",
         ),
     }
+}
 
-    // pg_wal: readable, and the server's own (its first page names this system identifier)
-    let cfg_probe = (input.config)(conn.clone(), tls.clone().unwrap_or_else(dummy_tls));
-    let wal_dir = match (&cfg_probe.wal_dir, &info.data_directory) {
+/// `pg_wal`: readable, and the server's own (its first page names this system identifier).
+async fn wal_directory(
+    out: &mut Lines,
+    pg: &Primary,
+    info: &crate::postgres::ServerInfo,
+    wal_dir: Option<&std::path::PathBuf>,
+) {
+    let wal_dir = match (wal_dir, &info.data_directory) {
         (Some(d), _) => Some(d.clone()),
         (None, Some(data)) => Some(data.join(info.dialect.wal_dir)),
         (None, None) => None,
@@ -178,82 +219,81 @@ pub async fn check(input: CheckInput) -> bool {
             }
         }
     }
-    if let Some(slot) = &cfg_probe.slot {
-        let exists = pg
-            .client()
-            .query_opt(
-                "SELECT slot_type FROM pg_replication_slots WHERE slot_name = $1",
-                &[slot],
-            )
-            .await;
-        let may = scalar(
-            &pg,
-            "SELECT (rolsuper OR rolreplication)::text FROM pg_roles WHERE rolname = current_user",
-        )
-        .await
-        .is_some_and(|v| v == "true");
-        match exists {
-            Ok(Some(row)) if row.get::<_, String>(0) != "physical" => out.fail(
-                "replication slot",
-                format!("{slot} exists but is not a physical slot"),
-                "choose another --slot name",
-            ),
-            Ok(_) if !may => out.fail(
-                "replication slot",
-                format!("the role may not create or advance slot {slot}"),
-                "ALTER ROLE ... REPLICATION, or connect as a superuser",
-            ),
-            Ok(Some(_)) => out.ok("replication slot", format!("{slot} exists")),
-            Ok(None) => out.ok(
-                "replication slot",
-                format!("{slot} will be created when the sender starts"),
-            ),
-            Err(e) => out.fail(
-                "replication slot",
-                format!("{e:#}"),
-                "grant pg_monitor to the role",
-            ),
-        }
-    }
-    let Some(tls) = tls else {
-        return finish(out);
-    };
+}
 
-    // the receiver: run the sender itself until it streams, then a WAL switch travels the whole way
-    let mut cfg = (input.config)(conn, tls);
-    cfg.slot = None; // check never creates a slot
+/// The slot `--slot` names: physical, and the role may create or advance it.
+async fn replication_slot(out: &mut Lines, pg: &Primary, slot: &str) {
+    let exists = pg
+        .client()
+        .query_opt(
+            "SELECT slot_type FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await;
+    let may = scalar(
+        pg,
+        "SELECT (rolsuper OR rolreplication)::text FROM pg_roles WHERE rolname = current_user",
+    )
+    .await
+    .is_some_and(|v| v == "true");
+    match exists {
+        Ok(Some(row)) if row.get::<_, String>(0) != "physical" => out.fail(
+            "replication slot",
+            format!("{slot} exists but is not a physical slot"),
+            "choose another --slot name",
+        ),
+        Ok(_) if !may => out.fail(
+            "replication slot",
+            format!("the role may not create or advance slot {slot}"),
+            "ALTER ROLE ... REPLICATION, or connect as a superuser",
+        ),
+        Ok(Some(_)) => out.ok("replication slot", format!("{slot} exists")),
+        Ok(None) => out.ok(
+            "replication slot",
+            format!("{slot} will be created when the sender starts"),
+        ),
+        Err(e) => out.fail(
+            "replication slot",
+            format!("{e:#}"),
+            "grant pg_monitor to the role",
+        ),
+    }
+}
+
+/// The sender itself, run until the receiver accepts a session, then a WAL switch shipped until the receiver
+/// holds the switched segment.
+async fn receiver_and_round_trip(
+    out: &mut Lines,
+    cfg: SenderConfig,
+    pg: &Primary,
+    info: &crate::postgres::ServerInfo,
+    timeout: Duration,
+) {
     let receiver = cfg.receiver.clone();
     let token = CancellationToken::new();
-    let mut task = tokio::spawn(crate::run(cfg, token.clone()));
-    let sessions_before = METRICS.sessions.get();
-    let reconnects_before = METRICS.reconnects.get();
+    let (mut task, mut state) = crate::start(cfg, token.clone());
     let started = Instant::now();
-    let deadline = started + input.timeout;
-    let accepted = loop {
-        if METRICS.sessions.get() > sessions_before {
-            break Ok(());
-        }
-        if task.is_finished() {
-            break Err(match (&mut task).await {
-                Ok(Ok(())) => anyhow::anyhow!("the sender stopped"),
-                Ok(Err(e)) => e,
-                Err(e) => anyhow::anyhow!("the sender task failed: {e}"),
-            });
-        }
-        // three failed attempts in a row (about a second of backoff) say enough
-        if Instant::now() > deadline || METRICS.reconnects.get() >= reconnects_before + 3 {
-            let last = crate::LAST_ERROR
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-                .unwrap_or_else(|| "no answer".into());
+    let deadline = started + timeout;
+    // three failed attempts in a row (about a second of backoff) say enough
+    let wait = state.wait_for(|s| s.sessions > 0 || s.reconnects >= 3);
+    let ended = tokio::select! {
+        _ = tokio::time::timeout_at(deadline.into(), wait) => None,
+        ended = &mut task => Some(ended),
+    };
+    let seen = state.borrow().clone();
+    let accepted = match ended {
+        Some(Ok(Ok(()))) => Err(anyhow::anyhow!("the sender stopped")),
+        Some(Ok(Err(e))) => Err(e),
+        Some(Err(e)) => Err(anyhow::anyhow!("the sender task failed: {e}")),
+        None if seen.sessions > 0 => Ok(()),
+        None => {
             token.cancel();
-            break Err(anyhow::anyhow!(
-                "no session after {:.1} s: {last}",
-                started.elapsed().as_secs_f64()
-            ));
+            Err(anyhow::anyhow!(
+                "no session after {:.1} s: {}",
+                started.elapsed().as_secs_f64(),
+                seen.last_error.as_deref().unwrap_or("no answer")
+            ))
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     if let Err(e) = accepted {
         let text = format!("{e:#}");
@@ -273,13 +313,13 @@ pub async fn check(input: CheckInput) -> bool {
         if !task.is_finished() {
             let _ = task.await;
         }
-        return finish(out);
+        return;
     }
     out.ok(
         "receiver",
         format!("{receiver} accepts this sender and this cluster"),
     );
-    match round_trip(&pg, &info, deadline).await {
+    match round_trip(pg, info, &mut state, deadline).await {
         Ok((segment, took)) => out.ok(
             "round trip",
             format!(
@@ -293,7 +333,6 @@ pub async fn check(input: CheckInput) -> bool {
     if !task.is_finished() {
         let _ = task.await;
     }
-    finish(out)
 }
 
 fn finish(out: Lines) -> bool {
@@ -309,6 +348,7 @@ fn finish(out: Lines) -> bool {
 async fn round_trip(
     pg: &Primary,
     info: &crate::postgres::ServerInfo,
+    state: &mut tokio::sync::watch::Receiver<crate::SenderState>,
     deadline: Instant,
 ) -> std::result::Result<(String, Duration), (String, &'static str)> {
     let started = Instant::now();
@@ -331,23 +371,21 @@ async fn round_trip(
     // the switched segment ends where the next begins
     let segno = info.seg.segno(Lsn(end.0.saturating_sub(1)));
     let seg_end = info.seg.segment_start(segno + 1);
-    let timeline = METRICS.timeline.get() as u32;
-    let name = segment_file_name(timeline.max(1), segno, info.seg);
-    loop {
-        if METRICS.durable_lsn.get() >= seg_end.0 as i64 {
-            return Ok((name, started.elapsed()));
-        }
-        if Instant::now() > deadline {
-            return Err((
-                format!(
-                    "the receiver did not acknowledge {seg_end} (the end of {name}) in time; it holds up to {}",
-                    Lsn(METRICS.durable_lsn.get() as u64)
-                ),
-                "look at the receiver's log (a full disk? a slow fsync?)",
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let timeline = state.borrow().timeline.unwrap_or(1);
+    let name = segment_file_name(timeline, segno, info.seg);
+    let acked = tokio::time::timeout_at(deadline.into(), state.wait_for(|s| s.durable >= seg_end))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    if acked {
+        return Ok((name, started.elapsed()));
     }
+    Err((
+        format!(
+            "the receiver did not acknowledge {seg_end} (the end of {name}) in time; it holds up to {}",
+            state.borrow().durable
+        ),
+        "look at the receiver's log (a full disk? a slow fsync?)",
+    ))
 }
 
 async fn scalar(pg: &Primary, sql: &str) -> Option<String> {

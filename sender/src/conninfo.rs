@@ -121,7 +121,7 @@ pub fn process_env(name: &str) -> Option<String> {
 }
 
 fn invalid(why: impl std::fmt::Display) -> anyhow::Error {
-    crate::postgres::Unfixable(format!(
+    crate::error::Unfixable(format!(
         "the connection string of the primary (--pgconn) is not valid: {why}. It takes libpq's keywords \
          (host, hostaddr, port, user, password, passfile, dbname, service, connect_timeout, application_name, \
          sslmode, sslrootcert, sslcert, sslkey, ...) or a postgresql:// URI"

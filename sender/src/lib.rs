@@ -30,10 +30,12 @@
 
 pub mod check;
 pub mod conninfo;
+pub mod error;
 pub mod link;
 pub mod metrics;
 pub mod postgres;
 pub mod scout;
+pub mod state;
 pub mod wal_reader;
 
 use std::path::PathBuf;
@@ -56,6 +58,8 @@ use walship_protocol::walker::{WalkStop, Walker};
 use crate::link::{Backoff, Link, LinkError};
 use crate::postgres::{Position, Primary, ServerInfo};
 use crate::scout::Scout;
+pub use crate::state::SenderState;
+use crate::state::StatePublisher;
 use crate::wal_reader::{ReadError, WalReader};
 
 /// Everything the sender needs, with defaults in [`SenderConfig::new`].
@@ -166,11 +170,29 @@ macro_rules! crash_point {
     };
 }
 
-/// The last error that made the sender reconnect (for `check`).
-pub static LAST_ERROR: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
-
 /// Runs the sender until `shutdown` is cancelled (returns `Ok`) or a fatal error (returns it).
 pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (state, _) = StatePublisher::new();
+    run_published(cfg, shutdown, state).await
+}
+
+/// Starts the sender as a task; the receiver follows what it does (sessions, errors, acknowledgements).
+pub fn start(
+    cfg: SenderConfig,
+    shutdown: CancellationToken,
+) -> (
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tokio::sync::watch::Receiver<SenderState>,
+) {
+    let (state, watch) = StatePublisher::new();
+    (tokio::spawn(run_published(cfg, shutdown, state)), watch)
+}
+
+async fn run_published(
+    cfg: SenderConfig,
+    shutdown: CancellationToken,
+    state: StatePublisher,
+) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(cfg.max_backoff);
     let mut acked_before: Option<(TimelineId, Lsn)> = None;
     let mut remembered: Option<Origin> = None;
@@ -178,6 +200,7 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
         let mut progressed = false;
         let outcome = session(
             &cfg,
+            &state,
             &shutdown,
             &mut progressed,
             &mut acked_before,
@@ -193,8 +216,8 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
                 }
                 let wait = backoff.next_wait();
                 metrics::METRICS.reconnects.inc();
-                metrics::count_error(&e);
-                *LAST_ERROR.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{e:#}"));
+                count_error(&e);
+                state.reconnecting(&e);
                 walship_daemon::notify_status(&format!("reconnecting: {e:#}"));
                 warn!("{e:#}; reconnecting in {} ms", wait.as_millis());
                 tokio::select! {
@@ -204,6 +227,26 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
             }
         }
     }
+}
+
+/// Counts a session that ended on an error, by what failed.
+fn count_error(e: &anyhow::Error) {
+    let kind = if e
+        .chain()
+        .any(|c| c.downcast_ref::<tokio_postgres::Error>().is_some())
+    {
+        "postgres"
+    } else if e.chain().any(|c| c.downcast_ref::<LinkError>().is_some()) {
+        "receiver"
+    } else if e.chain().any(|c| c.downcast_ref::<ReadError>().is_some()) {
+        "wal"
+    } else {
+        "other"
+    };
+    metrics::METRICS
+        .errors
+        .get_or_create(&metrics::Kind { kind })
+        .inc();
 }
 
 fn now_micros() -> u64 {

@@ -13,6 +13,8 @@ use tracing::warn;
 use walship_protocol::message::Wal;
 use walship_protocol::{Lsn, MessageCodec, ReceiverMessage, SenderMessage, TimelineId};
 
+use crate::state::StatePublisher;
+
 use anyhow::{Context, Result};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
@@ -108,6 +110,8 @@ pub enum LinkError {
 pub struct Link {
     rx: Rx,
     tx: Tx,
+    /// Where `check` and the logs follow the acknowledgements.
+    state: StatePublisher,
     timeline: TimelineId,
     /// Everything before this was handed to the connection.
     sent: Lsn,
@@ -137,10 +141,10 @@ impl Link {
     pub fn new(
         rx: Rx,
         tx: Tx,
-        timeline: TimelineId,
-        start: Lsn,
+        (timeline, start): (TimelineId, Lsn),
         window: u64,
         timeout: Duration,
+        state: StatePublisher,
     ) -> Link {
         for g in [
             &crate::metrics::METRICS.sent_lsn,
@@ -152,6 +156,7 @@ impl Link {
         Link {
             rx,
             tx,
+            state,
             timeline,
             sent: start,
             acked: start,
@@ -303,6 +308,7 @@ impl Link {
                 crate::metrics::METRICS
                     .durable_lsn
                     .set(durable_lsn.0 as i64);
+                self.state.acknowledged(self.acked, self.confirmed);
                 Ok(true)
             }
             Some(Ok(ReceiverMessage::Error { reason })) => Err(LinkError::Receiver(reason)),

@@ -43,29 +43,6 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     shipped_on_write_bytes: Counter::default(),
 });
 
-/// Counts a session that ended on an error, by what failed.
-pub fn count_error(e: &anyhow::Error) {
-    let kind = if e
-        .chain()
-        .any(|c| c.downcast_ref::<tokio_postgres::Error>().is_some())
-    {
-        "postgres"
-    } else if e
-        .chain()
-        .any(|c| c.downcast_ref::<crate::link::LinkError>().is_some())
-    {
-        "receiver"
-    } else if e
-        .chain()
-        .any(|c| c.downcast_ref::<crate::wal_reader::ReadError>().is_some())
-    {
-        "wal"
-    } else {
-        "other"
-    };
-    METRICS.errors.get_or_create(&Kind { kind }).inc();
-}
-
 /// The metrics text.
 pub fn render() -> String {
     let m = &*METRICS;

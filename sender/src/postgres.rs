@@ -13,19 +13,7 @@ use crate::conninfo::Conn;
 use walship_protocol::wal::page_magic_for_version;
 use walship_protocol::{Lsn, TimelineId, WalSegSize};
 
-/// A failure that reconnecting cannot fix: the server (or the configuration) is not one walship can ship
-/// from as it stands. Carried inside the `anyhow` chain; a session stops on it with its message, which says
-/// what to do, instead of retrying. Decided where the failure is found, never by matching message text.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Unfixable(pub String);
-
-impl Unfixable {
-    /// Whether `e` (or a cause of it) is unfixable.
-    pub fn is_in(e: &anyhow::Error) -> bool {
-        e.chain().any(|c| c.is::<Unfixable>())
-    }
-}
+pub use crate::error::Unfixable;
 
 /// The SQL and paths of one PostgreSQL generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

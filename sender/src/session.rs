@@ -101,6 +101,7 @@ pub(crate) fn decide_start(
 /// `acked_before` is the highest position any receiver acknowledged to this process.
 pub(crate) async fn session(
     cfg: &SenderConfig,
+    state: &StatePublisher,
     shutdown: &CancellationToken,
     progressed: &mut bool,
     acked_before: &mut Option<(TimelineId, Lsn)>,
@@ -108,7 +109,7 @@ pub(crate) async fn session(
 ) -> Result<(), Failure> {
     // Connecting and the handshake send no WAL: shutdown may interrupt them anywhere.
     let opened = tokio::select! {
-        r = open(cfg, *acked_before, remembered) => r?,
+        r = open(cfg, state, *acked_before, remembered) => r?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     let mut streaming = opened;
@@ -147,6 +148,7 @@ pub(crate) async fn session(
 /// Connects to PostgreSQL and to the receiver and completes the handshake. Cancellation safe.
 pub(crate) async fn open<'a>(
     cfg: &'a SenderConfig,
+    state: &StatePublisher,
     acked_before: Option<(TimelineId, Lsn)>,
     remembered: &mut Option<Origin>,
 ) -> Result<Streaming<'a>, Failure> {
@@ -181,13 +183,21 @@ pub(crate) async fn open<'a>(
         &reader,
     )?;
     let resumed = resume.iter().any(|(t, _)| *t == timeline);
-    let mut link = Link::new(rx, tx, timeline, start, cfg.window, cfg.receiver_timeout);
+    let mut link = Link::new(
+        rx,
+        tx,
+        (timeline, start),
+        cfg.window,
+        cfg.receiver_timeout,
+        state.clone(),
+    );
     // zstd on the wire when both sides want it (the receiver says so in its Welcome)
     if compression == walship_protocol::Compression::Zstd {
         link.compress_with(cfg.compression_level);
     }
     prove_and_send_history(&mut link, &mut reader, timeline, start, resumed, info.seg).await?;
     announce(cfg, &wal_dir, &info, &pos, start, acked_before);
+    state.streaming(timeline, start);
     let data_dir = Origin::data_dir_of(&info, &wal_dir);
     Ok(Streaming {
         cfg,

@@ -14,10 +14,10 @@ pub const PRIMARY_FILE: &str = "walship.primary";
 pub struct PrimaryDown {
     pub timeline: TimelineId,
     /// Where the primary's WAL ends (`X/X`): the end of its last complete, valid record.
-    pub wal_end: String,
+    pub wal_end: Lsn,
     pub down_since_unix_micros: u64,
     /// The archive's durable end of that timeline when this was recorded (`X/X`).
-    pub archived_end: String,
+    pub archived_end: Lsn,
 }
 
 impl PrimaryDown {
@@ -27,13 +27,7 @@ impl PrimaryDown {
 
     /// Whether the archive holds every byte of the primary's WAL.
     pub fn complete(&self) -> bool {
-        match (
-            self.wal_end.parse::<Lsn>(),
-            self.archived_end.parse::<Lsn>(),
-        ) {
-            (Ok(w), Ok(a)) => a >= w,
-            _ => false,
-        }
+        self.archived_end >= self.wal_end
     }
 }
 
@@ -49,7 +43,7 @@ pub struct Handover {
     /// Bytes of that segment's `.partial` handed over, zero-padded (0: the archive ended on a segment boundary).
     pub partial_bytes: u64,
     /// The end of the WAL handed to recovery (`X/X`).
-    pub end_lsn: String,
+    pub end_lsn: Lsn,
     pub at_unix_micros: u64,
 }
 

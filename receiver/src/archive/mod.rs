@@ -509,9 +509,7 @@ impl Archive {
             );
         }
         if let Some(handover) = self.fenced(latest)? {
-            let handed: Lsn = handover.end_lsn.parse().map_err(|_| {
-                anyhow::anyhow!("the failover state names a bad LSN {:?}", handover.end_lsn)
-            })?;
+            let handed = handover.end_lsn;
             if branch.switchpoint > handed {
                 bail!(
                     "timeline {timeline} branched off timeline {latest} at {}, after what the failover of timeline {latest} handed to \
@@ -707,9 +705,9 @@ impl Archive {
         let archived = self.sync(timeline)?.map_or(Lsn(0), |s| s.durable);
         let state = PrimaryDown {
             timeline,
-            wal_end: wal_end.to_string(),
+            wal_end,
             down_since_unix_micros,
-            archived_end: archived.to_string(),
+            archived_end: archived,
         };
         let json = serde_json::to_vec_pretty(&state).context("encode the primary's state")?;
         self.write_atomically(PRIMARY_FILE, &json)?;

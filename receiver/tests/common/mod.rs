@@ -31,6 +31,7 @@ pub fn wal(timeline: u32, start: u64, len: usize) -> Vec<u8> {
 }
 
 /// Appends and confirms, as a sender of protocol 1 or 2 does (it sends only WAL the primary has flushed).
+#[allow(dead_code)] // not every test file appends directly
 pub fn append_confirmed(
     a: &mut walship_receiver::archive::Archive,
     timeline: u32,

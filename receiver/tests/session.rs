@@ -1,0 +1,413 @@
+//! The receiver's sessions in-process, the way mini-redis tests its server: the real daemon ([`run`]) on a
+//! port-0 listener with real TLS, and a client that speaks the wire protocol by hand. What a sender does
+//! wrong or a network does to it is played here message by message; the end-to-end tests with PostgreSQL
+//! stay beside these.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{wal, SEG};
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use walship_protocol::message::{CompressedWal, Hello, Wal};
+use walship_protocol::{
+    Lsn, MessageCodec, ReceiverMessage, RefuseCode, SenderMessage, PROTOCOL_VERSION_MAX,
+};
+use walship_receiver::run::{run, RunConfig};
+use walship_receiver::server::ServerOptions;
+
+/// Longest wait for any answer: generous, the machine may be loaded; a hang fails instead of blocking.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+type Client = Framed<TlsStream<TcpStream>, MessageCodec<ReceiverMessage, SenderMessage>>;
+
+/// A receiver running in this process.
+struct Receiver {
+    _dir: tempfile::TempDir,
+    archive: PathBuf,
+    certs: PathBuf,
+    addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        walship_receiver::certs::write_certificates(
+            &certs,
+            &["localhost".to_owned()],
+            "walship-sender",
+            false,
+        )
+        .unwrap();
+        let archive = dir.path().join("archive");
+        let tls = walship_receiver::tls::server_config(
+            &certs.join("server.crt"),
+            &certs.join("server.key"),
+            &certs.join("ca.crt"),
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let config = RunConfig {
+            archive: archive.clone(),
+            tls: walship_daemon::Reloadable::fixed(tls),
+            server: ServerOptions {
+                takeover_timeout: Duration::from_secs(10),
+                ..Default::default()
+            },
+            store: None,
+            partial_upload_interval: Duration::from_secs(60),
+            metrics_listen: None,
+        };
+        let task = tokio::spawn(run(config, listener, shutdown.clone()));
+        Receiver {
+            _dir: dir,
+            archive,
+            certs,
+            addr,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn connect(&self) -> Client {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = walship_daemon::trust_store(&self.certs.join("ca.crt")).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                walship_daemon::certificates(&self.certs.join("client.crt")).unwrap(),
+                walship_daemon::private_key(&self.certs.join("client.key")).unwrap(),
+            )
+            .unwrap();
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        Framed::new(
+            tls,
+            MessageCodec::new(walship_protocol::DEFAULT_MAX_PAYLOAD),
+        )
+    }
+
+    /// A session of cluster `system_identifier` on timeline 1, welcomed: returns the client and the resume
+    /// points.
+    async fn session(&self, system_identifier: u64) -> (Client, Vec<(u32, Lsn)>) {
+        match self.try_session(system_identifier).await {
+            Ok(welcomed) => welcomed,
+            Err((code, reason)) => panic!("expected Welcome, got Refuse {code:?}: {reason}"),
+        }
+    }
+
+    /// A session, or the receiver's refusal.
+    async fn try_session(
+        &self,
+        system_identifier: u64,
+    ) -> Result<(Client, Vec<(u32, Lsn)>), (RefuseCode, String)> {
+        let mut c = self.connect().await;
+        c.send(hello(system_identifier)).await.unwrap();
+        match next(&mut c).await {
+            Some(ReceiverMessage::Welcome { resume, .. }) => Ok((c, resume)),
+            Some(ReceiverMessage::Refuse { code, reason }) => Err((code, reason)),
+            other => panic!("expected Welcome or Refuse, got {other:?}"),
+        }
+    }
+
+    fn partial(&self, segno: u64) -> PathBuf {
+        self.archive.join(segment_name(segno) + ".partial")
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("the receiver stops on shutdown")
+            .unwrap()
+            .expect("the receiver stops cleanly");
+    }
+}
+
+/// Timeline 1's segment `segno` for 1 MiB segments.
+fn segment_name(segno: u64) -> String {
+    let per_id = 0x1_0000_0000 / SEG;
+    format!("00000001{:08X}{:08X}", segno / per_id, segno % per_id)
+}
+
+fn hello(system_identifier: u64) -> SenderMessage {
+    SenderMessage::Hello(Hello {
+        version_min: 3,
+        version_max: PROTOCOL_VERSION_MAX,
+        system_identifier,
+        timeline: 1,
+        wal_segment_size: SEG as u32,
+        pg_version_num: 150004,
+        sender_name: "test".to_owned(),
+    })
+}
+
+fn wal_message(start: u64, bytes: &[u8]) -> SenderMessage {
+    SenderMessage::Wal(Wal {
+        timeline: 1,
+        start_lsn: Lsn(start),
+        bytes: Bytes::copy_from_slice(bytes),
+    })
+}
+
+fn keepalive(flush: u64) -> SenderMessage {
+    SenderMessage::Keepalive {
+        primary_flush_lsn: Lsn(flush),
+        timeline: 1,
+        sent_at_unix_micros: 0,
+    }
+}
+
+/// The next message from the receiver (`None`: it closed the connection).
+async fn next(c: &mut Client) -> Option<ReceiverMessage> {
+    match tokio::time::timeout(DEADLINE, c.next()).await {
+        Ok(Some(Ok(m))) => Some(m),
+        Ok(Some(Err(_)) | None) => None,
+        Err(_) => panic!("no answer from the receiver within {DEADLINE:?}"),
+    }
+}
+
+/// Reads acknowledgements until one covers `durable` (and, if given, `confirmed`); the last `Ack`.
+async fn ack_until(c: &mut Client, durable: u64, confirmed: Option<u64>) -> (Lsn, Option<Lsn>) {
+    loop {
+        match next(c).await {
+            Some(ReceiverMessage::Ack {
+                durable_lsn,
+                confirmed_lsn,
+                ..
+            }) => {
+                if durable_lsn.0 >= durable
+                    && confirmed.is_none_or(|c| confirmed_lsn.is_some_and(|l| l.0 >= c))
+                {
+                    return (durable_lsn, confirmed_lsn);
+                }
+            }
+            Some(other) => panic!("expected an Ack, got {other:?}"),
+            None => panic!(
+                "the receiver closed the session before acknowledging {}",
+                Lsn(durable)
+            ),
+        }
+    }
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+#[tokio::test]
+async fn wal_is_acknowledged_once_durable_and_the_archive_holds_the_same_bytes() {
+    let r = Receiver::start().await;
+    let (mut c, resume) = r.session(7).await;
+    assert!(
+        resume.is_empty(),
+        "a new archive resumes nowhere: {resume:?}"
+    );
+    let bytes = wal(1, SEG, 64 * 1024);
+    c.send(wal_message(SEG, &bytes[..40_000])).await.unwrap();
+    c.send(wal_message(SEG + 40_000, &bytes[40_000..]))
+        .await
+        .unwrap();
+    c.send(keepalive(SEG + 40_000)).await.unwrap();
+    let (durable, confirmed) =
+        ack_until(&mut c, SEG + bytes.len() as u64, Some(SEG + 40_000)).await;
+    assert_eq!(durable, Lsn(SEG + bytes.len() as u64));
+    assert_eq!(
+        confirmed,
+        Some(Lsn(SEG + 40_000)),
+        "confirmed stops at the primary's flush position"
+    );
+    // acknowledged means on disk: the partial holds exactly what was sent
+    assert_eq!(read(&r.partial(1)), bytes);
+    drop(c);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn compressed_wal_is_archived_as_the_bytes_it_stands_for() {
+    let r = Receiver::start().await;
+    let (mut c, _) = r.session(7).await;
+    let bytes = wal(1, SEG, 32 * 1024);
+    c.send(SenderMessage::WalZstd(CompressedWal {
+        timeline: 1,
+        start_lsn: Lsn(SEG),
+        raw_len: bytes.len() as u32,
+        data: Bytes::from(zstd::encode_all(&bytes[..], 3).unwrap()),
+    }))
+    .await
+    .unwrap();
+    ack_until(&mut c, SEG + bytes.len() as u64, None).await;
+    assert_eq!(read(&r.partial(1)), bytes);
+    drop(c);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_foreign_cluster_is_refused_without_disturbing_the_live_session() {
+    let r = Receiver::start().await;
+    let (mut live, _) = r.session(7).await;
+    let bytes = wal(1, SEG, 16 * 1024);
+    live.send(wal_message(SEG, &bytes[..8192])).await.unwrap();
+    ack_until(&mut live, SEG + 8192, None).await;
+
+    let mut foreign = r.connect().await;
+    foreign.send(hello(8)).await.unwrap();
+    match next(&mut foreign).await {
+        Some(ReceiverMessage::Refuse { code, reason }) => {
+            assert_eq!(code, RefuseCode::ForeignCluster, "{reason}");
+            // it names the sender's cluster, never the archive's (the peer may be a stranger)
+            assert!(
+                reason.contains("system identifier 8") && !reason.contains('7'),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // the live session goes on as if nothing happened
+    live.send(wal_message(SEG + 8192, &bytes[8192..]))
+        .await
+        .unwrap();
+    ack_until(&mut live, SEG + bytes.len() as u64, None).await;
+    assert_eq!(read(&r.partial(1)), bytes);
+    drop(live);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_reconnecting_sender_takes_over_and_resumes_where_the_archive_is_durable() {
+    let r = Receiver::start().await;
+    let (mut old, _) = r.session(7).await;
+    let bytes = wal(1, SEG, 24 * 1024);
+    old.send(wal_message(SEG, &bytes[..16384])).await.unwrap();
+    ack_until(&mut old, SEG + 16384, None).await;
+
+    // the old connection is never closed by its peer (a network cut). While it was heard from recently,
+    // another session is refused (it could be a second primary); once it has been silent a few seconds,
+    // the new session takes over.
+    match r.try_session(7).await {
+        Err((RefuseCode::Busy, _)) => {}
+        Err((code, reason)) => panic!("expected Busy, got {code:?}: {reason}"),
+        Ok(_) => panic!("a second session got in while the first one was live"),
+    }
+    let started = tokio::time::Instant::now();
+    let (mut new, resume) = loop {
+        match r.try_session(7).await {
+            Ok(welcomed) => break welcomed,
+            Err((RefuseCode::Busy, _)) if started.elapsed() < DEADLINE => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err((code, reason)) => panic!("no takeover: {code:?}: {reason}"),
+        }
+    };
+    assert_eq!(resume, vec![(1, Lsn(SEG + 16384))]);
+    // a resend of what the archive holds is compared and accepted, the rest appended
+    new.send(wal_message(SEG + 8192, &bytes[8192..]))
+        .await
+        .unwrap();
+    ack_until(&mut new, SEG + bytes.len() as u64, None).await;
+    assert_eq!(read(&r.partial(1)), bytes);
+    // the old session was ended
+    loop {
+        match next(&mut old).await {
+            None | Some(ReceiverMessage::Error { .. }) => break,
+            Some(ReceiverMessage::Ack { .. }) => continue,
+            Some(other) => panic!("the old session got {other:?}"),
+        }
+    }
+    drop(new);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn provisional_wal_is_replaced_confirmed_wal_never() {
+    let r = Receiver::start().await;
+    let (mut c, _) = r.session(7).await;
+    let bytes = wal(1, SEG, 32 * 1024);
+    c.send(wal_message(SEG, &bytes)).await.unwrap();
+    c.send(keepalive(SEG + 16384)).await.unwrap();
+    ack_until(&mut c, SEG + bytes.len() as u64, Some(SEG + 16384)).await;
+    drop(c);
+
+    // a primary whose OS lost its unflushed WAL resends other bytes past the confirmed position: accepted
+    let mut other = bytes.clone();
+    other[20_000] ^= 0x55;
+    let (mut c, resume) = r.session(7).await;
+    assert_eq!(
+        resume,
+        vec![(1, Lsn(SEG + 16384))],
+        "a sender resumes at the confirmed position"
+    );
+    c.send(wal_message(SEG + 16384, &other[16384..24576]))
+        .await
+        .unwrap();
+    ack_until(&mut c, SEG + 24576, None).await;
+    assert_eq!(
+        read(&r.partial(1)),
+        other[..24576],
+        "the provisional tail was replaced by the new bytes"
+    );
+    drop(c);
+
+    // but confirmed bytes that differ are never overwritten: the session ends with an error
+    let mut rogue = other.clone();
+    rogue[100] ^= 0x55;
+    let (mut c, _) = r.session(7).await;
+    c.send(wal_message(SEG, &rogue[..24576])).await.unwrap();
+    match next(&mut c).await {
+        None | Some(ReceiverMessage::Error { .. }) => {}
+        Some(m) => panic!("differing confirmed WAL must end the session, got {m:?}"),
+    }
+    assert_eq!(
+        read(&r.partial(1)),
+        other[..24576],
+        "confirmed WAL is untouched"
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_frame_ends_the_session_and_nothing_acknowledged_is_lost() {
+    use tokio::io::AsyncWriteExt;
+    let r = Receiver::start().await;
+    let (mut c, _) = r.session(7).await;
+    let bytes = wal(1, SEG, 8192);
+    c.send(wal_message(SEG, &bytes)).await.unwrap();
+    ack_until(&mut c, SEG + 8192, None).await;
+    // a frame whose header announces a message type that does not exist
+    let mut tls = c.into_inner();
+    tls.write_all(&[0xFF; 64]).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        DEADLINE,
+        tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut rest),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the receiver closes a session that sent garbage"
+    );
+    assert_eq!(read(&r.partial(1)), bytes);
+    // and the next sender is served
+    let (_c, resume) = r.session(7).await;
+    assert_eq!(resume, vec![(1, Lsn(SEG + 8192))]);
+    r.stop().await;
+}
