@@ -37,6 +37,30 @@ impl Lines {
 pub fn check(opts: &CheckOptions) -> bool {
     let mut out = Lines { failed: 0 };
     let dir = &opts.archive;
+    let identity = archive(&mut out, dir);
+    if let Some((cert, key, ca)) = &opts.tls {
+        match crate::tls::server_config(cert, key, ca) {
+            Ok(_) => out.ok("TLS files", "certificate, key and client CA load and fit together"),
+            Err(e) => out.fail(
+                "TLS files",
+                format!("{e:#}"),
+                "give --tls-cert and --tls-key of one pair and --tls-client-ca (the CA of the senders' certificates)",
+            ),
+        }
+    }
+    if let Some(pgdata) = &opts.pgdata {
+        standby(&mut out, pgdata, dir, identity.as_ref());
+    }
+    if out.failed == 0 {
+        println!("all checks passed");
+    } else {
+        println!("{} check(s) failed", out.failed);
+    }
+    out.failed == 0
+}
+
+/// The archive: exists, writable, its cluster, its lock. Returns its identity, once pinned.
+fn archive(out: &mut Lines, dir: &Path) -> Option<Identity> {
     let mut identity = None;
     if !dir.is_dir() {
         out.fail(
@@ -96,25 +120,7 @@ pub fn check(opts: &CheckOptions) -> bool {
             _ => out.ok("archive lock", "free: no receiver runs on this archive"),
         }
     }
-    if let Some((cert, key, ca)) = &opts.tls {
-        match crate::tls::server_config(cert, key, ca) {
-            Ok(_) => out.ok("TLS files", "certificate, key and client CA load and fit together"),
-            Err(e) => out.fail(
-                "TLS files",
-                format!("{e:#}"),
-                "give --tls-cert and --tls-key of one pair and --tls-client-ca (the CA of the senders' certificates)",
-            ),
-        }
-    }
-    if let Some(pgdata) = &opts.pgdata {
-        standby(&mut out, pgdata, dir, identity.as_ref());
-    }
-    if out.failed == 0 {
-        println!("all checks passed");
-    } else {
-        println!("{} check(s) failed", out.failed);
-    }
-    out.failed == 0
+    identity
 }
 
 /// The standby in `pgdata` recovers from the archive `dir`.
@@ -138,6 +144,25 @@ fn standby(out: &mut Lines, pgdata: &Path, dir: &Path, identity: Option<&Identit
         .next()
         .and_then(|m| m.parse().ok())
         .unwrap_or(0);
+    standby_cluster(out, pgdata, &version, identity);
+    let example = format!(
+        "restore_command = 'walship-receiver restore --archive {} --wait %f %p'",
+        dir.display()
+    );
+    restore_command(out, pgdata, dir, major, &example);
+    match crate::restore::setting(pgdata, "archive_mode") {
+        Some(m) if m.eq_ignore_ascii_case("always") => out.fail(
+            "archive_mode",
+            "always: the standby would archive the zero-padded partial segment of a failover under the segment's name",
+            "set archive_mode to on or off on the standby",
+        ),
+        m => out.ok("archive_mode", m.unwrap_or_else(|| "off".into())),
+    }
+    recovery_files(out, pgdata, &version, major, &example);
+}
+
+/// The standby's cluster is the archive's (pg_control begins with the system identifier).
+fn standby_cluster(out: &mut Lines, pgdata: &Path, version: &str, identity: Option<&Identity>) {
     // the cluster: pg_control begins with the system identifier
     let mut control = [0u8; 8];
     match fs::File::open(pgdata.join("global/pg_control"))
@@ -166,10 +191,10 @@ fn standby(out: &mut Lines, pgdata: &Path, dir: &Path, identity: Option<&Identit
             "run check as the standby's OS user",
         ),
     }
-    let example = format!(
-        "restore_command = 'walship-receiver restore --archive {} --wait %f %p'",
-        dir.display()
-    );
+}
+
+/// `restore_command` reads this archive, without `--live` under archive recovery.
+fn restore_command(out: &mut Lines, pgdata: &Path, dir: &Path, major: u32, example: &str) {
     match crate::restore::setting(pgdata, "restore_command") {
         None => out.fail(
             "restore_command",
@@ -196,19 +221,15 @@ fn standby(out: &mut Lines, pgdata: &Path, dir: &Path, identity: Option<&Identit
                 out.fail(
                     "restore_command",
                     format!("{cmd:?} does not restore from {}", dir.display()),
-                    &example,
+                    example,
                 )
             }
         }
     }
-    match crate::restore::setting(pgdata, "archive_mode") {
-        Some(m) if m.eq_ignore_ascii_case("always") => out.fail(
-            "archive_mode",
-            "always: the standby would archive the zero-padded partial segment of a failover under the segment's name",
-            "set archive_mode to on or off on the standby",
-        ),
-        m => out.ok("archive_mode", m.unwrap_or_else(|| "off".into())),
-    }
+}
+
+/// The recovery files fit the standby's version: a signal file (12+) or recovery.conf (before 12).
+fn recovery_files(out: &mut Lines, pgdata: &Path, version: &str, major: u32, example: &str) {
     let standby_signal = pgdata.join("standby.signal").exists();
     let recovery_signal = pgdata.join("recovery.signal").exists();
     let recovery_conf = pgdata.join("recovery.conf").exists();

@@ -146,35 +146,7 @@ fn newest_timeline(pgdata: &Path) -> Option<(TimelineId, Lsn)> {
 
 pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
     let deadline = Instant::now() + opts.timeout;
-    // a standby restoring from the store: the local directory takes the store's identity (if it has none
-    // yet), and the store says which timeline ends the archive
-    let stored_timeline = match &opts.object_store {
-        Some(spec) => {
-            let store = crate::store::Store::open(spec)?;
-            let asked = crate::store::block_on(async {
-                match store.adopt_identity(&opts.archive).await? {
-                    Some(id) => store.newest_timeline(id.wal_segment_size).await,
-                    None => Ok(None),
-                }
-            })
-            .and_then(|r| r);
-            match asked {
-                Ok(t) => t,
-                // the store holds copies of what this archive's receiver completed: an archive that
-                // receives WAL knows its newest timeline without it (issue 19, point 8)
-                Err(e) if crate::archive::receives_wal(&opts.archive) => {
-                    tracing::warn!("the object store is unreachable ({e:#}); failing over from the local archive, which receives WAL");
-                    None
-                }
-                Err(e) => {
-                    return Err(e.context(
-                        "the object store is unreachable and the local archive holds no WAL: the failover needs the store",
-                    ))
-                }
-            }
-        }
-        None => None,
-    };
+    let stored_timeline = stored_timeline(opts)?;
     // nothing is written anywhere before the archive and the standby are known to be what they claim
     ensure_archive(&opts.archive)?;
     let pid = postmaster_pid(&opts.pgdata).with_context(|| {
@@ -190,26 +162,77 @@ pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
         )
     })?;
     let bin = pg_bin(opts, pid);
-    if let Some(status) = crate::status::read_status(&opts.archive)
-        .filter(|s| s.sender.is_some() && s.receiver_pid != 0)
-    {
-        if Path::new(&format!("/proc/{}", status.receiver_pid)).exists() {
-            tracing::warn!(
-                "a sender is still connected to the receiver: WAL it ships after the handover will not be on the \
-                 promoted standby. Stop the old primary (or its sender) before failing over"
-            );
-        }
-    }
+    warn_of_a_connected_sender(&opts.archive);
 
     let request = Failover::request(&opts.archive, &opts.pgdata, stored_timeline)?;
     eprintln!(
         "walship: failover of timeline {} triggered; waiting for recovery to take the end of the archive",
         request.timeline
     );
+    let handover = wait_for_handover(opts, &request, deadline)?;
+    report_handover(&opts.archive, &handover);
+    finish_recovery(opts, mode, &bin, deadline)?;
+    let (timeline, start_lsn) =
+        newest_timeline(&opts.pgdata).context("find the new timeline's history file")?;
+    Ok(PromoteReport {
+        handover,
+        timeline,
+        start_lsn,
+    })
+}
 
+/// A standby restoring from the store: the local directory takes the store's identity (if it has none
+/// yet), and the store says which timeline ends the archive. `None` without a store.
+fn stored_timeline(opts: &PromoteOptions) -> Result<Option<TimelineId>> {
+    let Some(spec) = &opts.object_store else {
+        return Ok(None);
+    };
+    let store = crate::store::Store::open(spec)?;
+    let asked = crate::store::block_on(async {
+        match store.adopt_identity(&opts.archive).await? {
+            Some(id) => store.newest_timeline(id.wal_segment_size).await,
+            None => Ok(None),
+        }
+    })
+    .and_then(|r| r);
+    match asked {
+        Ok(t) => Ok(t),
+        // the store holds copies of what this archive's receiver completed: an archive that receives WAL
+        // knows its newest timeline without it (issue 19, point 8)
+        Err(e) if crate::archive::receives_wal(&opts.archive) => {
+            tracing::warn!("the object store is unreachable ({e:#}); failing over from the local archive, which receives WAL");
+            Ok(None)
+        }
+        Err(e) => Err(e.context(
+            "the object store is unreachable and the local archive holds no WAL: the failover needs the store",
+        )),
+    }
+}
+
+/// WAL a still-connected sender ships after the handover is not on the promoted standby: say so.
+fn warn_of_a_connected_sender(archive: &Path) {
+    let Some(status) =
+        crate::status::read_status(archive).filter(|s| s.sender.is_some() && s.receiver_pid != 0)
+    else {
+        return;
+    };
+    if Path::new(&format!("/proc/{}", status.receiver_pid)).exists() {
+        tracing::warn!(
+            "a sender is still connected to the receiver: WAL it ships after the handover will not be on the \
+             promoted standby. Stop the old primary (or its sender) before failing over"
+        );
+    }
+}
+
+/// Waits until `restore` has handed the end of the archive to recovery for `request` (not for an earlier
+/// failover).
+fn wait_for_handover(
+    opts: &PromoteOptions,
+    request: &Failover,
+    deadline: Instant,
+) -> Result<Handover> {
     let mut handover: Option<Handover> = None;
     let got = wait_until(deadline, || {
-        // a handover recorded for this request (not one left over from an earlier failover)
         handover = Failover::load(&opts.archive)?
             .filter(|f| f.requested_at_unix_micros == request.requested_at_unix_micros)
             .and_then(|f| f.current_handover().cloned());
@@ -225,9 +248,13 @@ pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
             FAILOVER_FILE
         );
     }
-    let handover = handover.context("read the handover record")?;
+    handover.context("read the handover record")
+}
+
+/// Says what recovery took, and whether that is all the down primary wrote.
+fn report_handover(archive: &Path, handover: &Handover) {
     if let Some(down) =
-        crate::archive::PrimaryDown::load(&opts.archive).filter(|d| d.timeline == handover.timeline)
+        crate::archive::PrimaryDown::load(archive).filter(|d| d.timeline == handover.timeline)
     {
         let (e, w) = (handover.end_lsn, down.wal_end);
         if e >= w {
@@ -245,11 +272,19 @@ pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
         "walship: recovery took {}: {} bytes of its partial segment, zero-padded (WAL up to {})",
         handover.segment, handover.partial_bytes, handover.end_lsn
     );
+}
 
+/// Ends recovery: archive recovery ends by itself at the end of the handed-over WAL (given half the time),
+/// otherwise `pg_ctl promote`; then waits until the server is in production.
+fn finish_recovery(
+    opts: &PromoteOptions,
+    mode: RecoveryMode,
+    bin: &Path,
+    deadline: Instant,
+) -> Result<()> {
     let in_production =
         || -> Result<bool> { Ok(cluster_state(&opts.pgdata)? == DbState::InProduction) };
     if mode == RecoveryMode::Archive {
-        // archive recovery ends by itself at the end of the handed-over WAL
         let half = Instant::now() + opts.timeout / 2;
         if !wait_until(half.min(deadline), in_production)? {
             tracing::warn!("archive recovery did not end by itself; promoting");
@@ -289,13 +324,7 @@ pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
             opts.timeout
         );
     }
-    let (timeline, start_lsn) =
-        newest_timeline(&opts.pgdata).context("find the new timeline's history file")?;
-    Ok(PromoteReport {
-        handover,
-        timeline,
-        start_lsn,
-    })
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,6 +4,16 @@
 
 use super::*;
 
+/// What a wait of the streaming loop ended with.
+pub(crate) enum Waited {
+    /// Go round again.
+    Go,
+    /// Ask the primary for its flush position now.
+    Query,
+    /// The session ends.
+    Stop(Stop),
+}
+
 impl Streaming<'_> {
     pub(crate) async fn run(
         &mut self,
@@ -21,114 +31,159 @@ impl Streaming<'_> {
             }
             self.maintain_slot().await;
             self.report_catch_up();
-            if self.last_report.elapsed() >= Duration::from_secs(60) {
-                self.last_report = Instant::now();
-                let on_write = std::mem::take(&mut self.shipped_on_write);
-                info!(flush = %self.pos.flush, sent = %self.link.sent(), acked = %self.link.acked(), behind = self.pos.flush.saturating_sub(self.link.acked()), shipped_on_write_bytes = on_write, "progress");
-            }
+            self.report_progress();
             // No file-system event announces a flush (only the write before it). While WAL is inserted but not
             // yet flushed, re-poll soon. After a quiet spell (a commit arriving alone) the first event starts
             // precise short re-polls, since the primary's fsync takes a fraction of a millisecond. Under
             // sustained load the events keep coming; then at most one query per MIN_QUERY_GAP keeps the cost on
             // the primary low.
             let pending = self.pos.insert > self.pos.flush;
-            let mut query = false;
-            if self.held_at_segment_end() {
+            let waited = if self.held_at_segment_end() {
                 // Written WAL waits for the flush to pass a segment's end (once per segment): PostgreSQL
                 // fsyncs a segment as soon as its last page is written, so poll precisely until it has.
-                std::thread::sleep(HOT_POLL);
-                *progressed |= self.link.poll_received()?;
-                query = true;
+                self.hot_poll(progressed)?
             } else if self.ships_on_write() {
-                // Ship on write: a file-system event makes the scout walk what was written, and the loop ships
-                // it at once. The flush position only confirms: asked at most every CONFIRM_GAP while
-                // something is unconfirmed, else every poll interval.
-                let unconfirmed = self.event_due || pending || self.link.sent() > self.pos.flush;
-                let gap = if unconfirmed {
-                    CONFIRM_GAP
-                } else {
-                    self.cfg.poll_interval
-                };
-                let wait = gap.saturating_sub(self.last_query.elapsed());
-                tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        info!(sent = %self.link.sent(), acked = %self.link.acked(), "shutting down: waiting for the receiver to acknowledge what was sent");
-                        return Ok(Stop::Drain);
-                    }
-                    moved = self.link.recv() => *progressed |= moved?,
-                    _ = next_event(&mut self.events) => {
-                        while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {}
-                        self.scout.advance(&self.reader, self.timeline, self.link.sent()).map_err(read_failure)?;
-                        self.event_due = true;
-                    }
-                    answer = answer(&mut self.asking) => {
-                        self.asking = None;
-                        if let Some(stop) = self.apply_position(answer)? {
-                            return Ok(stop);
-                        }
-                    }
-                    _ = tokio::time::sleep(wait), if self.asking.is_none() => {
-                        if let Some(stop) = self.ask() {
-                            return Ok(stop);
-                        }
-                    }
-                    _ = keepalive.tick() => {
-                        let flush = self.pos.flush;
-                        let grace = self.cfg.shutdown_grace;
-                        if let Some(stop) = finish_on_shutdown(self.link.keepalive(flush, now_micros()), shutdown, grace).await? {
-                            return Ok(stop);
-                        }
-                        self.confirm_sent = self.confirm_sent.max(flush.min(self.link.sent()));
-                    }
-                }
+                self.wait_shipping_on_write(shutdown, &mut keepalive, progressed, pending)
+                    .await?
             } else if pending && self.hot > 0 {
                 self.hot -= 1;
-                // tokio's timers tick in milliseconds; nothing else waits on this thread meanwhile
-                std::thread::sleep(HOT_POLL);
-                *progressed |= self.link.poll_received()?;
-                query = true;
+                self.hot_poll(progressed)?
             } else {
-                let poll = if self.event_due {
-                    MIN_QUERY_GAP.saturating_sub(self.last_query.elapsed())
-                } else if pending {
-                    Duration::from_millis(1)
-                } else {
-                    self.cfg.poll_interval
-                };
-                tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        info!(sent = %self.link.sent(), acked = %self.link.acked(), "shutting down: waiting for the receiver to acknowledge what was sent");
-                        return Ok(Stop::Drain);
-                    }
-                    moved = self.link.recv() => *progressed |= moved?,
-                    _ = next_event(&mut self.events), if !self.event_due => {
-                        // one query covers every event already queued
-                        while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {}
-                        if self.last_query.elapsed() >= MIN_QUERY_GAP {
-                            query = true;
-                        } else {
-                            self.event_due = true;
-                        }
-                        if self.last_flush_change.elapsed() >= QUIET {
-                            self.hot = HOT_POLLS;
-                        }
-                    }
-                    _ = tokio::time::sleep(poll) => query = true,
-                    _ = keepalive.tick() => {
-                        let flush = self.pos.flush;
-                        let grace = self.cfg.shutdown_grace;
-                        if let Some(stop) = finish_on_shutdown(self.link.keepalive(flush, now_micros()), shutdown, grace).await? {
-                            return Ok(stop);
-                        }
-                    }
-                }
-            }
+                self.wait_polling(shutdown, &mut keepalive, progressed, pending)
+                    .await?
+            };
+            let query = match waited {
+                Waited::Stop(stop) => return Ok(stop),
+                Waited::Query => true,
+                Waited::Go => false,
+            };
             if query {
                 if let Some(stop) = self.query().await? {
                     return Ok(stop);
                 }
             }
         }
+    }
+
+    /// Once a minute: where the primary, the sender and the receiver are.
+    fn report_progress(&mut self) {
+        if self.last_report.elapsed() < Duration::from_secs(60) {
+            return;
+        }
+        self.last_report = Instant::now();
+        let on_write = std::mem::take(&mut self.shipped_on_write);
+        info!(flush = %self.pos.flush, sent = %self.link.sent(), acked = %self.link.acked(), behind = self.pos.flush.saturating_sub(self.link.acked()), shipped_on_write_bytes = on_write, "progress");
+    }
+
+    /// A precise short wait before the next flush query. A thread sleep on purpose: tokio's timers tick in
+    /// milliseconds, the primary's fsync takes a fraction of one, and nothing else waits on this task's
+    /// thread meanwhile (HOT_POLL is well under a millisecond).
+    fn hot_poll(&mut self, progressed: &mut bool) -> Result<Waited, Failure> {
+        std::thread::sleep(HOT_POLL);
+        *progressed |= self.link.poll_received()?;
+        Ok(Waited::Query)
+    }
+
+    /// Ship on write: a file-system event makes the scout walk what was written, and the loop ships it at
+    /// once. The flush position only confirms: asked at most every CONFIRM_GAP while something is
+    /// unconfirmed, else every poll interval; the query runs beside the loop.
+    async fn wait_shipping_on_write(
+        &mut self,
+        shutdown: &CancellationToken,
+        keepalive: &mut tokio::time::Interval,
+        progressed: &mut bool,
+        pending: bool,
+    ) -> Result<Waited, Failure> {
+        let unconfirmed = self.event_due || pending || self.link.sent() > self.pos.flush;
+        let gap = if unconfirmed {
+            CONFIRM_GAP
+        } else {
+            self.cfg.poll_interval
+        };
+        let wait = gap.saturating_sub(self.last_query.elapsed());
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(self.stop_on_shutdown()),
+            moved = self.link.recv() => *progressed |= moved?,
+            _ = next_event(&mut self.events) => {
+                while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {}
+                self.scout.advance(&self.reader, self.timeline, self.link.sent()).map_err(read_failure)?;
+                self.event_due = true;
+            }
+            answer = answer(&mut self.asking) => {
+                self.asking = None;
+                if let Some(stop) = self.apply_position(answer)? {
+                    return Ok(Waited::Stop(stop));
+                }
+            }
+            _ = tokio::time::sleep(wait), if self.asking.is_none() => {
+                if let Some(stop) = self.ask() {
+                    return Ok(Waited::Stop(stop));
+                }
+            }
+            _ = keepalive.tick() => {
+                let flush = self.pos.flush;
+                if let Some(stop) = self.send_keepalive(shutdown).await? {
+                    return Ok(Waited::Stop(stop));
+                }
+                self.confirm_sent = self.confirm_sent.max(flush.min(self.link.sent()));
+            }
+        }
+        Ok(Waited::Go)
+    }
+
+    /// Ship once flushed: wait for an event, the receiver, or the next poll; one query covers every event
+    /// already queued, at most one per MIN_QUERY_GAP.
+    async fn wait_polling(
+        &mut self,
+        shutdown: &CancellationToken,
+        keepalive: &mut tokio::time::Interval,
+        progressed: &mut bool,
+        pending: bool,
+    ) -> Result<Waited, Failure> {
+        let poll = if self.event_due {
+            MIN_QUERY_GAP.saturating_sub(self.last_query.elapsed())
+        } else if pending {
+            Duration::from_millis(1)
+        } else {
+            self.cfg.poll_interval
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(self.stop_on_shutdown()),
+            moved = self.link.recv() => *progressed |= moved?,
+            _ = next_event(&mut self.events), if !self.event_due => {
+                while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {}
+                if self.last_flush_change.elapsed() >= QUIET {
+                    self.hot = HOT_POLLS;
+                }
+                if self.last_query.elapsed() >= MIN_QUERY_GAP {
+                    return Ok(Waited::Query);
+                }
+                self.event_due = true;
+            }
+            _ = tokio::time::sleep(poll) => return Ok(Waited::Query),
+            _ = keepalive.tick() => {
+                if let Some(stop) = self.send_keepalive(shutdown).await? {
+                    return Ok(Waited::Stop(stop));
+                }
+            }
+        }
+        Ok(Waited::Go)
+    }
+
+    fn stop_on_shutdown(&self) -> Waited {
+        info!(sent = %self.link.sent(), acked = %self.link.acked(), "shutting down: waiting for the receiver to acknowledge what was sent");
+        Waited::Stop(Stop::Drain)
+    }
+
+    /// The keepalive with the primary's flush position (it confirms shipped WAL), finished even when shutdown
+    /// comes meanwhile.
+    async fn send_keepalive(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Stop>, Failure> {
+        let flush = self.pos.flush;
+        let grace = self.cfg.shutdown_grace;
+        finish_on_shutdown(self.link.keepalive(flush, now_micros()), shutdown, grace).await
     }
 
     /// Protocol 3: the receiver takes WAL before it is flushed (provisional until confirmed).

@@ -77,58 +77,19 @@ pub(crate) async fn session(
     let hello = read_hello(&mut reader, &mut writer, opts.handshake_timeout).await?;
     let span = tracing::info_span!("sender", name = %hello.sender_name, timeline = hello.timeline);
     async move {
-        let Some(features) = Features::negotiate(hello.version_min, hello.version_max) else {
-            let reason = format!(
-                "no common protocol version: sender speaks {}..={}, this receiver {}..={}",
-                hello.version_min, hello.version_max, PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX
-            );
-            return Err(refuse(&mut writer, RefuseCode::UnsupportedVersion, reason)
-                .await
-                .into());
-        };
-        let version = features.version();
-        let seg = match WalSegSize::new(hello.wal_segment_size as u64) {
-            Ok(seg) => seg,
-            Err(e) => {
-                return Err(refuse(&mut writer, RefuseCode::Other, e.to_string())
-                    .await
-                    .into())
-            }
-        };
-        if walship_protocol::wal::page_magic_for_version(hello.pg_version_num).is_none() {
-            let reason = format!(
-                "PostgreSQL server_version_num {} is not supported (9.6 to 18 are)",
-                hello.pg_version_num
-            );
-            return Err(refuse(&mut writer, RefuseCode::Other, reason).await.into());
-        }
-        let offered = Identity {
-            system_identifier: hello.system_identifier,
-            wal_segment_size: seg,
-            pg_version_num: hello.pg_version_num,
-        };
-
+        let (features, offered) = offer(&hello, &mut writer).await?;
         // Validate before disturbing anyone: a sender that must not write here is refused while the live
         // session goes on.
         let known = shared.known();
         if let Some(Err(mismatch)) = known.identity.map(|id| id.admits(&offered)) {
-            warn!("refused a sender: {mismatch}");
-            return Err(
-                refuse(&mut writer, refuse_code(&mismatch), mismatch.for_peer())
-                    .await
-                    .into(),
-            );
+            return Err(refuse_mismatch(&mut writer, &mismatch).await);
         }
         if let Some(latest) = known.latest_timeline.filter(|t| *t > hello.timeline) {
-            return Err(refuse(
-                &mut writer,
-                RefuseCode::TimelineBehind,
-                superseded(latest, &hello),
-            )
-            .await
-            .into());
+            let reason = superseded(latest, &hello);
+            return Err(refuse(&mut writer, RefuseCode::TimelineBehind, reason)
+                .await
+                .into());
         }
-
         let guard = take_archive(shared, &mut writer, &token).await?;
         shared
             .active
@@ -136,59 +97,11 @@ pub(crate) async fn session(
             .unwrap_or_else(|p| p.into_inner())
             .replace(token.clone());
         shared.heard_now();
-        // the authoritative check, under the archive's lock (pins the identity on first contact)
-        let (guard, checked) = tokio::task::spawn_blocking(move || {
-            let mut guard = guard;
-            let r = guard.check_or_pin_identity(offered);
-            (guard, r)
-        })
-        .await
-        .context("identity check task")?;
-        shared.learn(&guard, None);
-        if let Err(mismatch) = checked.context("pin archive identity")? {
-            warn!("refused a sender: {mismatch}");
-            return Err(
-                refuse(&mut writer, refuse_code(&mismatch), mismatch.for_peer())
-                    .await
-                    .into(),
-            );
-        }
-        if let Some(latest) = guard.latest_timeline().filter(|t| *t > hello.timeline) {
-            return Err(refuse(
-                &mut writer,
-                RefuseCode::TimelineBehind,
-                superseded(latest, &hello),
-            )
-            .await
-            .into());
-        }
-        // after a failover the old primary's timeline is fenced (its end went to recovery)
-        if let Some(handover) = guard
-            .fenced(hello.timeline)
-            .context("read the failover state")?
-        {
-            let reason = crate::archive::fence_message(&handover);
-            warn!("refused a sender of a fenced timeline: {reason}");
-            return Err(refuse(&mut writer, RefuseCode::TimelineBehind, reason)
-                .await
-                .into());
-        }
-        shared.learn(&guard, Some(hello.timeline));
-        // a sender connected: the primary (or its successor) is up again
-        let guard = tokio::task::spawn_blocking(move || {
-            let mut guard = guard;
-            if let Err(e) = guard.clear_primary_down() {
-                warn!("{e:#}");
-            }
-            guard
-        })
-        .await
-        .context("clear the primary's down state")?;
-        let mut guard = guard;
+        let mut guard = admit(shared, guard, offered, &hello, &mut writer).await?;
         let resume = guard.begin_session();
         info!(
             ?resume,
-            version,
+            version = features.version(),
             pg_version_num = hello.pg_version_num,
             "sender accepted"
         );
@@ -198,28 +111,122 @@ pub(crate) async fn session(
         } else {
             Compression::None
         };
-        send(
-            &mut writer,
-            ReceiverMessage::Welcome {
-                protocol_version: version,
-                resume: resume.clone(),
-                compression,
-            },
-            opts.send_timeout,
-            "Welcome",
-        )
-        .await?;
-        let start = resume
-            .iter()
-            .find(|(t, _)| *t == hello.timeline)
-            .map(|(t, l)| (*t, *l));
-        stream(
-            shared, &hello, features, guard, reader, writer, start, token,
-        )
-        .await
+        let welcome = ReceiverMessage::Welcome {
+            protocol_version: features.version(),
+            resume: resume.clone(),
+            compression,
+        };
+        send(&mut writer, welcome, opts.send_timeout, "Welcome").await?;
+        let start = resume.iter().find(|(t, _)| *t == hello.timeline).copied();
+        let opened = Opened {
+            hello: &hello,
+            features,
+            start,
+        };
+        stream(shared, opened, guard, reader, writer, token).await
     }
     .instrument(span)
     .await
+}
+
+/// What the `Hello` offers, if this receiver can take it at all: a common protocol version (its
+/// features), a valid segment size, a supported PostgreSQL version.
+async fn offer<S: AsyncWrite>(
+    hello: &Hello,
+    writer: &mut Writer<S>,
+) -> Result<(Features, Identity), SessionError> {
+    let Some(features) = Features::negotiate(hello.version_min, hello.version_max) else {
+        let reason = format!(
+            "no common protocol version: sender speaks {}..={}, this receiver {}..={}",
+            hello.version_min, hello.version_max, PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX
+        );
+        return Err(refuse(writer, RefuseCode::UnsupportedVersion, reason)
+            .await
+            .into());
+    };
+    let seg = match WalSegSize::new(hello.wal_segment_size as u64) {
+        Ok(seg) => seg,
+        Err(e) => {
+            return Err(refuse(writer, RefuseCode::Other, e.to_string())
+                .await
+                .into())
+        }
+    };
+    if walship_protocol::wal::page_magic_for_version(hello.pg_version_num).is_none() {
+        let reason = format!(
+            "PostgreSQL server_version_num {} is not supported (9.6 to 18 are)",
+            hello.pg_version_num
+        );
+        return Err(refuse(writer, RefuseCode::Other, reason).await.into());
+    }
+    let offered = Identity {
+        system_identifier: hello.system_identifier,
+        wal_segment_size: seg,
+        pg_version_num: hello.pg_version_num,
+    };
+    Ok((features, offered))
+}
+
+/// The authoritative checks, under the archive's lock: the identity (pinned on first contact), the newest
+/// timeline, the fence of a failed-over timeline. An admitted sender also ends the primary-down state (the
+/// primary, or its successor, is up again).
+async fn admit<S: AsyncWrite>(
+    shared: &Arc<Shared>,
+    guard: OwnedMutexGuard<Archive>,
+    offered: Identity,
+    hello: &Hello,
+    writer: &mut Writer<S>,
+) -> Result<OwnedMutexGuard<Archive>, SessionError> {
+    let (guard, checked) = tokio::task::spawn_blocking(move || {
+        let mut guard = guard;
+        let r = guard.check_or_pin_identity(offered);
+        (guard, r)
+    })
+    .await
+    .context("identity check task")?;
+    shared.learn(&guard, None);
+    if let Err(mismatch) = checked.context("pin archive identity")? {
+        return Err(refuse_mismatch(writer, &mismatch).await);
+    }
+    if let Some(latest) = guard.latest_timeline().filter(|t| *t > hello.timeline) {
+        let reason = superseded(latest, hello);
+        return Err(refuse(writer, RefuseCode::TimelineBehind, reason)
+            .await
+            .into());
+    }
+    // after a failover the old primary's timeline is fenced (its end went to recovery)
+    if let Some(handover) = guard
+        .fenced(hello.timeline)
+        .context("read the failover state")?
+    {
+        let reason = crate::archive::fence_message(&handover);
+        warn!("refused a sender of a fenced timeline: {reason}");
+        return Err(refuse(writer, RefuseCode::TimelineBehind, reason)
+            .await
+            .into());
+    }
+    shared.learn(&guard, Some(hello.timeline));
+    let guard = tokio::task::spawn_blocking(move || {
+        let mut guard = guard;
+        if let Err(e) = guard.clear_primary_down() {
+            warn!("{e:#}");
+        }
+        guard
+    })
+    .await
+    .context("clear the primary's down state")?;
+    Ok(guard)
+}
+
+/// Refuses a sender of another cluster (or segment size, or major version).
+async fn refuse_mismatch<S: AsyncWrite>(
+    writer: &mut Writer<S>,
+    mismatch: &IdentityMismatch,
+) -> SessionError {
+    warn!("refused a sender: {mismatch}");
+    refuse(writer, refuse_code(mismatch), mismatch.for_peer())
+        .await
+        .into()
 }
 
 /// The TLS handshake of a new connection, within `--tls-timeout` and while newer connections do not evict

@@ -3,44 +3,82 @@
 
 use super::*;
 
-#[allow(clippy::too_many_arguments)]
+/// What the session was opened for: the sender's `Hello`, the negotiated features, and where the archive's
+/// durable WAL of its timeline ends.
+pub(crate) struct Opened<'h> {
+    pub hello: &'h Hello,
+    pub features: Features,
+    pub start: Option<(TimelineId, Lsn)>,
+}
+
+/// The connection task's state between events.
+struct Stream<'a, S> {
+    shared: &'a Arc<Shared>,
+    timeline: TimelineId,
+    features: Features,
+    writer: Writer<S>,
+    /// Commands to the writer task (bounded: a slow disk slows the socket).
+    tx: mpsc::Sender<Cmd>,
+    /// WAL received while the writer is busy (fsyncing): merged into one command, so that the next fsync
+    /// covers all of it however small the messages are (a sender shipping on write sends one per commit).
+    pending: Pending,
+    /// The last position acknowledged to the sender.
+    last_ack: Option<(TimelineId, Synced)>,
+}
+
+/// Ends the session with `reason`, said to the sender first.
+macro_rules! refuse_and_end {
+    ($self:ident, $($arg:tt)+) => {{
+        let reason = format!($($arg)+);
+        say(&mut $self.writer, ReceiverMessage::Error { reason: reason.clone() }).await;
+        bail!(reason)
+    }};
+}
+
 pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     shared: &Arc<Shared>,
-    hello: &Hello,
-    features: Features,
+    opened: Opened<'_>,
     guard: OwnedMutexGuard<Archive>,
     mut reader: Reader<S>,
-    mut writer: Writer<S>,
-    start: Option<(TimelineId, Lsn)>,
+    writer: Writer<S>,
     token: CancellationToken,
 ) -> Result<(), SessionError> {
+    let Opened {
+        hello,
+        features,
+        start,
+    } = opened;
     let timeline = hello.timeline;
-    let send_timeout = shared.opts.send_timeout;
     let (tx, rx) = mpsc::channel::<Cmd>(16);
     let start = start.map(|(t, l)| {
-        (
-            t,
-            Synced {
-                durable: l,
-                confirmed: l,
-            },
-        )
+        let synced = Synced {
+            durable: l,
+            confirmed: l,
+        };
+        (t, synced)
     });
     let (ack_tx, mut ack_rx) = watch::channel(start);
     let mut writer_task =
         tokio::task::spawn_blocking(move || writer_loop(guard, rx, ack_tx, timeline, features));
     let mut writer_result = None;
-    let mut last_ack = start;
-    // WAL received while the writer is busy (fsyncing): merged into one command, so that the next fsync
-    // covers all of it however small the messages are (a sender shipping on write sends one per commit)
-    let mut pending = Pending::default();
     shared.status.sender_connected(SenderStatus::new(
         &hello.sender_name,
         timeline,
         start.map(|s| s.1.durable),
     ));
-
+    let mut s = Stream {
+        shared,
+        timeline,
+        features,
+        writer,
+        tx,
+        pending: Pending::default(),
+        last_ack: start,
+    };
     let outcome: Result<()> = async {
+        // a handle of its own for reserving room (the handlers borrow the session mutably); dropped with
+        // this block, before `close` waits for the writer
+        let room = s.tx.clone();
         loop {
             tokio::select! {
                 _ = token.cancelled() => {
@@ -54,156 +92,209 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                         Err(WriterError::Recovered(e) | WriterError::Unrecoverable(e)) => format!("archive write failed: {e:#}"),
                     };
                     writer_result = Some(done);
-                    say(&mut writer, ReceiverMessage::Error { reason: reason.clone() }).await;
-                    bail!("{reason}; nothing past the last acknowledgement was confirmed");
+                    refuse_and_end!(s, "{reason}; nothing past the last acknowledgement was confirmed");
                 }
-                permit = tx.reserve(), if pending.is_some() => {
-                    if let (Ok(permit), Some(w)) = (permit, pending.take()) {
+                permit = room.reserve(), if s.pending.is_some() => {
+                    if let (Ok(permit), Some(w)) = (permit, s.pending.take()) {
                         permit.send(Cmd::Wal(w));
                     }
                 }
                 changed = ack_rx.changed() => {
-                    if changed.is_err() {
-                        continue;
-                    }
-                    let ack = *ack_rx.borrow_and_update();
-                    if let Some((t, synced)) = ack {
-                        last_ack = ack;
-                        shared.status.durable(synced.durable);
-                        send(&mut writer, ack_message(t, synced, features), send_timeout, "Ack").await?;
+                    if changed.is_ok() {
+                        let ack = *ack_rx.borrow_and_update();
+                        s.acknowledge(ack).await?;
                     }
                 }
                 frame = tokio::time::timeout(shared.opts.idle_timeout, reader.next()) => {
                     let msg = match frame {
                         Err(_) => bail!("no message for {:?}; the sender is gone", shared.opts.idle_timeout),
                         Ok(None) => { info!("sender closed the connection"); return Ok(()); }
-                        Ok(Some(Err(e))) => {
-                            say(&mut writer, ReceiverMessage::Error { reason: e.to_string() }).await;
-                            return Err(anyhow::Error::new(e).context("bad frame from sender"));
-                        }
-                        Ok(Some(Ok(SenderMessage::WalZstd(z)))) => {
-                            if !features.wire_compression() || !shared.opts.wire_compression {
-                                let reason = "compressed WAL, which this session did not allow".to_string();
-                                say(&mut writer, ReceiverMessage::Error { reason: reason.clone() }).await;
-                                bail!(reason);
-                            }
-                            crate::metrics::METRICS.wire_wal_bytes.inc_by(z.data.len() as u64);
-                            match z.decompress(shared.opts.max_payload as usize) {
-                                Ok(w) => SenderMessage::Wal(w),
-                                Err(e) => {
-                                    say(&mut writer, ReceiverMessage::Error { reason: e.to_string() }).await;
-                                    return Err(anyhow::Error::new(e).context("bad compressed WAL from sender"));
-                                }
-                            }
-                        }
-                        Ok(Some(Ok(msg))) => {
-                            if let SenderMessage::Wal(w) = &msg {
-                                crate::metrics::METRICS.wire_wal_bytes.inc_by(w.bytes.len() as u64);
-                            }
-                            msg
-                        }
+                        Ok(Some(Err(e))) => refuse_and_end!(s, "bad frame from sender: {e}"),
+                        Ok(Some(Ok(msg))) => s.decompressed(msg).await?,
                     };
                     shared.heard_now();
-                    match msg {
-                        SenderMessage::Wal(w) => {
-                            if w.timeline != timeline {
-                                let reason = format!("WAL for timeline {} in a session opened for timeline {timeline}", w.timeline);
-                                say(&mut writer, ReceiverMessage::Error { reason: reason.clone() }).await;
-                                bail!(reason);
-                            }
-                            if let Some(w) = pending.merge(w) {
-                                // not contiguous, or the merged command is large: the writer takes it first
-                                if tx.send(Cmd::Wal(w)).await.is_err() {
-                                    continue; // the writer ended; its result is picked up above
-                                }
-                            }
-                            // the only producer: with room now, the send succeeds; without, merge on
-                            if tx.capacity() == 0 {
-                                continue;
-                            }
-                            if let Some(w) = pending.take() {
-                                match tx.try_send(Cmd::Wal(w)) {
-                                    Ok(()) => {}
-                                    Err(mpsc::error::TrySendError::Full(Cmd::Wal(w))) => pending.put_back(w),
-                                    Err(_) => continue,
-                                }
-                            }
-                        }
-                        SenderMessage::History { timeline: t, content } => {
-                            if t > timeline {
-                                bail!("history file of timeline {t} in a session opened for timeline {timeline}");
-                            }
-                            pending.flush(&tx).await;
-                            if tx.send(Cmd::History { timeline: t, content }).await.is_err() {
-                                continue;
-                            }
-                        }
-                        SenderMessage::Keepalive { primary_flush_lsn, sent_at_unix_micros, .. } => {
-                            shared.status.keepalive(primary_flush_lsn, sent_at_unix_micros);
-                            if features.ship_on_write() {
-                                // in order with the WAL before it; the writer acknowledges it
-                                pending.flush(&tx).await;
-                                let confirm = Cmd::Confirm { timeline, flush: primary_flush_lsn };
-                                if tx.send(confirm).await.is_err() {
-                                    continue;
-                                }
-                            } else if let Some((t, synced)) = last_ack {
-                                send(&mut writer, ack_message(t, synced, features), send_timeout, "Ack").await?;
-                            }
-                        }
-                        SenderMessage::PrimaryDown { timeline: t, wal_end, down_since_unix_micros } => {
-                            if t != timeline {
-                                bail!("PrimaryDown for timeline {t} in a session opened for timeline {timeline}");
-                            }
-                            shared.status.primary_down(wal_end, down_since_unix_micros);
-                            pending.flush(&tx).await;
-                            if tx.send(Cmd::PrimaryDown { timeline: t, wal_end, since_unix_micros: down_since_unix_micros }).await.is_err() {
-                                continue;
-                            }
-                        }
-                        // decompressed into a Wal above
-                        SenderMessage::WalZstd(_) => bail!("internal: compressed WAL was not decompressed"),
-                        SenderMessage::Hello(_) => {
-                            let reason = "protocol violation: Hello in the middle of a session".to_string();
-                            say(&mut writer, ReceiverMessage::Error { reason: reason.clone() }).await;
-                            bail!(reason);
-                        }
-                    }
+                    s.on_message(msg).await?;
                 }
             }
         }
     }
     .await;
+    s.close(outcome, writer_result, writer_task, ack_rx).await
+}
 
-    // Let the writer finish what it took (so it is durable) and hand the archive back. WAL received but not
-    // yet handed to the writer is valid (however the session ended): it is written too.
-    pending.flush(&tx).await;
-    drop(tx);
-    let writer_result = match writer_result {
-        Some(r) => r,
-        None => {
-            let r = writer_task.await.unwrap_or_else(|e| {
-                Err(WriterError::Unrecoverable(anyhow!(
-                    "archive writer task failed: {e}"
-                )))
-            });
-            // tell a sender that is still listening (a graceful stop) what became durable at the end
-            let last = *ack_rx.borrow_and_update();
-            if let Some((t, synced)) = last.filter(|_| last != last_ack) {
-                shared.status.durable(synced.durable);
-                say(&mut writer, ack_message(t, synced, features)).await;
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
+    /// Sends the `Ack` for `ack`, the writer's newest durable position.
+    async fn acknowledge(&mut self, ack: Option<(TimelineId, Synced)>) -> Result<()> {
+        let Some((t, synced)) = ack else {
+            return Ok(());
+        };
+        self.last_ack = ack;
+        self.shared.status.durable(synced.durable);
+        let msg = ack_message(t, synced, self.features);
+        send(&mut self.writer, msg, self.shared.opts.send_timeout, "Ack").await
+    }
+
+    /// `msg` with compressed WAL decompressed (where the session allowed compression), counting what the WAL
+    /// took on the wire.
+    async fn decompressed(&mut self, msg: SenderMessage) -> Result<SenderMessage> {
+        let wire = &crate::metrics::METRICS.wire_wal_bytes;
+        match msg {
+            SenderMessage::WalZstd(z) => {
+                if !self.features.wire_compression() || !self.shared.opts.wire_compression {
+                    refuse_and_end!(self, "compressed WAL, which this session did not allow");
+                }
+                wire.inc_by(z.data.len() as u64);
+                match z.decompress(self.shared.opts.max_payload as usize) {
+                    Ok(w) => Ok(SenderMessage::Wal(w)),
+                    Err(e) => refuse_and_end!(self, "bad compressed WAL from sender: {e}"),
+                }
             }
-            r
+            SenderMessage::Wal(w) => {
+                wire.inc_by(w.bytes.len() as u64);
+                Ok(SenderMessage::Wal(w))
+            }
+            other => Ok(other),
         }
-    };
-    shared.status.sender_disconnected();
-    match writer_result {
-        Err(WriterError::Unrecoverable(e)) => Err(SessionError::Fatal(e)),
-        Err(WriterError::Recovered(e)) if outcome.is_ok() => {
-            warn!("archive write failed while closing the session: {e:#}");
-            Ok(())
+    }
+
+    /// One message of the sender. Returning early without an error when the writer is gone is right: its
+    /// result is picked up by the loop.
+    async fn on_message(&mut self, msg: SenderMessage) -> Result<()> {
+        let timeline = self.timeline;
+        match msg {
+            SenderMessage::Wal(w) => {
+                if w.timeline != timeline {
+                    refuse_and_end!(
+                        self,
+                        "WAL for timeline {} in a session opened for timeline {timeline}",
+                        w.timeline
+                    );
+                }
+                self.on_wal(w).await;
+            }
+            SenderMessage::History {
+                timeline: t,
+                content,
+            } => {
+                if t > timeline {
+                    bail!(
+                        "history file of timeline {t} in a session opened for timeline {timeline}"
+                    );
+                }
+                self.pending.hand_over(&self.tx).await;
+                let _ = self
+                    .tx
+                    .send(Cmd::History {
+                        timeline: t,
+                        content,
+                    })
+                    .await;
+            }
+            SenderMessage::Keepalive {
+                primary_flush_lsn,
+                sent_at_unix_micros,
+                ..
+            } => {
+                let status = &self.shared.status;
+                status.keepalive(primary_flush_lsn, sent_at_unix_micros);
+                if self.features.ship_on_write() {
+                    // in order with the WAL before it; the writer acknowledges it
+                    self.pending.hand_over(&self.tx).await;
+                    let flush = primary_flush_lsn;
+                    let _ = self.tx.send(Cmd::Confirm { timeline, flush }).await;
+                } else if let Some((t, synced)) = self.last_ack {
+                    let msg = ack_message(t, synced, self.features);
+                    send(&mut self.writer, msg, self.shared.opts.send_timeout, "Ack").await?;
+                }
+            }
+            SenderMessage::PrimaryDown {
+                timeline: t,
+                wal_end,
+                down_since_unix_micros,
+            } => {
+                if t != timeline {
+                    bail!(
+                        "PrimaryDown for timeline {t} in a session opened for timeline {timeline}"
+                    );
+                }
+                self.shared
+                    .status
+                    .primary_down(wal_end, down_since_unix_micros);
+                self.pending.hand_over(&self.tx).await;
+                let since_unix_micros = down_since_unix_micros;
+                let cmd = Cmd::PrimaryDown {
+                    timeline: t,
+                    wal_end,
+                    since_unix_micros,
+                };
+                let _ = self.tx.send(cmd).await;
+            }
+            // decompressed into a Wal before
+            SenderMessage::WalZstd(_) => bail!("internal: compressed WAL was not decompressed"),
+            SenderMessage::Hello(_) => {
+                refuse_and_end!(self, "protocol violation: Hello in the middle of a session")
+            }
         }
-        _ => outcome.map_err(SessionError::Closed),
+        Ok(())
+    }
+
+    /// WAL: merged with what waits, handed to the writer when it has room.
+    async fn on_wal(&mut self, w: walship_protocol::message::Wal) {
+        if let Some(w) = self.pending.merge(w) {
+            // not contiguous, or the merged command is large: the writer takes it first
+            if self.tx.send(Cmd::Wal(w)).await.is_err() {
+                return; // the writer ended
+            }
+        }
+        // the only producer: with room now, the send succeeds; without, merge on
+        if self.tx.capacity() == 0 {
+            return;
+        }
+        if let Some(w) = self.pending.take() {
+            if let Err(mpsc::error::TrySendError::Full(Cmd::Wal(w))) = self.tx.try_send(Cmd::Wal(w))
+            {
+                self.pending.put_back(w);
+            }
+        }
+    }
+
+    /// Lets the writer finish what it took (so it is durable) and hand the archive back. WAL received but
+    /// not yet handed to the writer is valid (however the session ended): it is written too.
+    async fn close(
+        mut self,
+        outcome: Result<()>,
+        writer_result: Option<Result<(), WriterError>>,
+        writer_task: tokio::task::JoinHandle<Result<(), WriterError>>,
+        mut ack_rx: watch::Receiver<Option<(TimelineId, Synced)>>,
+    ) -> Result<(), SessionError> {
+        self.pending.hand_over(&self.tx).await;
+        drop(self.tx);
+        let writer_result = match writer_result {
+            Some(r) => r,
+            None => {
+                let r = writer_task.await.unwrap_or_else(|e| {
+                    Err(WriterError::Unrecoverable(anyhow!(
+                        "archive writer task failed: {e}"
+                    )))
+                });
+                // tell a sender that is still listening (a graceful stop) what became durable at the end
+                let last = *ack_rx.borrow_and_update();
+                if let Some((t, synced)) = last.filter(|_| last != self.last_ack) {
+                    self.shared.status.durable(synced.durable);
+                    say(&mut self.writer, ack_message(t, synced, self.features)).await;
+                }
+                r
+            }
+        };
+        self.shared.status.sender_disconnected();
+        match writer_result {
+            Err(WriterError::Unrecoverable(e)) => Err(SessionError::Fatal(e)),
+            Err(WriterError::Recovered(e)) if outcome.is_ok() => {
+                warn!("archive write failed while closing the session: {e:#}");
+                Ok(())
+            }
+            _ => outcome.map_err(SessionError::Closed),
+        }
     }
 }
 
@@ -275,7 +366,7 @@ impl Pending {
     }
 
     /// Hands the merged WAL to the writer (waiting for room), so what follows stays in order.
-    pub(crate) async fn flush(&mut self, tx: &mpsc::Sender<Cmd>) {
+    pub(crate) async fn hand_over(&mut self, tx: &mpsc::Sender<Cmd>) {
         if let Some(w) = self.take() {
             // an error means the writer ended; the session picks its result up
             let _ = tx.send(Cmd::Wal(w)).await;
