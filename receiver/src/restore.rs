@@ -264,59 +264,11 @@ fn attempt(opts: &RestoreOptions) -> Result<Option<Outcome>> {
         }
     };
     match name {
-        WalFileName::History { .. } | WalFileName::Backup { .. } => {
-            let src = opts.archive.join(&opts.wanted);
-            match fs::copy(&src, &opts.dest) {
-                Ok(_) => {
-                    info!(file = %opts.wanted, "restored");
-                    Ok(Some(Outcome::Restored))
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let stored = match from_store(opts, &opts.wanted) {
-                        Ok(stored) => stored,
-                        // The store only holds what this archive's receiver uploaded: a history file missing
-                        // from an archive that receives WAL is missing (recovery_target_timeline = latest
-                        // probes timelines that never existed). Only an archive with no WAL of its own
-                        // (restoring from the store alone) has to wait for the store.
-                        Err(e) if crate::archive::receives_wal(&opts.archive) => {
-                            warn!(file = %opts.wanted, "the object store is unreachable ({e:#}); the local archive does not hold this file: answering \"missing\"");
-                            None
-                        }
-                        Err(e) => return Err(e),
-                    };
-                    match stored {
-                        Some(bytes) => {
-                            write_dest(opts, &bytes)?;
-                            info!(file = %opts.wanted, "restored from the object store");
-                            Ok(Some(Outcome::Restored))
-                        }
-                        None => Ok(Some(Outcome::Missing)),
-                    }
-                }
-                Err(e) => Err(e)
-                    .with_context(|| format!("copy {} to {}", src.display(), opts.dest.display())),
-            }
-        }
+        WalFileName::History { .. } | WalFileName::Backup { .. } => small_file(opts),
         WalFileName::Partial { .. } => Ok(Some(Outcome::Missing)),
         WalFileName::Segment { timeline, segno } => {
             let Some(identity) = identity else {
-                // said on every call (PostgreSQL logs restore_command's stderr): a wrong --archive must not
-                // look like "the segment has not arrived yet"
-                if opts.archive.join(crate::archive::LOCK_FILE).exists() {
-                    warn!(
-                        file = %opts.wanted,
-                        "archive {} holds no WAL yet: no sender has connected to its receiver",
-                        opts.archive.display()
-                    );
-                } else {
-                    error!(
-                        file = %opts.wanted,
-                        "{} is not a walship archive (no {} or {}): check --archive in restore_command",
-                        opts.archive.display(),
-                        crate::archive::ID_FILE,
-                        crate::archive::LOCK_FILE
-                    );
-                }
+                no_wal_yet(opts);
                 return Ok(None);
             };
             segment(opts, &identity, timeline, segno)
@@ -335,88 +287,19 @@ fn segment(
     let failover = failover(opts)?;
     let handover = failover.as_ref().and_then(|f| f.handover.clone());
     if let Some(h) = handover.as_ref().filter(|h| h.timeline == timeline) {
-        if let Some(h_segno) = handover_segno(h, seg) {
-            if segno > h_segno {
-                debug!(file = %name, handed_over = %h.segment, "after the handed-over partial: missing, so recovery ends");
-                return Ok(Some(Outcome::Missing));
-            }
+        if handover_segno(h, seg).is_some_and(|h_segno| segno > h_segno) {
+            debug!(file = %name, handed_over = %h.segment, "after the handed-over partial: missing, so recovery ends");
+            return Ok(Some(Outcome::Missing));
         }
     }
-
-    let complete = opts.archive.join(&name);
-    match File::open(&complete) {
-        Ok(f) => {
-            validate_complete(&f, id, timeline, segno)
-                .with_context(|| format!("archived segment {name} is damaged"))?;
-            fs::copy(&complete, &opts.dest)
-                .with_context(|| format!("copy {name} to {}", opts.dest.display()))?;
-            info!(file = %name, "restored");
-            return Ok(Some(Outcome::Restored));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            // a segment still partial here is not complete in the store either (only complete local segments
-            // are uploaded): no need to ask it on every call while the receiver fills it
-            let receiving = opts.archive.join(format!("{name}.partial")).exists();
-            if opts.object_store.is_some() && !receiving {
-                match from_spool_or_store(opts, id, timeline, segno) {
-                    Ok(Some(outcome)) => return Ok(Some(outcome)),
-                    Ok(None) => {}
-                    Err(e) if beyond_local_end(opts, seg, timeline, segno)? => {
-                        warn!(file = %name, "the object store is unreachable ({e:#}); going on with the local archive, which receives WAL up to the segment before this one");
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        Err(e) => return Err(e).with_context(|| format!("open {}", complete.display())),
+    if let Some(outcome) = complete_segment(opts, id, timeline, segno)? {
+        return Ok(Some(outcome));
     }
-
-    let partial = opts.archive.join(format!("{name}.partial"));
     if failover.is_some() || opts.live {
-        // A running standby gets only confirmed WAL (the primary had flushed it): provisional bytes reach
-        // recovery only at failover (DESIGN.md §1).
-        let limit = failover
-            .is_none()
-            .then(|| confirmed_in_segment(opts, seg, timeline, segno));
-        let handed = match limit {
-            Some(0) => None,
-            limit => hand_over_partial(opts, id, timeline, segno, &partial, limit)?,
-        };
-        if let Some(state) = &failover {
-            let bytes = handed.unwrap_or(0);
-            let at_end = handed.is_some() || archive_ends_before(opts, seg, timeline, segno)?;
-            if at_end {
-                let record = Handover {
-                    timeline,
-                    segment: name.clone(),
-                    partial_bytes: bytes,
-                    end_lsn: Lsn(seg.segment_start(segno).0 + bytes),
-                    at_unix_micros: now_micros(),
-                };
-                let recorded = state.current_handover().is_some_and(|h| {
-                    (&h.segment, h.partial_bytes, h.timeline)
-                        == (&record.segment, record.partial_bytes, record.timeline)
-                });
-                if !recorded {
-                    // a failure here (injected in tests) leaves %p written but unrecorded: PostgreSQL is told
-                    // "missing" or asked to wait, and the next call hands over again and records it
-                    fail::fail_point!("restore-handover-before-record", |_| Err(anyhow::anyhow!(
-                        "injected failure before recording the handover"
-                    )));
-                    Failover::record_handover(&opts.archive, record.clone())?;
-                    info!(file = %name, partial_bytes = bytes, end = %record.end_lsn, "failover: handed the end of the archive to recovery");
-                }
-                return Ok(Some(if handed.is_some() {
-                    Outcome::Restored
-                } else {
-                    Outcome::Missing
-                }));
-            }
-        } else if handed.is_some() {
-            return Ok(Some(Outcome::Restored));
+        if let Some(outcome) = partial_segment(opts, id, timeline, segno, failover.as_ref())? {
+            return Ok(Some(outcome));
         }
     }
-
     if let Some(removed) = crate::cleanup::removed_up_to(&opts.archive).filter(|r| *r >= name) {
         if removed.get(..8) == name.get(..8) {
             // never "missing": in archive recovery that would end recovery here, early
@@ -431,6 +314,154 @@ fn segment(
         return Ok(Some(Outcome::Missing));
     }
     Ok(None)
+}
+
+/// The complete segment, from the archive (checked) or else the prefetch spool or the store.
+fn complete_segment(
+    opts: &RestoreOptions,
+    id: &Identity,
+    timeline: TimelineId,
+    segno: SegNo,
+) -> Result<Option<Outcome>> {
+    let seg = id.wal_segment_size;
+    let name = segment_file_name(timeline, segno, seg);
+    let complete = opts.archive.join(&name);
+    match File::open(&complete) {
+        Ok(f) => {
+            validate_complete(&f, id, timeline, segno)
+                .with_context(|| format!("archived segment {name} is damaged"))?;
+            fs::copy(&complete, &opts.dest)
+                .with_context(|| format!("copy {name} to {}", opts.dest.display()))?;
+            info!(file = %name, "restored");
+            Ok(Some(Outcome::Restored))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // a segment still partial here is not complete in the store either (only complete local segments
+            // are uploaded): no need to ask it on every call while the receiver fills it
+            let receiving = opts.archive.join(format!("{name}.partial")).exists();
+            if opts.object_store.is_none() || receiving {
+                return Ok(None);
+            }
+            match from_spool_or_store(opts, id, timeline, segno) {
+                Ok(outcome) => Ok(outcome),
+                Err(e) if beyond_local_end(opts, seg, timeline, segno)? => {
+                    warn!(file = %name, "the object store is unreachable ({e:#}); going on with the local archive, which receives WAL up to the segment before this one");
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e).with_context(|| format!("open {}", complete.display())),
+    }
+}
+
+/// The partial segment, zero-padded: its confirmed part for a live standby (`--live`), all of it at failover
+/// (then the handover is recorded, which fences the old timeline). A running standby gets only confirmed
+/// WAL (the primary had flushed it): provisional bytes reach recovery only at failover (DESIGN.md §1).
+fn partial_segment(
+    opts: &RestoreOptions,
+    id: &Identity,
+    timeline: TimelineId,
+    segno: SegNo,
+    failover: Option<&Failover>,
+) -> Result<Option<Outcome>> {
+    let seg = id.wal_segment_size;
+    let name = segment_file_name(timeline, segno, seg);
+    let partial = opts.archive.join(format!("{name}.partial"));
+    let limit = failover
+        .is_none()
+        .then(|| confirmed_in_segment(opts, seg, timeline, segno));
+    let handed = match limit {
+        Some(0) => None,
+        limit => hand_over_partial(opts, id, timeline, segno, &partial, limit)?,
+    };
+    let Some(state) = failover else {
+        return Ok(handed.map(|_| Outcome::Restored));
+    };
+    let bytes = handed.unwrap_or(0);
+    let at_end = handed.is_some() || archive_ends_before(opts, seg, timeline, segno)?;
+    if !at_end {
+        return Ok(None);
+    }
+    let record = Handover {
+        timeline,
+        segment: name.clone(),
+        partial_bytes: bytes,
+        end_lsn: Lsn(seg.segment_start(segno).0 + bytes),
+        at_unix_micros: now_micros(),
+    };
+    let recorded = state.current_handover().is_some_and(|h| {
+        (&h.segment, h.partial_bytes, h.timeline)
+            == (&record.segment, record.partial_bytes, record.timeline)
+    });
+    if !recorded {
+        // a failure here (injected in tests) leaves %p written but unrecorded: PostgreSQL is told "missing"
+        // or asked to wait, and the next call hands over again and records it
+        fail::fail_point!("restore-handover-before-record", |_| Err(anyhow::anyhow!(
+            "injected failure before recording the handover"
+        )));
+        Failover::record_handover(&opts.archive, record.clone())?;
+        info!(file = %name, partial_bytes = bytes, end = %record.end_lsn, "failover: handed the end of the archive to recovery");
+    }
+    Ok(Some(if handed.is_some() {
+        Outcome::Restored
+    } else {
+        Outcome::Missing
+    }))
+}
+
+/// A history or backup-label file: from the archive, else from the store.
+fn small_file(opts: &RestoreOptions) -> Result<Option<Outcome>> {
+    let src = opts.archive.join(&opts.wanted);
+    match fs::copy(&src, &opts.dest) {
+        Ok(_) => {
+            info!(file = %opts.wanted, "restored");
+            return Ok(Some(Outcome::Restored));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("copy {} to {}", src.display(), opts.dest.display()))
+        }
+    }
+    let stored = match from_store(opts, &opts.wanted) {
+        Ok(stored) => stored,
+        // The store only holds what this archive's receiver uploaded: a history file missing from an
+        // archive that receives WAL is missing (recovery_target_timeline = latest probes timelines that
+        // never existed). Only an archive with no WAL of its own (restoring from the store alone) has to
+        // wait for the store.
+        Err(e) if crate::archive::receives_wal(&opts.archive) => {
+            warn!(file = %opts.wanted, "the object store is unreachable ({e:#}); the local archive does not hold this file: answering \"missing\"");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let Some(bytes) = stored else {
+        return Ok(Some(Outcome::Missing));
+    };
+    write_dest(opts, &bytes)?;
+    info!(file = %opts.wanted, "restored from the object store");
+    Ok(Some(Outcome::Restored))
+}
+
+/// Said on every call (PostgreSQL logs restore_command's stderr): a wrong --archive must not look like "the
+/// segment has not arrived yet".
+fn no_wal_yet(opts: &RestoreOptions) {
+    if opts.archive.join(crate::archive::LOCK_FILE).exists() {
+        warn!(
+            file = %opts.wanted,
+            "archive {} holds no WAL yet: no sender has connected to its receiver",
+            opts.archive.display()
+        );
+    } else {
+        error!(
+            file = %opts.wanted,
+            "{} is not a walship archive (no {} or {}): check --archive in restore_command",
+            opts.archive.display(),
+            crate::archive::ID_FILE,
+            crate::archive::LOCK_FILE
+        );
+    }
 }
 
 /// Whether the archive holds WAL after `segno` of `timeline` (or a newer timeline) and not `segno` itself: the

@@ -16,13 +16,45 @@ impl Streaming<'_> {
         cause: anyhow::Error,
         progressed: &mut bool,
     ) -> Result<Stop, Failure> {
-        // A crash takes a moment to show: the postmaster may still exist for a few milliseconds after its
-        // backends died. Decide within a few seconds; only a successful connection means "up".
+        let why = match self.confirm_down(shutdown, cause).await? {
+            Ok((why, cause)) => {
+                warn!(sent = %self.link.sent(), "PostgreSQL is down ({why}; {cause:#}): shipping every complete record left in pg_wal");
+                why
+            }
+            Err(stop) => return Ok(stop),
+        };
+        let down_since = now_micros();
+        let started = Instant::now();
+        let sent = self.link.sent();
+        let end = match self.ship_until_stopped(shutdown, progressed).await? {
+            Ok(end) => end,
+            Err(stop) => return Ok(stop),
+        };
+        self.report_down(end, down_since).await?;
+        info!(
+            wal_end = %end,
+            drained_bytes = end.0.saturating_sub(sent.0),
+            drain_ms = started.elapsed().as_millis() as u64,
+            down = %why,
+            "primary down: the receiver holds all of its WAL (up to {end}); waiting for PostgreSQL to come back"
+        );
+        self.wait_for_return(shutdown, progressed, end, down_since, started)
+            .await
+    }
+
+    /// Whether the server is really down. A crash takes a moment to show: the postmaster may still exist
+    /// for a few milliseconds after its backends died. Decides within a few seconds; only a successful
+    /// connection means "up" (then the session is retried). `Ok(Ok(why))`: down.
+    async fn confirm_down(
+        &self,
+        shutdown: &CancellationToken,
+        cause: anyhow::Error,
+    ) -> Result<Result<(String, anyhow::Error), Stop>, Failure> {
         let deadline = Instant::now() + Duration::from_secs(3);
-        let why = loop {
+        loop {
             match server_state(self.data_dir.as_deref(), &self.cfg.pgconn.current()).await {
                 ServerState::Up => return Err(retry(cause.context("PostgreSQL is still up"))),
-                ServerState::Down(why) => break why,
+                ServerState::Down(why) => return Ok(Ok((why, cause))),
                 ServerState::Unknown(why) if Instant::now() >= deadline => {
                     return Err(retry(cause.context(format!(
                         "PostgreSQL's state is unclear ({why}); not draining pg_wal"
@@ -30,18 +62,22 @@ impl Streaming<'_> {
                 }
                 ServerState::Unknown(_) => {
                     tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(Stop::Drain),
+                        _ = shutdown.cancelled() => return Ok(Err(Stop::Shutdown)),
                         _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                     }
                 }
             }
-        };
-        let down_since = now_micros();
-        let started = Instant::now();
-        let sent = self.link.sent();
-        warn!(%sent, "PostgreSQL is down ({why}; {cause:#}): shipping every complete record left in pg_wal");
-        // A server that is shutting down (or restarting) may still write WAL, e.g. its shutdown checkpoint:
-        // keep shipping what appears until its postmaster is gone (at most a minute), then report.
+        }
+    }
+
+    /// A server that is shutting down (or restarting) may still write WAL, e.g. its shutdown checkpoint:
+    /// keeps shipping what appears until its postmaster is gone (at most a minute). Returns where the valid
+    /// WAL ends.
+    async fn ship_until_stopped(
+        &mut self,
+        shutdown: &CancellationToken,
+        progressed: &mut bool,
+    ) -> Result<Result<Lsn, Stop>, Failure> {
         let settle = Instant::now() + Duration::from_secs(60);
         let mut end = self.ship_valid_wal(shutdown, progressed).await?;
         while postmaster_running(self.data_dir.as_deref()) && Instant::now() < settle {
@@ -49,30 +85,37 @@ impl Streaming<'_> {
                 server_state(self.data_dir.as_deref(), &self.cfg.pgconn.current()).await
             {
                 info!("PostgreSQL is back; resuming from {end}");
-                return Ok(Stop::PrimaryLost(anyhow!("PostgreSQL restarted")));
+                return Ok(Err(Stop::PrimaryLost(anyhow!("PostgreSQL restarted"))));
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(Stop::Drain),
+                _ = shutdown.cancelled() => return Ok(Err(Stop::Shutdown)),
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
             end = self.ship_valid_wal(shutdown, progressed).await?;
         }
-        self.report_down(end, down_since).await?;
-        info!(
-            wal_end = %end,
-            drained_bytes = end.0.saturating_sub(sent.0),
-            drain_ms = started.elapsed().as_millis() as u64,
-            "primary down: the receiver holds all of its WAL (up to {end}); waiting for PostgreSQL to come back"
-        );
+        Ok(Ok(end))
+    }
+
+    /// Keeps the session open (keepalives with only what is proven flushed) until PostgreSQL is back or
+    /// shutdown. Probes often: a restarted server's end-of-recovery checkpoint may remove old segments at
+    /// once, so the sender has to be back (and compare, confirm) before the next restart or checkpoint does
+    /// the same. WAL that appears meanwhile (a server restarting writes before it accepts connections) is
+    /// shipped and reported.
+    async fn wait_for_return(
+        &mut self,
+        shutdown: &CancellationToken,
+        progressed: &mut bool,
+        mut end: Lsn,
+        down_since: u64,
+        started: Instant,
+    ) -> Result<Stop, Failure> {
         let mut keepalive = tokio::time::interval(self.cfg.keepalive_interval);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Probe often: a restarted server's end-of-recovery checkpoint may remove old segments at once, so the
-        // sender has to be back (and compare, confirm) before the next restart or checkpoint does the same.
         let mut probe = tokio::time::interval(Duration::from_millis(100));
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(Stop::Drain),
+                _ = shutdown.cancelled() => return Ok(Stop::Shutdown),
                 moved = self.link.recv() => *progressed |= moved?,
                 _ = keepalive.tick() => {
                     // only what is proven flushed: the rest of the drained WAL stays provisional
@@ -88,7 +131,6 @@ impl Streaming<'_> {
                         *progressed = true;
                         return Ok(Stop::PrimaryLost(anyhow!("PostgreSQL restarted")));
                     }
-                    // a server restarting after a crash writes WAL before it accepts connections
                     let newer = self.ship_valid_wal(shutdown, progressed).await?;
                     if newer > end {
                         end = newer;

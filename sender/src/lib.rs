@@ -287,8 +287,8 @@ impl Origin {
 /// How streaming ended.
 enum Stop {
     /// Shutdown: wait for the receiver to acknowledge what was sent, then close.
-    Drain,
-    /// A send to the receiver was blocked when shutdown came: closing at once (nothing would drain).
+    Shutdown,
+    /// A send to the receiver was blocked when shutdown came: closing at once (nothing would be acknowledged).
     Abandon,
     /// The PostgreSQL connection failed: find out whether the server is down, and if so drain `pg_wal/`.
     PrimaryLost(anyhow::Error),

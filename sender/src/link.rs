@@ -327,9 +327,9 @@ impl Link {
     /// `grace` runs out), then closes the TLS session. Without the wait, a close with acknowledgements still
     /// unread in the socket makes Linux reset the connection and drop what was still in flight.
     /// Returns the acknowledged position.
-    pub async fn drain_and_close(mut self, grace: Duration) -> Lsn {
+    pub async fn close_when_acknowledged(mut self, grace: Duration) -> Lsn {
         let until = tokio::time::Instant::now() + grace;
-        let drained = tokio::time::timeout_at(until, async {
+        let settled = tokio::time::timeout_at(until, async {
             self.tx.flush().await.map_err(|source| LinkError::Io {
                 what: "sending WAL",
                 source,
@@ -340,7 +340,7 @@ impl Link {
             Ok::<(), LinkError>(())
         })
         .await;
-        match drained {
+        match settled {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 warn!(sent = %self.sent, acked = %self.acked, "stopping without the last acknowledgement: {e}")

@@ -103,87 +103,16 @@ impl Primary {
         if config.get_application_name().is_none() {
             config.application_name(APPLICATION_NAME);
         }
-        let what = || format!("connect to PostgreSQL ({})", conn.describe());
-        let client = match &conn.tls {
-            None => {
-                let (client, connection) = config.connect(NoTls).await.with_context(what)?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::warn!(error = %e, "PostgreSQL connection closed");
-                    }
-                });
-                client
-            }
-            Some(tls) => {
-                let tls = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
-                let (client, connection) = config.connect(tls).await.with_context(what)?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::warn!(error = %e, "PostgreSQL connection closed");
-                    }
-                });
-                client
-            }
-        };
-        let version_num: u32 = scalar(&client, "SHOW server_version_num")
-            .await?
-            .parse()
-            .context("server_version_num")?;
-        let dialect = Dialect::for_version(version_num)?;
-        if client
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .context("SELECT pg_is_in_recovery()")?
-            .get::<_, bool>(0)
-        {
-            return Err(Unfixable(
-                "the server is in recovery (a standby): run walship-sender against the primary"
-                    .into(),
-            )
-            .into());
-        }
-        let sysid: i64 = scalar(
-            &client,
-            "SELECT system_identifier::text FROM pg_control_system()",
-        )
-        .await
-        .context("read the system identifier (pg_control_system() needs superuser or pg_monitor)")?
-        .parse()
-        .context("system identifier")?;
-        let row = client
-            .query_one(
-                "SELECT setting, unit FROM pg_settings WHERE name = 'wal_segment_size'",
-                &[],
-            )
-            .await
-            .context("read wal_segment_size")?;
-        let seg = segment_size_from_setting(row.get(0), row.get(1))?;
-        let data_directory = client
-            .query_opt(
-                "SELECT setting FROM pg_settings WHERE name = 'data_directory'",
-                &[],
-            )
-            .await
-            .context("read data_directory")?
-            .and_then(|r| r.get::<_, Option<String>>(0))
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from);
+        let client = open_client(conn, config).await?;
+        let info = server_info(&client).await?;
         let position = client
-            .prepare(dialect.position_sql)
+            .prepare(info.dialect.position_sql)
             .await
             .context("prepare the WAL position query")?;
-        let magic = page_magic_for_version(version_num).context("page magic")?;
         Ok(Primary {
             client,
             position,
-            info: ServerInfo {
-                version_num,
-                system_identifier: sysid as u64,
-                seg,
-                magic,
-                data_directory,
-                dialect,
-            },
+            info,
         })
     }
 
@@ -322,6 +251,88 @@ pub fn fatal_cause(e: &anyhow::Error) -> Option<&'static str> {
         "the role lacks a privilege walship needs: use a superuser, or grant pg_monitor and pg_read_all_settings (and EXECUTE on pg_replication_slot_advance with --slot)"
     } else {
         return None;
+    })
+}
+
+/// A client connected as `conn` says, in plain text or TLS; its connection runs as a task of its own.
+async fn open_client(conn: &Conn, config: tokio_postgres::Config) -> Result<Client> {
+    let what = || format!("connect to PostgreSQL ({})", conn.describe());
+    let client = match &conn.tls {
+        None => {
+            let (client, connection) = config.connect(NoTls).await.with_context(what)?;
+            tokio::spawn(watch_connection(connection));
+            client
+        }
+        Some(tls) => {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+            let (client, connection) = config.connect(tls).await.with_context(what)?;
+            tokio::spawn(watch_connection(connection));
+            client
+        }
+    };
+    Ok(client)
+}
+
+async fn watch_connection<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(
+    connection: F,
+) {
+    if let Err(e) = connection.await {
+        tracing::warn!(error = %e, "PostgreSQL connection closed");
+    }
+}
+
+/// The facts walship needs of a primary (not a standby: that is unfixable by reconnecting).
+async fn server_info(client: &Client) -> Result<ServerInfo> {
+    let version_num: u32 = scalar(client, "SHOW server_version_num")
+        .await?
+        .parse()
+        .context("server_version_num")?;
+    let dialect = Dialect::for_version(version_num)?;
+    if client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .context("SELECT pg_is_in_recovery()")?
+        .get::<_, bool>(0)
+    {
+        return Err(Unfixable(
+            "the server is in recovery (a standby): run walship-sender against the primary".into(),
+        )
+        .into());
+    }
+    let sysid: i64 = scalar(
+        client,
+        "SELECT system_identifier::text FROM pg_control_system()",
+    )
+    .await
+    .context("read the system identifier (pg_control_system() needs superuser or pg_monitor)")?
+    .parse()
+    .context("system identifier")?;
+    let row = client
+        .query_one(
+            "SELECT setting, unit FROM pg_settings WHERE name = 'wal_segment_size'",
+            &[],
+        )
+        .await
+        .context("read wal_segment_size")?;
+    let seg = segment_size_from_setting(row.get(0), row.get(1))?;
+    let data_directory = client
+        .query_opt(
+            "SELECT setting FROM pg_settings WHERE name = 'data_directory'",
+            &[],
+        )
+        .await
+        .context("read data_directory")?
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from);
+    let magic = page_magic_for_version(version_num).context("page magic")?;
+    Ok(ServerInfo {
+        version_num,
+        system_identifier: sysid as u64,
+        seg,
+        magic,
+        data_directory,
+        dialect,
     })
 }
 

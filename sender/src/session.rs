@@ -122,12 +122,12 @@ pub(crate) async fn session(
         outcome = streaming.drain(shutdown, cause, progressed).await;
     }
     // what the receiver holds durably and confirmed: it resumes there at the latest
-    let acked = streaming.link.confirmed();
-    if acked > streaming.start {
-        *acked_before = Some((streaming.timeline, acked));
+    let confirmed = streaming.link.confirmed();
+    if confirmed > streaming.start {
+        *acked_before = Some((streaming.timeline, confirmed));
     }
     match outcome {
-        Ok(Stop::Drain) => {
+        Ok(Stop::Shutdown) => {
             let Streaming {
                 link,
                 pos,
@@ -135,7 +135,7 @@ pub(crate) async fn session(
                 ..
             } = streaming;
             let sent = link.sent();
-            let acked = link.drain_and_close(cfg.shutdown_grace).await;
+            let acked = link.close_when_acknowledged(cfg.shutdown_grace).await;
             info!(flush = %pos.flush, %sent, %acked, shipped_on_write_bytes = shipped_on_write_total, "stopped: the receiver holds everything up to {acked}");
             Ok(())
         }
@@ -199,39 +199,71 @@ pub(crate) async fn open<'a>(
     announce(cfg, &wal_dir, &info, &pos, start, acked_before);
     state.streaming(timeline, start);
     let data_dir = Origin::data_dir_of(&info, &wal_dir);
-    Ok(Streaming {
-        cfg,
+    let opened = Opened {
         pg,
         data_dir,
         features,
         reader,
         events,
         link,
-        seg: info.seg,
         timeline,
         start,
         pos,
-        hot: 0,
-        event_due: false,
-        scout: Scout::default(),
-        confirm_sent: start,
-        last_query: Instant::now(),
-        last_flush_change: Instant::now(),
-        slot_at: Lsn(0),
-        slot_moved: Instant::now(),
-        last_report: Instant::now(),
-        // a catch-up is timed from the start of the session
-        catch_up: Some(CatchUp {
-            began: Instant::now(),
-            from: start,
-            reported: Instant::now(),
-        }),
-        shipped_on_write: 0,
-        shipped_on_write_total: 0,
-        asking: None,
-        slot_task: None,
-        drain_target: None,
-    })
+    };
+    Ok(Streaming::new(cfg, opened, info.seg))
+}
+
+/// What a session opened with.
+pub(crate) struct Opened {
+    pg: Option<Arc<Primary>>,
+    data_dir: Option<PathBuf>,
+    features: Features,
+    reader: WalReader,
+    events: Option<Events>,
+    link: Link,
+    timeline: TimelineId,
+    start: Lsn,
+    pos: Position,
+}
+
+impl<'a> Streaming<'a> {
+    /// The streaming phase of a session just opened: nothing shipped yet beyond `start`.
+    fn new(cfg: &'a SenderConfig, o: Opened, seg: WalSegSize) -> Streaming<'a> {
+        let start = o.start;
+        Streaming {
+            cfg,
+            pg: o.pg,
+            data_dir: o.data_dir,
+            features: o.features,
+            reader: o.reader,
+            events: o.events,
+            link: o.link,
+            seg,
+            timeline: o.timeline,
+            start,
+            pos: o.pos,
+            hot: 0,
+            event_due: false,
+            scout: Scout::default(),
+            confirm_sent: start,
+            last_query: Instant::now(),
+            last_flush_change: Instant::now(),
+            slot_at: Lsn(0),
+            slot_moved: Instant::now(),
+            last_report: Instant::now(),
+            // a catch-up is timed from the start of the session
+            catch_up: Some(CatchUp {
+                began: Instant::now(),
+                from: start,
+                reported: Instant::now(),
+            }),
+            shipped_on_write: 0,
+            shipped_on_write_total: 0,
+            asking: None,
+            slot_task: None,
+            drain_target: None,
+        }
+    }
 }
 
 /// Whether the peer ended the TLS session with an alert (it refused our certificate).
@@ -332,13 +364,22 @@ async fn handshake(
         })?
         .context("send Hello")
         .map_err(retry)?;
-    let (resume, features, compression) = match tokio::time::timeout(cfg.connect_timeout, rx.next())
-        .await
-    {
+    let (resume, features, compression) = read_welcome(&mut rx, cfg.connect_timeout).await?;
+    Ok((rx, tx, resume, features, compression))
+}
+
+/// The receiver's answer to `Hello`: where to resume, the protocol's features and compression on the wire;
+/// a refusal is fatal unless the receiver says it is transient.
+async fn read_welcome(
+    rx: &mut Rx,
+    timeout: Duration,
+) -> Result<(Vec<(TimelineId, Lsn)>, Features, Compression), Failure> {
+    let answer = tokio::time::timeout(timeout, rx.next()).await;
+    let welcomed = match answer {
         Err(_) => {
             return Err(retry(anyhow!(
                 "the receiver did not answer Hello within {:?}",
-                cfg.connect_timeout
+                timeout
             )))
         }
         Ok(None) => {
@@ -383,7 +424,7 @@ async fn handshake(
             )))
         }
     };
-    Ok((rx, tx, resume, features, compression))
+    Ok(welcomed)
 }
 
 /// Proves that this server continues the archive's history, then sends the timeline history files.

@@ -172,7 +172,7 @@ impl Streaming<'_> {
 
     fn stop_on_shutdown(&self) -> Waited {
         info!(sent = %self.link.sent(), acked = %self.link.acked(), "shutting down: waiting for the receiver to acknowledge what was sent");
-        Waited::Stop(Stop::Drain)
+        Waited::Stop(Stop::Shutdown)
     }
 
     /// The keepalive with the primary's flush position (it confirms shipped WAL), finished even when shutdown
@@ -285,16 +285,16 @@ impl Streaming<'_> {
                 return Ok(Some(stop));
             }
         }
-        Ok(shutdown.is_cancelled().then_some(Stop::Drain))
+        Ok(shutdown.is_cancelled().then_some(Stop::Shutdown))
     }
 
     /// At most once a second: release WAL the receiver has made durable.
     pub(crate) async fn maintain_slot(&mut self) {
         let Some(slot) = &self.cfg.slot else { return };
         // durable and confirmed: a provisional byte may still be replaced
-        let acked = self.link.confirmed();
-        if acked > self.slot_at
-            && acked > self.start
+        let confirmed = self.link.confirmed();
+        if confirmed > self.slot_at
+            && confirmed > self.start
             && self.slot_moved.elapsed() >= Duration::from_secs(1)
         {
             self.slot_moved = Instant::now();
@@ -303,12 +303,12 @@ impl Streaming<'_> {
                 // in a task of its own: shipping never waits for the primary
                 if self.slot_task.is_none() {
                     let slot = slot.clone();
-                    let task = tokio::spawn(async move { pg.advance_slot(&slot, acked).await });
-                    self.slot_task = Some((acked, task));
+                    let task = tokio::spawn(async move { pg.advance_slot(&slot, confirmed).await });
+                    self.slot_task = Some((confirmed, task));
                 }
             } else {
-                match pg.advance_slot(slot, acked).await {
-                    Ok(()) => self.slot_at = acked,
+                match pg.advance_slot(slot, confirmed).await {
+                    Ok(()) => self.slot_at = confirmed,
                     Err(e) => warn!("{e:#}"),
                 }
             }
@@ -447,7 +447,7 @@ where
     tokio::select! {
         r = &mut send => { r?; Ok(None) }
         _ = shutdown.cancelled() => match tokio::time::timeout(grace, &mut send).await {
-            Ok(r) => { r?; Ok(Some(Stop::Drain)) }
+            Ok(r) => { r?; Ok(Some(Stop::Shutdown)) }
             Err(_) => {
                 warn!("shutting down while the receiver was not taking WAL for {grace:?}; closing without waiting");
                 Ok(Some(Stop::Abandon))
