@@ -63,20 +63,54 @@ pub(crate) struct Settings {
     pub(crate) walship_only: bool,
 }
 
+/// A scenario of the bench.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    Lag,
+    Catchup,
+    Overhead,
+    Crash,
+    Hostdeath,
+    Compression,
+    Restore,
+}
+
+/// Benchmarks walship against pg_receivewal and archive_command file shipping on this machine, with
+/// PostgreSQL from WALSHIP_PG_BIN or /usr/lib/postgresql/*/bin. Results: tables on stdout, JSON in a file.
+#[derive(clap::Parser, Debug)]
+#[command(name = "walship-bench", about, long_about = None)]
+struct Args {
+    /// A short smoke version of every scenario (about a minute each).
+    #[arg(long)]
+    quick: bool,
+    /// The scenarios to run (default: all), comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    scenario: Vec<Scenario>,
+    /// Leave the references out of the lag scenario (to compare two builds of walship).
+    #[arg(long)]
+    walship_only: bool,
+    /// Where to write the results as JSON.
+    #[arg(long, value_name = "FILE", default_value = "bench-results.json")]
+    json: PathBuf,
+}
+
 impl Settings {
     pub(crate) fn from_args() -> Result<Settings> {
+        let args = <Args as clap::Parser>::parse();
+        let scenarios = if args.scenario.is_empty() {
+            <Scenario as clap::ValueEnum>::value_variants().to_vec()
+        } else {
+            args.scenario
+        };
+        let scenarios = scenarios
+            .iter()
+            .filter_map(clap::ValueEnum::to_possible_value)
+            .map(|v| v.get_name().to_owned())
+            .collect();
         let mut s = Settings {
-            quick: false,
-            json: PathBuf::from("bench-results.json"),
-            scenarios: vec![
-                "lag".into(),
-                "catchup".into(),
-                "overhead".into(),
-                "crash".into(),
-                "hostdeath".into(),
-                "compression".into(),
-                "restore".into(),
-            ],
+            quick: args.quick,
+            json: args.json,
+            scenarios,
             lag_seconds: 30,
             rate_seconds: 20,
             backlog_mb: 1536,
@@ -84,43 +118,16 @@ impl Settings {
             overhead_seconds: 30,
             scale: 10,
             archive_timeout: 10,
-            walship_only: false,
+            walship_only: args.walship_only,
         };
-        let mut args = std::env::args().skip(1);
-        while let Some(a) = args.next() {
-            match a.as_str() {
-                "--quick" => {
-                    s.quick = true;
-                    s.lag_seconds = 4;
-                    s.rate_seconds = 3;
-                    s.backlog_mb = 64;
-                    s.catchup_rounds = 1;
-                    s.overhead_seconds = 4;
-                    s.scale = 1;
-                    s.archive_timeout = 2;
-                }
-                "--walship-only" => s.walship_only = true,
-                "--json" => s.json = PathBuf::from(args.next().context("--json needs a file")?),
-                "--scenario" => s.scenarios = args
-                    .next()
-                    .context(
-                        "--scenario needs lag, catchup, overhead, crash, hostdeath, compression or restore",
-                    )?
-                    .split(',')
-                    .map(str::to_owned)
-                    .collect(),
-                "-h" | "--help" => {
-                    println!(
-                        "walship-bench [--quick] [--scenario lag,catchup,overhead,crash,hostdeath,compression,restore] [--walship-only] [--json FILE]\n\n\
-                         Benchmarks walship against pg_receivewal and archive_command file shipping on this machine,\n\
-                         with PostgreSQL from WALSHIP_PG_BIN or /usr/lib/postgresql/*/bin. --quick runs a short smoke\n\
-                         version of every scenario. --walship-only leaves the references out of the lag scenario\n\
-                         (to compare two builds of walship). Results: tables on stdout, JSON in bench-results.json."
-                    );
-                    std::process::exit(0);
-                }
-                other => bail!("unknown argument {other:?} (see --help)"),
-            }
+        if s.quick {
+            s.lag_seconds = 4;
+            s.rate_seconds = 3;
+            s.backlog_mb = 64;
+            s.catchup_rounds = 1;
+            s.overhead_seconds = 4;
+            s.scale = 1;
+            s.archive_timeout = 2;
         }
         Ok(s)
     }

@@ -2,7 +2,10 @@
 //! on SIGHUP, and loading certificates, keys and CA sets from PEM files with errors that name the file.
 #![forbid(unsafe_code)]
 
+mod backoff;
 pub mod config;
+
+pub use backoff::Backoff;
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};

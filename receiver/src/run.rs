@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -54,9 +55,11 @@ pub async fn run(
         None => None,
     };
     let dir = config.archive.clone();
-    let archive = tokio::task::spawn_blocking(move || Archive::open(&dir))
+    let mut archive = tokio::task::spawn_blocking(move || Archive::open(&dir))
         .await
         .context("open the archive")??;
+    let completions = Arc::new(tokio::sync::Notify::new());
+    archive.announce_completions(completions.clone());
     tracing::info!(archive = %config.archive.display(), resume = ?archive.resume_points(), "archive opened");
     let uploads_stop = CancellationToken::new();
     let uploader = store.map(|store| {
@@ -68,6 +71,7 @@ pub async fn run(
             store,
             dir: config.archive.clone(),
             partial_interval: config.partial_upload_interval.max(Duration::from_secs(1)),
+            wake: completions,
         };
         tokio::spawn(uploader.run(uploads_stop.clone()))
     });

@@ -131,6 +131,9 @@ impl Store {
         })?;
         let (inner, prefix): (Arc<dyn ObjectStore>, StorePath) = match parsed.scheme() {
             "s3" | "s3a" => {
+                // one crypto provider in the process: ring, as for the senders' TLS (reqwest is built
+                // without one of its own); a second call finds it installed
+                let _ = rustls::crypto::ring::default_provider().install_default();
                 let mut builder = object_store::aws::AmazonS3Builder::from_env();
                 for (name, value) in &spec.options {
                     let key: object_store::aws::AmazonS3ConfigKey =

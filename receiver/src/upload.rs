@@ -95,13 +95,20 @@ pub struct Uploader {
     pub store: Store,
     pub dir: PathBuf,
     pub partial_interval: Duration,
+    /// Told by the archive when a segment or history file is complete and durable.
+    pub wake: std::sync::Arc<tokio::sync::Notify>,
 }
+
+/// Without a word from the archive, the directory is looked at this often anyway (files that arrived by
+/// other ways: an archive reopened, a segment restored by hand).
+const RESCAN: Duration = Duration::from_secs(10);
 
 impl Uploader {
     /// Uploads until `shutdown`, then once more (the partial too).
     pub async fn run(self, shutdown: CancellationToken) {
         let mut pinned = false;
-        let mut backoff = Duration::from_secs(1);
+        let mut backoff =
+            walship_daemon::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         let mut partial_at = Instant::now();
         let mut failing = false;
         loop {
@@ -113,7 +120,7 @@ impl Uploader {
                         tracing::info!("object store {}: uploads resumed", self.store.url());
                     }
                     failing = false;
-                    backoff = Duration::from_secs(1);
+                    backoff.reset();
                     if partial_due {
                         partial_at = Instant::now();
                     }
@@ -123,9 +130,11 @@ impl Uploader {
                         .errors
                         .get_or_create(&crate::metrics::Kind { kind: "store" })
                         .inc();
+                    let wait = backoff.next_wait();
                     tracing::warn!(
-                        "object store {}: {e:#}; the local archive keeps everything, retrying in {backoff:?}",
-                        self.store.url()
+                        "object store {}: {e:#}; the local archive keeps everything, retrying in {:.1} s",
+                        self.store.url(),
+                        wait.as_secs_f64()
                     );
                     failing = true;
                     if stopping {
@@ -133,18 +142,20 @@ impl Uploader {
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => {}
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
                     continue;
                 }
             }
             if stopping {
                 return;
             }
+            // until the archive completes something, the partial is due, or the rescan
+            let partial_in = self.partial_interval.saturating_sub(partial_at.elapsed());
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(partial_in.min(RESCAN)) => {}
             }
         }
     }

@@ -55,7 +55,7 @@ use walship_protocol::{
 
 use walship_protocol::walker::{WalkStop, Walker};
 
-use crate::link::{Backoff, Link, LinkError};
+use crate::link::{Link, LinkError};
 use crate::postgres::{Position, Primary, ServerInfo};
 use crate::scout::Scout;
 pub use crate::state::SenderState;
@@ -170,6 +170,9 @@ macro_rules! crash_point {
     };
 }
 
+/// The first wait before reconnecting (doubling from there, with jitter, up to `--max-backoff`).
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+
 /// Runs the sender until `shutdown` is cancelled (returns `Ok`) or a fatal error (returns it).
 pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (state, _) = StatePublisher::new();
@@ -193,7 +196,7 @@ async fn run_published(
     shutdown: CancellationToken,
     state: StatePublisher,
 ) -> anyhow::Result<()> {
-    let mut backoff = Backoff::new(cfg.max_backoff);
+    let mut backoff = walship_daemon::Backoff::new(FIRST_RETRY, cfg.max_backoff);
     let mut acked_before: Option<(TimelineId, Lsn)> = None;
     let mut remembered: Option<Origin> = None;
     loop {

@@ -389,36 +389,6 @@ where
     }
 }
 
-/// Exponential backoff between reconnection attempts, reset after a session that made progress.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub const FIRST: Duration = Duration::from_millis(100);
-
-    pub fn new(max: Duration) -> Backoff {
-        Backoff {
-            next: Self::FIRST,
-            max,
-        }
-    }
-
-    /// Starts over (the last session made progress).
-    pub fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-
-    /// The wait before the next attempt; doubles the one after.
-    pub fn next_wait(&mut self) -> Duration {
-        let wait = self.next;
-        self.next = (self.next * 2).min(self.max);
-        wait
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -426,14 +396,5 @@ mod tests {
         assert_eq!(super::host_of("db2.example.com:7433"), "db2.example.com");
         assert_eq!(super::host_of("[::1]:7433"), "::1");
         assert_eq!(super::host_of("127.0.0.1:1"), "127.0.0.1");
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_limit_and_resets() {
-        let mut b = super::Backoff::new(std::time::Duration::from_millis(350));
-        let waits: Vec<u128> = (0..4).map(|_| b.next_wait().as_millis()).collect();
-        assert_eq!(waits, [100, 200, 350, 350]);
-        b.reset();
-        assert_eq!(b.next_wait().as_millis(), 100);
     }
 }

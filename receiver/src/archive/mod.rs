@@ -105,6 +105,10 @@ pub struct Archive {
     /// Per timeline, where the WAL the current session sent (or resent and matched) ends. Nothing beyond it
     /// is acknowledged or confirmed in this session: the archive may hold a stale provisional tail there.
     verified: BTreeMap<TimelineId, Lsn>,
+    /// Told when a complete segment or a history file is durable under its final name (the uploader).
+    completions: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// A segment was completed (renamed) since the directory was last fsynced.
+    completed_unannounced: bool,
     /// Bumped whenever archived bytes are taken back (a replaced provisional tail, a rollback after an
     /// error): a sync job prepared before counts for nothing.
     generation: u64,
@@ -231,6 +235,8 @@ impl Archive {
             durable: BTreeMap::new(),
             confirmed: BTreeMap::new(),
             verified: BTreeMap::new(),
+            completions: None,
+            completed_unannounced: false,
             generation: 0,
         };
         archive.scan()?;
@@ -476,6 +482,7 @@ impl Archive {
         self.check_branch(timeline, content)?;
         self.write_atomically(&name, content)?;
         tracing::info!(file = %name, "stored timeline history file");
+        self.announce_completion();
         Ok(())
     }
 
@@ -541,12 +548,27 @@ impl Archive {
         if self.dir_dirty {
             sync_dir_handle(&self.dir_handle, &self.dir)?;
             self.dir_dirty = false;
+            if std::mem::take(&mut self.completed_unannounced) {
+                self.announce_completion();
+            }
         }
         for (t, end) in &self.ends {
             self.durable.insert(*t, *end);
         }
         self.write_position();
         Ok(self.synced(timeline))
+    }
+
+    /// `notify` is told whenever a complete segment or a history file is durable under its final name: the
+    /// uploader waits on it instead of rescanning the directory.
+    pub fn announce_completions(&mut self, notify: std::sync::Arc<tokio::sync::Notify>) {
+        self.completions = Some(notify);
+    }
+
+    fn announce_completion(&self) {
+        if let Some(n) = &self.completions {
+            n.notify_one(); // a permit is kept when the uploader is busy: never lost
+        }
     }
 
     /// Whether anything appended is not yet on disk (an fsync is due).
@@ -562,6 +584,9 @@ impl Archive {
         if self.dir_dirty {
             sync_dir_handle(&self.dir_handle, &self.dir)?;
             self.dir_dirty = false;
+            if std::mem::take(&mut self.completed_unannounced) {
+                self.announce_completion();
+            }
         }
         let file = match &self.current {
             Some(c) if c.synced < c.len => Some((

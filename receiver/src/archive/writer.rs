@@ -301,6 +301,7 @@ impl Archive {
             .with_context(|| format!("rename {} to {}", from.display(), to.display()))?;
         tracing::debug!(segment = %name, "segment complete");
         crate::metrics::METRICS.segments_completed.inc();
+        self.completed_unannounced = true;
         Ok(())
     }
 
