@@ -292,12 +292,13 @@ async fn a_foreign_cluster_is_refused_without_disturbing_the_live_session() {
 }
 
 #[tokio::test]
-async fn a_reconnecting_sender_takes_over_and_resumes_where_the_archive_is_durable() {
+async fn a_reconnecting_sender_takes_over_and_resumes_where_the_archive_is_confirmed() {
     let r = Receiver::start().await;
     let (mut old, _) = r.session(7).await;
     let bytes = wal(1, SEG, 24 * 1024);
     old.send(wal_message(SEG, &bytes[..16384])).await.unwrap();
-    ack_until(&mut old, SEG + 16384, None).await;
+    old.send(keepalive(SEG + 16384)).await.unwrap();
+    ack_until(&mut old, SEG + 16384, Some(SEG + 16384)).await;
 
     // the old connection is never closed by its peer (a network cut). While it was heard from recently,
     // another session is refused (it could be a second primary); once it has been silent a few seconds,
@@ -317,7 +318,11 @@ async fn a_reconnecting_sender_takes_over_and_resumes_where_the_archive_is_durab
             Err((code, reason)) => panic!("no takeover: {code:?}: {reason}"),
         }
     };
-    assert_eq!(resume, vec![(1, Lsn(SEG + 16384))]);
+    assert_eq!(
+        resume,
+        vec![(1, Lsn(SEG + 16384))],
+        "resumes where WAL is confirmed"
+    );
     // a resend of what the archive holds is compared and accepted, the rest appended
     new.send(wal_message(SEG + 8192, &bytes[8192..]))
         .await
@@ -333,6 +338,27 @@ async fn a_reconnecting_sender_takes_over_and_resumes_where_the_archive_is_durab
         }
     }
     drop(new);
+    r.stop().await;
+}
+
+/// DESIGN.md §1 on a new archive: WAL acknowledged as durable but never confirmed (the sender lost its
+/// connection before the primary's flush position came) is resent from the start of the timeline and
+/// compared, never skipped.
+#[tokio::test]
+async fn unconfirmed_wal_of_a_new_timeline_is_resent_after_a_reconnect() {
+    let r = Receiver::start().await;
+    let (mut c, _) = r.session(7).await;
+    let bytes = wal(1, SEG, 16 * 1024);
+    c.send(wal_message(SEG, &bytes)).await.unwrap();
+    let (_, confirmed) = ack_until(&mut c, SEG + bytes.len() as u64, None).await;
+    assert_eq!(confirmed, Some(Lsn(SEG)), "durable, nothing confirmed");
+    drop(c);
+    let (_c, resume) = r.session(7).await;
+    assert_eq!(
+        resume,
+        vec![(1, Lsn(SEG))],
+        "the sender resends the provisional WAL"
+    );
     r.stop().await;
 }
 
@@ -390,7 +416,8 @@ async fn a_malformed_frame_ends_the_session_and_nothing_acknowledged_is_lost() {
     let (mut c, _) = r.session(7).await;
     let bytes = wal(1, SEG, 8192);
     c.send(wal_message(SEG, &bytes)).await.unwrap();
-    ack_until(&mut c, SEG + 8192, None).await;
+    c.send(keepalive(SEG + 8192)).await.unwrap();
+    ack_until(&mut c, SEG + 8192, Some(SEG + 8192)).await;
     // a frame whose header announces a message type that does not exist
     let mut tls = c.into_inner();
     tls.write_all(&[0xFF; 64]).await.unwrap();

@@ -3,7 +3,7 @@
 //!
 //! | module          | what it owns |
 //! |-----------------|--------------|
-//! | this file       | the configuration, [`run`] (the reconnect loop), the session state it shares with the rooms below |
+//! | this file       | the configuration, [`run`] and [`start`] (the reconnect loop, backoff with jitter), the session state it shares with the rooms below |
 //! | `session`       | connecting to PostgreSQL and the receiver, the handshake, where to resume |
 //! | `streaming`     | the streaming loop: events, shipping within the window, flush polling and confirmation, the slot |
 //! | `drain`         | a stopped primary: shipping what is left in `pg_wal/`, confirming only what PostgreSQL proved flushed |
@@ -12,7 +12,9 @@
 //! | [`conninfo`]    | libpq connection strings, service and password files, the PG* environment |
 //! | [`wal_reader`]  | reading and validating segment files |
 //! | [`scout`]       | the record walker over written, not yet flushed WAL |
-//! | [`link`]        | the TLS connection to the receiver, the window, backoff |
+//! | [`link`]        | the TLS connection to the receiver, the window, the graceful close |
+//! | [`state`]       | what the sender is doing, published on a watch channel ([`start`]) for `check` and the logs |
+//! | [`error`]       | failures a reconnect cannot fix ([`error::Unfixable`]), decided where they are found |
 //! | [`check`]       | `walship-sender check` |
 //! | [`metrics`]     | the Prometheus metrics |
 //!

@@ -64,6 +64,39 @@ fn a_completed_segment_is_confirmed_before_its_confirmation_arrives() {
     assert_eq!(a.begin_session(), vec![(1, Lsn(start + SEG))]);
 }
 
+/// The first WAL of a timeline new to this receiver (a new archive, a promoted primary) is provisional like
+/// any other until the primary confirms it: a sender that reconnects before the first confirmation resumes
+/// at the timeline's start and resends it for comparison (DESIGN.md §1), never after it. Found while moving
+/// the archive's per-timeline state into one place: a timeline without a confirmation resumed at its
+/// durable end.
+#[test]
+fn a_new_timeline_resumes_at_its_start_until_something_is_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a");
+    let mut a = Archive::open(&path).unwrap();
+    a.check_or_pin_identity(identity()).unwrap().unwrap();
+    let start = 2 * SEG;
+    let data = wal(start, 20_000);
+    a.begin_session();
+    a.append(1, Lsn(start), &data).unwrap(); // shipped on write, not yet flushed by the primary
+    let synced = a.sync(1).unwrap().unwrap();
+    assert_eq!(synced.durable, Lsn(start + 20_000));
+    assert_eq!(synced.confirmed, Lsn(start), "nothing confirmed yet");
+    // the sender reconnects (a network cut, or the primary's host lost power): it resends from the start
+    assert_eq!(a.begin_session(), vec![(1, Lsn(start))]);
+    // and a primary whose OS lost the unflushed WAL sends other bytes there: they replace the provisional ones
+    let other = diverge(&data, 4096);
+    a.append(1, Lsn(start), &other).unwrap();
+    a.confirm(1, Lsn(start + 20_000));
+    let synced = a.sync(1).unwrap().unwrap();
+    assert_eq!(
+        (synced.durable, synced.confirmed),
+        (Lsn(start + 20_000), Lsn(start + 20_000))
+    );
+    let held = std::fs::read(path.join("000000010000000000000002.partial")).unwrap();
+    assert_eq!(held, other);
+}
+
 /// Issue 19, point 5: `walship.position` is not fsynced, so a power loss of the standby can leave an
 /// older one. What decides the resume point never falls below what the files prove (everything before
 /// the open partial is confirmed), so a sender never resumes behind the segment its slot holds.

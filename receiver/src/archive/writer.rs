@@ -21,8 +21,8 @@ impl Archive {
         if let Some(handover) = self.fenced(timeline)? {
             bail!("{}", fence_message(&handover));
         }
-        let end = match self.ends.get(&timeline) {
-            Some(end) => *end,
+        let end = match self.end_of(timeline) {
+            Some(end) => end,
             None => {
                 if seg.offset(start) != 0 {
                     bail!(
@@ -48,7 +48,7 @@ impl Archive {
                    is gone from the primary's pg_wal: keep WAL for walship with a replication slot, then restore the missing \
                    segments into the archive, or start over with a new base backup and an empty archive)");
         }
-        let end = self.ends.get(&timeline).copied().unwrap_or(end);
+        let end = self.end_of(timeline).unwrap_or(end);
         let mut overlap = (end.0 - start.0).min(bytes.len() as u64) as usize;
         if overlap > 0 {
             if let Some(differs) = self.verify_overlap(timeline, start, &bytes[..overlap])? {
@@ -66,11 +66,12 @@ impl Archive {
             self.write_segment(timeline, segno, offset, &rest[..n])?;
             rest = &rest[n..];
             pos = Lsn(pos.0 + n as u64);
-            self.ends.insert(timeline, pos);
+            // a timeline new to this receiver begins here, nothing of it confirmed
+            self.timeline_mut(timeline, start).end = pos;
         }
         let end = Lsn(start.0 + bytes.len() as u64);
-        let v = self.verified.entry(timeline).or_insert(end);
-        *v = (*v).max(end);
+        let w = self.timeline_mut(timeline, start);
+        w.verified = Some(w.verified.map_or(end, |v| v.max(end)));
         Ok(())
     }
 
@@ -162,7 +163,7 @@ impl Archive {
             let n = ((start.0 - pos.0) as usize).min(zeros.len());
             self.write_segment(timeline, segno, seg.offset(pos), &zeros[..n])?;
             pos = Lsn(pos.0 + n as u64);
-            self.ends.insert(timeline, pos);
+            self.timeline_mut(timeline, end).end = pos;
         }
         Ok(true)
     }
@@ -185,7 +186,10 @@ impl Archive {
     /// partial back to `at` (durably) so the new bytes are appended there.
     pub(crate) fn replace_provisional(&mut self, timeline: TimelineId, at: Lsn) -> Result<()> {
         let seg = self.seg()?;
-        let confirmed = self.confirmed.get(&timeline).copied().unwrap_or(Lsn(0));
+        let confirmed = self
+            .timelines
+            .get(&timeline)
+            .map_or(Lsn(0), |w| w.confirmed);
         let name = segment_file_name(timeline, seg.segno(at), seg);
         if at < confirmed {
             bail!(
@@ -211,9 +215,9 @@ impl Archive {
         cur.synced = offset;
         let path = cur.path.clone();
         self.generation += 1;
-        self.ends.insert(timeline, at);
-        let durable = self.durable.entry(timeline).or_insert(at);
-        *durable = (*durable).min(at);
+        let w = self.timeline_mut(timeline, at);
+        w.end = at;
+        w.durable = Some(w.durable.map_or(at, |d| d.min(at)));
         self.write_position();
         tracing::warn!(
             file = %path.display(),
@@ -284,8 +288,9 @@ impl Archive {
             // A sender completes a segment only with WAL the primary flushed (it never ships provisional WAL
             // to a segment's last byte), though its confirmation may come a moment later: the complete segment
             // is confirmed now, so a resume never needs a segment PostgreSQL may have removed meanwhile.
-            let c = self.confirmed.entry(timeline).or_insert(Lsn(0));
-            *c = (*c).max(seg.segment_start(segno + 1));
+            let complete = seg.segment_start(segno + 1);
+            let w = self.timeline_mut(timeline, complete);
+            w.confirmed = w.confirmed.max(complete);
             self.dir_dirty = true;
             crash_point!("archive-renamed-before-dir-fsync");
         }
