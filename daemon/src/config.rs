@@ -30,67 +30,7 @@ pub fn parse_from<P: clap::Parser>(
         .map(|a| a.to_string_lossy().into_owned());
     if let (Some(path), Some(sub)) = (file, sub) {
         if cmd.find_subcommand(&sub).is_some() {
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                cmd.error(
-                    ErrorKind::Io,
-                    format!("cannot read the config file {}: {e}", path.display()),
-                )
-            })?;
-            let table: toml::Table = text.parse().map_err(|e| {
-                cmd.error(
-                    ErrorKind::InvalidValue,
-                    format!("the config file {} is not valid TOML: {e}", path.display()),
-                )
-            })?;
-            let known: Vec<String> = cmd
-                .get_subcommands()
-                .flat_map(|s| s.get_arguments())
-                .filter_map(|a| a.get_long().map(str::to_owned))
-                .collect();
-            let mut defaults: Vec<(clap::Id, Vec<String>)> = Vec::new();
-            let target = cmd.find_subcommand(&sub).expect("found above");
-            for (key, value) in &table {
-                let long = key.replace('_', "-");
-                if long == "config" {
-                    continue;
-                }
-                if !known.contains(&long) {
-                    return Err(cmd.error(
-                        ErrorKind::UnknownArgument,
-                        format!(
-                            "unknown key {key:?} in the config file {}: the keys are the long flags (see --help)",
-                            path.display()
-                        ),
-                    ));
-                }
-                let Some(arg) = target.get_arguments().find(|a| a.get_long() == Some(&long)) else {
-                    continue;
-                };
-                let values = match value {
-                    toml::Value::String(s) => vec![s.clone()],
-                    toml::Value::Integer(i) => vec![i.to_string()],
-                    toml::Value::Float(f) => vec![f.to_string()],
-                    toml::Value::Boolean(b) => vec![b.to_string()],
-                    toml::Value::Array(items) => items
-                        .iter()
-                        .map(|v| match v {
-                            toml::Value::String(s) => s.clone(),
-                            other => other.to_string(),
-                        })
-                        .collect(),
-                    other => {
-                        return Err(cmd.error(
-                            ErrorKind::InvalidValue,
-                            format!(
-                                "key {key:?} in the config file {} has a {} value: give a string, number, boolean or list",
-                                path.display(),
-                                other.type_str()
-                            ),
-                        ))
-                    }
-                };
-                defaults.push((arg.get_id().clone(), values));
-            }
+            let defaults = file_defaults(&cmd, &sub, &path)?;
             cmd = cmd.mut_subcommand(&sub, |mut sc| {
                 for (id, values) in defaults {
                     sc = sc.mut_arg(id, |a| a.default_values(values).required(false));
@@ -101,6 +41,85 @@ pub fn parse_from<P: clap::Parser>(
     }
     let matches = cmd.try_get_matches_from_mut(args)?;
     P::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+}
+
+/// The defaults the config file at `path` gives the flags of subcommand `sub`.
+fn file_defaults(
+    cmd: &clap::Command,
+    sub: &str,
+    path: &std::path::Path,
+) -> Result<Vec<(clap::Id, Vec<String>)>, clap::Error> {
+    let mut cmd = cmd.clone();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        cmd.error(
+            ErrorKind::Io,
+            format!("cannot read the config file {}: {e}", path.display()),
+        )
+    })?;
+    let table: toml::Table = text.parse().map_err(|e| {
+        cmd.error(
+            ErrorKind::InvalidValue,
+            format!("the config file {} is not valid TOML: {e}", path.display()),
+        )
+    })?;
+    let known: Vec<String> = cmd
+        .get_subcommands()
+        .flat_map(|s| s.get_arguments())
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .collect();
+    let target = cmd
+        .find_subcommand(sub)
+        .expect("checked by the caller")
+        .clone();
+    let mut defaults = Vec::new();
+    for (key, value) in &table {
+        let long = key.replace('_', "-");
+        if long == "config" {
+            continue;
+        }
+        if !known.contains(&long) {
+            return Err(cmd.error(
+                ErrorKind::UnknownArgument,
+                format!(
+                    "unknown key {key:?} in the config file {}: the keys are the long flags (see --help)",
+                    path.display()
+                ),
+            ));
+        }
+        let Some(arg) = target.get_arguments().find(|a| a.get_long() == Some(&long)) else {
+            continue; // a key of another subcommand: the file is shared
+        };
+        let Some(values) = flag_values(value) else {
+            return Err(cmd.error(
+                ErrorKind::InvalidValue,
+                format!(
+                    "key {key:?} in the config file {} has a {} value: give a string, number, boolean or list",
+                    path.display(),
+                    value.type_str()
+                ),
+            ));
+        };
+        defaults.push((arg.get_id().clone(), values));
+    }
+    Ok(defaults)
+}
+
+/// A TOML value as the flag's values; `None` for a table or date.
+fn flag_values(value: &toml::Value) -> Option<Vec<String>> {
+    Some(match value {
+        toml::Value::String(s) => vec![s.clone()],
+        toml::Value::Integer(i) => vec![i.to_string()],
+        toml::Value::Float(f) => vec![f.to_string()],
+        toml::Value::Boolean(b) => vec![b.to_string()],
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|v| match v {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .collect(),
+        _ => return None,
+    })
 }
 
 /// The value of `--config FILE` or `--config=FILE`.

@@ -124,8 +124,9 @@ fn wait_until(deadline: Instant, mut done: impl FnMut() -> Result<bool>) -> Resu
     }
 }
 
-/// The newest timeline in `pgdata/pg_wal` (or pg_xlog) and where it branched off.
-fn newest_timeline(pgdata: &Path) -> Option<(TimelineId, Lsn)> {
+/// The timeline the promoted server in `pgdata` started (the newest history file in its pg_wal or pg_xlog)
+/// and where it branched off.
+fn promoted_timeline(pgdata: &Path) -> Option<(TimelineId, Lsn)> {
     let dir = [pgdata.join("pg_wal"), pgdata.join("pg_xlog")]
         .into_iter()
         .find(|d| d.is_dir())?;
@@ -173,7 +174,7 @@ pub fn promote(opts: &PromoteOptions) -> Result<PromoteReport> {
     report_handover(&opts.archive, &handover);
     finish_recovery(opts, mode, &bin, deadline)?;
     let (timeline, start_lsn) =
-        newest_timeline(&opts.pgdata).context("find the new timeline's history file")?;
+        promoted_timeline(&opts.pgdata).context("find the new timeline's history file")?;
     Ok(PromoteReport {
         handover,
         timeline,

@@ -62,30 +62,10 @@ pub async fn run(
     archive.announce_completions(completions.clone());
     tracing::info!(archive = %config.archive.display(), resume = ?archive.resume_points(), "archive opened");
     let uploads_stop = CancellationToken::new();
-    let uploader = store.map(|store| {
-        tracing::info!(
-            store = store.url(),
-            "uploading the archive to the object store"
-        );
-        let uploader = Uploader {
-            store,
-            dir: config.archive.clone(),
-            partial_interval: config.partial_upload_interval.max(Duration::from_secs(1)),
-            wake: completions,
-        };
-        tokio::spawn(uploader.run(uploads_stop.clone()))
-    });
+    let uploader = store.map(|store| start_uploader(store, &config, completions, &uploads_stop));
     let board = StatusBoard::default();
     if let Some(addr) = config.metrics_listen {
-        let (dir, board) = (config.archive.clone(), board.clone());
-        let registry = crate::metrics::registry(move || match report_live(&dir, &board) {
-            Ok(r) => Some(r.gauges()),
-            Err(e) => {
-                tracing::warn!("metrics: cannot read the archive: {e:#}");
-                None
-            }
-        });
-        walship_daemon::serve_metrics(addr, move || crate::metrics::encode(&registry))?;
+        serve_metrics(addr, config.archive.clone(), board.clone())?;
     }
     let local = listener.local_addr().context("local address")?;
     tracing::info!("listening on {local}");
@@ -120,5 +100,38 @@ pub async fn run(
     served?;
     let _ = writer.await;
     tracing::info!("receiver stopped");
+    Ok(())
+}
+
+/// The uploader, woken by `completions`, until `stop`.
+fn start_uploader(
+    store: Store,
+    config: &RunConfig,
+    completions: Arc<tokio::sync::Notify>,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tracing::info!(
+        store = store.url(),
+        "uploading the archive to the object store"
+    );
+    let uploader = Uploader {
+        store,
+        dir: config.archive.clone(),
+        partial_interval: config.partial_upload_interval.max(Duration::from_secs(1)),
+        wake: completions,
+    };
+    tokio::spawn(uploader.run(stop.clone()))
+}
+
+/// Prometheus metrics at `addr`: the counters, and gauges from the in-memory status of `board`.
+fn serve_metrics(addr: SocketAddr, dir: PathBuf, board: StatusBoard) -> Result<()> {
+    let registry = crate::metrics::registry(move || match report_live(&dir, &board) {
+        Ok(r) => Some(r.gauges()),
+        Err(e) => {
+            tracing::warn!("metrics: cannot read the archive: {e:#}");
+            None
+        }
+    });
+    walship_daemon::serve_metrics(addr, move || crate::metrics::encode(&registry))?;
     Ok(())
 }

@@ -281,34 +281,33 @@ async fn receiver_and_round_trip(
         ended = &mut task => Some(ended),
     };
     let seen = state.borrow().clone();
-    let accepted = match ended {
-        Some(Ok(Ok(()))) => Err(anyhow::anyhow!("the sender stopped")),
-        Some(Ok(Err(e))) => Err(e),
-        Some(Err(e)) => Err(anyhow::anyhow!("the sender task failed: {e}")),
-        None if seen.sessions > 0 => Ok(()),
+    use crate::error::ReceiverTrouble;
+    let refused = match ended {
+        Some(Ok(Ok(()))) => Some((
+            anyhow::anyhow!("the sender stopped"),
+            ReceiverTrouble::Other,
+        )),
+        Some(Ok(Err(e))) => {
+            let trouble = ReceiverTrouble::of(&e);
+            Some((e, trouble))
+        }
+        Some(Err(e)) => Some((
+            anyhow::anyhow!("the sender task failed: {e}"),
+            ReceiverTrouble::Other,
+        )),
+        None if seen.sessions > 0 => None,
         None => {
             token.cancel();
-            Err(anyhow::anyhow!(
+            let e = anyhow::anyhow!(
                 "no session after {:.1} s: {}",
                 started.elapsed().as_secs_f64(),
                 seen.last_error.as_deref().unwrap_or("no answer")
-            ))
+            );
+            Some((e, seen.last_trouble.unwrap_or(ReceiverTrouble::Other)))
         }
     };
-    if let Err(e) = accepted {
-        let text = format!("{e:#}");
-        let fix = if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
-            "--tls-ca must be the CA that signed the receiver's certificate (ca.crt of the receiver's set), and \
-             --tls-server-name a name that certificate carries"
-        } else if text.contains("refused the TLS session") || text.contains("certificate refused") {
-            "the receiver trusts another CA: issue this sender a certificate with `walship-receiver certs --add-client NAME` \
-             from the receiver's CA"
-        } else if text.contains("system identifier") || text.contains("another cluster") {
-            "the receiver's archive belongs to another cluster: give this cluster an archive of its own (an empty directory)"
-        } else {
-            "is walship-receiver running there, and do --receiver and the firewall let this host reach it?"
-        };
-        out.fail("receiver", format!("{receiver}: {text}"), fix);
+    if let Some((e, trouble)) = refused {
+        out.fail("receiver", format!("{receiver}: {e:#}"), trouble.fix());
         token.cancel();
         if !task.is_finished() {
             let _ = task.await;

@@ -240,52 +240,28 @@ impl Streaming<'_> {
         Ok(())
     }
 
-    /// Walks the valid records in `pg_wal/` from the page holding `from`: where the last complete, valid
-    /// record ends, and the checkpoint records on the way.
+    /// Walks the valid records in `pg_wal/` from the page holding `from` with a scout of its own (the same
+    /// walk as shipping on write, to its end): where the last complete, valid record ends, and the
+    /// checkpoint records on the way.
     pub(crate) fn walk_pg_wal(&self, from: Lsn) -> Result<Walked, Failure> {
-        const CHUNK: usize = 1 << 20;
-        let exp = self.reader.expectation(self.timeline);
-        let base = Lsn(from.0 - from.0 % walship_protocol::wal::XLOG_BLCKSZ as u64);
-        let mut buf: Vec<u8> = Vec::new();
-        let mut walker: Option<Walker> = None;
-        let mut checkpoints = Vec::new();
-        let mut note = |r: &walship_protocol::walker::Record| {
-            if r.is_checkpoint() {
-                checkpoints.push((r.start, r.end));
-            }
-        };
+        let mut scout = Scout::default();
+        let mut walked_to = None;
         loop {
-            let at = Lsn(base.0 + buf.len() as u64);
-            let chunk = self
-                .reader
-                .read_raw(self.timeline, at, CHUNK)
-                .map_err(|e| retry(anyhow::Error::new(e)))?;
-            if chunk.is_empty() {
+            scout
+                .advance(&self.reader, self.timeline, from)
+                .map_err(read_failure)?;
+            // each call walks a bounded stretch; the WAL ends where a call gets no further
+            if scout.walked_to() == walked_to {
                 break;
             }
-            buf.extend_from_slice(&chunk);
-            let w = match &mut walker {
-                Some(w) => w,
-                None => match Walker::resync(exp, &buf, base) {
-                    Ok(w) => walker.insert(w),
-                    Err(WalkStop::NeedMore { .. }) => continue,
-                    Err(stop) => {
-                        warn!(%from, "no valid record after {from}: {stop}");
-                        break;
-                    }
-                },
-            };
-            match w.walk(&buf, base, &mut note) {
-                WalkStop::NeedMore { .. } => continue,
-                stop => {
-                    debug!(%from, "the WAL in pg_wal ends at {}: {stop}", w.next_lsn());
-                    break;
-                }
-            }
+            walked_to = scout.walked_to();
+        }
+        if walked_to.is_none() {
+            warn!(%from, "no valid record after {from} in pg_wal");
         }
         Ok(Walked {
-            end: walker.map(|w| w.next_lsn()).unwrap_or(from).max(from),
-            checkpoints,
+            end: walked_to.unwrap_or(from).max(from),
+            checkpoints: scout.checkpoints().to_vec(),
         })
     }
 }

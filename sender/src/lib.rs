@@ -47,15 +47,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, Context};
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use walship_protocol::message::Hello;
 use walship_protocol::wal::parse_history;
 use walship_protocol::{
     Lsn, ReceiverMessage, SenderMessage, TimelineId, WalSegSize, PROTOCOL_VERSION_MAX,
     PROTOCOL_VERSION_MIN,
 };
-
-use walship_protocol::walker::{WalkStop, Walker};
 
 use crate::link::{Link, LinkError};
 use crate::postgres::{Position, Primary, ServerInfo};

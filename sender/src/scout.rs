@@ -40,6 +40,9 @@ pub struct Scout {
     /// switch (zeros from 11 on, page headers on 10), and until then the file holds zeros or a recycled
     /// segment's old bytes there. Only flushed padding is shipped.
     switches: Vec<(Lsn, Lsn)>,
+    /// Checkpoint records walked that end beyond what was sent: (start, end). A drain proves WAL flushed
+    /// up to the end of the checkpoint `pg_control` names.
+    checkpoints: Vec<(Lsn, Lsn)>,
 }
 
 impl Scout {
@@ -58,6 +61,16 @@ impl Scout {
         )
     }
 
+    /// Where the walk has got to: the end of the last complete, valid record (padding of a switch included).
+    pub fn walked_to(&self) -> Option<Lsn> {
+        self.walker.as_ref().map(Walker::next_lsn)
+    }
+
+    /// The checkpoint records walked that end beyond what was sent: (start, end).
+    pub fn checkpoints(&self) -> &[(Lsn, Lsn)] {
+        &self.checkpoints
+    }
+
     /// Walks whatever the primary has written since the last call. `sent` is where shipping stands: a walker
     /// far behind it starts over there.
     pub fn advance(
@@ -73,6 +86,7 @@ impl Scout {
             }
         }
         self.switches.retain(|(_, seg_end)| *seg_end > sent);
+        self.checkpoints.retain(|(_, end)| *end > sent);
         let exp = reader.expectation(timeline);
         let base = page_of(self.walker.as_ref().map_or(sent, |w| w.next_lsn()));
         let mut buf = std::mem::take(&mut self.buf);
@@ -105,10 +119,13 @@ impl Scout {
                     }
                 },
             };
-            let switches = &mut self.switches;
+            let (switches, checkpoints) = (&mut self.switches, &mut self.checkpoints);
             let walked = w.walk(buf, base, |r| {
                 if r.is_switch() {
                     switches.push((r.own_end, r.end));
+                }
+                if r.is_checkpoint() {
+                    checkpoints.push((r.start, r.end));
                 }
             });
             match walked {

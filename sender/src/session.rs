@@ -408,8 +408,9 @@ async fn read_welcome(
             compression,
         ),
         Ok(Some(Ok(ReceiverMessage::Refuse { code, reason }))) => {
-            let e = anyhow!("the receiver refused this sender: {reason}");
-            return Err(if code.is_transient() {
+            let transient = code.is_transient();
+            let e = anyhow::Error::new(crate::error::Refused { code, reason });
+            return Err(if transient {
                 Failure::Retry(e)
             } else {
                 Failure::Fatal(e)

@@ -16,6 +16,8 @@ pub struct SenderState {
     pub reconnects: u64,
     /// The error that ended the last session.
     pub last_error: Option<String>,
+    /// What of it concerns the receiver (for the fix `check` prints).
+    pub last_trouble: Option<crate::error::ReceiverTrouble>,
     /// The timeline being shipped (once a session streams).
     pub timeline: Option<TimelineId>,
     /// End of the WAL the receiver acknowledged as durable.
@@ -57,9 +59,11 @@ impl StatePublisher {
     /// A session ended on `error`; another is made.
     pub fn reconnecting(&self, error: &anyhow::Error) {
         let text = format!("{error:#}");
+        let trouble = crate::error::ReceiverTrouble::of(error);
         self.update(|s| {
             s.reconnects += 1;
             s.last_error = Some(text);
+            s.last_trouble = Some(trouble);
         });
     }
 

@@ -119,40 +119,51 @@ impl Archive {
         }
         let recorded = read_positions(&self.dir);
         for (timeline, (segno, partial)) in newest {
-            let Some(identity) = self.identity else { break };
-            let seg = identity.wal_segment_size;
             let recorded = recorded.filter(|p| p.timeline == timeline);
-            let end = if partial {
-                // trailing zeros at or below the last recorded durable end were acknowledged: keep them
-                let floor = recorded
-                    .filter(|p| seg.segno(p.durable) == segno)
-                    .map(|p| seg.offset(p.durable))
-                    .unwrap_or(0);
-                let len = self.recover_partial(timeline, segno, floor)?;
-                Lsn(seg.segment_start(segno).0 + len)
-            } else {
-                seg.segment_start(segno + 1)
-            };
-            // Without a record (an older timeline, a lost file) everything counts as confirmed: a
-            // difference is then refused rather than replaced. A record may be stale (the file is not
-            // fsynced: a power loss of the standby leaves an older one), never below what the files prove:
-            // a segment is completed only with confirmed bytes, so everything before the open partial is
-            // confirmed. That keeps the resume point within the segment the replication slot holds.
-            let proven = if partial {
-                seg.segment_start(segno)
-            } else {
-                end
-            };
-            let confirmed = recorded.map_or(end, |p| p.confirmed.max(proven).min(end));
-            let wal = TimelineWal {
-                end,
-                durable: Some(end),
-                confirmed,
-                verified: None,
-            };
+            let wal = self.timeline_at_open(timeline, segno, partial, recorded)?;
             self.timelines.insert(timeline, wal);
         }
         Ok(())
+    }
+
+    /// What the files say of `timeline`, whose newest segment is `segno` (a `.partial` if `partial`), with
+    /// `walship.position`'s record of it.
+    fn timeline_at_open(
+        &mut self,
+        timeline: TimelineId,
+        segno: SegNo,
+        partial: bool,
+        recorded: Option<Positions>,
+    ) -> Result<TimelineWal> {
+        let seg = self.seg()?;
+        let end = if partial {
+            // trailing zeros at or below the last recorded durable end were acknowledged: keep them
+            let floor = recorded
+                .filter(|p| seg.segno(p.durable) == segno)
+                .map(|p| seg.offset(p.durable))
+                .unwrap_or(0);
+            let len = self.recover_partial(timeline, segno, floor)?;
+            Lsn(seg.segment_start(segno).0 + len)
+        } else {
+            seg.segment_start(segno + 1)
+        };
+        // Without a record (an older timeline, a lost file) everything counts as confirmed: a difference is
+        // then refused rather than replaced. A record may be stale (the file is not fsynced: a power loss of
+        // the standby leaves an older one), never below what the files prove: a segment is completed only
+        // with confirmed bytes, so everything before the open partial is confirmed. That keeps the resume
+        // point within the segment the replication slot holds.
+        let proven = if partial {
+            seg.segment_start(segno)
+        } else {
+            end
+        };
+        let confirmed = recorded.map_or(end, |p| p.confirmed.max(proven).min(end));
+        Ok(TimelineWal {
+            end,
+            durable: Some(end),
+            confirmed,
+            verified: None,
+        })
     }
 
     /// Validates the tail of a `.partial` after a restart and truncates what is not WAL. Trailing zeros are

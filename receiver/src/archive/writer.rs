@@ -117,37 +117,12 @@ impl Archive {
             format!("read back {} to link a resumed sender", cur.path.display())
         })?;
         let base = seg.segment_start(segno);
-        let Ok(mut walker) = Walker::resync(exp, &held, base) else {
+        let Some(switch) = final_switch(exp, &held, base, end) else {
             return Ok(false);
         };
-        let mut last = None;
-        walker.walk(&held, base, |r| last = Some(*r));
-        // what follows the switch in the partial (a drain ships the padding it finds) must be padding
-        let Some(switch) = last.filter(|r| {
-            r.is_switch()
-                && r.own_end <= end
-                && held[(r.own_end.0 - base.0) as usize..]
-                    .iter()
-                    .all(|b| *b == 0)
-        }) else {
+        if let Err(stop) = names_as_previous(exp, bytes, start, switch.start) {
+            tracing::warn!(%start, switch = %switch.start, "not linking the resumed sender's WAL to the archive's switch record: {stop}");
             return Ok(false);
-        };
-        // the first record at `start` must name the switch as the record before it
-        let mut next = Walker::new(exp, start, Some(switch.start));
-        match next.next_record(bytes, start) {
-            Ok(_) => {}
-            // the record is not complete in this message: its header's prev-link decides
-            Err(WalkStop::NeedMore { .. })
-                if bytes.len() >= LONG_PAGE_HEADER + 16
-                    && u64::from_le_bytes(
-                        bytes[LONG_PAGE_HEADER + 8..LONG_PAGE_HEADER + 16]
-                            .try_into()
-                            .expect("8 bytes"),
-                    ) == switch.start.0 => {}
-            Err(stop) => {
-                tracing::warn!(%start, switch = %switch.start, "not linking the resumed sender's WAL to the archive's switch record: {stop}");
-                return Ok(false);
-            }
         }
         let name = segment_file_name(timeline, segno, seg);
         tracing::info!(
@@ -167,7 +142,54 @@ impl Archive {
         }
         Ok(true)
     }
+}
 
+/// The partial's last valid record, if it is an `XLOG_SWITCH` ending at or before `end` with only padding
+/// (zeros) after it: a drain ships the padding it finds.
+fn final_switch(
+    exp: walship_protocol::wal::PageExpectation,
+    held: &[u8],
+    base: Lsn,
+    end: Lsn,
+) -> Option<walship_protocol::walker::Record> {
+    let mut walker = Walker::resync(exp, held, base).ok()?;
+    let mut last = None;
+    walker.walk(held, base, |r| last = Some(*r));
+    last.filter(|r| {
+        r.is_switch()
+            && r.own_end <= end
+            && held[(r.own_end.0 - base.0) as usize..]
+                .iter()
+                .all(|b| *b == 0)
+    })
+}
+
+/// Whether the first record of `bytes` (at `start`, a segment's first byte) names the record at `previous`
+/// as the one before it (`xl_prev`). A record not complete in this message is judged by its header alone.
+fn names_as_previous(
+    exp: walship_protocol::wal::PageExpectation,
+    bytes: &[u8],
+    start: Lsn,
+    previous: Lsn,
+) -> std::result::Result<(), WalkStop> {
+    let mut next = Walker::new(exp, start, Some(previous));
+    match next.next_record(bytes, start) {
+        Ok(_) => Ok(()),
+        Err(WalkStop::NeedMore { .. })
+            if bytes.len() >= LONG_PAGE_HEADER + 16
+                && u64::from_le_bytes(
+                    bytes[LONG_PAGE_HEADER + 8..LONG_PAGE_HEADER + 16]
+                        .try_into()
+                        .expect("8 bytes"),
+                ) == previous.0 =>
+        {
+            Ok(())
+        }
+        Err(stop) => Err(stop),
+    }
+}
+
+impl Archive {
     /// Whether `timeline` is fenced: its end was handed to recovery at a failover (`restore` recorded the
     /// handover), so a standby was promoted from it and the server that wrote it must not extend or change
     /// it. Cheap while no failover is under way (one `stat`).

@@ -50,12 +50,15 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     } = opened;
     let timeline = hello.timeline;
     let (tx, rx) = mpsc::channel::<Cmd>(16);
+    // the resume point is durable and confirmed
     let start = start.map(|(t, l)| {
-        let synced = Synced {
-            durable: l,
-            confirmed: l,
-        };
-        (t, synced)
+        (
+            t,
+            Synced {
+                durable: l,
+                confirmed: l,
+            },
+        )
     });
     let (ack_tx, mut ack_rx) = watch::channel(start);
     let mut writer_task =
@@ -86,11 +89,7 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                     return Ok(());
                 }
                 done = &mut writer_task, if writer_result.is_none() => {
-                    let done = done.unwrap_or_else(|e| Err(WriterError::Unrecoverable(anyhow!("archive writer task failed: {e}"))));
-                    let reason = match &done {
-                        Ok(()) => "archive writer stopped".to_string(),
-                        Err(WriterError::Recovered(e) | WriterError::Unrecoverable(e)) => format!("archive write failed: {e:#}"),
-                    };
+                    let (done, reason) = writer_ended(done);
                     writer_result = Some(done);
                     refuse_and_end!(s, "{reason}; nothing past the last acknowledgement was confirmed");
                 }
@@ -120,6 +119,24 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
     }
     .await;
     s.close(outcome, writer_result, writer_task, ack_rx).await
+}
+
+/// The writer task's result, and what the sender is told about it.
+fn writer_ended(
+    joined: std::result::Result<Result<(), WriterError>, tokio::task::JoinError>,
+) -> (Result<(), WriterError>, String) {
+    let done = joined.unwrap_or_else(|e| {
+        Err(WriterError::Unrecoverable(anyhow!(
+            "archive writer task failed: {e}"
+        )))
+    });
+    let reason = match &done {
+        Ok(()) => "archive writer stopped".to_string(),
+        Err(WriterError::Recovered(e) | WriterError::Unrecoverable(e)) => {
+            format!("archive write failed: {e:#}")
+        }
+    };
+    (done, reason)
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {

@@ -66,38 +66,7 @@ pub(crate) fn writer_loop(
         if let Err(e) = syncer {
             return Err(anyhow!("start the fsync thread: {e}"));
         }
-        let applied = (|| -> Result<()> {
-            while let Some(cmd) = rx.blocking_recv() {
-                let mut next = Some(cmd);
-                let mut taken = 0usize;
-                let mut waits = 0;
-                loop {
-                    let Some(cmd) = next.take() else { break };
-                    let large = {
-                        let mut g = lock();
-                        if g.failed.is_some() {
-                            return Ok(()); // the syncer stopped on an error, taken up below
-                        }
-                        apply(&mut g.archive, cmd, features, &mut taken)?
-                    };
-                    if taken >= MAX_BATCH {
-                        break;
-                    }
-                    next = rx.try_recv().ok();
-                    // Large messages mean the sender is catching up: a moment's wait for the next one makes
-                    // one fsync cover many megabytes instead of one (live streaming sends small messages).
-                    while next.is_none() && large && waits < CATCHUP_WAITS && taken < MAX_BATCH / 2
-                    {
-                        waits += 1;
-                        std::thread::sleep(CATCHUP_WAIT);
-                        next = rx.try_recv().ok();
-                    }
-                }
-                lock().ack_due = true;
-                wake.notify_one();
-            }
-            Ok(())
-        })();
+        let applied = apply_commands(&mut rx, &state, &wake, features);
         let mut g = lock();
         g.done = true;
         if let Err(e) = applied {
@@ -113,19 +82,62 @@ pub(crate) fn writer_loop(
         Ok(()) => g.failed.take(),
     };
     let Some(e) = failure else { return Ok(()) };
-    // nothing written since the last good fsync is trusted: undo it, so the sender resends it
-    match g.archive.recover_after_error() {
+    Err(roll_back(&mut g.archive, e))
+}
+
+/// Nothing written since the last good fsync is trusted after `e`: undoes it, so the sender resends it.
+fn roll_back(archive: &mut Archive, e: anyhow::Error) -> WriterError {
+    match archive.recover_after_error() {
         Ok(()) => {
             info!(
-                resume = ?g.archive.resume_points(),
+                resume = ?archive.resume_points(),
                 "archive rolled back to its last durable position after: {e:#}"
             );
-            Err(WriterError::Recovered(e))
+            WriterError::Recovered(e)
         }
-        Err(again) => Err(WriterError::Unrecoverable(
-            e.context(format!("undoing it failed: {again:#}")),
-        )),
+        Err(again) => {
+            WriterError::Unrecoverable(e.context(format!("undoing it failed: {again:#}")))
+        }
     }
+}
+
+/// Applies commands as they come, in batches: each batch ends by asking the syncer for an fsync and an
+/// acknowledgement. Returns when the session's channel closes, or early when the syncer failed.
+fn apply_commands(
+    rx: &mut mpsc::Receiver<Cmd>,
+    state: &std::sync::Mutex<SyncState>,
+    wake: &std::sync::Condvar,
+    features: Features,
+) -> Result<()> {
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    while let Some(cmd) = rx.blocking_recv() {
+        let mut next = Some(cmd);
+        let mut taken = 0usize;
+        let mut waits = 0;
+        while let Some(cmd) = next.take() {
+            let large = {
+                let mut g = lock();
+                if g.failed.is_some() {
+                    return Ok(()); // the syncer stopped on an error, taken up by the caller
+                }
+                apply(&mut g.archive, cmd, features, &mut taken)?
+            };
+            if taken >= MAX_BATCH {
+                break;
+            }
+            next = rx.try_recv().ok();
+            // Large messages mean the sender is catching up: a moment's wait for the next one makes one
+            // fsync cover many megabytes instead of one (live streaming sends small messages).
+            while next.is_none() && large && waits < CATCHUP_WAITS && taken < MAX_BATCH / 2 {
+                waits += 1;
+                std::thread::sleep(CATCHUP_WAIT);
+                next = rx.try_recv().ok();
+            }
+        }
+        lock().ack_due = true;
+        wake.notify_one();
+    }
+    Ok(())
 }
 
 /// What the writer and the syncer of a session share, under one lock.
