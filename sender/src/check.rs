@@ -276,9 +276,19 @@ async fn receiver_and_round_trip(
     let deadline = started + timeout;
     // three failed attempts in a row (about a second of backoff) say enough
     let wait = state.wait_for(|s| s.sessions > 0 || s.reconnects >= 3);
+    let mut sender_gone = false;
     let ended = tokio::select! {
-        _ = tokio::time::timeout_at(deadline.into(), wait) => None,
+        biased;
         ended = &mut task => Some(ended),
+        waited = tokio::time::timeout_at(deadline.into(), wait) => {
+            // the state's channel closes when the sender stops (a fatal error): its result says why
+            sender_gone = matches!(waited, Ok(Err(_)));
+            None
+        }
+    };
+    let ended = match ended {
+        None if sender_gone => Some((&mut task).await),
+        ended => ended,
     };
     let seen = state.borrow().clone();
     use crate::error::ReceiverTrouble;
