@@ -67,11 +67,14 @@ impl StatePublisher {
         });
     }
 
-    /// The receiver acknowledged `durable`, of which `confirmed` is confirmed.
+    /// The receiver acknowledged `durable`, of which `confirmed` is confirmed. Called for every `Ack`:
+    /// compares two positions instead of cloning the state as [`StatePublisher::update`] does.
     pub fn acknowledged(&self, durable: Lsn, confirmed: Lsn) {
-        self.update(|s| {
+        self.0.send_if_modified(|s| {
+            let changed = (s.durable, s.confirmed) != (durable, confirmed);
             s.durable = durable;
             s.confirmed = confirmed;
+            changed
         });
     }
 }
