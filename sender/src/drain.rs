@@ -16,6 +16,9 @@ impl Streaming<'_> {
         cause: anyhow::Error,
         progressed: &mut bool,
     ) -> Result<Stop, Failure> {
+        // the walsender is gone with its server (or the session restarts): the drain proves flushes itself
+        self.walsender = None;
+        self.cross = None;
         let why = match self.confirm_down(shutdown, cause).await? {
             Ok((why, cause)) => {
                 warn!(sent = %self.link.sent(), "PostgreSQL is down ({why}; {cause:#}): shipping every complete record left in pg_wal");

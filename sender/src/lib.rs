@@ -36,6 +36,7 @@ pub mod error;
 pub mod link;
 pub mod metrics;
 pub mod postgres;
+pub mod replication;
 pub mod scout;
 pub mod state;
 pub mod wal_reader;
@@ -57,6 +58,7 @@ use walship_protocol::{
 
 use crate::link::{Link, LinkError};
 use crate::postgres::{Position, Primary, ServerInfo};
+use crate::replication::Walsender;
 use crate::scout::Scout;
 pub use crate::state::SenderState;
 use crate::state::StatePublisher;
@@ -82,6 +84,13 @@ pub struct SenderConfig {
     pub slot: Option<String>,
     /// How this sender names itself to the receiver.
     pub name: String,
+    /// The replication connection's `application_name` (`--name`, default `walship`): what
+    /// `synchronous_standby_names` names.
+    pub standby_name: String,
+    /// How the primary's flush position is learnt.
+    pub confirm_by: replication::ConfirmBy,
+    /// Report the receiver's durable position to the walsender at once (a synchronous standby).
+    pub synchronous: bool,
     /// Most bytes sent and not yet acknowledged.
     pub window: u64,
     /// zstd level for WAL on the wire when the receiver allows it (protocol 4); `None`: never compress.
@@ -118,6 +127,9 @@ impl SenderConfig {
             start_lsn: None,
             slot: None,
             name: default_name(),
+            standby_name: DEFAULT_STANDBY_NAME.to_owned(),
+            confirm_by: replication::ConfirmBy::Auto,
+            synchronous: false,
             window: 64 << 20,
             compression_level: Some(1),
             max_message: 1 << 20,
@@ -130,6 +142,9 @@ impl SenderConfig {
         }
     }
 }
+
+/// `application_name` of the replication connection unless `--name` is given.
+pub const DEFAULT_STANDBY_NAME: &str = "walship";
 
 /// The host name, or `walship-sender`.
 pub fn default_name() -> String {
@@ -346,7 +361,15 @@ struct Streaming<'a> {
     slot_task: Option<(Lsn, tokio::task::JoinHandle<anyhow::Result<()>>)>,
     /// While draining a stopped primary: how far to ship (valid records, provisional beyond `pos.flush`).
     drain_target: Option<Lsn>,
+    /// The primary's walsender streaming flushed WAL (the flush signal), unless `--confirm-by query` or the
+    /// primary refused it.
+    walsender: Option<Walsender>,
+    /// What was shipped compared with what the walsender streamed, when it streams.
+    cross: Option<replication::CrossCheck>,
 }
+
+/// Most bytes one side of the cross-check may be ahead of the other before the oldest go uncompared.
+const CROSS_CHECK_LIMIT: usize = 64 << 20;
 
 // after `crash_point!`, which they use (macros are in scope from their definition on)
 mod drain;

@@ -88,9 +88,25 @@ struct RunArgs {
     /// Monitor it: a slot whose sender is gone keeps WAL forever (max_slot_wal_keep_size bounds it).
     #[arg(long, env = "WALSHIP_SLOT")]
     slot: Option<String>,
-    /// Name this sender gives the receiver (logs, status). Default: the host name.
+    /// Name this sender gives the receiver (logs, status; default: the host name) and the primary: its
+    /// replication connection's application_name (default: walship), the name to put in
+    /// synchronous_standby_names.
     #[arg(long, env = "WALSHIP_NAME")]
     name: Option<String>,
+    /// How the sender learns that the primary flushed WAL it shipped: "replication" streams from the
+    /// walsender (pushed the moment PostgreSQL flushed it; the streamed bytes are compared with the shipped
+    /// ones; needs a role with REPLICATION and a "replication" line in pg_hba.conf, and takes one of
+    /// max_wal_senders); "query" polls pg_current_wal_flush_lsn() (at most every 5 ms while something is
+    /// unconfirmed); "auto" uses replication where the primary allows it, else the query.
+    #[arg(long, env = "WALSHIP_CONFIRM_BY", value_enum, default_value_t = walship_sender::replication::ConfirmBy::Auto)]
+    confirm_by: walship_sender::replication::ConfirmBy,
+    /// Be a synchronous standby: report to the primary as flushed exactly what the receiver holds durably,
+    /// at once. With this sender's name in the primary's synchronous_standby_names, a commit returns only
+    /// once walship's archive holds it (zero loss), and commits WAIT while the receiver is away, as with any
+    /// synchronous standby: keep a quorum (ANY 1 (walship, replica1)) or remove walship from the setting to
+    /// keep the primary writable. Implies --confirm-by replication.
+    #[arg(long, env = "WALSHIP_SYNCHRONOUS")]
+    synchronous: bool,
     /// Most WAL bytes in flight without the receiver's acknowledgement, in MiB.
     #[arg(long, env = "WALSHIP_WINDOW_MB", default_value_t = 64)]
     window_mb: u64,
@@ -164,7 +180,14 @@ fn sender_config(
     cfg.slot = args.slot.clone();
     if let Some(name) = &args.name {
         cfg.name = name.clone();
+        cfg.standby_name = name.clone();
     }
+    cfg.synchronous = args.synchronous;
+    cfg.confirm_by = if args.synchronous {
+        walship_sender::replication::ConfirmBy::Replication
+    } else {
+        args.confirm_by
+    };
     cfg.window = args.window_mb.max(1) << 20;
     cfg.compression_level = match args.compression {
         Compression::Zstd => Some(args.compression_level),

@@ -27,6 +27,10 @@ pub struct Metrics {
     /// What the WAL took on the wire (compressed, when it was).
     pub wire_wal_bytes: Counter,
     pub shipped_on_write_bytes: Counter,
+    /// Shipped WAL that differed from what the walsender streamed.
+    pub cross_check_mismatches: Counter,
+    /// Shipped bytes compared with the walsender's.
+    pub cross_checked_bytes: Counter,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -41,6 +45,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     wal_bytes_sent: Counter::default(),
     wire_wal_bytes: Counter::default(),
     shipped_on_write_bytes: Counter::default(),
+    cross_check_mismatches: Counter::default(),
+    cross_checked_bytes: Counter::default(),
 });
 
 /// The metrics text.
@@ -103,6 +109,16 @@ pub fn render() -> String {
         "shipped_on_write_bytes",
         "WAL bytes sent before the primary had flushed them (confirmed later)",
         m.shipped_on_write_bytes.clone(),
+    );
+    registry.register(
+        "cross_check_mismatches",
+        "Times the WAL read from pg_wal differed from what the primary's walsender streamed as flushed (the session restarted, nothing past it confirmed)",
+        m.cross_check_mismatches.clone(),
+    );
+    registry.register(
+        "cross_checked_bytes",
+        "Shipped WAL bytes compared equal with what the primary's walsender streamed",
+        m.cross_checked_bytes.clone(),
     );
     let mut text = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {

@@ -196,6 +196,10 @@ pub(crate) async fn open<'a>(
         link.compress_with(cfg.compression_level);
     }
     prove_and_send_history(&mut link, &mut reader, timeline, start, resumed, info.seg).await?;
+    let walsender = match &pg {
+        Some(_) => open_walsender(cfg, &info, timeline, start).await?,
+        None => None,
+    };
     announce(cfg, &wal_dir, &info, &pos, start, acked_before);
     state.streaming(timeline, start);
     let data_dir = Origin::data_dir_of(&info, &wal_dir);
@@ -209,8 +213,75 @@ pub(crate) async fn open<'a>(
         timeline,
         start,
         pos,
+        walsender,
     };
     Ok(Streaming::new(cfg, opened, info.seg))
+}
+
+/// The walsender's stream as the flush signal (and with `--synchronous` the durable report), unless
+/// `--confirm-by query`. With `auto`, a primary that refuses a replication connection leaves the query.
+async fn open_walsender(
+    cfg: &SenderConfig,
+    info: &ServerInfo,
+    timeline: TimelineId,
+    start: Lsn,
+) -> Result<Option<Walsender>, Failure> {
+    use replication::ConfirmBy;
+    if cfg.confirm_by == ConfirmBy::Query {
+        return Ok(None);
+    }
+    let conn = cfg.pgconn.current();
+    let opening = Walsender::open(
+        &conn,
+        &cfg.standby_name,
+        info.system_identifier,
+        timeline,
+        start,
+        cfg.synchronous,
+    );
+    let e = match tokio::time::timeout(cfg.connect_timeout, opening).await {
+        Ok(Ok(w)) => {
+            info!(from = %w.from, synchronous = cfg.synchronous, application_name = %cfg.standby_name, "the primary's walsender streams from its flush position: it confirms what was shipped");
+            return Ok(Some(w));
+        }
+        Ok(Err(e)) => e,
+        Err(_) => anyhow!("opening the replication connection timed out"),
+    };
+    if crate::error::Unfixable::is_in(&e) {
+        return Err(Failure::Fatal(e));
+    }
+    if cfg.confirm_by == ConfirmBy::Auto {
+        warn!("{e:#}; the flush position is polled instead (--confirm-by query says so without this warning)");
+        return Ok(None);
+    }
+    let what = if cfg.synchronous {
+        "--synchronous"
+    } else {
+        "--confirm-by replication"
+    };
+    match replication_fix(&e) {
+        Some(fix) => Err(Failure::Fatal(
+            e.context(format!("{what} needs a replication connection: {fix}")),
+        )),
+        None => Err(retry(
+            e.context(format!("{what} needs a replication connection")),
+        )),
+    }
+}
+
+/// What to do when the primary refuses the replication connection for good (the role, `pg_hba.conf`).
+pub(crate) fn replication_fix(e: &anyhow::Error) -> Option<&'static str> {
+    let code = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<replication::ServerError>())?
+        .code
+        .as_str();
+    Some(match code {
+        "28P01" => "authentication failed: check the password",
+        "28000" => "add a line for database \"replication\" and this role to the primary's pg_hba.conf, then reload it",
+        "42501" => "the role needs the REPLICATION attribute: ALTER ROLE ... REPLICATION",
+        _ => return None,
+    })
 }
 
 /// What a session opened with.
@@ -224,12 +295,19 @@ pub(crate) struct Opened {
     timeline: TimelineId,
     start: Lsn,
     pos: Position,
+    walsender: Option<Walsender>,
 }
 
 impl<'a> Streaming<'a> {
     /// The streaming phase of a session just opened: nothing shipped yet beyond `start`.
     fn new(cfg: &'a SenderConfig, o: Opened, seg: WalSegSize) -> Streaming<'a> {
         let start = o.start;
+        let mut pos = o.pos;
+        // the walsender streams from the primary's flush position when it began: all before it is flushed
+        if let Some(w) = &o.walsender {
+            pos.flush = pos.flush.max(w.from);
+            pos.insert = pos.insert.max(pos.flush);
+        }
         Streaming {
             cfg,
             pg: o.pg,
@@ -241,7 +319,7 @@ impl<'a> Streaming<'a> {
             seg,
             timeline: o.timeline,
             start,
-            pos: o.pos,
+            pos,
             hot: 0,
             event_due: false,
             scout: Scout::default(),
@@ -262,6 +340,11 @@ impl<'a> Streaming<'a> {
             asking: None,
             slot_task: None,
             drain_target: None,
+            cross: o
+                .walsender
+                .as_ref()
+                .map(|w| replication::CrossCheck::new(w.from, CROSS_CHECK_LIMIT)),
+            walsender: o.walsender,
         }
     }
 }

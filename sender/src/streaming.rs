@@ -38,7 +38,11 @@ impl Streaming<'_> {
             // sustained load the events keep coming; then at most one query per MIN_QUERY_GAP keeps the cost on
             // the primary low.
             let pending = self.pos.insert > self.pos.flush;
-            let waited = if self.held_at_segment_end() {
+            let waited = if self.walsender.is_some() {
+                // the walsender pushes the flush position: no query, no polling
+                self.wait_streamed(shutdown, &mut keepalive, progressed)
+                    .await?
+            } else if self.held_at_segment_end() {
                 // Written WAL waits for the flush to pass a segment's end (once per segment): PostgreSQL
                 // fsyncs a segment as soon as its last page is written, so poll precisely until it has.
                 self.hot_poll(progressed)?
@@ -52,6 +56,10 @@ impl Streaming<'_> {
                 self.wait_polling(shutdown, &mut keepalive, progressed, pending)
                     .await?
             };
+            if let Some(w) = &self.walsender {
+                // what the receiver holds durably in this session, never more (DESIGN.md §1)
+                w.report_durable(self.link.acked());
+            }
             let query = match waited {
                 Waited::Stop(stop) => return Ok(stop),
                 Waited::Query => true,
@@ -129,6 +137,105 @@ impl Streaming<'_> {
             }
         }
         Ok(Waited::Go)
+    }
+
+    /// The walsender streams flushed WAL: wait for it, a file-system event (the scout walks what was written
+    /// and the loop ships it), the receiver, or the keepalive.
+    async fn wait_streamed(
+        &mut self,
+        shutdown: &CancellationToken,
+        keepalive: &mut tokio::time::Interval,
+        progressed: &mut bool,
+    ) -> Result<Waited, Failure> {
+        let walsender = self
+            .walsender
+            .as_mut()
+            .expect("streaming from the walsender");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(self.stop_on_shutdown()),
+            moved = self.link.recv() => *progressed |= moved?,
+            _ = next_event(&mut self.events) => {
+                while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {}
+                if self.ships_on_write() {
+                    self.scout.advance(&self.reader, self.timeline, self.link.sent()).map_err(read_failure)?;
+                }
+            }
+            event = walsender.next() => return self.take_flushed(event),
+            _ = keepalive.tick() => {
+                let flush = self.pos.flush;
+                if let Some(stop) = self.send_keepalive(shutdown).await? {
+                    return Ok(Waited::Stop(stop));
+                }
+                self.confirm_sent = self.confirm_sent.max(flush.min(self.link.sent()));
+            }
+        }
+        Ok(Waited::Go)
+    }
+
+    /// WAL the walsender streamed: the primary flushed it. Compared with what was shipped; then the flush
+    /// position moves to its end (a shipped byte is confirmed only once compared, see [`CrossCheck`]).
+    fn take_flushed(&mut self, event: replication::Event) -> Result<Waited, Failure> {
+        let (start, bytes) = match event {
+            replication::Event::Wal { start, bytes } => (start, bytes),
+            replication::Event::Ended(e) => {
+                self.walsender = None;
+                return Ok(Waited::Stop(Stop::PrimaryLost(e)));
+            }
+        };
+        let end = Lsn(start.0 + bytes.len() as u64);
+        self.cross_check(replication::Side::Flushed, start, bytes)?;
+        // tests: the primary's flush reports stop reaching the sender, so what it ships stays provisional
+        #[cfg(feature = "failpoints")]
+        if fail::eval("sender-flush-frozen", |_| ()).is_some() {
+            return Ok(Waited::Go);
+        }
+        if end > self.pos.flush {
+            self.pos.flush = end;
+            self.pos.insert = self.pos.insert.max(end);
+            self.last_flush_change = Instant::now();
+            metrics::METRICS.primary_flush_lsn.set(end.0 as i64);
+        }
+        Ok(Waited::Go)
+    }
+
+    /// Compares `bytes` from `side` with the other side's (when the walsender streams).
+    fn cross_check(
+        &mut self,
+        side: replication::Side,
+        start: Lsn,
+        bytes: bytes::Bytes,
+    ) -> Result<(), Failure> {
+        let Some(cross) = &mut self.cross else {
+            return Ok(());
+        };
+        let before = cross.compared;
+        match cross.add(side, start, bytes) {
+            Ok(()) => {
+                metrics::METRICS
+                    .cross_checked_bytes
+                    .inc_by(cross.compared - before);
+                Ok(())
+            }
+            Err(e) => Err(self.cross_check_failed(e)),
+        }
+    }
+
+    /// The shipped WAL differs from what the primary flushed: nothing from there on is confirmed.
+    fn cross_check_failed(&self, e: replication::CrossCheckError) -> Failure {
+        metrics::METRICS.cross_check_mismatches.inc();
+        let at = match &e {
+            replication::CrossCheckError::Mismatch { at } => *at,
+            replication::CrossCheckError::Gap { start, .. } => *start,
+        };
+        let file =
+            walship_protocol::wal::segment_file_name(self.timeline, self.seg.segno(at), self.seg);
+        tracing::error!(%at, file = %file, dir = %self.reader.dir().display(), "{e}");
+        retry(anyhow!(
+            "{e} (WAL file {file} in {}): nothing from {at} on is confirmed; the next session resends it from \
+             the archive's confirmed position and the receiver compares. If this repeats, what pg_wal holds is not \
+             what PostgreSQL flushed: check the storage and that --wal-dir is this server's",
+            self.reader.dir().display()
+        ))
     }
 
     /// Ship once flushed: wait for an event, the receiver, or the next poll; one query covers every event
@@ -269,6 +376,9 @@ impl Streaming<'_> {
                 .read(self.timeline, sent, end)
                 .map_err(read_failure)?;
             crash_point!("sender-read-before-send");
+            if self.cross.is_some() {
+                self.cross_check(replication::Side::Shipped, sent, bytes.clone())?;
+            }
             // a long catch-up can keep this loop busy for a whole window: take in the acknowledgements
             // already here (the window slides on) and report from here too
             self.link.poll_received()?;
