@@ -108,6 +108,7 @@ pub(crate) async fn catchup_walship(
         s.terminate(Duration::from_secs(10));
     }
     w.backend = None;
+    w.walsender = None;
     let from = walship_receiver_position(&w.archive).context("walship's archive holds nothing")?;
     let target_lsn = make_backlog(world, settings.backlog_mb).await?;
     let backlog_mb = target_lsn.saturating_sub(from) as f64 / 1e6;
@@ -125,6 +126,7 @@ pub(crate) async fn catchup_walship(
     // the backend of the new session is counted from its start (found while the catch-up runs)
     let backend = world.walship_backend().await?;
     w.backend = Some(backend);
+    w.walsender = world.walship_walsender().await;
     wait_position(&mut w, target_lsn, Duration::from_secs(600)).await?;
     let seconds = started.elapsed().as_secs_f64();
     let gb = backlog_mb / 1000.0;
@@ -142,10 +144,16 @@ pub(crate) async fn catchup_walship(
         "backend".to_string(),
         cpu_seconds(backend).unwrap_or(0.0) / gb,
     );
+    if let Some(pid) = w.walsender {
+        cpu.insert(
+            "walsender".to_string(),
+            cpu_seconds(pid).unwrap_or(0.0) / gb,
+        );
+    }
     let rss = w
         .pids()
         .into_iter()
-        .filter(|(r, _)| r != "backend")
+        .filter(|(r, _)| r != "backend" && r != "walsender")
         .map(|(r, p)| (r, peak_rss_mb(p).unwrap_or(0.0)))
         .collect();
     Ok(CatchupResult::new(

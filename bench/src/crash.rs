@@ -26,6 +26,9 @@ use crate::{Settings, Target, World};
 pub enum Failure {
     PostgresCrash,
     HostDeath,
+    /// The host dies with walship (`--synchronous`) and pg_receivewal both synchronous standbys
+    /// (`synchronous_standby_names = 'ANY 2 (walship, pg_receivewal)'`): a commit returns only once both hold it.
+    SyncHostDeath,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -50,13 +53,26 @@ fn count(log: &std::path::Path, pattern: &str) -> usize {
 }
 
 pub async fn crash_scenario(settings: &Settings, failure: Failure) -> Result<Vec<CrashTrial>> {
-    let trials = if settings.quick { 2 } else { 5 };
+    let synchronous = failure == Failure::SyncHostDeath;
+    let trials = match (settings.quick, synchronous) {
+        (true, _) => 2,
+        (false, false) => 5,
+        (false, true) => 10,
+    };
     let name = match failure {
         Failure::PostgresCrash => "crash",
         Failure::HostDeath => "hostdeath",
+        Failure::SyncHostDeath => "sync-hostdeath",
     };
+    let sender_flags: Option<&[&str]> = synchronous.then_some(&["--synchronous"]);
     let mut world = World::new(&format!("bench-{name}"), settings).await?;
-    let mut walship = world.start_walship(name).await?;
+    if synchronous {
+        world
+            .synchronous_standby_names("ANY 2 (walship, pg_receivewal)")
+            .await?;
+    }
+    let base = world.dir.path().to_owned();
+    let mut walship = world.start_walship_with(&base, name, sender_flags).await?;
     let mut results = Vec::new();
     let mut rng = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -82,7 +98,8 @@ pub async fn crash_scenario(settings: &Settings, failure: Failure) -> Result<Vec
         let drained_before = count(sender, "primary down: the receiver holds");
         let ended_before = walship.receiver.sessions_ended();
         let mut drain_ms = 0;
-        if failure == Failure::HostDeath {
+        let host_death = failure != Failure::PostgresCrash;
+        if host_death {
             let pid = walship.sender.as_ref().context("sender")?.pid();
             world.primary.kill9_with(&[pid]);
             if let Some(mut s) = walship.sender.take() {
@@ -95,7 +112,7 @@ pub async fn crash_scenario(settings: &Settings, failure: Failure) -> Result<Vec
         let _ = bench.kill();
         let _ = bench.wait();
         let deadline = Instant::now() + WAIT;
-        if failure == Failure::HostDeath {
+        if host_death {
             // walship: the receiver ends the session once its writer has made everything received durable
             while walship.receiver.sessions_ended() <= ended_before {
                 anyhow::ensure!(
@@ -149,10 +166,14 @@ pub async fn crash_scenario(settings: &Settings, failure: Failure) -> Result<Vec
             receivewal_possibly_lost: rp,
         });
         drop(receivewal);
-        if failure == Failure::HostDeath {
+        if host_death {
             // the host is back: crash recovery, and a new sender
             world.primary.start();
-            walship.sender = Some(world.start_sender(walship.receiver.port));
+            let port = walship.receiver.port;
+            walship.sender = Some(match sender_flags {
+                Some(flags) => world.start_sender_with(port, flags),
+                None => world.start_sender(port),
+            });
         } else {
             // crash recovery on the same host; walship resumes by itself
             let back_before = count(sender, "PostgreSQL is back");

@@ -8,7 +8,10 @@
 //! 2. `catchup`: a WAL backlog built while the shipper is stopped, then the time until the target holds all of
 //!    it (MB/s), CPU seconds per GB of every process involved, and the raw ceilings of this machine.
 //! 3. `overhead`: pgbench TPS on the primary with and without the shipper.
-//! 4. `crash`, `hostdeath`: acknowledged commits lost when postgres crashes, or the primary's host dies.
+//! 4. `crash`, `hostdeath`: acknowledged commits lost when postgres crashes, or the primary's host dies;
+//!    `sync-hostdeath`: the same with walship and pg_receivewal both synchronous standbys.
+//! 6. `synchronous`: TPS and commit latency with walship `--synchronous` against pg_receivewal as the
+//!    synchronous standby.
 //! 5. `compression`: zstd on the wire and at rest; `restore`: archive recovery from the object store.
 //!
 //! Results are printed as tables with ratios and written as JSON. `--quick` is a one-minute smoke version.
@@ -19,6 +22,7 @@ mod crash;
 mod lag;
 mod overhead;
 mod report;
+mod synchronous;
 mod world;
 
 use std::collections::BTreeMap;
@@ -71,6 +75,9 @@ enum Scenario {
     Overhead,
     Crash,
     Hostdeath,
+    Synchronous,
+    /// Host deaths with walship and pg_receivewal both synchronous standbys (ANY 2).
+    SyncHostdeath,
     Compression,
     Restore,
 }
@@ -176,6 +183,15 @@ async fn main() -> Result<()> {
             eprintln!("death of the primary's host ...");
             report.host_death = crash::crash_scenario(&settings, crash::Failure::HostDeath).await?;
         }
+        if settings.scenarios.iter().any(|s| s == "synchronous") {
+            eprintln!("synchronous standbys ...");
+            report.synchronous = Some(synchronous::synchronous_scenario(&settings).await?);
+        }
+        if settings.scenarios.iter().any(|s| s == "sync-hostdeath") {
+            eprintln!("death of the primary's host, synchronous standbys ...");
+            report.sync_host_death =
+                crash::crash_scenario(&settings, crash::Failure::SyncHostDeath).await?;
+        }
         if settings.scenarios.iter().any(|s| s == "compression") {
             eprintln!("compression and restore from the object store ...");
             report.compression = Some(compression::compression_scenario(&settings).await?);
@@ -196,6 +212,9 @@ async fn main() -> Result<()> {
     }
     print_report(&report);
     print_crash(&report);
+    if let Some(s) = &report.synchronous {
+        synchronous::print_synchronous(s);
+    }
     if let Some(c) = &report.compression {
         compression::print_compression(c);
     }

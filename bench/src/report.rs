@@ -14,6 +14,8 @@ pub(crate) struct Report {
     pub(crate) overhead: Option<OverheadResult>,
     pub(crate) crash: Vec<crash::CrashTrial>,
     pub(crate) host_death: Vec<crash::CrashTrial>,
+    pub(crate) sync_host_death: Vec<crash::CrashTrial>,
+    pub(crate) synchronous: Option<crate::synchronous::SynchronousResult>,
     pub(crate) compression: Option<crate::compression::CompressionReport>,
 }
 
@@ -52,6 +54,10 @@ pub(crate) fn print_crash(r: &Report) {
     print_trials(
         &r.host_death,
         "Host death (kill -9 of the postmaster, its children and the walship sender in one kill; the receivers live)",
+    );
+    print_trials(
+        &r.sync_host_death,
+        "Host death with walship --synchronous and pg_receivewal --synchronous both synchronous standbys (ANY 2)",
     );
 }
 

@@ -52,6 +52,8 @@ pub(crate) struct WalshipTarget {
     pub(crate) receiver: Daemon,
     /// The sender's PostgreSQL backend (its queries cost the primary CPU too).
     pub(crate) backend: Option<u32>,
+    /// The walsender streaming to the sender (the flush signal), when it has one.
+    pub(crate) walsender: Option<u32>,
 }
 
 impl Target for WalshipTarget {
@@ -85,6 +87,9 @@ impl Target for WalshipTarget {
         }
         if let Some(b) = self.backend {
             v.push(("backend".into(), b));
+        }
+        if let Some(w) = self.walsender {
+            v.push(("walsender".into(), w));
         }
         v
     }
@@ -275,16 +280,65 @@ impl World {
 
     /// A receiver with its archive under `base`, and a sender.
     pub(crate) async fn start_walship_in(&self, base: &Path, tag: &str) -> Result<WalshipTarget> {
+        self.start_walship_with(base, tag, None).await
+    }
+
+    /// [`World::start_walship_in`], the sender with `extra` flags instead of `WALSHIP_BENCH_SENDER_ARGS`.
+    pub(crate) async fn start_walship_with(
+        &self,
+        base: &Path,
+        tag: &str,
+        extra: Option<&[&str]>,
+    ) -> Result<WalshipTarget> {
         let archive = base.join(format!("archive-{tag}"));
         let receiver = self.walship.receiver(&self.dir, &archive, &self.certs, 0);
-        let sender = self.start_sender(receiver.port);
+        let sender = match extra {
+            Some(extra) => self.start_sender_with(receiver.port, extra),
+            None => self.start_sender(receiver.port),
+        };
         let backend = Some(self.walship_backend().await?);
+        let walsender = self.walship_walsender().await;
         Ok(WalshipTarget {
             archive,
             sender: Some(sender),
             receiver,
             backend,
+            walsender,
         })
+    }
+
+    /// The pid of the walsender streaming to the running sender (`application_name` walship), if any.
+    pub(crate) async fn walship_walsender(&self) -> Option<u32> {
+        let client = self.primary.connect().await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let row = client
+                .query_opt(
+                    "SELECT pid FROM pg_stat_replication WHERE application_name = $1 ORDER BY backend_start DESC LIMIT 1",
+                    &[&walship_sender::DEFAULT_STANDBY_NAME],
+                )
+                .await
+                .ok()?;
+            if let Some(r) = row {
+                return Some(r.get::<_, i32>(0) as u32);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sets `synchronous_standby_names` on the primary and reloads (empty: no synchronous standby).
+    pub(crate) async fn synchronous_standby_names(&self, names: &str) -> Result<()> {
+        let client = self.primary.connect().await;
+        client
+            .batch_execute(&format!(
+                "ALTER SYSTEM SET synchronous_standby_names = '{names}'; SELECT pg_reload_conf()"
+            ))
+            .await
+            .context("set synchronous_standby_names")?;
+        Ok(())
     }
 
     /// The pid of the running sender's backend (found by its application_name).

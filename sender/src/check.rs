@@ -34,6 +34,10 @@ impl Lines {
         println!("ok: {what}: {detail}");
     }
 
+    fn warn(&mut self, what: &str, problem: impl std::fmt::Display, fix: &str) {
+        println!("WARNING: {what}: {problem}; fix: {fix}");
+    }
+
     fn fail(&mut self, what: &str, problem: impl std::fmt::Display, fix: &str) {
         self.failed += 1;
         println!("FAIL: {what}: {problem}; fix: {fix}");
@@ -57,6 +61,7 @@ pub async fn check(input: CheckInput) -> bool {
     if let Some(slot) = &cfg_probe.slot {
         replication_slot(&mut out, &pg, slot).await;
     }
+    flush_signal(&mut out, &pg, &info, &conn, &cfg_probe).await;
     let Some(tls) = tls else {
         return finish(out);
     };
@@ -163,6 +168,93 @@ async fn server_facts(out: &mut Lines, pg: &Primary, info: &crate::postgres::Ser
             "cannot read it",
             "connect as a role that may SHOW wal_level",
         ),
+    }
+}
+
+/// The replication connection (`--confirm-by`, `--synchronous`): the role, `max_wal_senders`, `pg_hba.conf`,
+/// and whether `synchronous_standby_names` names this sender.
+async fn flush_signal(
+    out: &mut Lines,
+    pg: &Primary,
+    info: &crate::postgres::ServerInfo,
+    conn: &Conn,
+    cfg: &SenderConfig,
+) {
+    use crate::replication::{names_standby, probe, ConfirmBy};
+    let name = &cfg.standby_name;
+    let named = scalar(pg, "SHOW synchronous_standby_names")
+        .await
+        .filter(|s| names_standby(s, name));
+    match (&named, cfg.synchronous) {
+        (Some(s), true) => out.ok(
+            "synchronous",
+            format!("synchronous_standby_names = '{s}' names {name}: a commit returns once walship's archive holds it; commits wait while the receiver is away"),
+        ),
+        (None, true) => out.fail(
+            "synchronous",
+            format!("--synchronous is set but synchronous_standby_names does not name {name}: commits do not wait for walship"),
+            &format!("ALTER SYSTEM SET synchronous_standby_names = '{name}' (or ANY 1 ({name}, other_standby) to stay writable while one is away); SELECT pg_reload_conf()"),
+        ),
+        (Some(s), false) => out.warn(
+            "synchronous",
+            format!("synchronous_standby_names = '{s}' names {name} but the sender runs without --synchronous: commits then wait up to 100 ms longer for it"),
+            "add --synchronous, or take walship out of synchronous_standby_names",
+        ),
+        (None, false) => {}
+    }
+    if cfg.confirm_by == ConfirmBy::Query {
+        out.ok("flush signal", "the flush query (--confirm-by query)");
+        return;
+    }
+    let senders = scalar(pg, "SHOW max_wal_senders").await.unwrap_or_default();
+    let replication = scalar(
+        pg,
+        "SELECT (rolreplication OR rolsuper)::text FROM pg_roles WHERE rolname = current_user",
+    )
+    .await
+    .is_some_and(|v| v == "true");
+    let required = cfg.confirm_by == ConfirmBy::Replication;
+    let refused = |out: &mut Lines, problem: String, fix: &str| {
+        if required {
+            out.fail("replication connection", problem, fix)
+        } else {
+            out.warn(
+                "replication connection",
+                format!("{problem}; the sender polls the flush position instead"),
+                fix,
+            )
+        }
+    };
+    if !replication {
+        return refused(
+            out,
+            "the role has neither REPLICATION nor superuser".into(),
+            "ALTER ROLE ... REPLICATION",
+        );
+    }
+    if senders == "0" {
+        return refused(
+            out,
+            "max_wal_senders = 0".into(),
+            "set max_wal_senders (10 is the default) in postgresql.conf and restart PostgreSQL",
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(15), probe(conn, name)).await {
+        Ok(Ok((sysid, timeline, flush))) if sysid == info.system_identifier => out.ok(
+            "replication connection",
+            format!("application_name {name}, timeline {timeline}, flushed up to {flush} (max_wal_senders {senders}): the walsender confirms shipped WAL"),
+        ),
+        Ok(Ok((sysid, ..))) => out.fail(
+            "replication connection",
+            format!("it reached cluster {sysid}, not {}", info.system_identifier),
+            "--pgconn must name one server",
+        ),
+        Ok(Err(e)) => {
+            let fix = crate::replication::fix_for(&e)
+                .unwrap_or("see the error; max_wal_senders may be used up by other standbys");
+            refused(out, format!("{e:#}"), fix)
+        }
+        Err(_) => refused(out, "no answer within 15 s".into(), "check the primary"),
     }
 }
 

@@ -234,6 +234,13 @@ async fn run_published(
                 }
                 let wait = backoff.next_wait();
                 metrics::METRICS.reconnects.inc();
+                metrics::METRICS.replication_stream.set(0);
+                if cfg.synchronous && metrics::METRICS.synchronous_behind_since.get() == 0 {
+                    // no synchronous standby of walship's now: commits on the primary wait from here on
+                    metrics::METRICS
+                        .synchronous_behind_since
+                        .set(now_micros() as i64);
+                }
                 count_error(&e);
                 state.reconnecting(&e);
                 walship_daemon::notify_status(&format!("reconnecting: {e:#}"));
@@ -267,7 +274,7 @@ fn count_error(e: &anyhow::Error) {
         .inc();
 }
 
-fn now_micros() -> u64 {
+pub(crate) fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -357,6 +364,9 @@ struct Streaming<'a> {
     shipped_on_write_total: u64,
     /// Protocol 3: the flush query in progress (a task of its own: shipping never waits for it).
     asking: Option<tokio::task::JoinHandle<anyhow::Result<Position>>>,
+    /// The primary's view of this sender (pg_stat_replication), asked every few seconds while the walsender
+    /// streams: in progress, and when last asked.
+    primary_view: (Option<PrimaryView>, Instant),
     /// The slot advance in progress, with the position it advances to.
     slot_task: Option<(Lsn, tokio::task::JoinHandle<anyhow::Result<()>>)>,
     /// While draining a stopped primary: how far to ship (valid records, provisional beyond `pos.flush`).
@@ -367,6 +377,9 @@ struct Streaming<'a> {
     /// What was shipped compared with what the walsender streamed, when it streams.
     cross: Option<replication::CrossCheck>,
 }
+
+/// Asking the primary's `pg_stat_replication` (synchronous or not, flush lag in ms).
+type PrimaryView = tokio::task::JoinHandle<anyhow::Result<(bool, i64)>>;
 
 /// Most bytes one side of the cross-check may be ahead of the other before the oldest go uncompared.
 const CROSS_CHECK_LIMIT: usize = 64 << 20;

@@ -31,6 +31,15 @@ pub struct Metrics {
     pub cross_check_mismatches: Counter,
     /// Shipped bytes compared with the walsender's.
     pub cross_checked_bytes: Counter,
+    /// 1 while the primary's walsender streams to this sender (the flush signal), 0 while it polls.
+    pub replication_stream: Gauge,
+    /// With --synchronous: when the primary's flush moved ahead of what the receiver acknowledged durable,
+    /// in microseconds since the epoch (0: not behind).
+    pub synchronous_behind_since: Gauge,
+    /// The primary's pg_stat_replication row of this sender: 1 when its sync_state is sync or quorum.
+    pub primary_sees_synchronous: Gauge,
+    /// The same row's flush_lag, in milliseconds (-1 when the primary shows none).
+    pub primary_flush_lag_ms: Gauge,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -47,6 +56,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     shipped_on_write_bytes: Counter::default(),
     cross_check_mismatches: Counter::default(),
     cross_checked_bytes: Counter::default(),
+    replication_stream: Gauge::default(),
+    synchronous_behind_since: Gauge::default(),
+    primary_sees_synchronous: Gauge::default(),
+    primary_flush_lag_ms: Gauge::default(),
 });
 
 /// The metrics text.
@@ -119,6 +132,31 @@ pub fn render() -> String {
         "cross_checked_bytes",
         "Shipped WAL bytes compared equal with what the primary's walsender streamed",
         m.cross_checked_bytes.clone(),
+    );
+    registry.register(
+        "replication_stream",
+        "1 while the primary's walsender streams flushed WAL to the sender (the flush signal), 0 while it polls the flush position",
+        m.replication_stream.clone(),
+    );
+    let behind: Gauge = Gauge::default();
+    let since = m.synchronous_behind_since.get();
+    if since > 0 {
+        behind.set(((crate::now_micros() as i64 - since).max(0)) / 1000);
+    }
+    registry.register(
+        "synchronous_behind_ms",
+        "With --synchronous: how long WAL the primary flushed has waited for the receiver's durable acknowledgement (commits wait at most that long; counting on while no session streams), 0 when none waits",
+        behind,
+    );
+    registry.register(
+        "primary_sees_synchronous",
+        "1 when the primary's pg_stat_replication shows this sender as a synchronous standby (sync_state sync or quorum)",
+        m.primary_sees_synchronous.clone(),
+    );
+    registry.register(
+        "primary_flush_lag_ms",
+        "flush_lag of this sender in the primary's pg_stat_replication, in milliseconds (-1 when it shows none)",
+        m.primary_flush_lag_ms.clone(),
     );
     let mut text = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {

@@ -91,6 +91,8 @@ pub const APPLICATION_NAME: &str = "walship-sender";
 /// A connection to the primary with the position query prepared.
 pub struct Primary {
     client: Client,
+    /// Cancelled when the connection ends (the server closed it, or it failed).
+    closed: tokio_util::sync::CancellationToken,
     position: Statement,
     pub info: ServerInfo,
 }
@@ -103,7 +105,7 @@ impl Primary {
         if config.get_application_name().is_none() {
             config.application_name(APPLICATION_NAME);
         }
-        let client = open_client(conn, config).await?;
+        let (client, closed) = open_client(conn, config).await?;
         let info = server_info(&client).await?;
         let position = client
             .prepare(info.dialect.position_sql)
@@ -111,6 +113,7 @@ impl Primary {
             .context("prepare the WAL position query")?;
         Ok(Primary {
             client,
+            closed,
             position,
             info,
         })
@@ -187,6 +190,22 @@ impl Primary {
         Ok(())
     }
 
+    /// The primary's `pg_stat_replication` row of the walsender named `name` (the newest): whether it counts
+    /// as a synchronous standby, and its `flush_lag` in milliseconds (-1 when none is shown).
+    pub async fn replication_view(&self, name: &str) -> Result<(bool, i64)> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT sync_state IN ('sync', 'quorum'), \
+                        coalesce((extract(epoch FROM flush_lag) * 1000)::bigint, -1) \
+                 FROM pg_stat_replication WHERE application_name = $1 ORDER BY backend_start DESC LIMIT 1",
+                &[&name],
+            )
+            .await
+            .context("read pg_stat_replication")?;
+        Ok(row.map_or((false, -1), |r| (r.get(0), r.get(1))))
+    }
+
     /// The session, for `check`'s own questions.
     pub fn client(&self) -> &Client {
         &self.client
@@ -194,6 +213,11 @@ impl Primary {
 
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// Resolves when the connection has ended (cancellation safe).
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
     }
 }
 
@@ -254,31 +278,38 @@ pub fn fatal_cause(e: &anyhow::Error) -> Option<&'static str> {
     })
 }
 
-/// A client connected as `conn` says, in plain text or TLS; its connection runs as a task of its own.
-async fn open_client(conn: &Conn, config: tokio_postgres::Config) -> Result<Client> {
+/// A client connected as `conn` says, in plain text or TLS; its connection runs as a task of its own, which
+/// cancels the token it returns when the connection ends.
+async fn open_client(
+    conn: &Conn,
+    config: tokio_postgres::Config,
+) -> Result<(Client, tokio_util::sync::CancellationToken)> {
     let what = || format!("connect to PostgreSQL ({})", conn.describe());
+    let closed = tokio_util::sync::CancellationToken::new();
     let client = match &conn.tls {
         None => {
             let (client, connection) = config.connect(NoTls).await.with_context(what)?;
-            tokio::spawn(watch_connection(connection));
+            tokio::spawn(watch_connection(connection, closed.clone()));
             client
         }
         Some(tls) => {
             let tls = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
             let (client, connection) = config.connect(tls).await.with_context(what)?;
-            tokio::spawn(watch_connection(connection));
+            tokio::spawn(watch_connection(connection, closed.clone()));
             client
         }
     };
-    Ok(client)
+    Ok((client, closed))
 }
 
 async fn watch_connection<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(
     connection: F,
+    closed: tokio_util::sync::CancellationToken,
 ) {
     if let Err(e) = connection.await {
         tracing::warn!(error = %e, "PostgreSQL connection closed");
     }
+    closed.cancel();
 }
 
 /// The facts walship needs of a primary (not a standby: that is unfixable by reconnecting).

@@ -259,7 +259,7 @@ async fn open_walsender(
     } else {
         "--confirm-by replication"
     };
-    match replication_fix(&e) {
+    match replication::fix_for(&e) {
         Some(fix) => Err(Failure::Fatal(
             e.context(format!("{what} needs a replication connection: {fix}")),
         )),
@@ -267,21 +267,6 @@ async fn open_walsender(
             e.context(format!("{what} needs a replication connection")),
         )),
     }
-}
-
-/// What to do when the primary refuses the replication connection for good (the role, `pg_hba.conf`).
-pub(crate) fn replication_fix(e: &anyhow::Error) -> Option<&'static str> {
-    let code = e
-        .chain()
-        .find_map(|c| c.downcast_ref::<replication::ServerError>())?
-        .code
-        .as_str();
-    Some(match code {
-        "28P01" => "authentication failed: check the password",
-        "28000" => "add a line for database \"replication\" and this role to the primary's pg_hba.conf, then reload it",
-        "42501" => "the role needs the REPLICATION attribute: ALTER ROLE ... REPLICATION",
-        _ => return None,
-    })
 }
 
 /// What a session opened with.
@@ -339,6 +324,7 @@ impl<'a> Streaming<'a> {
             shipped_on_write_total: 0,
             asking: None,
             slot_task: None,
+            primary_view: (None, Instant::now()),
             drain_target: None,
             cross: o
                 .walsender

@@ -59,6 +59,7 @@ impl Streaming<'_> {
             if let Some(w) = &self.walsender {
                 // what the receiver holds durably in this session, never more (DESIGN.md §1)
                 w.report_durable(self.link.acked());
+                self.watch_synchronous();
             }
             let query = match waited {
                 Waited::Stop(stop) => return Ok(stop),
@@ -151,7 +152,18 @@ impl Streaming<'_> {
             .walsender
             .as_mut()
             .expect("streaming from the walsender");
+        let pg = self.pg.clone();
+        let pg_closed = async {
+            match &pg {
+                Some(pg) => pg.closed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            // the query connection (the slot, the server's facts) ended: the session starts anew
+            _ = pg_closed => {
+                return Ok(Waited::Stop(Stop::PrimaryLost(anyhow!("the PostgreSQL connection closed"))));
+            }
             _ = shutdown.cancelled() => return Ok(self.stop_on_shutdown()),
             moved = self.link.recv() => *progressed |= moved?,
             _ = next_event(&mut self.events) => {
@@ -396,6 +408,46 @@ impl Streaming<'_> {
             }
         }
         Ok(shutdown.is_cancelled().then_some(Stop::Shutdown))
+    }
+
+    /// With the walsender streaming: how long flushed WAL has waited for the receiver (with --synchronous),
+    /// and every few seconds the primary's own view of this sender (pg_stat_replication).
+    fn watch_synchronous(&mut self) {
+        let m = &metrics::METRICS;
+        m.replication_stream.set(1);
+        if self.cfg.synchronous {
+            let behind = self.pos.flush > self.link.acked();
+            match (behind, m.synchronous_behind_since.get()) {
+                (true, 0) => {
+                    m.synchronous_behind_since.set(now_micros() as i64);
+                }
+                (false, since) if since != 0 => {
+                    m.synchronous_behind_since.set(0);
+                }
+                _ => {}
+            }
+        }
+        let (task, asked) = &mut self.primary_view;
+        if let Some(t) = task.take_if(|t| t.is_finished()) {
+            match t.now_or_never() {
+                Some(Ok(Ok((sync, lag_ms)))) => {
+                    m.primary_sees_synchronous.set(sync as i64);
+                    m.primary_flush_lag_ms.set(lag_ms);
+                }
+                Some(Ok(Err(e))) => warn!("reading pg_stat_replication: {e:#}"),
+                _ => {}
+            }
+        }
+        if task.is_none() && asked.elapsed() >= Duration::from_secs(5) {
+            *asked = Instant::now();
+            // flush_lag is there from PostgreSQL 10
+            if let Some(pg) = self.pg.clone().filter(|pg| pg.info.version_num >= 100_000) {
+                let name = self.cfg.standby_name.clone();
+                *task = Some(tokio::spawn(
+                    async move { pg.replication_view(&name).await },
+                ));
+            }
+        }
     }
 
     /// At most once a second: release WAL the receiver has made durable.

@@ -148,6 +148,55 @@ impl Walsender {
     }
 }
 
+/// What to do when the primary refuses the replication connection for good (the role, `pg_hba.conf`).
+pub fn fix_for(e: &anyhow::Error) -> Option<&'static str> {
+    let code = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<ServerError>())?
+        .code
+        .as_str();
+    Some(match code {
+        "28P01" => "authentication failed: check the password",
+        "28000" => "add a line for database \"replication\" and this role to the primary's pg_hba.conf, then reload it",
+        "42501" => "the role needs the REPLICATION attribute: ALTER ROLE ... REPLICATION",
+        _ => return None,
+    })
+}
+
+/// Opens a replication connection and asks `IDENTIFY_SYSTEM` (for `check`): the system identifier, the
+/// timeline and the flush position.
+pub async fn probe(conn: &Conn, name: &str) -> Result<(u64, TimelineId, Lsn)> {
+    let mut io = wire::connect(conn, name)
+        .await
+        .with_context(|| format!("open a replication connection ({})", conn.describe()))?;
+    let rows = wire::simple_query(&mut io, "IDENTIFY_SYSTEM").await?;
+    let row = rows.first().context("IDENTIFY_SYSTEM returned no row")?;
+    let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    Ok((
+        col(0).parse().context("IDENTIFY_SYSTEM: systemid")?,
+        col(1).parse().context("IDENTIFY_SYSTEM: timeline")?,
+        col(2).parse().context("IDENTIFY_SYSTEM: xlogpos")?,
+    ))
+}
+
+/// Whether `synchronous_standby_names` (`walship`, `FIRST 1 (a, b)`, `ANY 2 (a, "B", c)`, `2 (a, b)`, `*`)
+/// names `name`. Names compare as PostgreSQL compares them: case-insensitively unless double-quoted.
+pub fn names_standby(setting: &str, name: &str) -> bool {
+    let mut list = setting.trim();
+    if let Some(open) = list.find('(') {
+        list = list[open + 1..].trim_end().trim_end_matches(')');
+    }
+    list.split(',').map(str::trim).any(|n| {
+        if n == "*" {
+            return true;
+        }
+        match n.strip_prefix('"').and_then(|q| q.strip_suffix('"')) {
+            Some(quoted) => quoted.replace("\"\"", "\"") == name,
+            None => n.eq_ignore_ascii_case(name),
+        }
+    })
+}
+
 /// Reads the walsender's messages: WAL goes to the streaming loop, a keepalive asking for a reply wakes the
 /// status writer.
 async fn read_stream<R: tokio::io::AsyncRead + Unpin>(
