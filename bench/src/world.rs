@@ -334,10 +334,15 @@ impl World {
         let client = self.primary.connect().await;
         client
             .batch_execute(&format!(
-                "ALTER SYSTEM SET synchronous_standby_names = '{names}'; SELECT pg_reload_conf()"
+                "ALTER SYSTEM SET synchronous_standby_names = '{names}'"
             ))
             .await
             .context("set synchronous_standby_names")?;
+        // (ALTER SYSTEM refuses to run in the implicit transaction of a multi-statement query)
+        client
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .context("reload the configuration")?;
         Ok(())
     }
 

@@ -67,6 +67,26 @@ fn quick_bench_runs_every_scenario_for_every_tool() {
             "walship lost commits: {t}"
         );
     }
+    // synchronous standbys: both measured; a host death with both synchronous loses nothing in either
+    let sync = &report["synchronous"];
+    for k in [
+        "walship_sync_tps",
+        "receivewal_sync_tps",
+        "walship_async_tps",
+    ] {
+        assert!(sync[k].as_f64().unwrap() > 0.0, "{k}: {sync}");
+    }
+    let deaths = report["sync_host_death"].as_array().unwrap();
+    assert_eq!(deaths.len(), 2);
+    for t in deaths {
+        assert!(t["acknowledged"].as_u64().unwrap() > 0, "{t}");
+        assert_eq!(
+            t["walship_lost"].as_u64(),
+            Some(0),
+            "walship --synchronous lost commits: {t}"
+        );
+        assert_eq!(t["receivewal_lost"].as_u64(), Some(0), "{t}");
+    }
     let compression = &report["compression"];
     let wire = compression["wire"].as_array().unwrap();
     assert!(wire.len() >= 2, "{compression}");

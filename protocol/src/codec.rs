@@ -143,13 +143,14 @@ pub fn encode_raw_frame(kind: u8, payload: &[u8], dst: &mut BytesMut) {
 /// property test of the same name.
 pub fn check_framed_message(data: &[u8]) {
     use crate::message::tag;
-    const TAGS: [u8; 10] = [
+    const TAGS: [u8; 11] = [
         tag::HELLO,
         tag::WAL,
         tag::HISTORY,
         tag::KEEPALIVE,
         tag::PRIMARY_DOWN,
         tag::WAL_ZSTD,
+        tag::SYNC_STATE,
         tag::WELCOME,
         tag::REFUSE,
         tag::ACK,
@@ -161,7 +162,8 @@ pub fn check_framed_message(data: &[u8]) {
     let kind = TAGS[pick as usize % TAGS.len()];
     let mut frame = BytesMut::new();
     encode_raw_frame(kind, payload, &mut frame);
-    if pick as usize % TAGS.len() < 6 {
+    // the first seven are the sender's
+    if pick as usize % TAGS.len() < 7 {
         if let Some(SenderMessage::WalZstd(z)) = round_trip_decoded::<SenderMessage>(frame) {
             // whatever the frame claims, decompression is bounded and never panics
             if let Ok(w) = z.decompress(DEFAULT_MAX_PAYLOAD as usize) {
@@ -292,6 +294,14 @@ mod tests {
                 timeline: 3,
                 wal_end: Lsn(0x1_0000_0028),
                 down_since_unix_micros: 1_700_000_000_000_001,
+            },
+            SenderMessage::SyncState {
+                timeline: 2,
+                state: crate::message::SyncState::Sync,
+            },
+            SenderMessage::SyncState {
+                timeline: 1,
+                state: crate::message::SyncState::Quorum,
             },
         ]
     }
@@ -571,7 +581,9 @@ mod tests {
     /// Valid message bodies with a few bytes changed, cut or appended: most reach deep into the decoders.
     fn mutated_message() -> impl Strategy<Value = Vec<u8>> {
         let mut bodies: Vec<Vec<u8>> = Vec::new();
-        let tags = [b'H', b'W', b'T', b'K', b'D', b'Z', b'w', b'r', b'a', b'e'];
+        let tags = [
+            b'H', b'W', b'T', b'K', b'D', b'Z', b'S', b'w', b'r', b'a', b'e',
+        ];
         let mut push = |kind: u8, body: &[u8]| {
             let pick = tags.iter().position(|t| *t == kind).unwrap() as u8;
             let mut v = vec![pick];

@@ -70,6 +70,9 @@ pub enum FrameError {
     /// An unknown refusal code.
     #[error("Refuse message: unknown code {code}")]
     UnknownRefuseCode { code: u8 },
+    /// A `SyncState` this side does not know.
+    #[error("SyncState message: unknown state {code}")]
+    UnknownSyncState { code: u8 },
     /// A `Welcome` names a compression this side does not know.
     #[error("Welcome message: unknown compression {code}")]
     UnknownCompression { code: u8 },

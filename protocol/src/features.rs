@@ -43,6 +43,11 @@ impl Features {
     pub fn wire_compression(self) -> bool {
         self.version >= 4
     }
+
+    /// Version 5: the sender reports how the primary counts it as a synchronous standby (`SyncState`).
+    pub fn sync_state(self) -> bool {
+        self.version >= 5
+    }
 }
 
 #[cfg(test)]

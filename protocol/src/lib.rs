@@ -31,6 +31,7 @@
 //! | S→R | `T` | `History` | timeline u32, file content… |
 //! | S→R | `K` | `Keepalive` | primary_flush_lsn u64, timeline u32, sent_at_unix_micros u64 (version 3: confirms WAL up to primary_flush_lsn) |
 //! | S→R | `D` | `PrimaryDown` (version 2) | timeline u32, wal_end u64, down_since_unix_micros u64 |
+//! | S→R | `S` | `SyncState` (version 5) | timeline u32, state u8 (0 async, 1 sync, 2 quorum: the primary's `sync_state` of the sender) |
 //! | R→S | `w` | `Welcome` | protocol_version u16, count u16, count × (timeline u32, end_lsn u64), compression u8 (version 4: 0 none, 1 zstd) |
 //! | R→S | `r` | `Refuse` | code u8, reason str |
 //! | R→S | `a` | `Ack` | timeline u32, durable_lsn u64, confirmed_lsn u64 (version 3) |
@@ -50,6 +51,9 @@
 //! `WalZstd` (each message one zstd frame of at most one `Wal`'s bytes; the receiver decompresses into at
 //! most the frame limit, so memory stays bounded). A sender or receiver configured without compression sends
 //! or allows only `Wal`.
+//!
+//! Version 5 (synchronous standby): a sender running `--synchronous` tells the receiver how the primary counts
+//! it (`SyncState`), so that `promote` can say whether every commit the primary acknowledged is in the archive.
 #![forbid(unsafe_code)]
 
 pub mod codec;
@@ -64,11 +68,13 @@ pub use codec::{Frame, FrameCodec, MessageCodec, DEFAULT_MAX_PAYLOAD};
 pub use error::{FrameError, PageError, WalNameError};
 pub use features::Features;
 pub use lsn::Lsn;
-pub use message::{CompressedWal, Compression, ReceiverMessage, RefuseCode, SenderMessage};
+pub use message::{
+    CompressedWal, Compression, ReceiverMessage, RefuseCode, SenderMessage, SyncState,
+};
 pub use wal::{TimelineId, WalSegSize};
 
 /// The protocol versions this build speaks. The sender offers a range in `Hello`, the receiver picks the
 /// highest common one and names it in `Welcome`.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// See [`PROTOCOL_VERSION_MIN`].
-pub const PROTOCOL_VERSION_MAX: u16 = 4;
+pub const PROTOCOL_VERSION_MAX: u16 = 5;

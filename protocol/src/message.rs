@@ -14,6 +14,8 @@ pub mod tag {
     pub const KEEPALIVE: u8 = b'K';
     /// Protocol version 2.
     pub const PRIMARY_DOWN: u8 = b'D';
+    /// Version 5.
+    pub const SYNC_STATE: u8 = b'S';
     /// Protocol version 4: zstd-compressed WAL.
     pub const WAL_ZSTD: u8 = b'Z';
     /// Receiver → sender.
@@ -150,6 +152,45 @@ pub enum SenderMessage {
         wal_end: Lsn,
         down_since_unix_micros: u64,
     },
+    /// Protocol version 5: how the primary counts the sender (`--synchronous`) in `synchronous_standby_names`,
+    /// as its `pg_stat_replication` row last showed it; sent when it changes.
+    SyncState {
+        timeline: TimelineId,
+        state: SyncState,
+    },
+}
+
+/// The primary's `sync_state` of the sender's replication connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum SyncState {
+    /// Not a synchronous standby (`async`, `potential`, or no row): commits do not wait for walship.
+    Async = 0,
+    /// The synchronous standby (`sync`): every commit the primary acknowledges waited for walship's archive.
+    Sync = 1,
+    /// One of a quorum (`ANY n (...)`): an acknowledged commit is in walship's archive or on another of them.
+    Quorum = 2,
+}
+
+impl SyncState {
+    fn from_u8(code: u8) -> Result<Self, FrameError> {
+        Ok(match code {
+            0 => SyncState::Async,
+            1 => SyncState::Sync,
+            2 => SyncState::Quorum,
+            code => return Err(FrameError::UnknownSyncState { code }),
+        })
+    }
+
+    /// From `pg_stat_replication.sync_state`.
+    pub fn from_pg(text: &str) -> SyncState {
+        match text {
+            "sync" => SyncState::Sync,
+            "quorum" => SyncState::Quorum,
+            _ => SyncState::Async,
+        }
+    }
 }
 
 /// Why a receiver refused a session.
@@ -328,6 +369,7 @@ impl Encode for SenderMessage {
             SenderMessage::History { .. } => tag::HISTORY,
             SenderMessage::Keepalive { .. } => tag::KEEPALIVE,
             SenderMessage::PrimaryDown { .. } => tag::PRIMARY_DOWN,
+            SenderMessage::SyncState { .. } => tag::SYNC_STATE,
         }
     }
 
@@ -339,6 +381,7 @@ impl Encode for SenderMessage {
             SenderMessage::History { content, .. } => 4 + content.len(),
             SenderMessage::Keepalive { .. } => 20,
             SenderMessage::PrimaryDown { .. } => 20,
+            SenderMessage::SyncState { .. } => 5,
         }
     }
 
@@ -385,6 +428,10 @@ impl Encode for SenderMessage {
                 dst.put_u32(*timeline);
                 dst.put_u64(wal_end.0);
                 dst.put_u64(*down_since_unix_micros);
+            }
+            SenderMessage::SyncState { timeline, state } => {
+                dst.put_u32(*timeline);
+                dst.put_u8(*state as u8);
             }
         }
     }
@@ -487,6 +534,18 @@ impl Decode for SenderMessage {
                     timeline: b.timeline(1)?,
                     wal_end: Lsn(b.u64("wal_end")?),
                     down_since_unix_micros: b.u64("down_since_unix_micros")?,
+                };
+                b.finish()?;
+                m
+            }
+            tag::SYNC_STATE => {
+                let mut b = Body {
+                    message: "SyncState",
+                    buf: payload,
+                };
+                let m = SenderMessage::SyncState {
+                    timeline: b.timeline(1)?,
+                    state: SyncState::from_u8(b.u8("state")?)?,
                 };
                 b.finish()?;
                 m

@@ -273,6 +273,33 @@ fn report_handover(archive: &Path, handover: &Handover) {
         "walship: recovery took {}: {} bytes of its partial segment, zero-padded (WAL up to {})",
         handover.segment, handover.partial_bytes, handover.end_lsn
     );
+    if let Some(line) = synchronous_verdict(archive, handover.timeline) {
+        eprintln!("walship: {line}");
+    }
+}
+
+/// What a `--synchronous` sender's last word (`walship.synchronous`) proves about acknowledged commits.
+fn synchronous_verdict(archive: &Path, timeline: TimelineId) -> Option<String> {
+    use walship_protocol::SyncState;
+    let s = crate::archive::Synchronous::load(archive).filter(|s| s.timeline == timeline)?;
+    let since = time::OffsetDateTime::from_unix_timestamp_nanos(s.since_unix_micros as i128 * 1000)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| "?".into());
+    Some(match s.state {
+        SyncState::Sync => format!(
+            "the primary counted walship as its synchronous standby (sync_state = sync, since {since}, as its sender \
+             saw it every second until its session ended): every commit it acknowledged meanwhile waited for this \
+             archive, and recovery got all of them"
+        ),
+        SyncState::Quorum => format!(
+            "walship was one of a quorum of synchronous standbys (sync_state = quorum, since {since}): an \
+             acknowledged commit is in this archive or on another standby of the quorum"
+        ),
+        SyncState::Async => format!(
+            "the last sender ran --synchronous, but the primary did not count it as a synchronous standby (since \
+             {since}): commits acknowledged then did not wait for this archive"
+        ),
+    })
 }
 
 /// Ends recovery: archive recovery ends by itself at the end of the handed-over WAL (given half the time),

@@ -367,6 +367,9 @@ struct Streaming<'a> {
     /// The primary's view of this sender (pg_stat_replication), asked every few seconds while the walsender
     /// streams: in progress, and when last asked.
     primary_view: (Option<PrimaryView>, Instant),
+    /// With `--synchronous`: how the primary counts this sender, as last seen, and as last told the receiver.
+    sync_state: Option<walship_protocol::SyncState>,
+    sync_state_told: Option<walship_protocol::SyncState>,
     /// The slot advance in progress, with the position it advances to.
     slot_task: Option<(Lsn, tokio::task::JoinHandle<anyhow::Result<()>>)>,
     /// While draining a stopped primary: how far to ship (valid records, provisional beyond `pos.flush`).
@@ -379,7 +382,7 @@ struct Streaming<'a> {
 }
 
 /// Asking the primary's `pg_stat_replication` (synchronous or not, flush lag in ms).
-type PrimaryView = tokio::task::JoinHandle<anyhow::Result<(bool, i64)>>;
+type PrimaryView = tokio::task::JoinHandle<anyhow::Result<(walship_protocol::SyncState, i64)>>;
 
 /// Most bytes one side of the cross-check may be ahead of the other before the oldest go uncompared.
 const CROSS_CHECK_LIMIT: usize = 64 << 20;

@@ -11,7 +11,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::conninfo::Conn;
 use walship_protocol::wal::page_magic_for_version;
-use walship_protocol::{Lsn, TimelineId, WalSegSize};
+use walship_protocol::{Lsn, SyncState, TimelineId, WalSegSize};
 
 pub use crate::error::Unfixable;
 
@@ -190,20 +190,23 @@ impl Primary {
         Ok(())
     }
 
-    /// The primary's `pg_stat_replication` row of the walsender named `name` (the newest): whether it counts
-    /// as a synchronous standby, and its `flush_lag` in milliseconds (-1 when none is shown).
-    pub async fn replication_view(&self, name: &str) -> Result<(bool, i64)> {
+    /// The primary's `pg_stat_replication` row of the walsender named `name` (the newest): how it counts it
+    /// for synchronous replication, and its `flush_lag` in milliseconds (-1 when none is shown).
+    pub async fn replication_view(&self, name: &str) -> Result<(SyncState, i64)> {
         let row = self
             .client
             .query_opt(
-                "SELECT sync_state IN ('sync', 'quorum'), \
+                "SELECT sync_state, \
                         coalesce((extract(epoch FROM flush_lag) * 1000)::bigint, -1) \
                  FROM pg_stat_replication WHERE application_name = $1 ORDER BY backend_start DESC LIMIT 1",
                 &[&name],
             )
             .await
             .context("read pg_stat_replication")?;
-        Ok(row.map_or((false, -1), |r| (r.get(0), r.get(1))))
+        Ok(row.map_or((SyncState::Async, -1), |r| {
+            let state: Option<String> = r.get(0);
+            (SyncState::from_pg(state.as_deref().unwrap_or("")), r.get(1))
+        }))
     }
 
     /// The session, for `check`'s own questions.

@@ -324,7 +324,15 @@ impl<'a> Streaming<'a> {
             shipped_on_write_total: 0,
             asking: None,
             slot_task: None,
-            primary_view: (None, Instant::now()),
+            // the first look at once (the receiver learns the synchronous state early)
+            primary_view: (
+                None,
+                Instant::now()
+                    .checked_sub(Duration::from_secs(60))
+                    .unwrap_or_else(Instant::now),
+            ),
+            sync_state: None,
+            sync_state_told: None,
             drain_target: None,
             cross: o
                 .walsender

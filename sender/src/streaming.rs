@@ -61,6 +61,9 @@ impl Streaming<'_> {
                 w.report_durable(self.link.acked());
                 self.watch_synchronous();
             }
+            if let Some(stop) = self.tell_sync_state(shutdown).await? {
+                return Ok(stop);
+            }
             let query = match waited {
                 Waited::Stop(stop) => return Ok(stop),
                 Waited::Query => true,
@@ -430,15 +433,26 @@ impl Streaming<'_> {
         let (task, asked) = &mut self.primary_view;
         if let Some(t) = task.take_if(|t| t.is_finished()) {
             match t.now_or_never() {
-                Some(Ok(Ok((sync, lag_ms)))) => {
+                Some(Ok(Ok((state, lag_ms)))) => {
+                    let sync = state != walship_protocol::SyncState::Async;
                     m.primary_sees_synchronous.set(sync as i64);
                     m.primary_flush_lag_ms.set(lag_ms);
+                    if self.cfg.synchronous && self.sync_state != Some(state) {
+                        info!(state = ?state, "the primary counts this sender as {}", match state {
+                            walship_protocol::SyncState::Sync => "its synchronous standby: a commit returns once the archive holds it",
+                            walship_protocol::SyncState::Quorum => "one of a quorum of synchronous standbys",
+                            walship_protocol::SyncState::Async => "an asynchronous standby: commits do not wait for walship (is it in synchronous_standby_names?)",
+                        });
+                    }
+                    self.sync_state = Some(state);
                 }
                 Some(Ok(Err(e))) => warn!("reading pg_stat_replication: {e:#}"),
                 _ => {}
             }
         }
-        if task.is_none() && asked.elapsed() >= Duration::from_secs(5) {
+        // every second with --synchronous (promote relies on the last word), else every 5 s
+        let every = if self.cfg.synchronous { 1 } else { 5 };
+        if task.is_none() && asked.elapsed() >= Duration::from_secs(every) {
             *asked = Instant::now();
             // flush_lag is there from PostgreSQL 10
             if let Some(pg) = self.pg.clone().filter(|pg| pg.info.version_num >= 100_000) {
@@ -448,6 +462,36 @@ impl Streaming<'_> {
                 ));
             }
         }
+    }
+
+    /// With `--synchronous` (protocol 5): tells the receiver how the primary counts this sender, when that
+    /// changed, so that `promote` can say whether every acknowledged commit is in the archive.
+    async fn tell_sync_state(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Stop>, Failure> {
+        let Some(state) = self.sync_state else {
+            return Ok(None);
+        };
+        if !self.cfg.synchronous
+            || !self.features.sync_state()
+            || self.sync_state_told == Some(state)
+        {
+            return Ok(None);
+        }
+        let msg = SenderMessage::SyncState {
+            timeline: self.timeline,
+            state,
+        };
+        let grace = self.cfg.shutdown_grace;
+        let stop = finish_on_shutdown(
+            self.link.send(msg, "sending the synchronous state"),
+            shutdown,
+            grace,
+        )
+        .await?;
+        self.sync_state_told = Some(state);
+        Ok(stop)
     }
 
     /// At most once a second: release WAL the receiver has made durable.

@@ -324,6 +324,30 @@ pub async fn ship_and_compare(name: &str, opts: &InitOptions) -> crate::archive:
         },
     )
     .await;
+    // the flush signal: the primary's walsender (a replication connection on every version), which confirms
+    // everything flushed without a query
+    assert!(
+        s.sender.log_text().contains("walsender streams"),
+        "{name}: the sender did not open a replication connection"
+    );
+    wait_for(
+        &format!("{name}: the archive to be confirmed up to {flush}"),
+        WAIT,
+        || async {
+            let out = Command::new(s.walship.path(Walship::RECEIVER))
+                .args(["status", "--json", "--archive"])
+                .arg(&s.archive)
+                .output()
+                .ok()?;
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            status["confirmed_lsn"]
+                .as_str()
+                .and_then(|c| c.parse::<Lsn>().ok())
+                .filter(|c| *c >= flush)
+                .map(|_| ())
+        },
+    )
+    .await;
     let compared =
         crate::archive::assert_matches_primary(&s.archive, &s.primary.wal_dir(), s.seg, 1);
     assert!(compared.complete_segments >= 1, "{compared:?}");

@@ -157,6 +157,8 @@ async fn synchronous_shipping(name: &str, segsize: Option<u32>) -> Shipping {
         &["--synchronous"],
     );
     s.sender.wait_for_log("walsender streams", WAIT);
+    s.sender
+        .wait_for_log("counts this sender as its synchronous standby", WAIT);
     s
 }
 
@@ -262,7 +264,8 @@ async fn synchronous_host_deaths_lose_no_acknowledged_commit() {
                 &s.certs,
                 &["--synchronous"],
             );
-            s.sender.wait_for_log("walsender streams", WAIT);
+            s.sender
+                .wait_for_log("counts this sender as its synchronous standby", WAIT);
         }
     }
     let end = archive_end(&s.archive, s.seg, 1).expect("archive end");
@@ -270,6 +273,10 @@ async fn synchronous_host_deaths_lose_no_acknowledged_commit() {
     println!("{}", text.trim());
     assert_eq!(timeline, 2);
     assert!(start <= end);
+    assert!(
+        text.contains("as its synchronous standby (sync_state = sync"),
+        "promote does not say that the archive holds every acknowledged commit:\n{text}"
+    );
     let promoted = standby.connect().await;
     let v = verdict(&all_rows, end, &promoted).await;
     println!(

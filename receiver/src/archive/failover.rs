@@ -31,6 +31,25 @@ impl PrimaryDown {
     }
 }
 
+/// The file where the receiver keeps how the primary counted the last `--synchronous` sender.
+pub const SYNCHRONOUS_FILE: &str = "walship.synchronous";
+
+/// How the primary counted the sender of `timeline` in `synchronous_standby_names` (its `pg_stat_replication`
+/// `sync_state`, as the sender last saw it, at most a second old), since when. Written when a `--synchronous`
+/// sender says it changed; removed when a session is admitted (a sender that says nothing is not counted).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Synchronous {
+    pub timeline: TimelineId,
+    pub state: walship_protocol::SyncState,
+    pub since_unix_micros: u64,
+}
+
+impl Synchronous {
+    pub fn load(dir: &Path) -> Option<Synchronous> {
+        serde_json::from_slice(&fs::read(dir.join(SYNCHRONOUS_FILE)).ok()?).ok()
+    }
+}
+
 /// The failover state file's name.
 pub const FAILOVER_FILE: &str = "walship.failover";
 

@@ -370,9 +370,31 @@ impl Archive {
         Ok(state)
     }
 
-    /// Forgets that the primary was down (a sender connected again).
+    /// Records how the primary counts the sender of `timeline` as a synchronous standby.
+    pub fn record_synchronous(
+        &mut self,
+        timeline: TimelineId,
+        state: walship_protocol::SyncState,
+        now_unix_micros: u64,
+    ) -> Result<()> {
+        self.check_usable()?;
+        let record = Synchronous {
+            timeline,
+            state,
+            since_unix_micros: now_unix_micros,
+        };
+        let json = serde_json::to_vec_pretty(&record).context("encode the synchronous state")?;
+        self.write_atomically(SYNCHRONOUS_FILE, &json)
+    }
+
+    /// Forgets that the primary was down, and how it counted the last sender (a sender connected again).
     pub fn clear_primary_down(&mut self) -> Result<()> {
-        let path = self.dir.join(PRIMARY_FILE);
+        self.remove_state_file(SYNCHRONOUS_FILE)?;
+        self.remove_state_file(PRIMARY_FILE)
+    }
+
+    fn remove_state_file(&mut self, name: &str) -> Result<()> {
+        let path = self.dir.join(name);
         match fs::remove_file(&path) {
             Ok(()) => sync_dir_handle(&self.dir_handle, &self.dir),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

@@ -246,6 +246,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
                 };
                 let _ = self.tx.send(cmd).await;
             }
+            SenderMessage::SyncState { timeline: t, state } => {
+                if t != timeline {
+                    bail!("SyncState for timeline {t} in a session opened for timeline {timeline}");
+                }
+                let _ = self.tx.send(Cmd::SyncState { timeline: t, state }).await;
+            }
             // decompressed into a Wal before
             SenderMessage::WalZstd(_) => bail!("internal: compressed WAL was not decompressed"),
             SenderMessage::Hello(_) => {

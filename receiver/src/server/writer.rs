@@ -20,6 +20,11 @@ pub(crate) enum Cmd {
         wal_end: Lsn,
         since_unix_micros: u64,
     },
+    /// Protocol 5: how the primary counts the sender as a synchronous standby.
+    SyncState {
+        timeline: TimelineId,
+        state: walship_protocol::SyncState,
+    },
 }
 
 /// Publishes the durable and confirmed positions of the session's timeline.
@@ -187,6 +192,17 @@ pub(crate) fn apply(
             } else {
                 warn!(%wal_end, archived = %state.archived_end, "the primary is down; the archive does not hold all of its WAL");
             }
+            false
+        }
+        Cmd::SyncState { timeline, state } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64);
+            archive.record_synchronous(timeline, state, now)?;
+            info!(
+                ?state,
+                "the primary counts the sender as {state:?} (synchronous_standby_names)"
+            );
             false
         }
     })
