@@ -244,7 +244,7 @@ impl Store {
     /// compared, never overwritten.
     pub async fn put_once(&self, file: &str, raw: &[u8]) -> Result<Put> {
         let path = self.path(&Self::object_name(file));
-        let (payload, attributes) = encode(raw, self.metadata)?;
+        let (payload, attributes) = encode_aside(raw, self.metadata).await?;
         let opts = PutOptions {
             mode: PutMode::Create,
             attributes,
@@ -271,7 +271,7 @@ impl Store {
     /// Stores `raw` as `file`, replacing what is there (the partial segment as it grows).
     pub async fn put_replace(&self, file: &str, raw: &[u8]) -> Result<()> {
         let path = self.path(&Self::object_name(file));
-        let (payload, attributes) = encode(raw, self.metadata)?;
+        let (payload, attributes) = encode_aside(raw, self.metadata).await?;
         let opts = PutOptions {
             attributes,
             ..Default::default()
@@ -404,6 +404,15 @@ impl Store {
         }
         Ok(Some(raw))
     }
+}
+
+/// [`encode`] on a blocking thread: compressing a segment takes tens of milliseconds, which the runtime's
+/// worker (the one that also serves the sender's session) must not spend.
+async fn encode_aside(raw: &[u8], metadata: bool) -> Result<(PutPayload, Attributes)> {
+    let raw = raw.to_vec();
+    tokio::task::spawn_blocking(move || encode(&raw, metadata))
+        .await
+        .context("the compression task")?
 }
 
 /// zstd with the frame checksum on, and the CRC-32C of the raw bytes as metadata (when the store keeps it).

@@ -123,8 +123,8 @@ pub struct Link {
     /// Deadline for each send and for the receiver's silence.
     timeout: Duration,
     last_heard: Instant,
-    /// zstd level of WAL messages, when the receiver allowed compression.
-    compress: Option<i32>,
+    /// Compresses WAL messages (zstd, one context for the session), when the receiver allowed compression.
+    compressor: Option<zstd::bulk::Compressor<'static>>,
 }
 
 impl Link {
@@ -164,13 +164,19 @@ impl Link {
             window,
             timeout,
             last_heard: Instant::now(),
-            compress: None,
+            compressor: None,
         }
     }
 
     /// Sends WAL compressed with zstd at `level` from now on (`None`: plain).
     pub fn compress_with(&mut self, level: Option<i32>) {
-        self.compress = level;
+        self.compressor = level.and_then(|l| match zstd::bulk::Compressor::new(l) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(level = l, "no zstd context ({e}): WAL goes uncompressed");
+                None
+            }
+        });
     }
 
     pub fn sent(&self) -> Lsn {
@@ -208,7 +214,7 @@ impl Link {
             bytes,
         };
         let len = end.0 - start.0;
-        let msg = match self.compress.and_then(|level| wal.compress(level)) {
+        let msg = match self.compressor.as_mut().and_then(|c| wal.compress_with(c)) {
             Some(z) => {
                 crate::metrics::METRICS
                     .wire_wal_bytes

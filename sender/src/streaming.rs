@@ -175,7 +175,17 @@ impl Streaming<'_> {
                     self.scout.advance(&self.reader, self.timeline, self.link.sent()).map_err(read_failure)?;
                 }
             }
-            event = walsender.next() => return self.take_flushed(event),
+            event = walsender.next() => {
+                // what the walsender already sent moves the flush position at once: one confirmation
+                let mut waited = self.take_flushed(event)?;
+                while matches!(waited, Waited::Go) {
+                    let Some(more) = self.walsender.as_mut().and_then(|w| w.try_next()) else {
+                        break;
+                    };
+                    waited = self.take_flushed(more)?;
+                }
+                return Ok(waited);
+            }
             _ = keepalive.tick() => {
                 let flush = self.pos.flush;
                 if let Some(stop) = self.send_keepalive(shutdown).await? {

@@ -24,6 +24,8 @@ struct Stream<'a, S> {
     pending: Pending,
     /// The last position acknowledged to the sender.
     last_ack: Option<(TimelineId, Synced)>,
+    /// One zstd context for the session's compressed WAL (created at the first such message).
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
 }
 
 /// Ends the session with `reason`, said to the sender first.
@@ -77,6 +79,7 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
         tx,
         pending: Pending::default(),
         last_ack: start,
+        decompressor: None,
     };
     let outcome: Result<()> = async {
         // a handle of its own for reserving room (the handlers borrow the session mutably); dropped with
@@ -161,7 +164,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
                     refuse_and_end!(self, "compressed WAL, which this session did not allow");
                 }
                 wire.inc_by(z.data.len() as u64);
-                match z.decompress(self.shared.opts.max_payload as usize) {
+                let max = self.shared.opts.max_payload as usize;
+                let decompressed = match &mut self.decompressor {
+                    Some(d) => z.decompress_with(d, max),
+                    None => match zstd::bulk::Decompressor::new() {
+                        Ok(d) => z.decompress_with(self.decompressor.insert(d), max),
+                        Err(e) => bail!("no zstd context: {e}"),
+                    },
+                };
+                match decompressed {
                     Ok(w) => Ok(SenderMessage::Wal(w)),
                     Err(e) => refuse_and_end!(self, "bad compressed WAL from sender: {e}"),
                 }

@@ -135,6 +135,17 @@ impl Walsender {
             .unwrap_or_else(|| Event::Ended(anyhow!("the replication stream's reader stopped")))
     }
 
+    /// An event the stream already has, without waiting.
+    pub(crate) fn try_next(&mut self) -> Option<Event> {
+        match self.events.try_recv() {
+            Ok(event) => Some(event),
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => None,
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => Some(Event::Ended(
+                anyhow!("the replication stream's reader stopped"),
+            )),
+        }
+    }
+
     /// The receiver holds WAL up to `lsn` durably in this session: reported to the walsender (at once with
     /// `--synchronous`), never lower than before.
     pub(crate) fn report_durable(&self, lsn: Lsn) {
