@@ -1,7 +1,7 @@
 //! Scenario `synchronous`: the primary's pgbench TPS and commit latency (as pgbench reports them) with walship
 //! `--synchronous` as the synchronous standby, side by side with pg_receivewal `--synchronous` as the
-//! synchronous standby, and both asynchronous. Order: walship sync, pg_receivewal sync, walship sync, then
-//! walship async and pg_receivewal async (drift shows in the spread of the two walship sync runs).
+//! synchronous standby, and both asynchronous. Order: walship sync, pg_receivewal sync, twice, walship sync
+//! again, then walship async and pg_receivewal async; each run starts right after a checkpoint.
 
 #[allow(unused_imports)]
 use crate::*;
@@ -16,7 +16,7 @@ pub(crate) struct PgbenchRun {
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct SynchronousResult {
     pub(crate) runs: Vec<PgbenchRun>,
-    /// walship --synchronous: mean of the two runs.
+    /// walship --synchronous: mean of its three runs (pg_receivewal's: of its two).
     pub(crate) walship_sync_tps: f64,
     pub(crate) walship_sync_latency_ms: f64,
     pub(crate) receivewal_sync_tps: f64,
@@ -55,61 +55,71 @@ pub(crate) async fn synchronous_scenario(settings: &Settings) -> Result<Synchron
     let world = World::new("bench-synchronous", settings).await?;
     let s = settings.overhead_seconds;
     pgbench_run(&world, s.min(5)).await?; // warm up
+    let client = world.primary.connect().await;
     let mut runs = Vec::new();
-    let mut record = |label: &str, (tps, latency_ms): (f64, f64)| {
+    // Each run starts right after a checkpoint, so that every run writes the same share of full-page
+    // images (without it, the first runs after start write more WAL per transaction than the later ones).
+    let mut measure = async |label: &str| -> Result<(f64, f64)> {
+        client.batch_execute("CHECKPOINT").await?;
+        let (tps, latency_ms) = pgbench_run(&world, s).await?;
         eprintln!("  {label}: {tps:.0} tps, {latency_ms:.2} ms");
         runs.push(PgbenchRun {
             label: label.into(),
             tps,
             latency_ms,
         });
-        (tps, latency_ms)
+        Ok((tps, latency_ms))
     };
     let base = world.dir.path().to_owned();
+    // alternating, walship first and last: drift over the run shows in the spread of each tool's runs
+    let mut walship_sync = Vec::new();
+    let mut reference_sync = Vec::new();
+    for round in 1..=2 {
+        world.synchronous_standby_names("walship").await?;
+        let w = world
+            .start_walship_with(&base, &format!("sync-{round}"), Some(&["--synchronous"]))
+            .await?;
+        walship_sync.push(measure("walship --synchronous").await?);
+        drop(w);
+        world.synchronous_standby_names("pg_receivewal").await?;
+        let r = world
+            .start_receivewal(&format!("sync-{round}"), true, false)
+            .await?;
+        reference_sync.push(measure("pg_receivewal --synchronous (synchronous standby)").await?);
+        drop(r);
+        world.drop_slots().await;
+    }
     world.synchronous_standby_names("walship").await?;
     let w = world
-        .start_walship_with(&base, "sync-1", Some(&["--synchronous"]))
+        .start_walship_with(&base, "sync-3", Some(&["--synchronous"]))
         .await?;
-    let w1 = record("walship --synchronous", pgbench_run(&world, s).await?);
-    drop(w);
-    world.synchronous_standby_names("pg_receivewal").await?;
-    let r = world.start_receivewal("sync", true, false).await?;
-    let r_sync = record(
-        "pg_receivewal --synchronous (synchronous standby)",
-        pgbench_run(&world, s).await?,
-    );
-    drop(r);
-    world.drop_slots().await;
-    world.synchronous_standby_names("walship").await?;
-    let w = world
-        .start_walship_with(&base, "sync-2", Some(&["--synchronous"]))
-        .await?;
-    let w2 = record("walship --synchronous", pgbench_run(&world, s).await?);
+    walship_sync.push(measure("walship --synchronous").await?);
     drop(w);
     world.synchronous_standby_names("").await?;
     let w = world.start_walship_with(&base, "async", None).await?;
-    let w_async = record("walship (async)", pgbench_run(&world, s).await?);
+    let w_async = measure("walship (async)").await?;
     drop(w);
     let r = world.start_receivewal("async", true, false).await?;
-    let r_async = record(
-        "pg_receivewal --synchronous (async)",
-        pgbench_run(&world, s).await?,
-    );
+    let r_async = measure("pg_receivewal --synchronous (async)").await?;
     drop(r);
     world.drop_slots().await;
-    let sync_tps = (w1.0 + w2.0) / 2.0;
-    let sync_latency = (w1.1 + w2.1) / 2.0;
+    let mean =
+        |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
+    let sync_tps = mean(&walship_sync, |r| r.0);
+    let sync_latency = mean(&walship_sync, |r| r.1);
+    let ref_tps = mean(&reference_sync, |r| r.0);
+    let ref_latency = mean(&reference_sync, |r| r.1);
     Ok(SynchronousResult {
         runs,
         walship_sync_tps: sync_tps,
         walship_sync_latency_ms: sync_latency,
-        receivewal_sync_tps: r_sync.0,
-        receivewal_sync_latency_ms: r_sync.1,
+        receivewal_sync_tps: ref_tps,
+        receivewal_sync_latency_ms: ref_latency,
         walship_async_tps: w_async.0,
         walship_async_latency_ms: w_async.1,
         receivewal_async_tps: r_async.0,
-        tps_ratio: sync_tps / r_sync.0,
-        latency_ratio: sync_latency / r_sync.1,
+        tps_ratio: sync_tps / ref_tps,
+        latency_ratio: sync_latency / ref_latency,
         latency_vs_async: sync_latency / w_async.1,
     })
 }

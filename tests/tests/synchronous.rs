@@ -14,6 +14,7 @@ use std::time::Duration;
 use walship_protocol::Lsn;
 use walship_tests::archive::{archive_end, assert_matches_primary};
 use walship_tests::cluster::{run_ok, WAIT};
+use walship_tests::daemon::Walship;
 use walship_tests::ledger::{losses, under_load, verdict};
 use walship_tests::metrics::{metrics_port, sample, scrape};
 use walship_tests::scenario::{shipping, stage, Shipping};
@@ -179,8 +180,33 @@ async fn a_synchronous_commit_waits_until_the_archive_holds_it() {
         .expect("walship in pg_stat_replication")
         .get(0);
     assert_eq!(state, "sync");
+    let status_text = |s: &Shipping| {
+        let out = std::process::Command::new(s.walship.path(Walship::RECEIVER))
+            .args(["status", "--archive"])
+            .arg(&s.archive)
+            .output()
+            .expect("run status");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // status says that commits wait for the archive ...
+    wait_for(
+        "status to show walship as the synchronous standby",
+        WAIT,
+        || async {
+            status_text(&s)
+                .contains("synchronous:        yes (sync_state = sync since")
+                .then_some(())
+        },
+    )
+    .await;
     let port = s.receiver.port;
     s.receiver.terminate(WAIT);
+    // ... and, with no sender, that they are waiting now
+    let text = status_text(&s);
+    assert!(
+        text.contains("commits on the primary wait for walship until a sender is back"),
+        "status with the receiver stopped:\n{text}"
+    );
     let writer = s.primary.connect().await;
     let commit = tokio::spawn(async move {
         writer

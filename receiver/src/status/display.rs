@@ -83,6 +83,9 @@ impl Report {
         } else {
             writeln!(f, "sender:             not connected")?;
         }
+        if let Some(line) = self.synchronous_line() {
+            writeln!(f, "synchronous:        {line}")?;
+        }
         let Some(down) = &self.primary_down else {
             return Ok(());
         };
@@ -101,6 +104,40 @@ impl Report {
             "primary:            down since {since}, its WAL ends at {}; the archive holds all of it: {all}",
             down.wal_end
         )
+    }
+
+    /// With a `--synchronous` sender: whether commits on the primary wait for this archive, and whether they
+    /// are waiting now because no sender is connected.
+    fn synchronous_line(&self) -> Option<String> {
+        use walship_protocol::SyncState;
+        let s = self.synchronous.as_ref()?;
+        let since =
+            time::OffsetDateTime::from_unix_timestamp_nanos(s.since_unix_micros as i128 * 1000)
+                .map(|t| t.to_string())
+                .unwrap_or_else(|_| "?".into());
+        let state = match s.state {
+            SyncState::Sync => "sync",
+            SyncState::Quorum => "quorum",
+            SyncState::Async => "async",
+        };
+        Some(match (s.state, self.sender_connected) {
+            (SyncState::Async, _) => format!(
+                "the sender runs --synchronous but the primary does not count it (sync_state = {state} since \
+                 {since}): commits do not wait for this archive; is it named in synchronous_standby_names?"
+            ),
+            (_, true) => format!(
+                "yes (sync_state = {state} since {since}): a commit on the primary returns once this archive \
+                 holds it"
+            ),
+            (_, false) => format!(
+                "sync_state was {state} (since {since}) when the last sender left{}: commits on the primary wait \
+                 for walship until a sender is back, unless another standby of a quorum answers or walship is \
+                 taken out of synchronous_standby_names",
+                self.no_sender_seconds
+                    .map(|n| format!(" {n:.0} s ago"))
+                    .unwrap_or_default()
+            ),
+        })
     }
 
     fn store_lines(&self, f: &mut Formatter<'_>) -> Result {

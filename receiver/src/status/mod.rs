@@ -60,6 +60,10 @@ pub struct Report {
     /// Seconds since a sender was last connected (0 while one is).
     #[serde(default)]
     pub no_sender_seconds: Option<f64>,
+    /// How the primary counts a `--synchronous` sender (`pg_stat_replication.sync_state`), as its last
+    /// session said, and since when.
+    #[serde(default)]
+    pub synchronous: Option<crate::archive::Synchronous>,
     /// The object store the archive is copied to (`--object-store`), how far, and what waits.
     pub store: Option<String>,
     pub store_uploaded_up_to: Option<String>,
@@ -168,6 +172,7 @@ fn archive_report(dir: &Path) -> anyhow::Result<Report> {
         failover_triggered: failover.is_some(),
         handover: failover.and_then(|f| f.handover),
         primary_down: crate::archive::PrimaryDown::load(dir),
+        synchronous: crate::archive::Synchronous::load(dir),
         ..Report::empty()
     };
     let uploads = crate::upload::read_state(dir);
@@ -254,6 +259,7 @@ impl Report {
             failover_triggered: false,
             handover: None,
             primary_down: None,
+            synchronous: None,
             primary_wal_archived: None,
             no_sender_seconds: None,
             store: None,
@@ -318,6 +324,7 @@ mod tests {
             failover_triggered: false,
             handover: None,
             primary_down: None,
+            synchronous: None,
             primary_wal_archived: None,
             no_sender_seconds: Some(0.0),
             store: None,
