@@ -133,11 +133,9 @@ impl Streaming<'_> {
                 }
             }
             _ = keepalive.tick() => {
-                let flush = self.pos.flush;
                 if let Some(stop) = self.send_keepalive(shutdown).await? {
                     return Ok(Waited::Stop(stop));
                 }
-                self.confirm_sent = self.confirm_sent.max(flush.min(self.link.sent()));
             }
         }
         Ok(Waited::Go)
@@ -187,11 +185,9 @@ impl Streaming<'_> {
                 return Ok(waited);
             }
             _ = keepalive.tick() => {
-                let flush = self.pos.flush;
                 if let Some(stop) = self.send_keepalive(shutdown).await? {
                     return Ok(Waited::Stop(stop));
                 }
-                self.confirm_sent = self.confirm_sent.max(flush.min(self.link.sent()));
             }
         }
         Ok(Waited::Go)
@@ -308,14 +304,19 @@ impl Streaming<'_> {
     }
 
     /// The keepalive with the primary's flush position (it confirms shipped WAL), finished even when shutdown
-    /// comes meanwhile.
+    /// comes meanwhile; records what it confirmed.
     async fn send_keepalive(
         &mut self,
         shutdown: &CancellationToken,
     ) -> Result<Option<Stop>, Failure> {
         let flush = self.pos.flush;
         let grace = self.cfg.shutdown_grace;
-        finish_on_shutdown(self.link.keepalive(flush, now_micros()), shutdown, grace).await
+        let stop =
+            finish_on_shutdown(self.link.keepalive(flush, now_micros()), shutdown, grace).await?;
+        if stop.is_none() {
+            self.confirm_sent = self.confirm_sent.max(flush.min(self.link.sent()));
+        }
+        Ok(stop)
     }
 
     /// Protocol 3: the receiver takes WAL before it is flushed (provisional until confirmed).

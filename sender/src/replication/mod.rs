@@ -89,12 +89,7 @@ impl Walsender {
         let mut io = wire::connect(conn, name)
             .await
             .with_context(|| format!("open a replication connection ({})", conn.describe()))?;
-        let rows = wire::simple_query(&mut io, "IDENTIFY_SYSTEM").await?;
-        let row = rows.first().context("IDENTIFY_SYSTEM returned no row")?;
-        let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-        let sysid: u64 = col(0).parse().context("IDENTIFY_SYSTEM: systemid")?;
-        let tli: TimelineId = col(1).parse().context("IDENTIFY_SYSTEM: timeline")?;
-        let from: Lsn = col(2).parse().context("IDENTIFY_SYSTEM: xlogpos")?;
+        let (sysid, tli, from) = identify_system(&mut io).await?;
         if sysid != system_identifier {
             return Err(crate::error::Unfixable(format!(
                 "the replication connection reached cluster {sysid}, the query connection cluster {system_identifier}: \
@@ -180,7 +175,12 @@ pub async fn probe(conn: &Conn, name: &str) -> Result<(u64, TimelineId, Lsn)> {
     let mut io = wire::connect(conn, name)
         .await
         .with_context(|| format!("open a replication connection ({})", conn.describe()))?;
-    let rows = wire::simple_query(&mut io, "IDENTIFY_SYSTEM").await?;
+    identify_system(&mut io).await
+}
+
+/// `IDENTIFY_SYSTEM`: the system identifier, the timeline and the flush position.
+async fn identify_system(io: &mut Box<dyn wire::Io>) -> Result<(u64, TimelineId, Lsn)> {
+    let rows = wire::simple_query(io, "IDENTIFY_SYSTEM").await?;
     let row = rows.first().context("IDENTIFY_SYSTEM returned no row")?;
     let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
     Ok((
