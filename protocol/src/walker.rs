@@ -120,6 +120,57 @@ pub enum RecordError {
     Checksum { found: u32, computed: u32 },
 }
 
+/// How much of a segment file's first bytes (`data`, from the segment's first byte `start` on) is WAL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValidPrefix {
+    /// Bytes up to the first page whose header is invalid or incomplete (a multiple of the page size, or all).
+    pub pages: usize,
+    /// Bytes up to the end of the last complete, valid record, as PostgreSQL's recovery finds it (at an
+    /// `XLOG_SWITCH`, the end of the switch record's own bytes: the rest of the segment is padding). 0 when no
+    /// record starts and ends in `data`.
+    pub records: usize,
+}
+
+/// Finds the [`ValidPrefix`] of a segment's bytes: where a preallocated (zero-filled) segment file's WAL
+/// ends, and where a torn write ends it.
+pub fn valid_prefix(exp: PageExpectation, start: Lsn, data: &[u8]) -> ValidPrefix {
+    debug_assert_eq!(start.0 % BLCKSZ, 0);
+    let mut pages = 0usize;
+    while pages < data.len() {
+        let end = (pages + XLOG_BLCKSZ).min(data.len());
+        let header = if pages == 0 {
+            LONG_PAGE_HEADER
+        } else {
+            SHORT_PAGE_HEADER
+        };
+        if end - pages < header
+            || exp
+                .check_pages(&data[pages..end], Lsn(start.0 + pages as u64))
+                .is_err()
+        {
+            break;
+        }
+        pages = end;
+    }
+    let valid = &data[..pages];
+    let records = match Walker::resync(exp, valid, start) {
+        Ok(mut walker) => {
+            let mut last = None;
+            walker.walk(valid, start, |r| last = Some(*r));
+            match last {
+                Some(r) if r.is_switch() => r.own_end.0 - start.0,
+                Some(_) => walker.next_lsn().0 - start.0,
+                None => 0,
+            }
+        }
+        Err(_) => 0,
+    };
+    ValidPrefix {
+        pages,
+        records: (records as usize).min(pages),
+    }
+}
+
 /// WAL bytes `[base, base + bytes.len())`.
 #[derive(Clone, Copy)]
 struct Window<'a> {

@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{wal, SEG};
+use common::{assert_partial, wal, SEG};
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -209,10 +209,6 @@ async fn ack_until(c: &mut Client, durable: u64, confirmed: Option<u64>) -> (Lsn
     }
 }
 
-fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
 #[tokio::test]
 async fn wal_is_acknowledged_once_durable_and_the_archive_holds_the_same_bytes() {
     let r = Receiver::start().await;
@@ -236,7 +232,7 @@ async fn wal_is_acknowledged_once_durable_and_the_archive_holds_the_same_bytes()
         "confirmed stops at the primary's flush position"
     );
     // acknowledged means on disk: the partial holds exactly what was sent
-    assert_eq!(read(&r.partial(1)), bytes);
+    assert_partial(&r.partial(1), &bytes);
     drop(c);
     r.stop().await;
 }
@@ -255,7 +251,7 @@ async fn compressed_wal_is_archived_as_the_bytes_it_stands_for() {
     .await
     .unwrap();
     ack_until(&mut c, SEG + bytes.len() as u64, None).await;
-    assert_eq!(read(&r.partial(1)), bytes);
+    assert_partial(&r.partial(1), &bytes);
     drop(c);
     r.stop().await;
 }
@@ -286,7 +282,7 @@ async fn a_foreign_cluster_is_refused_without_disturbing_the_live_session() {
         .await
         .unwrap();
     ack_until(&mut live, SEG + bytes.len() as u64, None).await;
-    assert_eq!(read(&r.partial(1)), bytes);
+    assert_partial(&r.partial(1), &bytes);
     drop(live);
     r.stop().await;
 }
@@ -328,7 +324,7 @@ async fn a_reconnecting_sender_takes_over_and_resumes_where_the_archive_is_confi
         .await
         .unwrap();
     ack_until(&mut new, SEG + bytes.len() as u64, None).await;
-    assert_eq!(read(&r.partial(1)), bytes);
+    assert_partial(&r.partial(1), &bytes);
     // the old session was ended
     loop {
         match next(&mut old).await {
@@ -385,11 +381,8 @@ async fn provisional_wal_is_replaced_confirmed_wal_never() {
         .await
         .unwrap();
     ack_until(&mut c, SEG + 24576, None).await;
-    assert_eq!(
-        read(&r.partial(1)),
-        other[..24576],
-        "the provisional tail was replaced by the new bytes"
-    );
+    // the provisional tail was replaced by the new bytes
+    assert_partial(&r.partial(1), &other[..24576]);
     drop(c);
 
     // but confirmed bytes that differ are never overwritten: the session ends with an error
@@ -401,11 +394,8 @@ async fn provisional_wal_is_replaced_confirmed_wal_never() {
         None | Some(ReceiverMessage::Error { .. }) => {}
         Some(m) => panic!("differing confirmed WAL must end the session, got {m:?}"),
     }
-    assert_eq!(
-        read(&r.partial(1)),
-        other[..24576],
-        "confirmed WAL is untouched"
-    );
+    // confirmed WAL is untouched
+    assert_partial(&r.partial(1), &other[..24576]);
     r.stop().await;
 }
 
@@ -432,7 +422,7 @@ async fn a_malformed_frame_ends_the_session_and_nothing_acknowledged_is_lost() {
         closed.is_ok(),
         "the receiver closes a session that sent garbage"
     );
-    assert_eq!(read(&r.partial(1)), bytes);
+    assert_partial(&r.partial(1), &bytes);
     // and the next sender is served
     let (_c, resume) = r.session(7).await;
     assert_eq!(resume, vec![(1, Lsn(SEG + 8192))]);

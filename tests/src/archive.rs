@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use walship_protocol::wal::{SegNo, WalFileName};
+use walship_protocol::wal::{page_magic_for_version, PageExpectation, SegNo, WalFileName};
 use walship_protocol::{Lsn, TimelineId, WalSegSize};
 
 /// The WAL files of an archive: per timeline, segment number → (complete?, size).
@@ -37,12 +37,55 @@ pub fn wal_files(
 /// Where the archived WAL of `timeline` ends (what the receiver has written; durable once acknowledged).
 pub fn archive_end(archive: &Path, seg: WalSegSize, timeline: TimelineId) -> Option<Lsn> {
     let files = wal_files(archive, seg);
-    let (segno, (complete, size)) = files.get(&timeline)?.iter().next_back()?;
+    let (segno, (complete, _)) = files.get(&timeline)?.iter().next_back()?;
     Some(if *complete {
         seg.segment_start(segno + 1)
     } else {
-        Lsn(seg.segment_start(*segno).0 + size)
+        Lsn(seg.segment_start(*segno).0 + partial_len(archive, seg, timeline, *segno)?)
     })
+}
+
+/// The page expectation of the archive's pinned cluster (from `walship.id`) for `timeline`.
+pub fn page_expectation(
+    archive: &Path,
+    seg: WalSegSize,
+    timeline: TimelineId,
+) -> Option<PageExpectation> {
+    let text = std::fs::read_to_string(archive.join("walship.id")).ok()?;
+    let value = |key: &str| {
+        text.lines()
+            .filter_map(|l| l.trim().split_once('='))
+            .find(|(k, _)| k.trim() == key)
+            .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+    };
+    Some(PageExpectation {
+        magic: page_magic_for_version(value("pg_version_num")? as u32)?,
+        system_identifier: value("system_identifier")?,
+        seg_size: seg,
+        timeline,
+    })
+}
+
+/// How many bytes of the archive's `.partial` of `segno` the receiver has written: its size when it grows (an
+/// older receiver's); else, it is preallocated and zero-filled, the end of its last complete, valid record or
+/// of its last byte that is not zero, whichever is further (the sender may hold back the last byte of a record
+/// that ends the segment: the rest of it is there).
+pub fn partial_len(
+    archive: &Path,
+    seg: WalSegSize,
+    timeline: TimelineId,
+    segno: SegNo,
+) -> Option<u64> {
+    let name = walship_protocol::wal::segment_file_name(timeline, segno, seg);
+    let data = std::fs::read(archive.join(format!("{name}.partial"))).ok()?;
+    if (data.len() as u64) < seg.as_u64() {
+        return Some(data.len() as u64);
+    }
+    let exp = page_expectation(archive, seg, timeline)?;
+    let records =
+        walship_protocol::walker::valid_prefix(exp, seg.segment_start(segno), &data).records;
+    let written = data.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+    Some(records.max(written) as u64)
 }
 
 /// What [`assert_matches_primary`] compared.
@@ -112,13 +155,19 @@ pub fn assert_matches_primary_from(
             let ours = std::fs::read(archive.join(format!("{name}.partial")))
                 .or_else(|_| std::fs::read(archive.join(&name)))
                 .expect("read partial");
+            // a preallocated partial: WAL up to where it was written, zeros after it
+            let len = if ours.len() as u64 == seg.as_u64() {
+                partial_len(archive, seg, timeline, segno).unwrap_or(seg.as_u64()) as usize
+            } else {
+                ours.len()
+            };
             assert!(ours.len() as u64 >= size);
             assert!(
-                ours[..] == primary[..ours.len()],
+                ours[..len] == primary[..len],
                 "archived {name}.partial differs from the primary's segment (first difference at byte {:?})",
-                first_difference(&ours, &primary)
+                first_difference(&ours[..len], &primary)
             );
-            c.partial_bytes = ours.len() as u64;
+            c.partial_bytes = len as u64;
         }
     }
     c
@@ -135,9 +184,9 @@ pub fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .map(|rd| {
             rd.flatten()
                 .filter(|e| {
-                    !e.file_name()
-                        .to_string_lossy()
-                        .starts_with("walship.status")
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    // the spare partial is filled in the background
+                    !name.starts_with("walship.status") && name != "walship.spare"
                 })
                 .map(|e| {
                     (

@@ -151,6 +151,9 @@ async fn a_crash_at_every_crash_point_loses_nothing() {
         ("receiver-written-before-fsync", "40*off->return"),
         ("receiver-fsynced-before-ack", "40*off->return"),
         ("archive-renamed-before-dir-fsync", "2*off->return"),
+        // issue 21: preallocated partials
+        ("archive-before-new-partial", "1*off->return"),
+        ("archive-preallocating", "1*off->return"),
     ];
     for (point, action) in receiver_points {
         let fp = format!("{point}={action}");
@@ -170,7 +173,7 @@ async fn a_crash_at_every_crash_point_loses_nothing() {
     let _ = bench.kill();
     let _ = bench.wait();
     let compared = rig.settle_and_compare().await;
-    println!("after crashes at 4 crash points the archive matches pg_wal: {compared:?}");
+    println!("after crashes at 6 crash points the archive matches pg_wal: {compared:?}");
     assert!(compared.complete_segments > 5, "{compared:?}");
 }
 

@@ -136,12 +136,10 @@ async fn a_crash_right_after_a_wal_switch_resumes_past_the_removed_segment() {
     let name = segment_file_name(1, segno, s.seg);
     // the switch is flushed when pg_switch_wal() returns: this is the segment as PostgreSQL keeps it
     let truth = std::fs::read(s.primary.wal_dir().join(&name)).expect("the switched segment");
-    let partial = s.archive.join(format!("{name}.partial"));
     let shipped = s.seg.offset(switch_end);
     wait_for("the switch record to be shipped", WAIT, || async {
-        std::fs::metadata(&partial)
-            .ok()
-            .filter(|m| m.len() >= shipped)
+        walship_tests::archive::partial_len(&s.archive, s.seg, 1, segno)
+            .filter(|len| *len >= shipped)
             .map(|_| ())
     })
     .await;

@@ -19,7 +19,9 @@
 //! - `walship.id`: the pinned identity (system identifier, segment size, major version), written on first
 //!   contact, never changed;
 //! - `walship.lock`: held with an exclusive lock while a receiver writes the archive;
-//! - `<segment>.partial`: bytes `[segment start, end)` of the segment being received, appended in order;
+//! - `<segment>.partial`: the segment being received, preallocated (a full-size, zero-filled file): bytes
+//!   `[segment start, end)` are WAL, appended in order, the rest zeros (older receivers' partials grow instead);
+//! - `walship.spare`: the next partial, zero-filled ahead of need;
 //! - `<segment>`: a complete segment, exactly `wal_segment_size` bytes, renamed from its `.partial` after an
 //!   fsync, followed by an fsync of the directory;
 //! - `<TLI>.history`: timeline history files.
@@ -28,9 +30,9 @@
 //! data by `fdatasync`, names by an fsync of the directory). The receiver acknowledges nothing else.
 //!
 //! Crash rule: on open the end of every timeline is re-derived from the files, and everything counted is
-//! fsynced first (a crashed receiver's last writes may sit only in the page cache). A `.partial` whose tail is
-//! not valid WAL (a page with a bad header, or trailing zeros that a power loss may leave) is truncated back
-//! to the last byte that is; the sender then resends from there. Trailing zeros are cut only beyond the
+//! fsynced first (a crashed receiver's last writes may sit only in the page cache). A `.partial` ends at its
+//! last complete, valid record, as PostgreSQL's recovery finds it; whatever lies beyond (a torn write, blocks
+//! a power loss kept of an unsynced write) is zeroed and the sender resends from there. Never below the
 //! durable end recorded in `walship.position`: acknowledged bytes are never taken back.
 
 use std::collections::BTreeMap;
@@ -55,11 +57,13 @@ mod listing;
 mod open;
 mod positions;
 mod sync;
+mod tail;
 #[cfg(test)]
 mod tests;
 mod writer;
 
 pub use sync::{SyncJob, Synced};
+pub use tail::{partial_end, valid_len, SPARE_FILE};
 
 pub use failover::*;
 pub use identity::*;
@@ -140,6 +144,8 @@ pub struct Archive {
     /// Bumped whenever archived bytes are taken back (a replaced provisional tail, a rollback after an
     /// error): a sync job prepared before counts for nothing.
     generation: u64,
+    /// The next partial, being zero-filled ahead of need (see `tail`).
+    spare: Option<std::thread::JoinHandle<Result<File>>>,
 }
 
 fn write_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
@@ -147,10 +153,6 @@ fn write_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
         io::Error::from_raw_os_error(libc::ENOSPC)
     ));
     file.write_all_at(data, offset)
-}
-
-fn file_len(file: &File) -> Option<u64> {
-    file.metadata().ok().map(|m| m.len())
 }
 
 /// A crash point for tests (cargo feature `failpoints`): with `FAILPOINTS=name=return` the process dies here

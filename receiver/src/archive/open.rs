@@ -65,8 +65,10 @@ impl Archive {
             completions: None,
             completed_unannounced: false,
             generation: 0,
+            spare: None,
         };
         archive.scan()?;
+        archive.prepare_spare();
         Ok(archive)
     }
 
@@ -166,10 +168,12 @@ impl Archive {
         })
     }
 
-    /// Validates the tail of a `.partial` after a restart and truncates what is not WAL. Trailing zeros are
-    /// cut back to `floor` at most: the durable end that `walship.position` recorded, exact after a crash
-    /// of the process (it is written after every fsync), at worst older after a power loss. Returns the
-    /// partial's length.
+    /// Finds the valid end of a `.partial` after a restart ([`tail::valid_len`]: the end of its last complete,
+    /// valid record, never below `floor`, the durable end that `walship.position` recorded: exact after a crash
+    /// of the process, it is written after every fsync; at worst older after a power loss) and writes zeros
+    /// over whatever lies beyond (a torn write, bytes never made durable): the sender resends from there. A
+    /// partial written by an older receiver (growing, shorter than a segment) is filled with zeros to the
+    /// segment's size, so appends to it need only `fdatasync` too. Returns the partial's valid length.
     pub(crate) fn recover_partial(
         &mut self,
         timeline: TimelineId,
@@ -189,45 +193,36 @@ impl Archive {
         file.read_to_end(&mut data)
             .with_context(|| format!("read {}", path.display()))?;
         let found = data.len() as u64;
-        let mut keep = data.len().min(seg.bytes() as usize);
-        if let Some(exp) = identity.page_expectation(timeline) {
-            let start = seg.segment_start(segno);
-            let mut at = 0usize;
-            while at < keep {
-                let end = (at + XLOG_BLCKSZ).min(keep);
-                if let Err(e) = exp.check_pages(&data[at..end], Lsn(start.0 + at as u64)) {
-                    tracing::warn!(file = %name, offset = at, error = %e, "torn or invalid page in partial segment; truncating there");
-                    keep = at;
-                    break;
-                }
-                if end - at < walship_protocol::wal::SHORT_PAGE_HEADER
-                    || (at == 0 && end - at < walship_protocol::wal::LONG_PAGE_HEADER)
-                {
-                    // a header that is not complete cannot be judged: resend it
-                    keep = at;
-                    break;
-                }
-                at += XLOG_BLCKSZ;
-            }
-        }
-        let floor = (floor as usize).min(keep);
-        while keep > floor && data[keep - 1] == 0 {
-            keep -= 1;
-        }
-        if keep as u64 != found {
+        let keep = tail::valid_len(&identity, timeline, segno, &data, floor);
+        // the last byte that is not zero: what lies between the valid end and it is not WAL
+        let written = data
+            .iter()
+            .rposition(|b| *b != 0)
+            .map_or(0, |i| i as u64 + 1);
+        if written > keep {
             tracing::warn!(
                 file = %name,
-                found,
-                kept = keep,
-                "partial segment tail was not valid WAL (crash before fsync?); truncated, the sender resends it"
+                valid = keep,
+                written,
+                "partial segment tail after its last valid record is not WAL (a crash before an fsync?); zeroed, the sender resends it"
             );
-            file.set_len(keep as u64)
+        }
+        if found > seg.as_u64() {
+            file.set_len(seg.as_u64())
                 .with_context(|| format!("truncate {}", path.display()))?;
         }
+        tail::zero_range(&file, keep, written.max(keep).min(seg.as_u64()))
+            .and_then(|()| tail::zero_range(&file, found.max(keep), seg.as_u64()))
+            .with_context(|| {
+                format!(
+                    "write zeros to {} after its valid end {keep}",
+                    path.display()
+                )
+            })?;
         // What a crashed receiver wrote may still sit only in the page cache: it counts as durable (and is
         // offered in the first Welcome) only once this fsync has put it on disk.
         sync_file(&file, &path, true)?;
-        if keep as u64 == seg.as_u64() {
+        if keep == seg.as_u64() {
             // complete, but the rename did not happen before a crash
             self.finish_segment_file(timeline, segno)?;
             sync_dir_handle(&self.dir_handle, &self.dir)?;
@@ -237,10 +232,10 @@ impl Archive {
                 segno,
                 path,
                 file,
-                len: keep as u64,
-                synced: keep as u64,
+                len: keep,
+                synced: keep,
             });
         }
-        Ok(keep as u64)
+        Ok(keep)
     }
 }

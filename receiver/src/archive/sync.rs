@@ -165,10 +165,12 @@ impl Archive {
         self.generation += 1;
         let result = (|| -> Result<()> {
             if let Some(cur) = self.current.take() {
-                if cur.synced < cur.len || file_len(&cur.file) != Some(cur.len) {
-                    cur.file.set_len(cur.synced).with_context(|| {
+                if cur.synced < cur.len {
+                    // rewritten, not cut: the partial stays preallocated (the bytes a failed fsync dropped are
+                    // overwritten, so a fresh read cannot show them)
+                    tail::zero_range(&cur.file, cur.synced, cur.len).with_context(|| {
                         format!(
-                            "truncate {} back to its last fsynced length {}",
+                            "write zeros to {} after its last fsynced length {}",
                             cur.path.display(),
                             cur.synced
                         )

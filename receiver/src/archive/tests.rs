@@ -1,6 +1,5 @@
 use super::*;
 use std::io::Write;
-use walship_protocol::wal::write_page_header;
 
 const SEG: u64 = 1 << 20;
 
@@ -18,24 +17,38 @@ fn append_confirmed(a: &mut Archive, timeline: TimelineId, start: Lsn, bytes: &[
     a.confirm(timeline, Lsn(start.0 + bytes.len() as u64));
 }
 
-/// Valid-looking WAL for `[start, start+len)`: page headers where pages start, non-zero filler elsewhere.
+/// Valid WAL for `[start, start+len)` (`start` a segment's first byte): records of varied sizes, framed as
+/// PostgreSQL frames them; the last one may be cut off at `len`.
 fn wal(start: u64, len: usize) -> Vec<u8> {
-    let exp = identity().page_expectation(1).unwrap();
-    let first_page = start / XLOG_BLCKSZ as u64 * XLOG_BLCKSZ as u64;
-    let total = (start - first_page) as usize + len;
-    let mut buf: Vec<u8> = (0..total + XLOG_BLCKSZ)
-        .map(|i| (i % 251) as u8 | 1)
-        .collect();
-    let mut p = 0;
-    while p < total {
-        write_page_header(&mut buf[p..], Lsn(first_page + p as u64), &exp);
-        p += XLOG_BLCKSZ;
-    }
-    let skip = (start - first_page) as usize;
-    buf[skip..skip + len].to_vec()
+    wal_records(start, len).0
 }
 
-/// `data` with the bytes from `from` on changed (a different WAL tail; page headers left alone).
+/// [`wal`], with the records (the last may end after `len`).
+fn wal_records(start: u64, len: usize) -> (Vec<u8>, Vec<walship_protocol::walker::Record>) {
+    let exp = identity().page_expectation(1).unwrap();
+    let mut b = walship_protocol::walker::WalBuilder::new(exp, Lsn(start));
+    let sizes = [120, 3000, 50, 9000, 400, 20_000, 64, 5000, 700];
+    let mut i = 0;
+    while b.bytes.len() < len {
+        b.record(sizes[i % sizes.len()], 10, 0);
+        i += 1;
+    }
+    b.bytes.truncate(len);
+    (b.bytes, b.records)
+}
+
+/// The preallocated partial at `path` holds `wal`, then zeros to the segment's end.
+fn assert_partial(path: &Path, wal: &[u8]) {
+    let held = fs::read(path).unwrap();
+    assert_eq!(held.len() as u64, SEG, "{} is preallocated", path.display());
+    assert!(held[..wal.len()] == wal[..], "{} differs", path.display());
+    assert!(
+        held[wal.len()..].iter().all(|b| *b == 0),
+        "{} holds bytes after its WAL",
+        path.display()
+    );
+}
+
 fn diverge(data: &[u8], from: usize) -> Vec<u8> {
     let mut d = data.to_vec();
     for (i, b) in d[from..].iter_mut().enumerate() {
@@ -93,8 +106,7 @@ fn a_new_timeline_resumes_at_its_start_until_something_is_confirmed() {
         (synced.durable, synced.confirmed),
         (Lsn(start + 20_000), Lsn(start + 20_000))
     );
-    let held = std::fs::read(path.join("000000010000000000000002.partial")).unwrap();
-    assert_eq!(held, other);
+    assert_partial(&path.join("000000010000000000000002.partial"), &other);
 }
 
 /// Issue 19, point 5: `walship.position` is not fsynced, so a power loss of the standby can leave an
@@ -107,7 +119,7 @@ fn a_stale_position_file_never_moves_the_resume_point_behind_the_open_partial() 
     let mut a = Archive::open(&path).unwrap();
     a.check_or_pin_identity(identity()).unwrap().unwrap();
     let start = 2 * SEG;
-    let data = wal(start, SEG as usize + 60_000);
+    let (data, records) = wal_records(start, SEG as usize + 60_000);
     a.begin_session();
     append_confirmed(&mut a, 1, Lsn(start), &data[..SEG as usize + 20_000]);
     a.append(1, Lsn(start + SEG + 20_000), &data[SEG as usize + 20_000..])
@@ -123,7 +135,15 @@ fn a_stale_position_file_never_moves_the_resume_point_behind_the_open_partial() 
     };
     std::fs::write(path.join(POSITION_FILE), stale.render()).unwrap();
     let mut a = Archive::open(&path).unwrap();
-    assert_eq!(a.durable_end(1), Some(Lsn(start + SEG + 60_000)));
+    // the position does not speak of the partial: it ends at its last complete record
+    let last = records
+        .iter()
+        .map(|r| r.end)
+        .filter(|e| e.0 <= start + SEG + 60_000)
+        .max()
+        .unwrap();
+    assert!(last.0 > start + SEG + 20_000);
+    assert_eq!(a.durable_end(1), Some(last));
     assert_eq!(
         a.begin_session(),
         vec![(1, Lsn(start + SEG))],
@@ -174,9 +194,9 @@ fn a_resume_after_a_removed_switched_segment_links_through_the_switch() {
     other.record(200, 10, 0);
     let err = a.append(1, Lsn(3 * SEG), &other.bytes).unwrap_err();
     assert!(format!("{err:#}").contains("gap"), "{err:#}");
-    assert_eq!(
-        fs::read(path.join("000000010000000000000002.partial")).unwrap(),
-        b.bytes[..own_end]
+    assert_partial(
+        &path.join("000000010000000000000002.partial"),
+        &b.bytes[..own_end],
     );
     assert!(!path.join("000000010000000000000003.partial").exists());
 
@@ -192,9 +212,9 @@ fn a_resume_after_a_removed_switched_segment_links_through_the_switch() {
             b.bytes[..next],
             "the switched segment is the primary's, padding included"
         );
-        assert_eq!(
-            fs::read(path.join("000000010000000000000003.partial")).unwrap(),
-            b.bytes[next..]
+        assert_partial(
+            &path.join("000000010000000000000003.partial"),
+            &b.bytes[next..],
         );
     }
 }
@@ -237,7 +257,7 @@ fn provisional_bytes_are_replaced_confirmed_bytes_never() {
     assert_eq!(synced.durable, Lsn(start + 50_000));
     assert_eq!(synced.confirmed, Lsn(start + 50_000));
     let partial = path.join("000000010000000000000002.partial");
-    assert_eq!(fs::read(&partial).unwrap(), other[..50_000]);
+    assert_partial(&partial, &other[..50_000]);
 
     // now confirmed, those bytes never change again: a differing resend is refused
     drop(a);
@@ -248,7 +268,7 @@ fn provisional_bytes_are_replaced_confirmed_bytes_never() {
         .append(1, Lsn(start + 40_000), &third[40_000..])
         .unwrap_err();
     assert!(format!("{err:#}").contains("confirmed"), "{err:#}");
-    assert_eq!(fs::read(&partial).unwrap(), other[..50_000]);
+    assert_partial(&partial, &other[..50_000]);
 }
 
 #[test]
@@ -296,9 +316,9 @@ fn append_complete_and_reopen() {
         fs::read(path.join("000000010000000000000003")).unwrap(),
         data[..SEG as usize]
     );
-    assert_eq!(
-        fs::read(path.join("000000010000000000000004.partial")).unwrap(),
-        data[SEG as usize..]
+    assert_partial(
+        &path.join("000000010000000000000004.partial"),
+        &data[SEG as usize..],
     );
 
     // a second receiver cannot open it
@@ -387,4 +407,86 @@ fn refuses_foreign_directories_and_new_timelines_mid_segment() {
     a.store_history(2, b"1\t0/100000\tx\n").unwrap();
     a.store_history(2, b"1\t0/100000\tx\n").unwrap();
     assert!(a.store_history(2, b"1\t0/200000\ty\n").is_err());
+}
+
+/// Issue 21: a power loss between a write into a preallocated partial and its fsync may keep some of the
+/// write's blocks and not others. The partial then ends at its last complete, valid record (as PostgreSQL's
+/// recovery finds it), never below the durable end recorded; whatever lies beyond is zeroed and resent.
+#[test]
+fn a_torn_write_into_a_preallocated_partial_ends_at_its_last_valid_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a");
+    let mut a = Archive::open(&path).unwrap();
+    a.check_or_pin_identity(identity()).unwrap().unwrap();
+    let start = 2 * SEG;
+    let (data, records) = wal_records(start, 200_000);
+    a.begin_session();
+    append_confirmed(&mut a, 1, Lsn(start), &data[..100_000]);
+    a.sync(1).unwrap();
+    // written, not yet fsynced when the power fails
+    a.append(1, Lsn(start + 100_000), &data[100_000..200_000])
+        .unwrap();
+    drop(a);
+    let partial = path.join("000000010000000000000002.partial");
+    let f = OpenOptions::new().write(true).open(&partial).unwrap();
+    f.write_all_at(&[0u8; 4096], 150_000 / 4096 * 4096).unwrap(); // a block that never reached the disk
+    drop(f);
+    let torn = (150_000 / 4096 * 4096) as u64 + start;
+    let expected = records
+        .iter()
+        .map(|r| r.end)
+        .filter(|e| *e <= Lsn(torn))
+        .max()
+        .unwrap();
+    let mut a = Archive::open(&path).unwrap();
+    assert_eq!(a.durable_end(1), Some(expected));
+    assert_eq!(a.begin_session(), vec![(1, Lsn(start + 100_000))]);
+    let valid = (expected.0 - start) as usize;
+    assert_partial(&partial, &data[..valid]);
+    // the sender resends from the confirmed end: the same bytes, compared and appended
+    a.append(1, Lsn(start + 100_000), &data[100_000..200_000])
+        .unwrap();
+    a.confirm(1, Lsn(start + 200_000));
+    assert_eq!(
+        a.sync(1).unwrap().map(|s| s.durable),
+        Some(Lsn(start + 200_000))
+    );
+    assert_partial(&partial, &data);
+}
+
+/// Issue 21: a partial written by a receiver before preallocation grows with each append. Opened by this
+/// one, it ends where its size says (what was acknowledged), is filled with zeros to the segment's size and
+/// appended to.
+#[test]
+fn a_growing_partial_of_an_older_receiver_is_filled_and_continued() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a");
+    let mut a = Archive::open(&path).unwrap();
+    a.check_or_pin_identity(identity()).unwrap().unwrap();
+    drop(a);
+    let start = 2 * SEG;
+    let data = wal(start, 150_000);
+    let partial = path.join("000000010000000000000002.partial");
+    fs::write(&partial, &data[..70_000]).unwrap();
+    let old = Positions {
+        timeline: 1,
+        durable: Lsn(start + 70_000),
+        confirmed: Lsn(start + 70_000),
+    };
+    fs::write(path.join(POSITION_FILE), old.render()).unwrap();
+    // restore and status read a growing partial's end from its size
+    assert_eq!(partial_end(&path, &identity(), 1, 2).unwrap(), 70_000);
+    let mut a = Archive::open(&path).unwrap();
+    assert_eq!(a.durable_end(1), Some(Lsn(start + 70_000)));
+    // filled up, its end is still found: the last record, or the durable end recorded beyond it
+    assert_eq!(partial_end(&path, &identity(), 1, 2).unwrap(), 70_000);
+    assert_eq!(a.begin_session(), vec![(1, Lsn(start + 70_000))]);
+    assert_partial(&partial, &data[..70_000]);
+    a.append(1, Lsn(start + 70_000), &data[70_000..]).unwrap();
+    a.confirm(1, Lsn(start + 150_000));
+    assert_eq!(
+        a.sync(1).unwrap().map(|s| s.durable),
+        Some(Lsn(start + 150_000))
+    );
+    assert_partial(&partial, &data);
 }

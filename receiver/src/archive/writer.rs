@@ -229,9 +229,8 @@ impl Archive {
         };
         let offset = seg.offset(at);
         let dropped = cur.len - offset;
-        cur.file
-            .set_len(offset)
-            .with_context(|| format!("truncate {} to {offset}", cur.path.display()))?;
+        tail::zero_range(&cur.file, offset, cur.len)
+            .with_context(|| format!("write zeros to {} from {offset}", cur.path.display()))?;
         sync_file(&cur.file, &cur.path, false)?;
         cur.len = offset;
         cur.synced = offset;
@@ -272,10 +271,7 @@ impl Archive {
             }
             let name = format!("{}.partial", segment_file_name(timeline, segno, seg));
             let path = self.dir.join(&name);
-            let file = create_options()
-                .create_new(true)
-                .open(&path)
-                .with_context(|| format!("create {}", path.display()))?;
+            let file = self.take_spare(&path)?;
             self.dir_dirty = true;
             self.current = Some(OpenPartial {
                 timeline,

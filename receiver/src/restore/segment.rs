@@ -312,14 +312,19 @@ pub(super) fn hand_over_partial(
         }
         Err(e) => return Err(e).with_context(|| format!("open {}", partial.display())),
     };
-    let len = f.metadata().context("stat partial segment")?.len();
+    let seg = id.wal_segment_size;
+    let size = f.metadata().context("stat partial segment")?.len();
+    if size > seg.as_u64() {
+        bail!(
+            "{} has {size} bytes, more than a segment",
+            partial.display()
+        );
+    }
+    // a preallocated partial ends at its last valid record (or the durable end recorded), not at its size
+    let len = crate::archive::partial_end(&opts.archive, id, timeline, segno)?;
     let len = limit.map_or(len, |l| len.min(l));
     if len < LONG_PAGE_HEADER as u64 {
         return Ok(None);
-    }
-    let seg = id.wal_segment_size;
-    if len > seg.as_u64() {
-        bail!("{} has {len} bytes, more than a segment", partial.display());
     }
     check_first_page(&f, id, timeline, segno)
         .with_context(|| format!("partial segment {} is damaged", partial.display()))?;

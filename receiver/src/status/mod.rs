@@ -182,7 +182,11 @@ fn archive_report(dir: &Path) -> anyhow::Result<Report> {
     }
     let Some(id) = id else { return Ok(r) };
     let seg = id.wal_segment_size;
-    let segments = crate::archive::list_segments(dir, seg)?;
+    let mut segments = crate::archive::list_segments(dir, seg)?;
+    if let Some(last) = segments.last_mut().filter(|s| !s.complete) {
+        // a preallocated partial's size is not its end
+        last.size = crate::archive::partial_end(dir, &id, last.timeline, last.segno).unwrap_or(0);
+    }
     r.complete_segments = segments.iter().filter(|s| s.complete).count();
     r.store_waiting_segments = uploads
         .as_ref()

@@ -1,6 +1,8 @@
 //! What the receiver's integration tests share: a test cluster's identity and valid-looking WAL.
 
-use walship_protocol::wal::{write_page_header, XLOG_BLCKSZ};
+// not every test binary uses every helper
+#![allow(dead_code)]
+
 use walship_protocol::{Lsn, WalSegSize};
 use walship_receiver::archive::Identity;
 
@@ -14,20 +16,37 @@ pub fn identity() -> Identity {
     }
 }
 
-/// Valid-looking WAL of `timeline` for `[start, start + len)`, `start` page-aligned: page headers where
-/// pages start, non-zero filler elsewhere.
+/// Valid WAL of `timeline` for `[start, start + len)`, `start` page-aligned: records of varied sizes, framed
+/// as PostgreSQL frames them (the last one may be cut off at `len`).
 pub fn wal(timeline: u32, start: u64, len: usize) -> Vec<u8> {
     let exp = identity().page_expectation(timeline).unwrap();
-    let mut buf: Vec<u8> = (0..len + XLOG_BLCKSZ)
-        .map(|i| (i % 251) as u8 | 1)
-        .collect();
-    let mut p = 0;
-    while p < len {
-        write_page_header(&mut buf[p..], Lsn(start + p as u64), &exp);
-        p += XLOG_BLCKSZ;
+    let mut b = walship_protocol::walker::WalBuilder::new(exp, Lsn(start));
+    let sizes = [120, 3000, 50, 9000, 400, 20_000, 64, 5000, 700];
+    let mut i = 0;
+    while b.bytes.len() < len {
+        b.record(sizes[i % sizes.len()], 10, 0);
+        i += 1;
     }
-    buf.truncate(len);
-    buf
+    b.bytes.truncate(len);
+    b.bytes
+}
+
+/// Where the last complete record of `wal` (WAL of timeline 1 from the segment start `start`) ends.
+pub fn last_record_end(start: u64, wal: &[u8]) -> u64 {
+    let exp = identity().page_expectation(1).unwrap();
+    start + walship_protocol::walker::valid_prefix(exp, Lsn(start), wal).records as u64
+}
+
+/// The preallocated partial at `path` holds `wal`, then zeros to the segment's end.
+pub fn assert_partial(path: &std::path::Path, wal: &[u8]) {
+    let held = std::fs::read(path).unwrap();
+    assert_eq!(held.len() as u64, SEG, "{} is preallocated", path.display());
+    assert!(held[..wal.len()] == wal[..], "{} differs", path.display());
+    assert!(
+        held[wal.len()..].iter().all(|b| *b == 0),
+        "{} holds bytes after its WAL",
+        path.display()
+    );
 }
 
 /// Appends and confirms, as a sender of protocol 1 or 2 does (it sends only WAL the primary has flushed).
