@@ -54,6 +54,8 @@ pub(crate) struct WalshipTarget {
     pub(crate) backend: Option<u32>,
     /// The walsender streaming to the sender (the flush signal), when it has one.
     pub(crate) walsender: Option<u32>,
+    /// (segno, bytes known to be written) of the partial being scanned
+    pub(crate) scan: (u64, u64),
 }
 
 impl Target for WalshipTarget {
@@ -65,16 +67,8 @@ impl Target for WalshipTarget {
     }
     /// The newest segment's size (written into the page cache, the way pg_receivewal's target is measured).
     fn written(&mut self) -> Option<Lsn> {
-        let seg = WalSegSize::DEFAULT;
-        let (segno, complete) = latest_segment(&self.archive, seg)?;
-        if complete {
-            return Some(seg.segment_start(segno + 1));
-        }
-        let name = walship_protocol::wal::segment_file_name(1, segno, seg);
-        let len = std::fs::metadata(self.archive.join(format!("{name}.partial")))
-            .ok()?
-            .len();
-        Some(Lsn(seg.segment_start(segno).0 + len))
+        // preallocated partials (zero-filled, growing ones of older builds read the same way)
+        written_end(&self.archive, WalSegSize::DEFAULT, &mut self.scan)
     }
     /// The confirmed end `walship.position` records (durable, and flushed by the primary).
     fn confirmed(&mut self) -> Option<Lsn> {
@@ -130,36 +124,45 @@ pub(crate) fn latest_segment(dir: &Path, seg: WalSegSize) -> Option<(u64, bool)>
     best
 }
 
+/// Where the WAL written into a directory of segments and zero-padded `.partial`s ends: the newest partial
+/// scanned for its last non-zero byte (rounded up to 8-byte alignment), from where the last scan (`scan`: segno,
+/// bytes known to be written) got to.
+pub(crate) fn written_end(dir: &Path, seg: WalSegSize, scan: &mut (u64, u64)) -> Option<Lsn> {
+    let (segno, complete) = latest_segment(dir, seg)?;
+    if complete {
+        return Some(seg.segment_start(segno + 1));
+    }
+    let name = walship_protocol::wal::segment_file_name(1, segno, seg);
+    let f = File::open(dir.join(format!("{name}.partial"))).ok()?;
+    if scan.0 != segno {
+        *scan = (segno, 0);
+    }
+    let mut page = vec![0u8; 8192];
+    let mut at = scan.1 / 8192 * 8192;
+    let mut last = scan.1;
+    loop {
+        // a growing partial (older builds) ends inside its last page
+        let got = match f.read_at(&mut page, at) {
+            Ok(n) if at < seg.as_u64() && n > 0 => n,
+            _ => break,
+        };
+        match page[..got].iter().rposition(|b| *b != 0) {
+            None => break,
+            Some(i) => last = last.max(at + i as u64 + 1),
+        }
+        at += 8192;
+    }
+    let last = last.div_ceil(8) * 8;
+    scan.1 = last;
+    Some(Lsn(seg.segment_start(segno).0 + last))
+}
+
 impl Target for ReceivewalTarget {
     fn name(&self) -> String {
         self.label.clone()
     }
     fn position(&mut self) -> Option<Lsn> {
-        let (segno, complete) = latest_segment(&self.dir, self.seg)?;
-        if complete {
-            return Some(self.seg.segment_start(segno + 1));
-        }
-        let name = walship_protocol::wal::segment_file_name(1, segno, self.seg);
-        let f = File::open(self.dir.join(format!("{name}.partial"))).ok()?;
-        if self.scan.0 != segno {
-            self.scan = (segno, 0);
-        }
-        let mut page = vec![0u8; 8192];
-        let mut at = self.scan.1 / 8192 * 8192;
-        let mut last = self.scan.1;
-        loop {
-            if at >= self.seg.as_u64() || f.read_exact_at(&mut page, at).is_err() {
-                break;
-            }
-            match page.iter().rposition(|b| *b != 0) {
-                None => break,
-                Some(i) => last = last.max(at + i as u64 + 1),
-            }
-            at += 8192;
-        }
-        let last = last.div_ceil(8) * 8;
-        self.scan.1 = last;
-        Some(Lsn(self.seg.segment_start(segno).0 + last))
+        written_end(&self.dir, self.seg, &mut self.scan)
     }
     fn pids(&self) -> Vec<(String, u32)> {
         let mut v = vec![("pg_receivewal".to_string(), self.child.id())];
@@ -299,6 +302,7 @@ impl World {
         let backend = Some(self.walship_backend().await?);
         let walsender = self.walship_walsender().await;
         Ok(WalshipTarget {
+            scan: (0, 0),
             archive,
             sender: Some(sender),
             receiver,

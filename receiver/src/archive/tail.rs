@@ -17,6 +17,9 @@ pub const SPARE_FILE: &str = "walship.spare";
 
 /// Zeros written at a time when filling a file.
 const ZEROS: usize = 1 << 20;
+/// The spare is filled and written back this much at a time, with a pause between steps.
+const SPARE_STEP: u64 = 1 << 20;
+const SPARE_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// How many leading bytes of a partial of segment `segno` of `timeline` (its bytes `data`) are WAL: the end
 /// of its last complete, valid record (the record walker: page headers, lengths, `xl_prev`, CRC-32C), at an
@@ -118,9 +121,19 @@ pub(crate) fn zero_filled(path: &Path, size: u64) -> Result<File> {
             )
         })
     };
-    fill(0, size / 2)?;
-    crash_point!("archive-preallocating");
-    fill(size / 2, size)?;
+    // In steps, each written back before the next: one large writeback would queue before the fsyncs of the
+    // partial being received (and the primary's, on a shared disk) and stall them.
+    let mut at = 0;
+    while at < size {
+        let to = (at + SPARE_STEP).min(size);
+        fill(at, to)?;
+        if at == 0 {
+            crash_point!("archive-preallocating");
+        }
+        sync_file(&file, path, false)?;
+        at = to;
+        std::thread::sleep(SPARE_PAUSE);
+    }
     sync_file(&file, path, true)?;
     Ok(file)
 }
