@@ -140,10 +140,7 @@ impl Archive {
         let seg = self.seg()?;
         let end = if partial {
             // trailing zeros at or below the last recorded durable end were acknowledged: keep them
-            let floor = recorded
-                .filter(|p| seg.segno(p.durable) == segno)
-                .map(|p| seg.offset(p.durable))
-                .unwrap_or(0);
+            let floor = recorded.map_or(0, |p| p.durable_in(seg, timeline, segno));
             let len = self.recover_partial(timeline, segno, floor)?;
             Lsn(seg.segment_start(segno).0 + len)
         } else {
@@ -211,14 +208,18 @@ impl Archive {
             file.set_len(seg.as_u64())
                 .with_context(|| format!("truncate {}", path.display()))?;
         }
-        tail::zero_range(&file, keep, written.max(keep).min(seg.as_u64()))
-            .and_then(|()| tail::zero_range(&file, found.max(keep), seg.as_u64()))
-            .with_context(|| {
-                format!(
-                    "write zeros to {} after its valid end {keep}",
-                    path.display()
-                )
-            })?;
+        // a preallocated partial: zeros over what follows the valid end; a growing one: filled to full size
+        let zero_to = if found < seg.as_u64() {
+            seg.as_u64()
+        } else {
+            written.min(seg.as_u64())
+        };
+        tail::zero_range(&file, keep, zero_to.max(keep)).with_context(|| {
+            format!(
+                "write zeros to {} after its valid end {keep}",
+                path.display()
+            )
+        })?;
         // What a crashed receiver wrote may still sit only in the page cache: it counts as durable (and is
         // offered in the first Welcome) only once this fsync has put it on disk.
         sync_file(&file, &path, true)?;

@@ -23,6 +23,16 @@ pub struct Positions {
 }
 
 impl Positions {
+    /// How many bytes of segment `segno` of `timeline` this record counts as durable (0 when it speaks of
+    /// another segment or timeline).
+    pub(crate) fn durable_in(&self, seg: WalSegSize, timeline: TimelineId, segno: SegNo) -> u64 {
+        if self.timeline == timeline && seg.segno(self.durable) == segno {
+            seg.offset(self.durable)
+        } else {
+            0
+        }
+    }
+
     pub(crate) fn render(&self) -> String {
         format!(
             "{:08X} {:016X} {:016X}\n",

@@ -67,26 +67,8 @@ pub fn partial_end(
     if (data.len() as u64) < seg.as_u64() {
         return Ok(data.len() as u64);
     }
-    Ok(valid_len(
-        identity,
-        timeline,
-        segno,
-        &data,
-        durable_floor(dir, seg, timeline, segno),
-    ))
-}
-
-/// What `walship.position` in `dir` records as durable in segment `segno` of `timeline` (0 when it does not
-/// speak of that segment).
-pub(crate) fn durable_floor(
-    dir: &Path,
-    seg: WalSegSize,
-    timeline: TimelineId,
-    segno: SegNo,
-) -> u64 {
-    read_positions(dir)
-        .filter(|p| p.timeline == timeline && seg.segno(p.durable) == segno)
-        .map_or(0, |p| seg.offset(p.durable))
+    let floor = read_positions(dir).map_or(0, |p| p.durable_in(seg, timeline, segno));
+    Ok(valid_len(identity, timeline, segno, &data, floor))
 }
 
 /// Writes zeros over `[from, to)` of `file`.
