@@ -5,8 +5,10 @@
 //! page read while PostgreSQL is still writing it (torn), a recycled segment's old content, or zeros all end
 //! the walk there. The next call starts again from the page of the last valid record's end.
 
-use walship_protocol::wal::{segment_file_name, LONG_PAGE_HEADER, XLOG_BLCKSZ};
-use walship_protocol::walker::{WalkStop, Walker};
+use walship_protocol::wal::{
+    segment_file_name, LONG_PAGE_HEADER, XLOG_BLCKSZ, XLP_FIRST_IS_CONTRECORD,
+};
+use walship_protocol::walker::{maxalign, WalkStop, Walker};
 use walship_protocol::{Lsn, TimelineId};
 
 use crate::wal_reader::{ReadError, WalReader};
@@ -88,7 +90,10 @@ impl Scout {
         self.switches.retain(|(_, seg_end)| *seg_end > sent);
         self.checkpoints.retain(|(_, end)| *end > sent);
         let exp = reader.expectation(timeline);
-        let base = page_of(self.walker.as_ref().map_or(sent, |w| w.next_lsn()));
+        let base = match &self.walker {
+            Some(w) => page_of(w.next_lsn()),
+            None => self.walk_start(reader, timeline, sent)?,
+        };
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         let mut chunk = FIRST_CHUNK;
@@ -138,6 +143,47 @@ impl Scout {
         }
         self.buf = buf;
         Ok(())
+    }
+
+    /// Where a new walk starts so that it validates the record `sent` lies in: the page of `sent`, or, when
+    /// `sent` falls inside a record continued from earlier pages (a flush position PostgreSQL's WAL writer
+    /// left mid-record, a session resuming there), the page that record starts on, found from the page
+    /// headers going back (at most RESET_BEHIND, and only through pages pg_wal still holds). Without it, the
+    /// walk would validate nothing before the next record's start, and written WAL would wait for the
+    /// primary's flush to pass it: shipping on write stalls as long as the flush does not move.
+    fn walk_start(
+        &mut self,
+        reader: &WalReader,
+        timeline: TimelineId,
+        sent: Lsn,
+    ) -> Result<Lsn, ReadError> {
+        let exp = reader.expectation(timeline);
+        let first = page_of(sent);
+        let mut page = first;
+        let mut header = Vec::with_capacity(LONG_PAGE_HEADER);
+        loop {
+            header.clear();
+            self.read_into(reader, timeline, page, LONG_PAGE_HEADER, &mut header)?;
+            let Ok(h) = exp.check(&header, page) else {
+                // not (or no longer) a valid page of this timeline: no walk from further back
+                return Ok(first);
+            };
+            if h.info & XLP_FIRST_IS_CONTRECORD == 0 {
+                // a record starts right after this page's header
+                return Ok(page);
+            }
+            let first_record = page.0 + h.len() as u64 + maxalign(h.rem_len as u64);
+            if first_record < page.0 + XLOG_BLCKSZ as u64
+                && (first_record <= sent.0 || page < first)
+            {
+                // a record starts on this page, at or before `sent`
+                return Ok(page);
+            }
+            if first.0 - page.0 >= RESET_BEHIND || page.0 < XLOG_BLCKSZ as u64 {
+                return Ok(first);
+            }
+            page = Lsn(page.0 - XLOG_BLCKSZ as u64);
+        }
     }
 
     /// Appends up to `max` bytes of `timeline` from `start` to `out` (not past the segment's end; fewer where
@@ -240,7 +286,7 @@ mod tests {
     }
 
     #[test]
-    fn starting_mid_record_validates_nothing_before_the_first_record_it_finds() {
+    fn starting_mid_record_walks_from_the_start_of_that_record() {
         let dir = tempfile::tempdir().unwrap();
         let mut b = WalBuilder::new(exp(), Lsn(SEG));
         let recs: Vec<_> = [20_000usize, 100, 100]
@@ -253,9 +299,37 @@ mod tests {
         // shipping stands inside the large first record (its third page)
         let sent = Lsn(SEG + 2 * XLOG_BLCKSZ as u64 + 100);
         scout.advance(&reader, 1, sent).unwrap();
-        // the continuation of the first record is not validated: nothing counts from `sent`
-        assert_eq!(scout.valid_from(sent), None);
+        // the walk went back to the first record's start (its page headers say where): the written WAL
+        // from `sent` on is validated, whatever the flush position does
+        assert_eq!(scout.valid_from(sent), Some(recs[2].end));
         assert_eq!(scout.valid_from(recs[1].start), Some(recs[2].end));
+        assert_eq!(scout.valid_from(recs[0].start), Some(recs[2].end));
+    }
+
+    #[test]
+    fn a_record_begun_in_a_removed_segment_is_not_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = WalBuilder::new(exp(), Lsn(SEG));
+        // small records up to near the segment's end, then one continued into the next segment
+        while b.end().0 < 2 * SEG - 3 * XLOG_BLCKSZ as u64 {
+            b.record(2000, 10, 0);
+        }
+        let spanning = b.record(40_000, 10, 0);
+        let after = b.record(100, 10, 0);
+        assert!(spanning.start.0 < 2 * SEG && spanning.end.0 > 2 * SEG + XLOG_BLCKSZ as u64);
+        // only the second segment is in pg_wal
+        std::fs::write(
+            dir.path().join("000000010000000000000002"),
+            &b.bytes[SEG as usize..],
+        )
+        .unwrap();
+        let reader = WalReader::new(dir.path(), WalSegSize::new(SEG).unwrap(), exp().magic, 42);
+        let mut scout = Scout::default();
+        let sent = Lsn(2 * SEG + XLOG_BLCKSZ as u64 + 16);
+        scout.advance(&reader, 1, sent).unwrap();
+        // the spanning record's start is gone: from its end on only
+        assert_eq!(scout.valid_from(sent), None);
+        assert_eq!(scout.valid_from(spanning.end), Some(after.end));
     }
 
     #[test]
