@@ -33,8 +33,10 @@ pub struct Scout {
     walker: Option<Walker>,
     /// Where the walker found its first record: everything in `[anchor, end())` is validated records.
     anchor: Lsn,
-    /// The bytes of the last walk (kept for its capacity: a walk runs on every write event).
+    /// The bytes of the last walk, from `buf_base` on (kept for its capacity: a walk runs on every write
+    /// event). Those of valid records are shipped from here: one read of each byte.
     buf: Vec<u8>,
+    buf_base: Lsn,
     /// The segment file last read, kept open.
     file: Option<(TimelineId, u64, std::fs::File)>,
     /// `XLOG_SWITCH` records walked whose segment shipping has not finished: (the record's own end, the
@@ -61,6 +63,19 @@ impl Scout {
                 None => w.next_lsn(),
             },
         )
+    }
+
+    /// The bytes of `[start, end)` as the last walk read them, when they all belong to complete, valid
+    /// records it walked (then they are what the primary wrote: PostgreSQL never rewrites written WAL of
+    /// a record, only appends after it). None when the walk did not cover them: read them from the file.
+    pub fn walked_bytes(&self, start: Lsn, end: Lsn) -> Option<&[u8]> {
+        let valid_end = self.valid_from(start)?;
+        if end > valid_end || start < self.buf_base {
+            return None;
+        }
+        let from = (start.0 - self.buf_base.0) as usize;
+        let to = (end.0 - self.buf_base.0) as usize;
+        self.buf.get(from..to)
     }
 
     /// Where the walk has got to: the end of the last complete, valid record (padding of a switch included).
@@ -96,6 +111,7 @@ impl Scout {
         };
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
+        self.buf_base = base;
         let mut chunk = FIRST_CHUNK;
         while buf.len() < MAX_BYTES {
             let at = Lsn(base.0 + buf.len() as u64);
@@ -283,6 +299,15 @@ mod tests {
         // from a position after the anchor and before the end
         assert_eq!(scout.valid_from(recs[3].start), Some(recs[5].end));
         assert_eq!(scout.valid_from(Lsn(recs[5].end.0 + 8)), None);
+        // shipped from the walk's own bytes: exactly the file's, and only as far as the valid records go
+        // (this walk read from the page where the last one ended: what came before is read from the file)
+        assert_eq!(scout.walked_bytes(recs[1].start, recs[5].end), None);
+        let (a, b) = (recs[4].start, recs[5].end);
+        assert_eq!(
+            scout.walked_bytes(a, b),
+            Some(&wal[(a.0 - SEG) as usize..(b.0 - SEG) as usize])
+        );
+        assert_eq!(scout.walked_bytes(a, Lsn(b.0 + 8)), None);
     }
 
     #[test]

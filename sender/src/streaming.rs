@@ -396,11 +396,16 @@ impl Streaming<'_> {
             self.shipped_on_write += on_write;
             self.shipped_on_write_total += on_write;
             metrics::METRICS.shipped_on_write_bytes.inc_by(on_write);
-            // A plain blocking read: the runtime is this one thread, and WAL just written is in the page cache.
-            let bytes = self
-                .reader
-                .read(self.timeline, sent, end)
-                .map_err(read_failure)?;
+            // Valid records the scout walked are shipped as it read them; anything else (flushed WAL beyond
+            // its walk, a catch-up) with a plain blocking read: the runtime is this one thread, and WAL just
+            // written is in the page cache.
+            let bytes = match self.scout.walked_bytes(sent, end) {
+                Some(walked) => bytes::Bytes::copy_from_slice(walked),
+                None => self
+                    .reader
+                    .read(self.timeline, sent, end)
+                    .map_err(read_failure)?,
+            };
             crash_point!("sender-read-before-send");
             if self.cross.is_some() {
                 self.cross_check(replication::Side::Shipped, sent, bytes.clone())?;
