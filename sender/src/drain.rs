@@ -83,7 +83,13 @@ impl Streaming<'_> {
     ) -> Result<Result<Lsn, Stop>, Failure> {
         let settle = Instant::now() + Duration::from_secs(60);
         let mut end = self.ship_valid_wal(shutdown, progressed).await?;
-        while postmaster_running(self.data_dir.as_deref()) && Instant::now() < settle {
+        loop {
+            if !postmaster_running(self.data_dir.as_deref()) || Instant::now() >= settle {
+                // One more walk once the postmaster is seen gone: what it wrote after the last walk began
+                // (a fast shutdown's checkpoint while the pass before waited for acknowledgements) is in
+                // pg_wal by now, and the drain ends only with it.
+                return Ok(Ok(self.ship_valid_wal(shutdown, progressed).await?));
+            }
             if let ServerState::Up =
                 server_state(self.data_dir.as_deref(), &self.cfg.pgconn.current()).await
             {
@@ -96,7 +102,6 @@ impl Streaming<'_> {
             }
             end = self.ship_valid_wal(shutdown, progressed).await?;
         }
-        Ok(Ok(end))
     }
 
     /// Keeps the session open (keepalives with only what is proven flushed) until PostgreSQL is back or
