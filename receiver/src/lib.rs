@@ -37,5 +37,6 @@ pub mod status;
 pub mod store;
 pub mod tls;
 pub mod upload;
+pub mod verify;
 
 pub use walship_daemon::{init_logging, shutdown_on_signals};
