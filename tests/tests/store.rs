@@ -587,3 +587,100 @@ async fn a_store_outage_during_recovery_and_failover_is_done_without() {
         standby.log_text()
     );
 }
+
+/// `verify --object-store`: every object downloaded, decompressed, checked and compared with the local
+/// file; an object replaced by another segment's is found and named, nothing in the archive or the store
+/// is modified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_checks_every_object_of_the_store_against_the_archive() {
+    let opts = InitOptions {
+        wal_segsize_mb: Some(1),
+        ..Default::default()
+    };
+    let Stage {
+        dir,
+        primary,
+        archive,
+        certs,
+        walship,
+    } = stage("store-verify", &opts);
+    let client = primary.connect().await;
+    let s3 = S3Server::start(&dir, "s3");
+    let url = s3.url("cluster-v");
+    let (mut receiver, mut sender) =
+        ship_to_store(&dir, &primary, &archive, &certs, &walship, &s3, &url);
+    let seg = WalSegSize::new(1 << 20).unwrap();
+    run_ok(&mut primary.pgbench(&["-i", "-s", "1", "-q"]));
+    primary.switch_wal(&client).await;
+    let switched = primary.switch_wal(&client).await;
+    let last = segment_file_name(1, seg.segno(switched) - 1, seg);
+    wait_uploaded(&archive, &last).await;
+    sender.stop_sender_of(&receiver);
+    receiver.terminate(Duration::from_secs(10));
+    let config = store_config(&dir, &url, &s3.env());
+    let verify = || {
+        let before = (
+            walship_tests::archive::snapshot(&archive),
+            s3.objects("cluster-v")
+                .iter()
+                .map(|n| s3.object(&format!("cluster-v/{n}")))
+                .collect::<Vec<_>>(),
+        );
+        let out = walship_tests::env::as_db_user(
+            Command::new(walship.path(Walship::RECEIVER))
+                .args(["verify", "--json", "--config"])
+                .arg(&config)
+                .arg("--archive")
+                .arg(&archive),
+        )
+        .output()
+        .expect("run verify");
+        let after = (
+            walship_tests::archive::snapshot(&archive),
+            s3.objects("cluster-v")
+                .iter()
+                .map(|n| s3.object(&format!("cluster-v/{n}")))
+                .collect::<Vec<_>>(),
+        );
+        assert!(before == after, "verify modified the archive or the store");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), json)
+    };
+    let (code, json) = verify();
+    assert_eq!(code, Some(0), "{json:#}");
+    let checked = json["store_objects_checked"].as_u64().unwrap_or(0);
+    assert!(checked >= 3, "{json:#}");
+
+    // an object replaced by another segment's
+    let segments: Vec<String> = s3
+        .objects("cluster-v")
+        .into_iter()
+        .filter(|n| n.len() == 28 && n.ends_with(".zst"))
+        .collect();
+    assert!(segments.len() >= 2, "{segments:?}");
+    let (victim, other) = (&segments[0], &segments[1]);
+    let bucket = s3.root.join(walship_tests::s3::BUCKET).join("cluster-v");
+    std::fs::copy(bucket.join(other), bucket.join(victim)).expect("replace the object");
+    let (code, json) = verify();
+    assert_eq!(code, Some(2), "{json:#}");
+    let problems: Vec<(String, String)> = json["timelines"][0]["problems"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            (
+                p["kind"].as_str().unwrap_or_default().to_owned(),
+                p["file"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let name = victim.trim_end_matches(".zst");
+    assert!(
+        problems.len() == 1
+            && problems[0].1 == name
+            && ["store_differs", "store_unreadable"].contains(&problems[0].0.as_str()),
+        "{json:#}"
+    );
+}
