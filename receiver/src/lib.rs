@@ -25,6 +25,7 @@ pub mod archive;
 pub mod certs;
 pub mod check;
 pub mod cleanup;
+pub mod crypt;
 pub mod durable;
 pub mod metrics;
 pub mod prefetch;

@@ -68,6 +68,10 @@ enum Command {
     /// without a break and each problem with its file and LSN. Reads only; exit 0 without a problem, 2 with
     /// one, 3 when the archive cannot be read (as status, for a nightly check).
     Verify(VerifyArgs),
+    /// Write a new age identity for encrypting the object store (mode 0600, never over an existing file)
+    /// and print its public key: give the key to the receiver (`run --store-encrypt-to age1…`), keep the
+    /// file where the store is read (restore, promote, verify: --store-identity FILE), and a copy offline.
+    Keygen(KeygenArgs),
     /// Started by restore in the background: fetch the segments after --after from the object store into
     /// <archive>/prefetch/.
     #[command(hide = true)]
@@ -101,6 +105,26 @@ struct StoreArgs {
         hide_default_value = true
     )]
     object_store_option: Vec<String>,
+    /// Encrypt every object `run` stores (segments, partials, history files, walship.id) to this age public
+    /// key (age1…, as `walship-receiver keygen` prints) before it leaves the standby; repeatable, each
+    /// key's identity decrypts. To rotate, encrypt to the new key from now on and keep the old identity in
+    /// the readers' identity file.
+    #[arg(
+        long = "store-encrypt-to",
+        env = "WALSHIP_STORE_ENCRYPT_TO",
+        value_delimiter = ',',
+        value_name = "AGE_PUBLIC_KEY"
+    )]
+    store_encrypt_to: Vec<String>,
+    /// The age identity file (AGE-SECRET-KEY-1… lines, mode 0600) that decrypts an encrypted store: for
+    /// restore, promote, verify, status, cleanup (and run, only to adopt an encrypted store's identity into
+    /// a new archive). Several lines form a keyring: keep rotated-out identities in it.
+    #[arg(
+        long = "store-identity",
+        env = "WALSHIP_STORE_IDENTITY",
+        value_name = "FILE"
+    )]
+    store_identity: Option<PathBuf>,
 }
 
 #[derive(Parser, Debug)]
@@ -206,6 +230,13 @@ struct CleanupArgs {
     keep_days: u64,
     /// %r: the oldest segment still needed; older complete segments are removed.
     restartpoint: String,
+}
+
+#[derive(Parser, Debug)]
+struct KeygenArgs {
+    /// The identity file to create.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
 }
 
 #[derive(Parser, Debug)]
@@ -352,7 +383,8 @@ impl StoreArgs {
         let spec = StoreSpec::new(
             self.object_store.as_deref().unwrap_or_default(),
             &self.object_store_option,
-        )?;
+        )?
+        .with_encryption(self.store_encrypt_to.clone(), self.store_identity.clone());
         Ok(self.object_store.is_some().then_some(spec))
     }
 }
@@ -492,7 +524,10 @@ fn cleanup(args: CleanupArgs) -> Result<()> {
 
 fn prefetch(args: PrefetchArgs) -> Result<()> {
     // the store's settings come as this process's environment (restore passes them so)
-    let store = Store::open(&StoreSpec::new(&args.object_store, &[])?)?;
+    let store = Store::open(&StoreSpec::new(&args.object_store, &[])?.with_encryption(
+        Vec::new(),
+        std::env::var_os("WALSHIP_STORE_IDENTITY").map(PathBuf::from),
+    ))?;
     let fetched = block_on(walship_receiver::prefetch::run(
         &args.archive,
         &store,
@@ -601,6 +636,15 @@ fn main() -> ExitCode {
         Command::Promote(args) => promote(args),
         Command::Cleanup(args) => cleanup(args),
         Command::Prefetch(args) => prefetch(args),
+        Command::Keygen(args) => walship_receiver::crypt::keygen(&args.out).map(|public| {
+            println!("{public}");
+            eprintln!(
+                "wrote the identity to {}; encrypt with: walship-receiver run --store-encrypt-to {public} …; \
+                 decrypt with: --store-identity {}",
+                args.out.display(),
+                args.out.display()
+            );
+        }),
         Command::Status(args) => return status(args),
         Command::Verify(args) => return verify(args),
     };

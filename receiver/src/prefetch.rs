@@ -57,6 +57,12 @@ pub fn start(archive: &Path, store: &crate::store::StoreSpec, after: &str, count
             .arg(&store.url)
             // the store's settings as the child's environment (never its command line)
             .envs(store.environment())
+            .envs(
+                store
+                    .identity_file
+                    .as_ref()
+                    .map(|f| ("WALSHIP_STORE_IDENTITY", f.as_os_str())),
+            )
             .arg("--after")
             .arg(after)
             .arg("--count")

@@ -7,6 +7,10 @@
 //! archive's identity is `<prefix>/walship.id`, as in the local archive: a prefix holds one cluster's WAL.
 //! A complete segment or history file is never overwritten: an object already there with other content is an
 //! error. Only the partial segment's object is replaced as it grows.
+//!
+//! With `--store-encrypt-to` every object, the identity included, is encrypted on the client side before it
+//! leaves the standby ([`crate::crypt`]); readers decrypt with `--store-identity`. Objects stored before
+//! encryption was turned on stay readable.
 
 use std::sync::Arc;
 
@@ -21,6 +25,8 @@ use crate::archive::Identity;
 
 /// The metadata key of the uncompressed bytes' CRC-32C.
 const CRC_KEY: &str = "walship-crc32c";
+/// The metadata key of an encrypted identity's digest.
+const ID_DIGEST_KEY: &str = "walship-identity-sha256";
 /// zstd level of stored files: they are written once and read rarely, and WAL compresses well.
 const LEVEL: i32 = 3;
 
@@ -32,6 +38,10 @@ pub struct Store {
     url: String,
     /// Whether objects carry metadata (not in a local directory: the zstd checksum covers the content there).
     metadata: bool,
+    /// Encrypt what is stored to these public keys.
+    recipients: Option<crate::crypt::Recipients>,
+    /// Decrypt what is read with these private keys.
+    identities: Option<Arc<crate::crypt::Identities>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -48,12 +58,23 @@ impl std::fmt::Debug for Store {
 pub struct StoreSpec {
     pub url: String,
     options: Vec<(String, String)>,
+    /// `--store-encrypt-to`: age public keys (`age1…`).
+    pub encrypt_to: Vec<String>,
+    /// `--store-identity`: the age identity file that decrypts.
+    pub identity_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for StoreSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let names: Vec<&str> = self.options.iter().map(|(n, _)| n.as_str()).collect();
-        write!(f, "{} {names:?}", self.url)
+        write!(f, "{} {names:?}", self.url)?;
+        if !self.encrypt_to.is_empty() {
+            write!(f, " encrypted to {} key(s)", self.encrypt_to.len())?;
+        }
+        if let Some(file) = &self.identity_file {
+            write!(f, " identities in {}", file.display())?;
+        }
+        Ok(())
     }
 }
 
@@ -84,7 +105,21 @@ impl StoreSpec {
         Ok(StoreSpec {
             url: url.to_owned(),
             options: parsed,
+            encrypt_to: Vec::new(),
+            identity_file: None,
         })
+    }
+
+    /// Encryption at rest: objects written are encrypted to `encrypt_to` (age public keys), objects read are
+    /// decrypted with the identities in `identity_file`.
+    pub fn with_encryption(
+        mut self,
+        encrypt_to: Vec<String>,
+        identity_file: Option<std::path::PathBuf>,
+    ) -> StoreSpec {
+        self.encrypt_to = encrypt_to;
+        self.identity_file = identity_file;
+        self
     }
 
     /// The settings as environment variables, for a child process (the prefetcher).
@@ -169,12 +204,24 @@ impl Store {
                 (Arc::from(store), prefix)
             }
         };
+        let recipients = crate::crypt::Recipients::parse(&spec.encrypt_to)?;
+        let identities = match &spec.identity_file {
+            Some(file) => Some(Arc::new(crate::crypt::Identities::load(file)?)),
+            None => None,
+        };
         Ok(Store {
             inner,
             prefix,
             url: url.to_owned(),
             metadata: !matches!(parsed.scheme(), "file" | "memory"),
+            recipients,
+            identities,
         })
+    }
+
+    /// Whether objects are encrypted when written.
+    pub fn encrypts(&self) -> bool {
+        self.recipients.is_some()
     }
 
     pub fn url(&self) -> &str {
@@ -192,13 +239,49 @@ impl Store {
 
     /// The cluster whose WAL the prefix holds, if any.
     pub async fn identity(&self) -> Result<Option<Identity>> {
+        let Some((bytes, _)) = self.identity_object().await? else {
+            return Ok(None);
+        };
+        let object = format!("{}/{}", self.url, crate::archive::ID_FILE);
+        let text = match crate::crypt::split(&bytes) {
+            Some((h, age_file)) => crate::crypt::decrypt(
+                &object,
+                &h.key_ids,
+                age_file,
+                self.identities.as_deref(),
+                1 << 16,
+            )?,
+            None => bytes.to_vec(),
+        };
+        Identity::parse(&String::from_utf8_lossy(&text))
+            .map(Some)
+            .ok_or_else(|| anyhow!("{object} is not a walship identity"))
+    }
+
+    /// Whether the store's identity is `id` (None: it holds none). An encrypted identity is compared
+    /// without decrypting it where the store kept its digest (a receiver holds the public key only).
+    pub async fn identity_is(&self, id: &Identity) -> Result<Option<bool>> {
+        let Some((bytes, digest)) = self.identity_object().await? else {
+            return Ok(None);
+        };
+        if crate::crypt::split(&bytes).is_some() && self.identities.is_none() {
+            if let Some(digest) = digest {
+                return Ok(Some(digest == identity_digest(id)));
+            }
+        }
+        Ok(self.identity().await?.map(|theirs| theirs == *id))
+    }
+
+    /// The stored bytes of walship.id and the identity digest of its metadata.
+    async fn identity_object(&self) -> Result<Option<(Bytes, Option<String>)>> {
         match self.inner.get(&self.path(crate::archive::ID_FILE)).await {
             Ok(r) => {
+                let digest = r
+                    .attributes
+                    .get(&Attribute::Metadata(ID_DIGEST_KEY.into()))
+                    .map(|v| v.as_ref().to_owned());
                 let bytes = r.bytes().await.context("read the store's walship.id")?;
-                let text = String::from_utf8_lossy(&bytes);
-                Identity::parse(&text)
-                    .map(Some)
-                    .ok_or_else(|| anyhow!("{}/walship.id is not a walship identity", self.url))
+                Ok(Some((bytes, digest)))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(anyhow::Error::new(e).context(format!("read {}/walship.id", self.url))),
@@ -212,9 +295,30 @@ impl Store {
             ..Default::default()
         };
         let path = self.path(crate::archive::ID_FILE);
+        let mut opts = opts;
+        let content = match &self.recipients {
+            Some(r) => {
+                if self.metadata {
+                    opts.attributes.insert(
+                        Attribute::Metadata(ID_DIGEST_KEY.into()),
+                        identity_digest(id).into(),
+                    );
+                    opts.attributes.insert(
+                        Attribute::Metadata(crate::crypt::KEY_ID_KEY.into()),
+                        r.key_ids().to_owned().into(),
+                    );
+                }
+                let text = id.render();
+                r.encrypt(
+                    text.as_bytes(),
+                    (text.len() as u64, crc32c::crc32c(text.as_bytes())),
+                )?
+            }
+            None => id.render().into_bytes(),
+        };
         match self
             .inner
-            .put_opts(&path, PutPayload::from(id.render().into_bytes()), opts)
+            .put_opts(&path, PutPayload::from(content), opts)
             .await
         {
             Ok(_) => Ok(()),
@@ -226,8 +330,11 @@ impl Store {
 
     /// Fails unless the store holds no identity or `id`.
     pub async fn check_identity(&self, id: &Identity) -> Result<()> {
-        match self.identity().await? {
-            Some(theirs) if theirs != *id => bail!(
+        if self.identity_is(id).await? != Some(false) {
+            return Ok(());
+        }
+        match self.identity().await {
+            Ok(Some(theirs)) => bail!(
                 "the object store {} holds the WAL of the cluster with system identifier {} ({} segments), this \
                  archive belongs to {} ({} segments): one prefix per cluster; give this archive its own prefix",
                 self.url,
@@ -236,7 +343,13 @@ impl Store {
                 id.system_identifier,
                 id.wal_segment_size
             ),
-            _ => Ok(()),
+            // encrypted, compared by its digest: another cluster's, whose details need the key
+            _ => bail!(
+                "the object store {} holds another cluster's walship.id (encrypted; its digest differs from this \
+                 archive's, system identifier {}): one prefix per cluster; give this archive its own prefix",
+                self.url,
+                id.system_identifier
+            ),
         }
     }
 
@@ -244,7 +357,8 @@ impl Store {
     /// compared, never overwritten.
     pub async fn put_once(&self, file: &str, raw: &[u8]) -> Result<Put> {
         let path = self.path(&Self::object_name(file));
-        let (payload, attributes) = encode_aside(raw, self.metadata).await?;
+        let (payload, attributes) =
+            encode_aside(raw, self.metadata, self.recipients.clone()).await?;
         let opts = PutOptions {
             mode: PutMode::Create,
             attributes,
@@ -252,7 +366,13 @@ impl Store {
         };
         match self.inner.put_opts(&path, payload, opts).await {
             Ok(_) => Ok(Put::Written),
-            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => {
+                if self.recipients.is_some() && self.identities.is_none() {
+                    // encrypted, and this receiver holds only the public key: the same content has the
+                    // same stored size (zstd and age are deterministic in length) and the same CRC-32C
+                    return self.same_encrypted(file, raw).await;
+                }
                 match self.get(file).await? {
                     Some(there) if there == raw => Ok(Put::AlreadyThere),
                     Some(_) => bail!(
@@ -264,14 +384,45 @@ impl Store {
                     None => bail!("{}/{} vanished while being compared", self.url, Self::object_name(file)),
                 }
             }
-            Err(e) => Err(anyhow::Error::new(e).context(format!("upload {}/{}", self.url, Self::object_name(file)))),
+            Err(e) => Err(anyhow::Error::new(e).context(format!(
+                "upload {}/{}",
+                self.url,
+                Self::object_name(file)
+            ))),
+        }
+    }
+
+    /// [`Store::put_once`] found an encrypted object there: compares what can be compared without the key.
+    async fn same_encrypted(&self, file: &str, raw: &[u8]) -> Result<Put> {
+        let path = self.path(&Self::object_name(file));
+        let there = self
+            .inner
+            .get(&path)
+            .await
+            .with_context(|| format!("read {}/{}", self.url, Self::object_name(file)))?
+            .bytes()
+            .await
+            .with_context(|| format!("read {}/{}", self.url, Self::object_name(file)))?;
+        let same = crate::crypt::split(&there)
+            .and_then(|(h, _)| h.file)
+            .is_some_and(|f| f == (raw.len() as u64, crc32c::crc32c(raw)));
+        if same {
+            Ok(Put::AlreadyThere)
+        } else {
+            bail!(
+                "{}/{} exists with other content: walship never overwrites an archived file; find out who \
+                 wrote it (another receiver on this prefix?)",
+                self.url,
+                Self::object_name(file)
+            )
         }
     }
 
     /// Stores `raw` as `file`, replacing what is there (the partial segment as it grows).
     pub async fn put_replace(&self, file: &str, raw: &[u8]) -> Result<()> {
         let path = self.path(&Self::object_name(file));
-        let (payload, attributes) = encode_aside(raw, self.metadata).await?;
+        let (payload, attributes) =
+            encode_aside(raw, self.metadata, self.recipients.clone()).await?;
         let opts = PutOptions {
             attributes,
             ..Default::default()
@@ -381,11 +532,26 @@ impl Store {
             .attributes
             .get(&Attribute::Metadata(CRC_KEY.into()))
             .and_then(|v| u32::from_str_radix(v.as_ref(), 16).ok());
-        let compressed = result
+        let stored = result
             .bytes()
             .await
             .with_context(|| format!("download {}/{}", self.url, Self::object_name(file)))?;
-        let raw = decode(&compressed).with_context(|| {
+        let decrypted;
+        let compressed: &[u8] = match crate::crypt::split(&stored) {
+            Some((h, age_file)) => {
+                let object = format!("{}/{}", self.url, Self::object_name(file));
+                decrypted = crate::crypt::decrypt(
+                    &object,
+                    &h.key_ids,
+                    age_file,
+                    self.identities.as_deref(),
+                    1 << 31,
+                )?;
+                &decrypted
+            }
+            None => &stored,
+        };
+        let raw = decode(compressed).with_context(|| {
             format!(
                 "{}/{} does not decompress",
                 self.url,
@@ -408,29 +574,53 @@ impl Store {
 
 /// [`encode`] on a blocking thread: compressing a segment takes tens of milliseconds, which the runtime's
 /// worker (the one that also serves the sender's session) must not spend.
-async fn encode_aside(raw: &[u8], metadata: bool) -> Result<(PutPayload, Attributes)> {
+async fn encode_aside(
+    raw: &[u8],
+    metadata: bool,
+    recipients: Option<crate::crypt::Recipients>,
+) -> Result<(PutPayload, Attributes)> {
     let raw = raw.to_vec();
-    tokio::task::spawn_blocking(move || encode(&raw, metadata))
+    tokio::task::spawn_blocking(move || encode(&raw, metadata, recipients.as_ref()))
         .await
         .context("the compression task")?
 }
 
-/// zstd with the frame checksum on, and the CRC-32C of the raw bytes as metadata (when the store keeps it).
-fn encode(raw: &[u8], metadata: bool) -> Result<(PutPayload, Attributes)> {
+/// zstd with the frame checksum on, then encrypted when there are recipients; the CRC-32C of the raw bytes
+/// (and the key ids) as metadata when the store keeps it.
+fn encode(
+    raw: &[u8],
+    metadata: bool,
+    recipients: Option<&crate::crypt::Recipients>,
+) -> Result<(PutPayload, Attributes)> {
     let mut encoder = zstd::bulk::Compressor::new(LEVEL).context("zstd")?;
     encoder
         .set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
         .context("zstd checksum")?;
-    let compressed = encoder.compress(raw).context("compress")?;
+    let mut stored = encoder.compress(raw).context("compress")?;
     let mut attributes = Attributes::new();
-    if !metadata {
-        return Ok((PutPayload::from(Bytes::from(compressed)), attributes));
+    if let Some(r) = recipients {
+        stored = r.encrypt(&stored, (raw.len() as u64, crc32c::crc32c(raw)))?;
+        if metadata {
+            attributes.insert(
+                Attribute::Metadata(crate::crypt::KEY_ID_KEY.into()),
+                r.key_ids().to_owned().into(),
+            );
+        }
     }
-    attributes.insert(
-        Attribute::Metadata(CRC_KEY.into()),
-        format!("{:08x}", crc32c::crc32c(raw)).into(),
-    );
-    Ok((PutPayload::from(Bytes::from(compressed)), attributes))
+    if metadata {
+        attributes.insert(
+            Attribute::Metadata(CRC_KEY.into()),
+            format!("{:08x}", crc32c::crc32c(raw)).into(),
+        );
+    }
+    Ok((PutPayload::from(Bytes::from(stored)), attributes))
+}
+
+/// The digest of an identity kept in the metadata of an encrypted walship.id, so that a receiver holding
+/// only the public key can compare it.
+fn identity_digest(id: &Identity) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, id.render().as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Decompresses one stored file (at most 1 GB, the largest WAL segment).
@@ -451,6 +641,50 @@ fn decode(compressed: &[u8]) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn encrypted_objects_are_not_readable_without_the_key_and_come_back_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("store.key");
+        let public = crate::crypt::keygen(&key).unwrap();
+        let url = format!("file://{}", dir.path().join("store").display());
+        std::fs::create_dir_all(dir.path().join("store")).unwrap();
+        let spec = StoreSpec::new(&url, &[]).unwrap();
+        // the receiver: the public key only
+        let writer =
+            Store::open(&spec.clone().with_encryption(vec![public.clone()], None)).unwrap();
+        let raw: Vec<u8> = (0..200_000u32).map(|i| (i / 7 % 251) as u8).collect();
+        let name = "000000010000000000000001";
+        assert_eq!(writer.put_once(name, &raw).await.unwrap(), Put::Written);
+        // a retry of the same content is recognised without the key; other content is refused
+        assert_eq!(
+            writer.put_once(name, &raw).await.unwrap(),
+            Put::AlreadyThere
+        );
+        let mut other = raw.clone();
+        other.truncate(150_000);
+        assert!(writer.put_once(name, &other).await.is_err());
+        let id = Identity {
+            system_identifier: 7,
+            wal_segment_size: walship_protocol::WalSegSize::DEFAULT,
+            pg_version_num: 150_000,
+        };
+        writer.pin(&id).await.unwrap();
+        // neither the object nor the identity is readable as WAL, zstd or text
+        let stored = std::fs::read(dir.path().join("store").join(format!("{name}.zst"))).unwrap();
+        assert!(stored.starts_with(crate::crypt::MAGIC));
+        assert!(!stored.windows(4).any(|w| w == [0x28, 0xB5, 0x2F, 0xFD]));
+        let id_object = std::fs::read(dir.path().join("store").join("walship.id")).unwrap();
+        assert!(!String::from_utf8_lossy(&id_object).contains("system_identifier"));
+        // without the identity file: a clear error naming the object and the key id
+        let e = format!("{:#}", writer.get(name).await.unwrap_err());
+        assert!(e.contains(name) && e.contains("--store-identity"), "{e}");
+        // with it: the same bytes, and the identity
+        let reader = Store::open(&spec.with_encryption(Vec::new(), Some(key))).unwrap();
+        assert_eq!(reader.get(name).await.unwrap().unwrap(), raw);
+        assert_eq!(reader.identity().await.unwrap(), Some(id));
+        reader.check_identity(&id).await.unwrap();
+    }
 
     #[tokio::test]
     async fn a_file_is_stored_once_and_comes_back_checked() {

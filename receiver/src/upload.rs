@@ -55,8 +55,25 @@ pub fn uploaded(state: Option<&UploadState>, name: &str) -> bool {
 /// takes the store's identity (so that a sender of another cluster is refused at once); a local identity is
 /// written to an empty store. Marks the archive as having a store.
 pub async fn prepare(store: &Store, dir: &Path) -> Result<()> {
-    let remote = store.identity().await?;
     let local = Identity::load(dir)?;
+    let remote = match &local {
+        // compared without reading it where it is encrypted and this receiver holds only the public key
+        Some(l) => match store.identity_is(l).await? {
+            Some(true) => Some(*l),
+            Some(false) => bail!(
+                "the archive {} belongs to the cluster with system identifier {}, the object store {} holds \
+                 another cluster's walship.id: one store prefix per cluster",
+                dir.display(),
+                l.system_identifier,
+                store.url()
+            ),
+            None => None,
+        },
+        None => store.identity().await.context(
+            "the new archive takes the object store's identity, which is encrypted: give the receiver the \
+             identity file once (--store-identity), or start with a copy of the archive's walship.id",
+        )?,
+    };
     match (&local, &remote) {
         (Some(l), Some(r)) if l != r => bail!(
             "the archive {} belongs to the cluster with system identifier {}, the object store {} to {}: one \

@@ -366,6 +366,19 @@ async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it() {
     );
 }
 
+/// The length of the archive file an object holds: decompressed, or as an encrypted object's header says.
+fn stored_len(bytes: &[u8]) -> u64 {
+    match walship_receiver::crypt::split(bytes) {
+        Some((header, _)) => {
+            header
+                .file
+                .expect("an encrypted object names its file's length")
+                .0
+        }
+        None => decompress(bytes).len() as u64,
+    }
+}
+
 /// Where the store's WAL of timeline 1 ends: the last complete segment's end, or its partial's.
 fn store_end(s3: &S3Server, prefix: &str, seg: WalSegSize) -> Lsn {
     let mut end = Lsn(0);
@@ -379,7 +392,7 @@ fn store_end(s3: &S3Server, prefix: &str, seg: WalSegSize) -> Lsn {
                 let Some(bytes) = s3.object(&format!("{prefix}/{object}")) else {
                     continue;
                 };
-                Lsn(seg.segment_start(segno).0 + decompress(&bytes).len() as u64)
+                Lsn(seg.segment_start(segno).0 + stored_len(&bytes))
             }
             _ => continue,
         };
@@ -401,8 +414,41 @@ async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(
     let env = s3.env();
     let url = s3.url("cluster");
     let seg = WalSegSize::DEFAULT;
-    let (mut receiver, mut sender) =
-        ship_to_store(&dir, &primary, &archive, &certs, &walship, &s3, &url);
+    // the store is encrypted: the receiver holds the public key, the new standby the identity
+    let receiver_bin = walship.path(Walship::RECEIVER);
+    let key = dir.path().join("store.key");
+    let keygen = run_ok(walship_tests::env::as_db_user(
+        Command::new(&receiver_bin)
+            .args(["keygen", "--out"])
+            .arg(&key),
+    ));
+    let public = String::from_utf8_lossy(&keygen.stdout).trim().to_owned();
+    assert!(public.starts_with("age1"), "keygen printed {public:?}");
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut receiver = walship.receiver_with(
+        &dir,
+        &archive,
+        &certs,
+        0,
+        &[
+            "--object-store",
+            &url,
+            "--partial-upload-interval",
+            "1",
+            "--store-encrypt-to",
+            &public,
+        ],
+        &env_refs,
+    );
+    let mut sender = walship.sender(
+        &dir,
+        &primary.conninfo(),
+        receiver.port,
+        &certs,
+        &certs,
+        &[],
+    );
+    sender.wait_for_log("streaming", WAIT);
     let mut standby = primary.base_backup(&dir, "standby");
 
     run_ok(&mut primary.pgbench(&["-i", "-s", "2", "-q"]));
@@ -426,13 +472,124 @@ async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(
     // the standby's host is lost, with its receiver and its archive
     sender.kill9();
     receiver.kill9();
+    let identity = std::fs::read(archive.join("walship.id")).expect("the archive's identity");
     std::fs::remove_dir_all(&archive).expect("remove the lost archive");
+
+    // nothing in the store reads as WAL, zstd or text without the key
+    let objects = s3.objects("cluster");
+    assert!(objects.len() >= 3, "{objects:?}");
+    for object in &objects {
+        let bytes = s3.object(&format!("cluster/{object}")).expect("the object");
+        assert!(
+            bytes.starts_with(walship_receiver::crypt::MAGIC),
+            "{object} is stored unencrypted"
+        );
+        assert!(
+            !bytes.windows(4).any(|w| w == [0x28, 0xB5, 0x2F, 0xFD]),
+            "{object} holds a zstd frame in the clear"
+        );
+    }
+    let stored_segment = objects
+        .iter()
+        .find(|o| o.len() == 28 && o.ends_with(".zst"))
+        .expect("a complete segment in the store")
+        .trim_end_matches(".zst")
+        .to_owned();
+    // restore without the key, and with another one: a clear error naming the object and the key id,
+    // nothing handed to recovery
+    let probe = dir.subdir("probe");
+    std::fs::write(probe.join("walship.id"), &identity).unwrap();
+    walship_tests::env::chown_to_db_user(&probe);
+    walship_tests::env::chown_to_db_user(&probe.join("walship.id"));
+    let other_key = dir.path().join("other.key");
+    run_ok(walship_tests::env::as_db_user(
+        Command::new(&receiver_bin)
+            .args(["keygen", "--out"])
+            .arg(&other_key),
+    ));
+    let bare = store_config(&dir, &url, &env);
+    let config_text = std::fs::read_to_string(&bare).unwrap();
+    let with_identity = |file: &Path| {
+        std::fs::write(
+            &bare,
+            format!(
+                "{config_text}store-identity = {:?}\n",
+                file.display().to_string()
+            ),
+        )
+        .unwrap();
+    };
+    for (identity, expect) in [
+        (None, "no identity was given"),
+        (Some(&other_key), "none of the identities"),
+    ] {
+        match identity {
+            Some(file) => with_identity(file),
+            None => std::fs::write(&bare, &config_text).unwrap(),
+        }
+        let target = probe.join("out");
+        let out = walship_tests::env::as_db_user(
+            Command::new(&receiver_bin)
+                .arg("restore")
+                .arg("--config")
+                .arg(&bare)
+                .arg("--archive")
+                .arg(&probe)
+                .args(["--prefetch", "0"])
+                .arg(&stored_segment)
+                .arg(&target),
+        )
+        .output()
+        .expect("run restore");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && !target.exists(),
+            "restore without the right key: {err}"
+        );
+        assert!(
+            err.contains(expect) && err.contains(&stored_segment),
+            "{err}"
+        );
+        let secret = std::fs::read_to_string(&other_key).unwrap();
+        let secret = secret
+            .lines()
+            .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+            .unwrap();
+        assert!(!err.contains(secret), "a secret key in restore's output");
+    }
+    // with the key: byte-identical to the primary's segment
+    with_identity(&key);
+    let target = probe.join("out");
+    run_ok(walship_tests::env::as_db_user(
+        Command::new(&receiver_bin)
+            .arg("restore")
+            .arg("--config")
+            .arg(&bare)
+            .arg("--archive")
+            .arg(&probe)
+            .args(["--prefetch", "0"])
+            .arg(&stored_segment)
+            .arg(&target),
+    ));
+    assert!(
+        std::fs::read(&target).unwrap()
+            == std::fs::read(primary.wal_dir().join(&stored_segment)).unwrap(),
+        "{stored_segment} restored from the encrypted store differs from the primary's"
+    );
 
     // a new standby from the base backup, its local directory empty: everything comes from the store
     let local = dir.subdir("new-archive");
     walship_tests::env::chown_to_db_user(&local);
     let config = store_config(&dir, &url, &env);
-    let receiver_bin = walship.path(Walship::RECEIVER);
+    std::fs::write(
+        &config,
+        format!(
+            "{}store-identity = {:?}\n",
+            std::fs::read_to_string(&config).unwrap(),
+            key.display().to_string()
+        ),
+    )
+    .unwrap();
     standby.configure_recovery(
         &restore_with_store(&receiver_bin, &config, &local),
         true,
@@ -550,14 +707,30 @@ async fn a_store_outage_during_recovery_and_failover_is_done_without() {
         .batch_execute("INSERT INTO t SELECT generate_series(2001, 3000)")
         .await
         .expect("the last rows");
-    let end = primary.switch_wal(&client).await;
-    let last = segment_file_name(1, seg.segno(end) - 1, seg);
-    wait_for(
-        &format!("{last} to be complete in the archive"),
-        WAIT,
-        || async { archive.join(&last).exists().then_some(()) },
-    )
-    .await;
+    // PostgreSQL's background writer logs a running-transactions record up to every 15 s after WAL
+    // activity, a switch included: switch again until none landed between the switch and the check
+    // right before the kill (the window left is a few milliseconds, not seconds)
+    let end = loop {
+        let end = primary.switch_wal(&client).await;
+        let last = segment_file_name(1, seg.segno(end) - 1, seg);
+        wait_for(
+            &format!("{last} to be complete in the archive"),
+            WAIT,
+            || async { archive.join(&last).exists().then_some(()) },
+        )
+        .await;
+        let insert: String = client
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .expect("insert position")
+            .get(0);
+        let insert: Lsn = insert.parse().expect("an LSN");
+        // at a segment's start the insert position counts its page header
+        if insert.0 <= end.0 + walship_protocol::wal::LONG_PAGE_HEADER as u64 {
+            break end;
+        }
+        println!("WAL was written after the switch to {end} (up to {insert}): switching again");
+    };
     drop(client);
     primary.kill9();
     wait_drained(&mut sender);
