@@ -13,6 +13,8 @@
 //! 6. `synchronous`: TPS and commit latency with walship `--synchronous` against pg_receivewal as the
 //!    synchronous standby.
 //! 5. `compression`: zstd on the wire and at rest; `restore`: archive recovery from the object store.
+//! 7. `verify`: `walship-receiver verify` against `pg_waldump --quiet` on the same segments, one core each,
+//!    and the CPU cost per GB of encryption at rest on upload and restore.
 //!
 //! Results are printed as tables with ratios and written as JSON. `--quick` is a one-minute smoke version.
 
@@ -23,6 +25,7 @@ mod lag;
 mod overhead;
 mod report;
 mod synchronous;
+mod verify;
 mod world;
 
 use std::collections::BTreeMap;
@@ -80,6 +83,8 @@ enum Scenario {
     SyncHostdeath,
     Compression,
     Restore,
+    /// `walship-receiver verify` against `pg_waldump --quiet`, and the cost of encryption at rest.
+    Verify,
 }
 
 /// Benchmarks walship against pg_receivewal and archive_command file shipping on this machine, with
@@ -204,6 +209,10 @@ async fn main() -> Result<()> {
                 .get_or_insert_with(Default::default)
                 .restore = restore;
         }
+        if settings.scenarios.iter().any(|s| s == "verify") {
+            eprintln!("verify against pg_waldump, encryption at rest ...");
+            report.verify = Some(verify::verify_scenario(&settings).await?);
+        }
         anyhow::Ok(())
     };
     tokio::select! {
@@ -217,6 +226,9 @@ async fn main() -> Result<()> {
     }
     if let Some(c) = &report.compression {
         compression::print_compression(c);
+    }
+    if let Some(v) = &report.verify {
+        verify::print_verify(v);
     }
     std::fs::write(&settings.json, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("write {}", settings.json.display()))?;

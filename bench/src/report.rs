@@ -17,6 +17,7 @@ pub(crate) struct Report {
     pub(crate) sync_host_death: Vec<crash::CrashTrial>,
     pub(crate) synchronous: Option<crate::synchronous::SynchronousResult>,
     pub(crate) compression: Option<crate::compression::CompressionReport>,
+    pub(crate) verify: Option<crate::verify::VerifyResult>,
 }
 
 pub(crate) fn machine() -> String {

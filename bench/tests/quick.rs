@@ -103,4 +103,16 @@ fn quick_bench_runs_every_scenario_for_every_tool() {
     for r in restore {
         assert!(r["segments_per_s"].as_f64().unwrap() > 0.0, "{r}");
     }
+    // verify read every record of the primary's WAL without a problem, as pg_waldump did
+    let verify = &report["verify"];
+    assert!(verify["segments"].as_u64().unwrap() > 0, "{verify}");
+    assert!(verify["records"].as_u64().unwrap() > 0, "{verify}");
+    for k in [
+        "walship_verify_seconds",
+        "pg_waldump_seconds",
+        "upload_zstd_age_s_per_gb",
+        "restore_age_zstd_s_per_gb",
+    ] {
+        assert!(verify[k].as_f64().unwrap() > 0.0, "{k}: {verify}");
+    }
 }

@@ -288,19 +288,30 @@ impl Walker {
             return Err(invalid(start, RecordError::Length { len: tot_len }));
         }
         let first = (BLCKSZ - start.0 % BLCKSZ).min(tot_len as u64) as usize;
-        let mut assembled: Vec<u8>;
-        let record: &[u8];
+        // The CRC-32C covers the data after the header, then the header's first 20 bytes: computed piece by
+        // piece as the record's fragments come, never copied into one buffer (most records of a busy server
+        // carry a full-page image and cross a page).
+        let mut header = [0u8; RECORD_HEADER];
         let end;
+        let crc;
         if first == tot_len as usize {
-            record = w.get(start, first).ok_or(need_more.clone())?;
-            self.check_header(record, start)?;
+            let record = w.get(start, first).ok_or(need_more.clone())?;
+            header.copy_from_slice(&record[..RECORD_HEADER]);
+            self.check_header(&header, start)?;
+            crc = crc32c::crc32c(&record[RECORD_HEADER..]);
             end = Lsn(start.0 + maxalign(tot_len as u64));
         } else {
-            // reassemble across pages
-            assembled = Vec::with_capacity(tot_len as usize);
-            assembled.extend_from_slice(w.get(start, first).ok_or(need_more.clone())?);
+            let mut pieces = Pieces {
+                header: &mut header,
+                have: 0,
+                got: 0,
+                crc: 0,
+            };
+            let mut checked = pieces.take(w.get(start, first).ok_or(need_more.clone())?);
+            if checked {
+                self.check_header(pieces.header, start)?;
+            }
             let mut p = Lsn(page.0 + BLCKSZ);
-            let mut checked = false;
             loop {
                 let h = page_header(&self.exp, w, p).map_err(|e| match e {
                     WalkStop::NeedMore { .. } => need_more.clone(),
@@ -315,7 +326,7 @@ impl Walker {
                 if h.info & XLP_FIRST_IS_CONTRECORD == 0 {
                     return Err(invalid(start, RecordError::NoContrecordFlag { page: p }));
                 }
-                let missing = tot_len - assembled.len() as u32;
+                let missing = tot_len - pieces.got as u32;
                 if h.rem_len == 0 || h.rem_len != missing {
                     return Err(invalid(
                         start,
@@ -329,22 +340,20 @@ impl Walker {
                 let hlen = h.len() as u64;
                 let take = (BLCKSZ - hlen).min(h.rem_len as u64) as usize;
                 let data = w.get(Lsn(p.0 + hlen), take).ok_or(need_more.clone())?;
-                assembled.extend_from_slice(data);
-                if !checked && assembled.len() >= RECORD_HEADER {
-                    self.check_header(&assembled, start)?;
+                if pieces.take(data) && !checked {
+                    self.check_header(pieces.header, start)?;
                     checked = true;
                 }
-                if assembled.len() == tot_len as usize {
+                if pieces.got == tot_len as usize {
                     end = Lsn(p.0 + hlen + maxalign(h.rem_len as u64));
                     break;
                 }
                 p = Lsn(p.0 + BLCKSZ);
             }
-            record = &assembled;
+            crc = pieces.crc;
         }
-        let found = le_u32(record, 20);
-        let computed =
-            crc32c::crc32c_append(crc32c::crc32c(&record[RECORD_HEADER..]), &record[..20]);
+        let found = le_u32(&header, 20);
+        let computed = crc32c::crc32c_append(crc, &header[..20]);
         if found != computed {
             return Err(invalid(start, RecordError::Checksum { found, computed }));
         }
@@ -353,10 +362,10 @@ impl Walker {
             end,
             own_end: end,
             tot_len,
-            xid: le_u32(record, 4),
-            prev: Lsn(le_u64(record, 8)),
-            info: record[16],
-            rmid: record[17],
+            xid: le_u32(&header, 4),
+            prev: Lsn(le_u64(&header, 8)),
+            info: header[16],
+            rmid: header[17],
         };
         if rec.is_switch() {
             let seg = self.exp.seg_size.as_u64();
@@ -402,6 +411,28 @@ fn page_header(exp: &PageExpectation, w: &Window<'_>, page: Lsn) -> Result<PageH
         }
     }
     Ok(h)
+}
+
+/// A record read a fragment at a time: its header gathered (it may itself cross a page), the CRC-32C of
+/// the rest accumulated.
+struct Pieces<'h> {
+    header: &'h mut [u8; RECORD_HEADER],
+    have: usize,
+    /// Bytes of the record taken so far.
+    got: usize,
+    crc: u32,
+}
+
+impl Pieces<'_> {
+    /// Takes the next fragment; true once the header is complete.
+    fn take(&mut self, fragment: &[u8]) -> bool {
+        let h = (RECORD_HEADER - self.have).min(fragment.len());
+        self.header[self.have..self.have + h].copy_from_slice(&fragment[..h]);
+        self.have += h;
+        self.crc = crc32c::crc32c_append(self.crc, &fragment[h..]);
+        self.got += fragment.len();
+        self.have == RECORD_HEADER
+    }
 }
 
 /// Builds valid WAL with records of chosen sizes, for tests and fuzzing: page headers with the

@@ -574,17 +574,16 @@ fn walk_file(
         walk.problems
             .push(wrong_size(timeline, name, start, size, seg_size));
     }
-    let mut buf = vec![0u8; CHUNK];
-    let mut at = start;
-    while at.0 - start.0 < seg_size {
-        let want = ((seg_size - (at.0 - start.0)) as usize).min(CHUNK);
-        let n = read_full(&mut file, &mut buf[..want])
+    let mut read = 0u64;
+    while read < seg_size {
+        let want = ((seg_size - read) as usize).min(CHUNK);
+        let n = walk
+            .feed_from(&mut file, want)
             .with_context(|| format!("read {}", path.display()))?;
         if n == 0 {
             break;
         }
-        walk.feed(at, &buf[..n]);
-        at = Lsn(at.0 + n as u64);
+        read += n as u64;
     }
     Ok(())
 }

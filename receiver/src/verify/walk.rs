@@ -131,6 +131,37 @@ impl TimelineWalk {
         self.walk();
     }
 
+    /// Reads the next bytes of the current segment (up to `max`) from `file` straight into the walk's
+    /// buffer (one copy, the kernel's); returns how many (0 at the file's end).
+    pub fn feed_from(
+        &mut self,
+        file: &mut impl std::io::Read,
+        max: usize,
+    ) -> std::io::Result<usize> {
+        if self.ended.is_some() {
+            return Ok(0);
+        }
+        let from = self.buf.len();
+        self.buf.resize(from + max, 0);
+        let mut got = 0;
+        while got < max {
+            match file.read(&mut self.buf[from + got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.buf.truncate(from);
+                    return Err(e);
+                }
+            }
+        }
+        self.buf.truncate(from + got);
+        if got > 0 {
+            self.walk();
+        }
+        Ok(got)
+    }
+
     /// The walk is over: the last range ends where the valid WAL ends.
     pub fn finish(&mut self) {
         self.break_walk();
