@@ -89,5 +89,49 @@ async fn the_old_primary_is_refused_after_a_failover() {
     .await;
     assert!(s.archive.join("00000002.history").exists());
     assert!(start <= flushed);
-    drop(new);
+    new.stop_sender_of(&s.receiver);
+
+    // verify follows both timelines: timeline 2 branches from timeline 1 where recovery ended, and a base
+    // backup of timeline 1 recovers through the branch to timeline 2's end
+    let out = walship_tests::env::as_db_user(
+        std::process::Command::new(s.walship.path(walship_tests::Walship::RECEIVER))
+            .args(["verify", "--json", "--archive"])
+            .arg(&s.archive),
+    )
+    .output()
+    .expect("run verify");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON from verify ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(out.status.code(), Some(0), "{json:#}");
+    let timelines = json["timelines"].as_array().expect("timelines");
+    assert_eq!(timelines.len(), 2, "{json:#}");
+    let (t1, t2) = (&timelines[0], &timelines[1]);
+    assert_eq!(
+        (t1["timeline"].as_u64(), t2["timeline"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(t2["parent"].as_u64(), Some(1), "{json:#}");
+    assert_eq!(
+        t2["branch_point"].as_str(),
+        Some(start.to_string().as_str()),
+        "{json:#}"
+    );
+    let lsn = |v: &serde_json::Value| {
+        v.as_str()
+            .and_then(|s| s.parse::<walship_protocol::Lsn>().ok())
+    };
+    let t1_range = &t1["replayable"][0];
+    let t2_range = &t2["replayable"][0];
+    assert!(lsn(&t1_range["to"]) >= Some(start), "{json:#}");
+    assert!(lsn(&t2_range["to"]) >= Some(flushed), "{json:#}");
+    assert_eq!(
+        t2_range["backup_from_timeline"].as_u64(),
+        Some(1),
+        "{json:#}"
+    );
+    assert_eq!(t2_range["backup_from"], t1_range["from"], "{json:#}");
 }
