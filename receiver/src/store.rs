@@ -36,8 +36,9 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     prefix: StorePath,
     url: String,
-    /// Whether objects carry metadata (not in a local directory: the zstd checksum covers the content there).
-    metadata: bool,
+    /// Whether objects carry metadata (not in a local directory: the zstd checksum covers the content there),
+    /// and how its keys are spelled.
+    metadata: Metadata,
     /// Encrypt what is stored to these public keys.
     recipients: Option<crate::crypt::Recipients>,
     /// Decrypt what is read with these private keys.
@@ -91,13 +92,14 @@ impl StoreSpec {
                 );
             };
             let name = name.trim().to_ascii_uppercase();
-            if !name.starts_with("AWS_")
-                || name.len() == 4
-                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
+            let prefixed = ["AWS_", "AZURE_"]
+                .iter()
+                .any(|p| name.starts_with(p) && name.len() > p.len());
+            if !prefixed || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 bail!(
-                    "--object-store-option {name}: not an AWS_* setting (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, \
-                     AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP, …)"
+                    "--object-store-option {name}: not an AWS_* or AZURE_* setting (AWS_ACCESS_KEY_ID, \
+                     AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP, …; \
+                     AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_ENDPOINT, …)"
                 );
             }
             parsed.push((name, value.trim().to_owned()));
@@ -192,6 +194,31 @@ impl Store {
                     })?;
                 (Arc::new(store), prefix)
             }
+            "az" | "azure" | "abfs" | "abfss" => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env();
+                for (name, value) in &spec.options {
+                    let key: object_store::azure::AzureConfigKey =
+                        name.to_ascii_lowercase().parse().map_err(|_| {
+                            anyhow!(
+                                "--object-store-option {name}: not a setting of the Azure client"
+                            )
+                        })?;
+                    builder = builder.with_config(key, value);
+                }
+                let store = builder.with_url(url).build().with_context(|| {
+                    format!(
+                        "--object-store {url}: set AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or \
+                         another Azure credential; AZURE_STORAGE_ENDPOINT and AZURE_ALLOW_HTTP=true for an \
+                         emulator or a private endpoint)"
+                    )
+                })?;
+                let prefix =
+                    StorePath::parse(parsed.path().trim_matches('/')).with_context(|| {
+                        format!("--object-store {url}: the prefix is not a valid path")
+                    })?;
+                (Arc::new(store), prefix)
+            }
             _ => {
                 let options = spec
                     .options
@@ -213,7 +240,12 @@ impl Store {
             inner,
             prefix,
             url: url.to_owned(),
-            metadata: !matches!(parsed.scheme(), "file" | "memory"),
+            metadata: match parsed.scheme() {
+                "file" | "memory" => Metadata::None,
+                // Azure's metadata names are C# identifiers: no '-'
+                "az" | "azure" | "abfs" | "abfss" => Metadata::Underscores,
+                _ => Metadata::Dashes,
+            },
             recipients,
             identities,
         })
@@ -278,7 +310,7 @@ impl Store {
             Ok(r) => {
                 let digest = r
                     .attributes
-                    .get(&Attribute::Metadata(ID_DIGEST_KEY.into()))
+                    .get(&self.metadata.attr(ID_DIGEST_KEY))
                     .map(|v| v.as_ref().to_owned());
                 let bytes = r.bytes().await.context("read the store's walship.id")?;
                 Ok(Some((bytes, digest)))
@@ -298,13 +330,13 @@ impl Store {
         let mut opts = opts;
         let content = match &self.recipients {
             Some(r) => {
-                if self.metadata {
+                if self.metadata != Metadata::None {
                     opts.attributes.insert(
-                        Attribute::Metadata(ID_DIGEST_KEY.into()),
+                        self.metadata.attr(ID_DIGEST_KEY),
                         identity_digest(id).into(),
                     );
                     opts.attributes.insert(
-                        Attribute::Metadata(crate::crypt::KEY_ID_KEY.into()),
+                        self.metadata.attr(crate::crypt::KEY_ID_KEY),
                         r.key_ids().to_owned().into(),
                     );
                 }
@@ -530,7 +562,7 @@ impl Store {
         };
         let crc = result
             .attributes
-            .get(&Attribute::Metadata(CRC_KEY.into()))
+            .get(&self.metadata.attr(CRC_KEY))
             .and_then(|v| u32::from_str_radix(v.as_ref(), 16).ok());
         let stored = result
             .bytes()
@@ -576,7 +608,7 @@ impl Store {
 /// worker (the one that also serves the sender's session) must not spend.
 async fn encode_aside(
     raw: &[u8],
-    metadata: bool,
+    metadata: Metadata,
     recipients: Option<crate::crypt::Recipients>,
 ) -> Result<(PutPayload, Attributes)> {
     let raw = raw.to_vec();
@@ -589,7 +621,7 @@ async fn encode_aside(
 /// (and the key ids) as metadata when the store keeps it.
 fn encode(
     raw: &[u8],
-    metadata: bool,
+    metadata: Metadata,
     recipients: Option<&crate::crypt::Recipients>,
 ) -> Result<(PutPayload, Attributes)> {
     let mut encoder = zstd::bulk::Compressor::new(LEVEL).context("zstd")?;
@@ -600,20 +632,39 @@ fn encode(
     let mut attributes = Attributes::new();
     if let Some(r) = recipients {
         stored = r.encrypt(&stored, (raw.len() as u64, crc32c::crc32c(raw)))?;
-        if metadata {
+        if metadata != Metadata::None {
             attributes.insert(
-                Attribute::Metadata(crate::crypt::KEY_ID_KEY.into()),
+                metadata.attr(crate::crypt::KEY_ID_KEY),
                 r.key_ids().to_owned().into(),
             );
         }
     }
-    if metadata {
+    if metadata != Metadata::None {
         attributes.insert(
-            Attribute::Metadata(CRC_KEY.into()),
+            metadata.attr(CRC_KEY),
             format!("{:08x}", crc32c::crc32c(raw)).into(),
         );
     }
     Ok((PutPayload::from(Bytes::from(stored)), attributes))
+}
+
+/// Whether a store keeps objects' metadata, and how it spells the keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Metadata {
+    None,
+    /// `walship-crc32c` (S3 and the like).
+    Dashes,
+    /// `walship_crc32c` (Azure: metadata names are C# identifiers).
+    Underscores,
+}
+
+impl Metadata {
+    fn attr(self, key: &'static str) -> Attribute {
+        match self {
+            Metadata::Underscores => Attribute::Metadata(key.replace('-', "_").into()),
+            _ => Attribute::Metadata(key.into()),
+        }
+    }
 }
 
 /// The digest of an identity kept in the metadata of an encrypted walship.id, so that a receiver holding

@@ -7,6 +7,7 @@
 //! run as the `postgres` user, as in production, where both run as the database's OS user.
 
 pub mod archive;
+pub mod azurite;
 pub mod cluster;
 pub mod daemon;
 pub mod env;

@@ -857,3 +857,91 @@ async fn verify_checks_every_object_of_the_store_against_the_archive() {
         "{json:#}"
     );
 }
+
+/// Azure Blob Storage (`az://container/prefix`) through the same object-store crate, against Azurite: the
+/// archive goes up as to S3, a segment restored from it equals the primary's, and verify checks every object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_blob_storage_holds_the_archive_as_s3_does() {
+    let opts = InitOptions {
+        wal_segsize_mb: Some(1),
+        ..Default::default()
+    };
+    let Stage {
+        dir,
+        primary,
+        archive,
+        certs,
+        walship,
+    } = stage("store-azure", &opts);
+    let client = primary.connect().await;
+    let azurite = walship_tests::azurite::Azurite::start(&dir, "azurite");
+    let url = azurite.url("cluster-az");
+    let env = azurite.env();
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut receiver = walship.receiver_with(
+        &dir,
+        &archive,
+        &certs,
+        0,
+        &["--object-store", &url, "--partial-upload-interval", "1"],
+        &env_refs,
+    );
+    let mut sender = walship.sender(
+        &dir,
+        &primary.conninfo(),
+        receiver.port,
+        &certs,
+        &certs,
+        &[],
+    );
+    sender.wait_for_log("streaming", WAIT);
+    let seg = WalSegSize::new(1 << 20).unwrap();
+    run_ok(&mut primary.pgbench(&["-i", "-s", "1", "-q"]));
+    primary.switch_wal(&client).await;
+    let switched = primary.switch_wal(&client).await;
+    let last = segment_file_name(1, seg.segno(switched) - 1, seg);
+    wait_uploaded(&archive, &last).await;
+    sender.stop_sender_of(&receiver);
+    receiver.terminate(Duration::from_secs(10));
+
+    // a segment restored from the store alone equals the primary's
+    let config = store_config(&dir, &url, &env);
+    let receiver_bin = walship.path(Walship::RECEIVER);
+    let probe = dir.subdir("probe");
+    std::fs::copy(archive.join("walship.id"), probe.join("walship.id")).unwrap();
+    walship_tests::env::chown_to_db_user(&probe);
+    walship_tests::env::chown_to_db_user(&probe.join("walship.id"));
+    let target = probe.join("restored");
+    run_ok(walship_tests::env::as_db_user(
+        Command::new(&receiver_bin)
+            .arg("restore")
+            .arg("--config")
+            .arg(&config)
+            .arg("--archive")
+            .arg(&probe)
+            .args(["--prefetch", "0"])
+            .arg(&last)
+            .arg(&target),
+    ));
+    assert!(
+        std::fs::read(&target).unwrap() == std::fs::read(primary.wal_dir().join(&last)).unwrap(),
+        "{last} restored from Azure differs from the primary's"
+    );
+    // verify downloads and checks every object against the archive
+    let out = walship_tests::env::as_db_user(
+        Command::new(&receiver_bin)
+            .args(["verify", "--json", "--config"])
+            .arg(&config)
+            .arg("--archive")
+            .arg(&archive),
+    )
+    .output()
+    .expect("run verify");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{json:#}");
+    assert!(
+        json["store_objects_checked"].as_u64().unwrap_or(0) >= 3,
+        "{json:#}"
+    );
+}
