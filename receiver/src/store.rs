@@ -735,6 +735,46 @@ mod tests {
         assert_eq!(reader.get(name).await.unwrap().unwrap(), raw);
         assert_eq!(reader.identity().await.unwrap(), Some(id));
         reader.check_identity(&id).await.unwrap();
+
+        // rotation: new uploads under a new key; a keyring with both reads old and new objects, one with
+        // the new key only names the old object's key id
+        let new_key = dir.path().join("new.key");
+        let new_public = crate::crypt::keygen(&new_key).unwrap();
+        let rotated = Store::open(
+            &StoreSpec::new(&url, &[])
+                .unwrap()
+                .with_encryption(vec![new_public], None),
+        )
+        .unwrap();
+        let newer = "000000010000000000000002";
+        rotated.put_once(newer, &raw[..1000]).await.unwrap();
+        let keyring = dir.path().join("keyring");
+        std::fs::write(
+            &keyring,
+            std::fs::read_to_string(dir.path().join("store.key")).unwrap()
+                + &std::fs::read_to_string(&new_key).unwrap(),
+        )
+        .unwrap();
+        let both = Store::open(
+            &StoreSpec::new(&url, &[])
+                .unwrap()
+                .with_encryption(Vec::new(), Some(keyring)),
+        )
+        .unwrap();
+        assert_eq!(both.get(name).await.unwrap().unwrap(), raw);
+        assert_eq!(both.get(newer).await.unwrap().unwrap(), &raw[..1000]);
+        let only_new = Store::open(
+            &StoreSpec::new(&url, &[])
+                .unwrap()
+                .with_encryption(Vec::new(), Some(new_key)),
+        )
+        .unwrap();
+        assert_eq!(only_new.get(newer).await.unwrap().unwrap(), &raw[..1000]);
+        let e = format!("{:#}", only_new.get(name).await.unwrap_err());
+        assert!(
+            e.contains("none of the identities") && e.contains(name),
+            "{e}"
+        );
     }
 
     #[tokio::test]
