@@ -945,3 +945,162 @@ async fn azure_blob_storage_holds_the_archive_as_s3_does() {
         "{json:#}"
     );
 }
+
+/// After a failover whose new primary ships into the same store through a new receiver (a new, empty
+/// archive adopting the store's identity), `verify --object-store` follows both timelines, and a standby
+/// restored from the store alone reaches rows written on the new timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_store_holds_both_timelines_and_a_standby_follows_them() {
+    let opts = InitOptions {
+        wal_segsize_mb: Some(1),
+        ..Default::default()
+    };
+    let Stage {
+        dir,
+        mut primary,
+        archive,
+        certs,
+        walship,
+    } = stage("store-timelines", &opts);
+    let s3 = S3Server::start(&dir, "s3");
+    let env = s3.env();
+    let url = s3.url("cluster");
+    let seg = WalSegSize::new(1 << 20).unwrap();
+    let receiver_bin = walship.path(Walship::RECEIVER);
+    let (mut receiver, mut sender) =
+        ship_to_store(&dir, &primary, &archive, &certs, &walship, &s3, &url);
+    let standby = primary.base_backup(&dir, "standby");
+    let late = primary.base_backup(&dir, "late");
+    let client = primary.connect().await;
+    client
+        .batch_execute("CREATE TABLE t (i int); INSERT INTO t SELECT generate_series(1, 1000)")
+        .await
+        .expect("rows");
+    let flushed = primary.flush_lsn(&client).await;
+    walship_tests::archive::wait_archived(&archive, seg, flushed).await;
+    drop(client);
+
+    // the primary dies; the standby is promoted from the archive
+    primary.kill9();
+    wait_drained(&mut sender);
+    sender.stop_sender_of(&receiver);
+    let end = archive_end(&archive, seg, 1).expect("the archive's end");
+    wait_for(&format!("the store to reach {end}"), WAIT, || async {
+        (store_end(&s3, "cluster", seg) >= end).then_some(())
+    })
+    .await;
+    let mut standby = standby;
+    standby.configure_recovery(
+        &format!(
+            "{} restore --archive {} %f %p",
+            receiver_bin.display(),
+            archive.display()
+        ),
+        true,
+        &["wal_retrieve_retry_interval = '200ms'"],
+    );
+    standby.start_no_wait();
+    wait_for("the standby to accept connections", WAIT, || async {
+        standby.try_connect().await.map(|_| ())
+    })
+    .await;
+    let promoted_out = run_ok(
+        Command::new(&receiver_bin)
+            .arg("promote")
+            .arg("--archive")
+            .arg(&archive)
+            .arg("--pgdata")
+            .arg(&standby.data)
+            .args(["--timeout", "120"]),
+    );
+    println!("{}", String::from_utf8_lossy(&promoted_out.stdout).trim());
+
+    // the standby's host is lost with its receiver; a new receiver, a new empty archive, the same store
+    receiver.terminate(Duration::from_secs(10));
+    let archive_b = dir.path().join("archive-b");
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let receiver_b = walship.receiver_with(
+        &dir,
+        &archive_b,
+        &certs,
+        0,
+        &["--object-store", &url, "--partial-upload-interval", "1"],
+        &env_refs,
+    );
+    let mut sender_b = walship.sender(
+        &dir,
+        &standby.conninfo(),
+        receiver_b.port,
+        &certs,
+        &certs,
+        &[],
+    );
+    sender_b.wait_for_log("streaming", WAIT);
+    let promoted = standby.connect().await;
+    promoted
+        .batch_execute("INSERT INTO t SELECT generate_series(5001, 6000)")
+        .await
+        .expect("rows on timeline 2");
+    let switched = standby.switch_wal(&promoted).await;
+    let last = segment_file_name(2, seg.segno(switched) - 1, seg);
+    wait_uploaded(&archive_b, &last).await;
+    assert!(
+        s3.object("cluster/00000002.history.zst").is_some(),
+        "the history file is in the store"
+    );
+    sender_b.stop_sender_of(&receiver_b);
+
+    // verify, the store and the new archive: both timelines, branching where recovery ended
+    let config = store_config(&dir, &url, &env);
+    let out = walship_tests::env::as_db_user(
+        Command::new(&receiver_bin)
+            .args(["verify", "--json", "--config"])
+            .arg(&config)
+            .arg("--archive")
+            .arg(&archive_b),
+    )
+    .output()
+    .expect("run verify");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{json:#}");
+    let timelines = json["timelines"].as_array().expect("timelines");
+    assert_eq!(timelines.len(), 2, "{json:#}");
+    assert_eq!(timelines[1]["parent"].as_u64(), Some(1), "{json:#}");
+    assert_eq!(
+        timelines[1]["replayable"][0]["backup_from_timeline"].as_u64(),
+        Some(1),
+        "{json:#}"
+    );
+
+    // a standby from the first base backup, restoring from the store alone, follows the history to
+    // timeline 2 and holds its rows
+    let mut late = late;
+    let local = dir.subdir("from-store");
+    walship_tests::env::chown_to_db_user(&local);
+    late.configure_recovery(
+        &restore_with_store(&receiver_bin, &config, &local),
+        true,
+        &["wal_retrieve_retry_interval = '200ms'"],
+    );
+    late.start_no_wait();
+    wait_for(
+        "the late standby to replay timeline 2's rows",
+        WAIT,
+        || async {
+            let c = late.try_connect().await?;
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM t WHERE i > 5000", &[])
+                .await
+                .ok()?
+                .get(0);
+            (n == 1000).then_some(())
+        },
+    )
+    .await;
+    let log = late.log_text();
+    assert!(
+        log.contains("restored log file \"00000002"),
+        "the late standby did not restore timeline 2's WAL:\n{log}"
+    );
+}
