@@ -530,6 +530,41 @@ impl Store {
         Ok(Some(id))
     }
 
+    /// The names of every object directly under the prefix (`….zst`, `walship.id`), sorted: for tests and
+    /// diagnostics that look at what is stored, not at the archive files it holds.
+    pub async fn object_names(&self) -> Result<Vec<String>> {
+        use futures::TryStreamExt;
+        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
+        let metas: Vec<object_store::ObjectMeta> = self
+            .inner
+            .list(prefix)
+            .try_collect()
+            .await
+            .with_context(|| format!("list {}", self.url))?;
+        let mut names: Vec<String> = metas
+            .into_iter()
+            .filter_map(|m| {
+                let name = m.location.filename()?.to_owned();
+                (m.location == self.path(&name)).then_some(name)
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// An object's stored bytes as they are (compressed, encrypted), `None` when it is not there.
+    pub async fn object_bytes(&self, object: &str) -> Result<Option<Bytes>> {
+        match self.inner.get(&self.path(object)).await {
+            Ok(r) => {
+                Ok(Some(r.bytes().await.with_context(|| {
+                    format!("download {}/{object}", self.url)
+                })?))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("download {}/{object}", self.url))),
+        }
+    }
+
     pub async fn delete(&self, file: &str) -> Result<()> {
         match self
             .inner

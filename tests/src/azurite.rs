@@ -59,7 +59,9 @@ fn install(root: &Path) -> PathBuf {
 /// A running Azurite blob service with the container [`CONTAINER`].
 pub struct Azurite {
     pub port: u16,
-    _daemon: Daemon,
+    daemon: Option<Daemon>,
+    script: PathBuf,
+    data: PathBuf,
 }
 
 impl Azurite {
@@ -71,27 +73,40 @@ impl Azurite {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
+        let mut a = Azurite {
+            port,
+            daemon: None,
+            script,
+            data,
+        };
+        a.resume(dir);
+        a.create_container();
+        a
+    }
+
+    /// Starts the emulator (again), on the same port and data; waits until it accepts connections.
+    pub fn resume(&mut self, dir: &TestDir) {
         let mut cmd = Command::new("node");
-        cmd.arg(&script)
-            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+        cmd.arg(&self.script)
+            .args([
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                &self.port.to_string(),
+            ])
             .arg("--location")
-            .arg(&data)
+            .arg(&self.data)
             .args(["--silent", "--skipApiVersionCheck"]);
-        let daemon = Daemon::spawn(dir, "azurite", cmd);
+        self.daemon = Some(Daemon::spawn(dir, "azurite", cmd));
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "azurite did not listen on {port}"
+                "azurite did not listen on {}",
+                self.port
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        let a = Azurite {
-            port,
-            _daemon: daemon,
-        };
-        a.create_container();
-        a
     }
 
     /// `az://wal/<prefix>`.

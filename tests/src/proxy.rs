@@ -18,6 +18,8 @@ pub struct Proxy {
     stalled: watch::Sender<bool>,
     /// Most bytes per second each direction forwards (0: no limit).
     rate: Arc<std::sync::atomic::AtomicU64>,
+    /// Connections are refused (closed at once): the server behind is down.
+    refusing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Copies `from` to `to`, holding each chunk while the proxy is stalled, at most `rate` bytes a second.
@@ -61,13 +63,23 @@ impl Proxy {
         let stop = CancellationToken::new();
         let (stalled, stalled_rx) = watch::channel(false);
         let rate = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (g, s, r) = (generation.clone(), stop.clone(), rate.clone());
+        let refusing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (g, s, r, refuse) = (
+            generation.clone(),
+            stop.clone(),
+            rate.clone(),
+            refusing.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let (inbound, _) = tokio::select! {
                     _ = s.cancelled() => return,
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
                 };
+                if refuse.load(std::sync::atomic::Ordering::Relaxed) {
+                    drop(inbound);
+                    continue;
+                }
                 let token = g.lock().expect("lock").clone();
                 let stalled = stalled_rx.clone();
                 let rate = r.clone();
@@ -94,6 +106,16 @@ impl Proxy {
             cuts: Arc::new(Mutex::new(0)),
             stalled,
             rate,
+            refusing,
+        }
+    }
+
+    /// The server behind goes down (true: open connections are cut, new ones closed at once) or comes back.
+    pub fn refuse(&self, refusing: bool) {
+        self.refusing
+            .store(refusing, std::sync::atomic::Ordering::Relaxed);
+        if refusing {
+            self.cut();
         }
     }
 

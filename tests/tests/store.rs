@@ -9,11 +9,150 @@ use std::time::Duration;
 use walship_protocol::wal::{segment_file_name, WalFileName};
 use walship_protocol::{Lsn, WalSegSize};
 use walship_tests::archive::archive_end;
+use walship_tests::azurite::Azurite;
 use walship_tests::cluster::{run_ok, WAIT};
 use walship_tests::ledger::{verdict, Ledger};
 use walship_tests::s3::S3Server;
 use walship_tests::scenario::{stage, wait_drained, Stage};
 use walship_tests::{wait_for, Cluster, Daemon, InitOptions, TestDir, Walship};
+
+/// Which object store a test runs against.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    S3,
+    Azure,
+}
+
+/// A running object store of either kind: s3s-fs or Azurite, with what the tests ask of it.
+enum Backend {
+    S3(S3Server),
+    /// Azurite behind a proxy: an outage is the proxy refusing connections (stopping Azurite would lose
+    /// what it holds in memory, or wait for the receiver's kept-alive connections to close).
+    Azure(Azurite, walship_tests::proxy::Proxy),
+}
+
+impl Backend {
+    async fn start(kind: Kind, dir: &TestDir) -> Backend {
+        match kind {
+            Kind::S3 => Backend::S3(S3Server::start(dir, "s3")),
+            Kind::Azure => {
+                let azurite = Azurite::start(dir, "azurite");
+                let proxy = walship_tests::proxy::Proxy::start(
+                    format!("127.0.0.1:{}", azurite.port)
+                        .parse()
+                        .expect("address"),
+                )
+                .await;
+                Backend::Azure(azurite, proxy)
+            }
+        }
+    }
+
+    fn url(&self, prefix: &str) -> String {
+        match self {
+            Backend::S3(s) => s.url(prefix),
+            Backend::Azure(a, _) => a.url(prefix),
+        }
+    }
+
+    /// The client settings walship gets (through the proxy for Azure).
+    fn env(&self) -> Vec<(String, String)> {
+        match self {
+            Backend::S3(s) => s.env(),
+            Backend::Azure(a, proxy) => a
+                .env()
+                .into_iter()
+                .map(|(k, v)| {
+                    if k == "AZURE_STORAGE_ENDPOINT" {
+                        let direct = format!("127.0.0.1:{}", a.port);
+                        (k, v.replace(&direct, &format!("127.0.0.1:{}", proxy.port)))
+                    } else {
+                        (k, v)
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// The store's secret in those settings (it must never show in a log).
+    fn secret(&self) -> String {
+        let name = match self {
+            Backend::S3(_) => "AWS_SECRET_ACCESS_KEY",
+            Backend::Azure(..) => "AZURE_STORAGE_ACCOUNT_KEY",
+        };
+        self.env()
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .expect("the secret")
+            .1
+    }
+
+    /// An outage.
+    fn stop(&mut self) {
+        match self {
+            Backend::S3(s) => s.stop(),
+            Backend::Azure(_, proxy) => proxy.refuse(true),
+        }
+    }
+
+    fn resume(&mut self, dir: &TestDir) {
+        match self {
+            Backend::S3(s) => s.resume(dir),
+            Backend::Azure(_, proxy) => proxy.refuse(false),
+        }
+    }
+
+    /// The walship store of `prefix` (for reading objects as they are stored; straight to the server).
+    fn store(&self, prefix: &str) -> walship_receiver::store::Store {
+        let env = match self {
+            Backend::S3(s) => s.env(),
+            Backend::Azure(a, _) => a.env(),
+        };
+        let options: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let spec =
+            walship_receiver::store::StoreSpec::new(&self.url(prefix), &options).expect("spec");
+        walship_receiver::store::Store::open(&spec).expect("open the store")
+    }
+
+    /// The stored bytes of object `key` (`prefix/name`), as the server keeps them (None: not there).
+    fn object(&self, key: &str) -> Option<Vec<u8>> {
+        match self {
+            Backend::S3(s) => s.object(key),
+            Backend::Azure(..) => {
+                let (prefix, name) = key.rsplit_once('/').expect("prefix/name");
+                let store = self.store(prefix);
+                // a runtime of its own, on a thread of its own (the test's runtime is this thread's)
+                std::thread::scope(|scope| {
+                    scope
+                        .spawn(|| walship_receiver::store::block_on(store.object_bytes(name)))
+                        .join()
+                })
+                .expect("the reading thread")
+                .expect("a runtime")
+                .expect("read the object")
+                .map(|b| b.to_vec())
+            }
+        }
+    }
+
+    /// The names of the objects directly under `prefix`, sorted.
+    fn objects(&self, prefix: &str) -> Vec<String> {
+        match self {
+            Backend::S3(s) => s.objects(prefix),
+            Backend::Azure(..) => {
+                let store = self.store(prefix);
+                std::thread::scope(|scope| {
+                    scope
+                        .spawn(|| walship_receiver::store::block_on(store.object_names()))
+                        .join()
+                })
+                .expect("the listing thread")
+                .expect("a runtime")
+                .expect("list the objects")
+            }
+        }
+    }
+}
 
 fn decompress(bytes: &[u8]) -> Vec<u8> {
     zstd::stream::decode_all(bytes).expect("a stored object decompresses")
@@ -32,7 +171,7 @@ async fn wait_uploaded(archive: &Path, name: &str) {
 
 /// Every complete segment of the archive is in the store, and decompresses to the primary's file.
 fn assert_store_matches_primary(
-    s3: &S3Server,
+    s3: &Backend,
     prefix: &str,
     archive: &Path,
     pg_wal: &Path,
@@ -122,7 +261,7 @@ fn ship_to_store(
     archive: &Path,
     certs: &Path,
     walship: &Walship,
-    s3: &S3Server,
+    s3: &Backend,
     url: &str,
 ) -> (Daemon, Daemon) {
     let env = s3.env();
@@ -141,7 +280,16 @@ fn ship_to_store(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it() {
+async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it_s3() {
+    the_store_holds_the_primarys_wal_and_an_outage_only_delays_it(Kind::S3).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it_azure() {
+    the_store_holds_the_primarys_wal_and_an_outage_only_delays_it(Kind::Azure).await
+}
+
+async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it(kind: Kind) {
     let Stage {
         dir,
         primary,
@@ -150,7 +298,7 @@ async fn the_store_holds_the_primarys_wal_and_an_outage_only_delays_it() {
         walship,
     } = stage("store", &InitOptions::default());
     let client = primary.connect().await;
-    let mut s3 = S3Server::start(&dir, "s3");
+    let mut s3 = Backend::start(kind, &dir).await;
     let env = s3.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let url = s3.url("cluster-a");
@@ -380,7 +528,7 @@ fn stored_len(bytes: &[u8]) -> u64 {
 }
 
 /// Where the store's WAL of timeline 1 ends: the last complete segment's end, or its partial's.
-fn store_end(s3: &S3Server, prefix: &str, seg: WalSegSize) -> Lsn {
+fn store_end(s3: &Backend, prefix: &str, seg: WalSegSize) -> Lsn {
     let mut end = Lsn(0);
     for object in s3.objects(prefix) {
         let Some(name) = object.strip_suffix(".zst") else {
@@ -402,7 +550,16 @@ fn store_end(s3: &S3Server, prefix: &str, seg: WalSegSize) -> Lsn {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over() {
+async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over_s3() {
+    a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(Kind::S3).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over_azure() {
+    a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(Kind::Azure).await
+}
+
+async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(kind: Kind) {
     let Stage {
         dir,
         mut primary,
@@ -410,7 +567,7 @@ async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(
         certs,
         walship,
     } = stage("store-failover", &InitOptions::default());
-    let s3 = S3Server::start(&dir, "s3");
+    let s3 = Backend::start(kind, &dir).await;
     let env = s3.env();
     let url = s3.url("cluster");
     let seg = WalSegSize::DEFAULT;
@@ -610,11 +767,7 @@ async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(
         "recovery took WAL up to another position than the store's end {end}: {handover}"
     );
     let log = standby.log_text();
-    let secret = &env
-        .iter()
-        .find(|(k, _)| k == "AWS_SECRET_ACCESS_KEY")
-        .unwrap()
-        .1;
+    let secret = s3.secret();
     assert!(
         !log.contains(secret.as_str()),
         "the store's secret key is in the standby's log"
@@ -645,7 +798,16 @@ async fn a_standby_with_an_empty_archive_recovers_from_the_store_and_fails_over(
 /// local archive, and a failover where the archive ends exactly on a segment boundary (no partial to hand
 /// over) promotes the standby without the store, instead of waiting for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_outage_during_recovery_and_failover_is_done_without() {
+async fn a_store_outage_during_recovery_and_failover_is_done_without_s3() {
+    a_store_outage_during_recovery_and_failover_is_done_without(Kind::S3).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_during_recovery_and_failover_is_done_without_azure() {
+    a_store_outage_during_recovery_and_failover_is_done_without(Kind::Azure).await
+}
+
+async fn a_store_outage_during_recovery_and_failover_is_done_without(kind: Kind) {
     let opts = InitOptions {
         // nothing but the test writes WAL (the archive must end where the test's switch ends it)
         conf: vec!["autovacuum = off".into()],
@@ -658,7 +820,7 @@ async fn a_store_outage_during_recovery_and_failover_is_done_without() {
         certs,
         walship,
     } = stage("store-down", &opts);
-    let mut s3 = S3Server::start(&dir, "s3");
+    let mut s3 = Backend::start(kind, &dir).await;
     let env = s3.env();
     let url = s3.url("cluster");
     let seg = WalSegSize::DEFAULT;
@@ -778,7 +940,10 @@ async fn verify_checks_every_object_of_the_store_against_the_archive() {
         walship,
     } = stage("store-verify", &opts);
     let client = primary.connect().await;
-    let s3 = S3Server::start(&dir, "s3");
+    let s3 = Backend::start(Kind::S3, &dir).await;
+    let Backend::S3(s3_server) = &s3 else {
+        unreachable!("started as S3")
+    };
     let url = s3.url("cluster-v");
     let (mut receiver, mut sender) =
         ship_to_store(&dir, &primary, &archive, &certs, &walship, &s3, &url);
@@ -833,7 +998,10 @@ async fn verify_checks_every_object_of_the_store_against_the_archive() {
         .collect();
     assert!(segments.len() >= 2, "{segments:?}");
     let (victim, other) = (&segments[0], &segments[1]);
-    let bucket = s3.root.join(walship_tests::s3::BUCKET).join("cluster-v");
+    let bucket = s3_server
+        .root
+        .join(walship_tests::s3::BUCKET)
+        .join("cluster-v");
     std::fs::copy(bucket.join(other), bucket.join(victim)).expect("replace the object");
     let (code, json) = verify();
     assert_eq!(code, Some(2), "{json:#}");
@@ -950,7 +1118,16 @@ async fn azure_blob_storage_holds_the_archive_as_s3_does() {
 /// archive adopting the store's identity), `verify --object-store` follows both timelines, and a standby
 /// restored from the store alone reaches rows written on the new timeline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_failover_the_store_holds_both_timelines_and_a_standby_follows_them() {
+async fn after_a_failover_the_store_holds_both_timelines_and_a_standby_follows_them_s3() {
+    after_a_failover_the_store_holds_both_timelines_and_a_standby_follows_them(Kind::S3).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_store_holds_both_timelines_and_a_standby_follows_them_azure() {
+    after_a_failover_the_store_holds_both_timelines_and_a_standby_follows_them(Kind::Azure).await
+}
+
+async fn after_a_failover_the_store_holds_both_timelines_and_a_standby_follows_them(kind: Kind) {
     let opts = InitOptions {
         wal_segsize_mb: Some(1),
         ..Default::default()
@@ -962,7 +1139,7 @@ async fn after_a_failover_the_store_holds_both_timelines_and_a_standby_follows_t
         certs,
         walship,
     } = stage("store-timelines", &opts);
-    let s3 = S3Server::start(&dir, "s3");
+    let s3 = Backend::start(kind, &dir).await;
     let env = s3.env();
     let url = s3.url("cluster");
     let seg = WalSegSize::new(1 << 20).unwrap();
