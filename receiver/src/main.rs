@@ -91,17 +91,19 @@ struct ConfigFile {
 /// Where the archive's object store is and how to reach it.
 #[derive(clap::Args, Debug)]
 struct StoreArgs {
-    /// The archive's object store (s3://bucket/prefix, as given to `run`). Credentials and endpoint come from
-    /// the AWS_* variables of the environment, or from --object-store-option.
+    /// The archive's object store (s3://bucket/prefix or az://container/prefix, as given to `run`).
+    /// Credentials and endpoint come from the AWS_* (S3) or AZURE_* (Azure) variables of the environment, or
+    /// from --object-store-option.
     #[arg(long, env = "WALSHIP_OBJECT_STORE", value_name = "URL")]
     object_store: Option<String>,
     /// A setting of the object-store client, as AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=…, AWS_REGION=…,
-    /// AWS_ENDPOINT_URL=…, AWS_ALLOW_HTTP=true (repeatable; in the config file: object-store-option = […], so
-    /// the secret stays in a 0600 file instead of the environment or restore_command). Overrides the
-    /// environment.
+    /// AWS_ENDPOINT_URL=…, AWS_ALLOW_HTTP=true, or for Azure AZURE_STORAGE_ACCOUNT_NAME=…,
+    /// AZURE_STORAGE_ACCOUNT_KEY=…, AZURE_STORAGE_ENDPOINT=… (repeatable; in the config file:
+    /// object-store-option = […], so the secret stays in a 0600 file instead of the environment or
+    /// restore_command). Overrides the environment.
     #[arg(
         long = "object-store-option",
-        value_name = "AWS_NAME=VALUE",
+        value_name = "NAME=VALUE",
         hide_default_value = true
     )]
     object_store_option: Vec<String>,

@@ -52,7 +52,7 @@ impl std::fmt::Debug for Store {
 }
 
 /// Where the archive's object store is and how to reach it: `--object-store URL` and its
-/// `--object-store-option AWS_NAME=VALUE` settings, which go to the store's client builder directly (and to
+/// `--object-store-option NAME=VALUE` settings (AWS_* or AZURE_*), which go to the store's client builder directly (and to
 /// the prefetcher, a child, as its environment), never into this process's environment. The values are
 /// never printed (`Debug` shows the names only).
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -80,8 +80,8 @@ impl std::fmt::Debug for StoreSpec {
 }
 
 impl StoreSpec {
-    /// The store at `url` with `--object-store-option` settings (`AWS_NAME=VALUE`). Only AWS_* names: they
-    /// override the environment.
+    /// The store at `url` with `--object-store-option` settings (`NAME=VALUE`). Only AWS_* and AZURE_*
+    /// names: they override the environment.
     pub fn new(url: &str, options: &[String]) -> Result<StoreSpec> {
         let mut parsed = Vec::with_capacity(options.len());
         for option in options {
