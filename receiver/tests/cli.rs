@@ -291,7 +291,8 @@ fn store_credentials_from_the_config_file_never_show_and_bad_names_stop() {
             "{sub} --help shows the secret:\n{text}"
         );
     }
-    // a name that is not an AWS_* setting stops before anything is done, without echoing the value
+    // a name that is neither an AWS_* nor an AZURE_* setting stops before anything is done, without echoing
+    // the value
     let out = receiver()
         .args(["status", "--archive"])
         .arg(dir.path())
@@ -300,6 +301,6 @@ fn store_credentials_from_the_config_file_never_show_and_bad_names_stop() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{text}");
-    assert!(text.contains("not an AWS_* setting"), "{text}");
+    assert!(text.contains("not an AWS_* or AZURE_* setting"), "{text}");
     assert!(!text.contains("sup3r-s3cret"), "{text}");
 }
