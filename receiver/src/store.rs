@@ -25,6 +25,8 @@ use crate::archive::Identity;
 
 /// The metadata key of the uncompressed bytes' CRC-32C.
 const CRC_KEY: &str = "walship-crc32c";
+/// URL schemes of Azure Blob Storage.
+const AZURE_SCHEMES: [&str; 4] = ["az", "azure", "abfs", "abfss"];
 /// The metadata key of an encrypted identity's digest.
 const ID_DIGEST_KEY: &str = "walship-identity-sha256";
 /// zstd level of stored files: they are written once and read rarely, and WAL compresses well.
@@ -166,6 +168,11 @@ impl Store {
         let parsed = url::Url::parse(url).with_context(|| {
             format!("--object-store {url:?} is not a URL (e.g. s3://bucket/walship)")
         })?;
+        // s3://bucket/prefix, az://container/prefix: the prefix is the URL's path
+        let cloud_prefix = || {
+            StorePath::parse(parsed.path().trim_matches('/'))
+                .with_context(|| format!("--object-store {url}: the prefix is not a valid path"))
+        };
         let (inner, prefix): (Arc<dyn ObjectStore>, StorePath) = match parsed.scheme() {
             "s3" | "s3a" => {
                 // one crypto provider in the process: ring, as for the senders' TLS (reqwest is built
@@ -188,13 +195,9 @@ impl Store {
                              AWS_ENDPOINT_URL, AWS_ALLOW_HTTP=true for a plain-HTTP self-hosted server)"
                         )
                     })?;
-                let prefix =
-                    StorePath::parse(parsed.path().trim_matches('/')).with_context(|| {
-                        format!("--object-store {url}: the prefix is not a valid path")
-                    })?;
-                (Arc::new(store), prefix)
+                (Arc::new(store), cloud_prefix()?)
             }
-            "az" | "azure" | "abfs" | "abfss" => {
+            scheme if AZURE_SCHEMES.contains(&scheme) => {
                 let _ = rustls::crypto::ring::default_provider().install_default();
                 let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env();
                 for (name, value) in &spec.options {
@@ -213,11 +216,7 @@ impl Store {
                          emulator or a private endpoint)"
                     )
                 })?;
-                let prefix =
-                    StorePath::parse(parsed.path().trim_matches('/')).with_context(|| {
-                        format!("--object-store {url}: the prefix is not a valid path")
-                    })?;
-                (Arc::new(store), prefix)
+                (Arc::new(store), cloud_prefix()?)
             }
             _ => {
                 let options = spec
@@ -243,7 +242,7 @@ impl Store {
             metadata: match parsed.scheme() {
                 "file" | "memory" => Metadata::None,
                 // Azure's metadata names are C# identifiers: no '-'
-                "az" | "azure" | "abfs" | "abfss" => Metadata::Underscores,
+                scheme if AZURE_SCHEMES.contains(&scheme) => Metadata::Underscores,
                 _ => Metadata::Dashes,
             },
             recipients,
