@@ -187,8 +187,12 @@ pub(crate) async fn measure_lag(
         seconds.to_string(),
         "-n".into(),
     ];
-    if profile.starts_with("rate") {
-        args.extend(["-R".into(), "20".into()]);
+    // "rate N tps"
+    if let Some(rate) = profile
+        .strip_prefix("rate ")
+        .and_then(|r| r.split(' ').next())
+    {
+        args.extend(["-R".into(), rate.into()]);
     }
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut bench = world.primary.pgbench(&arg_refs);
@@ -323,9 +327,10 @@ pub(crate) async fn measure_lag(
 pub(crate) async fn lag_scenario(settings: &Settings) -> Result<Vec<LagResult>> {
     let world = World::new("bench-lag", settings).await?;
     let mut results = Vec::new();
+    let throttled = format!("rate {} tps", settings.rate);
     let profiles = [
         ("unthrottled", settings.lag_seconds),
-        ("rate 20 tps", settings.rate_seconds),
+        (throttled.as_str(), settings.rate_seconds),
     ];
     let targets = if settings.walship_only { 1 } else { 5 };
     for which in 0..targets {

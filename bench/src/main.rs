@@ -68,6 +68,8 @@ pub(crate) struct Settings {
     pub(crate) archive_timeout: u64,
     /// Lag of walship alone (for comparing two builds of walship; no reference runs).
     pub(crate) walship_only: bool,
+    /// pgbench -R of the lag scenario's throttled profile.
+    pub(crate) rate: u32,
 }
 
 /// A scenario of the bench.
@@ -101,6 +103,11 @@ struct Args {
     /// Leave the references out of the lag scenario (to compare two builds of walship).
     #[arg(long)]
     walship_only: bool,
+    /// The lag scenario's throttled profile, in transactions per second (pgbench -R). A steady rate
+    /// (1000, say) makes the CPU per transaction of two builds comparable; the unthrottled profile's rate
+    /// swings between runs on a shared machine.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    rate: u32,
     /// Where to write the results as JSON.
     #[arg(long, value_name = "FILE", default_value = "bench-results.json")]
     json: PathBuf,
@@ -131,6 +138,7 @@ impl Settings {
             scale: 10,
             archive_timeout: 10,
             walship_only: args.walship_only,
+            rate: args.rate,
         };
         if s.quick {
             s.lag_seconds = 4;

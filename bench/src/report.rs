@@ -119,7 +119,13 @@ Lag: ms from a commit's acknowledgement until the target holds it (probe, ~10/s)
                 l.behind_bytes.p99, l.wal_mb_per_s, l.tps, l.cpu_s_per_gb.values().sum::<f64>()
             );
         }
-        for profile in ["unthrottled", "rate 20 tps"] {
+        let mut profiles: Vec<&str> = Vec::new();
+        for l in &r.lag {
+            if !profiles.contains(&l.profile.as_str()) {
+                profiles.push(&l.profile);
+            }
+        }
+        for profile in profiles {
             let ours = r
                 .lag
                 .iter()

@@ -237,6 +237,66 @@ async fn wal_is_acknowledged_once_durable_and_the_archive_holds_the_same_bytes()
     r.stop().await;
 }
 
+/// The session acknowledges a confirmation itself, at once, for what is durable (no round trip through the
+/// archive's writer): never past the durable end, and never past the WAL sent before the flush position was
+/// reported (DESIGN.md §1). The archive records the same.
+#[tokio::test]
+async fn a_confirmation_is_acknowledged_for_what_is_durable_and_never_past_it() {
+    let r = Receiver::start().await;
+    let (mut c, _) = r.session(7).await;
+    let bytes = wal(1, SEG, 64 * 1024);
+    c.send(wal_message(SEG, &bytes[..40_000])).await.unwrap();
+    ack_until(&mut c, SEG + 40_000, None).await;
+    // the primary flushed past what was sent: confirmed stops at what was sent (and durable)
+    c.send(keepalive(SEG + 60_000)).await.unwrap();
+    let (durable, confirmed) = ack_until(&mut c, SEG + 40_000, Some(SEG + 40_000)).await;
+    assert_eq!(durable, Lsn(SEG + 40_000));
+    assert_eq!(confirmed, Some(Lsn(SEG + 40_000)), "never past durable");
+    // the rest arrives: WAL sent after a flush report is confirmed only by the next report
+    c.send(wal_message(SEG + 40_000, &bytes[40_000..]))
+        .await
+        .unwrap();
+    ack_until(&mut c, SEG + bytes.len() as u64, None).await;
+    c.send(keepalive(SEG + 50_000)).await.unwrap();
+    loop {
+        match next(&mut c).await {
+            Some(ReceiverMessage::Ack {
+                durable_lsn,
+                confirmed_lsn: Some(confirmed),
+                ..
+            }) => {
+                assert!(confirmed <= durable_lsn, "{confirmed} past {durable_lsn}");
+                assert!(confirmed >= Lsn(SEG + 40_000), "confirmed went back");
+                assert!(
+                    confirmed <= Lsn(SEG + 50_000),
+                    "{confirmed} confirmed unreported WAL"
+                );
+                if confirmed == Lsn(SEG + 50_000) {
+                    break;
+                }
+            }
+            other => panic!("expected an Ack with a confirmed position, got {other:?}"),
+        }
+    }
+    // the archive records the same (walship.position, written by the writer after the acknowledgement)
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let recorded = walship_receiver::archive::read_positions(&r.archive).unwrap();
+        assert_eq!(recorded.durable, Lsn(SEG + bytes.len() as u64));
+        if recorded.confirmed == Lsn(SEG + 50_000) {
+            break;
+        }
+        assert!(recorded.confirmed < Lsn(SEG + 50_000), "{recorded:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "walship.position never recorded the confirmation: {recorded:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    drop(c);
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn compressed_wal_is_archived_as_the_bytes_it_stands_for() {
     let r = Receiver::start().await;
