@@ -24,14 +24,6 @@ struct Stream<'a, S> {
     pending: Pending,
     /// The last position acknowledged to the sender.
     last_ack: Option<(TimelineId, Synced)>,
-    /// The newest durable position the writer published.
-    durable: Option<(TimelineId, Synced)>,
-    /// Where the WAL received in this session ends (the resume point before the first message).
-    received: Lsn,
-    /// How far the primary's flush positions reported in this session cover the WAL sent before each
-    /// (shipping on write): what of it is durable is confirmed, acknowledged here at once. The writer
-    /// records the same, without an acknowledgement of its own.
-    flush: Lsn,
     /// One zstd context for the session's compressed WAL (created at the first such message).
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
 }
@@ -87,9 +79,6 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
         tx,
         pending: Pending::default(),
         last_ack: start,
-        durable: start,
-        received: start.map_or(Lsn(0), |s| s.1.durable),
-        flush: Lsn(0),
         decompressor: None,
     };
     let outcome: Result<()> = async {
@@ -114,8 +103,8 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                 }
                 changed = ack_rx.changed() => {
                     if changed.is_ok() {
-                        s.durable = *ack_rx.borrow_and_update();
-                        s.acknowledge().await?;
+                        let ack = *ack_rx.borrow_and_update();
+                        s.acknowledge(ack).await?;
                     }
                 }
                 frame = tokio::time::timeout(shared.opts.idle_timeout, reader.next()) => {
@@ -154,16 +143,9 @@ fn writer_ended(
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
-    /// What to acknowledge: the writer's newest durable position, confirmed up to the primary's flush.
-    fn ack_due(&self) -> Option<(TimelineId, Synced)> {
-        let (t, synced) = self.durable?;
-        Some((t, confirmed_by(synced, self.flush)))
-    }
-
-    /// Sends the `Ack` for the newest durable and confirmed position, when it moved.
-    async fn acknowledge(&mut self) -> Result<()> {
-        let ack = self.ack_due();
-        let Some((t, synced)) = ack.filter(|_| ack != self.last_ack) else {
+    /// Sends the `Ack` for `ack`, the writer's newest durable position.
+    async fn acknowledge(&mut self, ack: Option<(TimelineId, Synced)>) -> Result<()> {
+        let Some((t, synced)) = ack else {
             return Ok(());
         };
         self.last_ack = ack;
@@ -216,7 +198,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
                         w.timeline
                     );
                 }
-                self.received = self.received.max(w.end_lsn());
                 self.on_wal(w).await;
             }
             SenderMessage::History {
@@ -245,14 +226,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
                 let status = &self.shared.status;
                 status.keepalive(primary_flush_lsn, sent_at_unix_micros);
                 if self.features.ship_on_write() {
-                    // Recorded by the writer, in order with the WAL before it; acknowledged here at once for
-                    // what is durable already (the rest with its fsync), no round trip through the writer.
+                    // in order with the WAL before it; the writer acknowledges it
                     self.pending.hand_over(&self.tx).await;
                     let flush = primary_flush_lsn;
                     let _ = self.tx.send(Cmd::Confirm { timeline, flush }).await;
-                    // it speaks of the WAL sent before it only (DESIGN.md §1), as the writer counts it
-                    self.flush = self.flush.max(flush.min(self.received));
-                    self.acknowledge().await?;
                 } else if let Some((t, synced)) = self.last_ack {
                     let msg = ack_message(t, synced, self.features);
                     send(&mut self.writer, msg, self.shared.opts.send_timeout, "Ack").await?;
@@ -335,9 +312,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
                     )))
                 });
                 // tell a sender that is still listening (a graceful stop) what became durable at the end
-                let last = ack_rx
-                    .borrow_and_update()
-                    .map(|(t, synced)| (t, confirmed_by(synced, self.flush)));
+                let last = *ack_rx.borrow_and_update();
                 if let Some((t, synced)) = last.filter(|_| last != self.last_ack) {
                     self.shared.status.durable(synced.durable);
                     say(&mut self.writer, ack_message(t, synced, self.features)).await;
@@ -367,15 +342,6 @@ pub(crate) fn ack_message(
         timeline,
         durable_lsn: synced.durable,
         confirmed_lsn: features.ship_on_write().then_some(synced.confirmed),
-    }
-}
-
-/// `synced` with what of it the primary has flushed (`flush`, bounded by what was sent before each report)
-/// counted confirmed: what the archive records for it (durable, and flushed by the primary).
-pub(crate) fn confirmed_by(synced: Synced, flush: Lsn) -> Synced {
-    Synced {
-        durable: synced.durable,
-        confirmed: synced.confirmed.max(synced.durable.min(flush)),
     }
 }
 
