@@ -44,11 +44,13 @@ pub(crate) const CATCHUP_WAITS: u32 = 8;
 
 /// Applies commands to the archive. Runs on a blocking thread; not cancellation safe.
 ///
-/// Group commit, pipelined: the writer appends WAL as it arrives, while a syncer thread runs the fdatasync of
-/// everything appended so far, outside the archive's lock, then counts it durable and acknowledges it, and at
-/// once starts the next sync if more has been appended meanwhile. So WAL lands in the archive's file without
-/// waiting for the fsync in progress, and under load the syncs follow each other with no hand-over between
-/// threads.
+/// Group commit, two ways. Live streaming (small batches: a sender shipping on write sends one message per
+/// write of the primary): the writer syncs and acknowledges a batch itself, when no sync is in progress, so a
+/// commit crosses no thread between its append and its acknowledgement; what arrives meanwhile waits in the
+/// channel and is taken as one batch, covered by one fdatasync. Catching up (large batches), or while a sync
+/// is in progress: pipelined, a syncer thread runs the fdatasync of everything appended so far, outside the
+/// archive's lock, counts it durable and acknowledges it, and at once starts the next sync if more has been
+/// appended meanwhile; the writer appends on without waiting for the fsync in progress.
 pub(crate) fn writer_loop(
     archive: OwnedMutexGuard<Archive>,
     mut rx: mpsc::Receiver<Cmd>,
@@ -60,6 +62,7 @@ pub(crate) fn writer_loop(
         archive,
         done: false,
         ack_due: false,
+        syncing: false,
         failed: None,
     });
     let wake = std::sync::Condvar::new();
@@ -71,7 +74,7 @@ pub(crate) fn writer_loop(
         if let Err(e) = syncer {
             return Err(anyhow!("start the fsync thread: {e}"));
         }
-        let applied = apply_commands(&mut rx, &state, &wake, features);
+        let applied = apply_commands(&mut rx, &state, &wake, &acks, timeline, features);
         let mut g = lock();
         g.done = true;
         if let Err(e) = applied {
@@ -112,6 +115,8 @@ fn apply_commands(
     rx: &mut mpsc::Receiver<Cmd>,
     state: &std::sync::Mutex<SyncState>,
     wake: &std::sync::Condvar,
+    acks: &AckTx,
+    timeline: TimelineId,
     features: Features,
 ) -> Result<()> {
     let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
@@ -119,6 +124,7 @@ fn apply_commands(
         let mut next = Some(cmd);
         let mut taken = 0usize;
         let mut waits = 0;
+        let mut catching_up = false;
         while let Some(cmd) = next.take() {
             let large = {
                 let mut g = lock();
@@ -127,6 +133,7 @@ fn apply_commands(
                 }
                 apply(&mut g.archive, cmd, features, &mut taken)?
             };
+            catching_up |= large;
             if taken >= MAX_BATCH {
                 break;
             }
@@ -139,10 +146,65 @@ fn apply_commands(
                 next = rx.try_recv().ok();
             }
         }
-        lock().ack_due = true;
-        wake.notify_one();
+        let mut g = lock();
+        if catching_up || g.syncing || g.ack_due {
+            // pipelined: the syncer takes it (after the sync in progress, if any)
+            g.ack_due = true;
+            drop(g);
+            wake.notify_one();
+        } else {
+            // live: synced and acknowledged here, no hand-over
+            let (g, done) = sync_and_ack(g, &lock, acks, timeline);
+            drop(g);
+            if done.is_err() {
+                return Ok(()); // recorded in `failed`, taken up by the caller
+            }
+        }
     }
     Ok(())
+}
+
+/// Makes everything appended so far durable (the fdatasync runs without the lock, marked `syncing`) and
+/// publishes the acknowledgement. An error is recorded in `failed` (both threads stop) and returned.
+fn sync_and_ack<'a>(
+    mut g: std::sync::MutexGuard<'a, SyncState>,
+    lock: &impl Fn() -> std::sync::MutexGuard<'a, SyncState>,
+    acks: &AckTx,
+    timeline: TimelineId,
+) -> (std::sync::MutexGuard<'a, SyncState>, Result<(), ()>) {
+    g.ack_due = false;
+    let synced = if g.archive.unsynced() {
+        crate::archive::crash_point!("receiver-written-before-fsync");
+        let job = g.archive.prepare_sync();
+        g.syncing = true;
+        drop(g);
+        let job = job.map(|job| {
+            let started = std::time::Instant::now();
+            let r = job.run();
+            crate::metrics::METRICS
+                .fsync_seconds
+                .observe(started.elapsed().as_secs_f64());
+            (job, r)
+        });
+        g = lock();
+        g.syncing = false;
+        job.and_then(|(job, r)| g.archive.finish_sync(timeline, job, r))
+    } else {
+        // nothing to fsync (a confirmation, WAL sent twice): record it and acknowledge
+        g.archive.sync(timeline)
+    };
+    match synced {
+        Ok(Some(synced)) => {
+            crate::archive::crash_point!("receiver-fsynced-before-ack");
+            acks.send_replace(Some((timeline, synced)));
+            (g, Ok(()))
+        }
+        Ok(None) => (g, Ok(())),
+        Err(e) => {
+            g.failed.get_or_insert(e);
+            (g, Err(()))
+        }
+    }
 }
 
 /// What the writer and the syncer of a session share, under one lock.
@@ -150,8 +212,10 @@ pub(crate) struct SyncState {
     archive: OwnedMutexGuard<Archive>,
     /// The writer has applied its last command.
     done: bool,
-    /// Commands were applied since the last acknowledgement (WAL, or only a confirmation).
+    /// Commands were applied since the last acknowledgement (WAL, or only a confirmation): the syncer's turn.
     ack_due: bool,
+    /// An fdatasync is running without the lock (the writer's or the syncer's): the other waits for it.
+    syncing: bool,
     /// The first error of either thread: both stop, the archive is rolled back.
     failed: Option<anyhow::Error>,
 }
@@ -220,41 +284,17 @@ pub(crate) fn syncer_loop(
     let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
     let mut g = lock();
     loop {
-        while !g.ack_due && !g.archive.unsynced() && !g.done && g.failed.is_none() {
+        while (g.syncing || (!g.ack_due && !g.archive.unsynced() && !g.done)) && g.failed.is_none()
+        {
             g = wake.wait(g).unwrap_or_else(|p| p.into_inner());
         }
         if g.failed.is_some() || (g.done && !g.ack_due && !g.archive.unsynced()) {
             return;
         }
-        g.ack_due = false;
-        let synced = if g.archive.unsynced() {
-            crate::archive::crash_point!("receiver-written-before-fsync");
-            let job = g.archive.prepare_sync();
-            drop(g);
-            let job = job.map(|job| {
-                let started = std::time::Instant::now();
-                let r = job.run();
-                crate::metrics::METRICS
-                    .fsync_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                (job, r)
-            });
-            g = lock();
-            job.and_then(|(job, r)| g.archive.finish_sync(timeline, job, r))
-        } else {
-            // nothing to fsync (a confirmation, WAL sent twice): record it and acknowledge
-            g.archive.sync(timeline)
-        };
-        match synced {
-            Ok(Some(synced)) => {
-                crate::archive::crash_point!("receiver-fsynced-before-ack");
-                acks.send_replace(Some((timeline, synced)));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                g.failed.get_or_insert(e);
-                return;
-            }
+        let (again, done) = sync_and_ack(g, &lock, acks, timeline);
+        g = again;
+        if done.is_err() {
+            return;
         }
     }
 }
