@@ -468,31 +468,21 @@ impl Store {
     /// The archive files in the store whose names sort after `after` (all of them for ""), in name order,
     /// without the `.zst` of their objects. Objects that are not archive files are left out.
     pub async fn list(&self, after: &str) -> Result<Vec<StoredFile>> {
-        use futures::TryStreamExt;
-        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
-        let listing = if after.is_empty() {
-            self.inner.list(prefix)
-        } else {
-            self.inner.list_with_offset(prefix, &self.path(after))
-        };
-        let metas: Vec<object_store::ObjectMeta> = listing
-            .try_collect()
-            .await
-            .with_context(|| format!("list {}", self.url))?;
-        let mut files: Vec<StoredFile> = metas
-            .into_iter()
-            .filter_map(|m| {
-                let name = m.location.filename()?.strip_suffix(".zst")?.to_owned();
-                // only objects directly under the prefix
-                (m.location == self.path(&Self::object_name(&name)) && name.as_str() > after).then(
-                    || StoredFile {
-                        name,
-                        size: m.size,
-                        modified_unix: m.last_modified.timestamp(),
-                    },
-                )
-            })
-            .collect();
+        let mut files: Vec<StoredFile> =
+            self.metas(after)
+                .await?
+                .into_iter()
+                .filter_map(|m| {
+                    let name = m.location.filename()?.strip_suffix(".zst")?.to_owned();
+                    // only objects directly under the prefix
+                    (m.location == self.path(&Self::object_name(&name)) && name.as_str() > after)
+                        .then(|| StoredFile {
+                            name,
+                            size: m.size,
+                            modified_unix: m.last_modified.timestamp(),
+                        })
+                })
+                .collect();
         files.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(files)
     }
@@ -532,15 +522,9 @@ impl Store {
     /// The names of every object directly under the prefix (`….zst`, `walship.id`), sorted: for tests and
     /// diagnostics that look at what is stored, not at the archive files it holds.
     pub async fn object_names(&self) -> Result<Vec<String>> {
-        use futures::TryStreamExt;
-        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
-        let metas: Vec<object_store::ObjectMeta> = self
-            .inner
-            .list(prefix)
-            .try_collect()
-            .await
-            .with_context(|| format!("list {}", self.url))?;
-        let mut names: Vec<String> = metas
+        let mut names: Vec<String> = self
+            .metas("")
+            .await?
             .into_iter()
             .filter_map(|m| {
                 let name = m.location.filename()?.to_owned();
@@ -549,6 +533,21 @@ impl Store {
             .collect();
         names.sort();
         Ok(names)
+    }
+
+    /// Every object under the prefix (subdirectories included), after the object named `after` when given.
+    async fn metas(&self, after: &str) -> Result<Vec<object_store::ObjectMeta>> {
+        use futures::TryStreamExt;
+        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
+        let listing = if after.is_empty() {
+            self.inner.list(prefix)
+        } else {
+            self.inner.list_with_offset(prefix, &self.path(after))
+        };
+        listing
+            .try_collect()
+            .await
+            .with_context(|| format!("list {}", self.url))
     }
 
     /// An object's stored bytes as they are (compressed, encrypted), `None` when it is not there.
