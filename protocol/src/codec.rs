@@ -112,6 +112,16 @@ impl Decoder for FrameCodec {
     }
 }
 
+/// Whether `buf` (what a reader has buffered) begins with a complete frame: a reader can take another message
+/// at once, without waiting for the peer.
+pub fn frame_buffered(buf: &[u8]) -> bool {
+    buf.len() >= HEADER_LEN
+        && buf.len()
+            >= HEADER_LEN
+                + u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
+                + TRAILER_LEN
+}
+
 /// Writes one message as a frame into `dst`.
 pub fn encode_frame<M: Encode + ?Sized>(msg: &M, dst: &mut BytesMut) {
     let start = dst.len();
@@ -364,6 +374,26 @@ mod tests {
         }
         assert!(buf.is_empty());
         assert!(codec.decode_eof(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_buffered_frame_is_seen_only_when_complete() {
+        let mut buf = BytesMut::new();
+        for m in sender_messages() {
+            encode_frame(&m, &mut buf);
+        }
+        let first = HEADER_LEN
+            + u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
+            + TRAILER_LEN;
+        assert!(!frame_buffered(&[]));
+        for cut in 0..first {
+            assert!(
+                !frame_buffered(&buf[..cut]),
+                "{cut} bytes of a {first}-byte frame"
+            );
+        }
+        assert!(frame_buffered(&buf[..first]));
+        assert!(frame_buffered(&buf));
     }
 
     #[test]

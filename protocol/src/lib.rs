@@ -64,7 +64,7 @@ pub mod message;
 pub mod wal;
 pub mod walker;
 
-pub use codec::{Frame, FrameCodec, MessageCodec, DEFAULT_MAX_PAYLOAD};
+pub use codec::{frame_buffered, Frame, FrameCodec, MessageCodec, DEFAULT_MAX_PAYLOAD};
 pub use error::{FrameError, PageError, WalNameError};
 pub use features::Features;
 pub use lsn::Lsn;

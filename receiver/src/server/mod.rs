@@ -1,9 +1,11 @@
 //! The TLS listener and one session per connected sender.
 //!
-//! Per session: the connection task reads frames and hands WAL to a bounded channel; a blocking writer task
-//! owns the archive (through a lock, so only one session writes at a time), appends everything it can take
-//! from the channel, makes it durable with one fsync (group commit) and publishes the durable position; the
-//! connection task sends it as an `Ack`. A slow disk therefore slows the socket; memory stays bounded.
+//! Per session: the connection task reads frames. A WAL message that comes alone while the writer has nothing
+//! in hand (the live path) it appends, fsyncs and acknowledges itself; otherwise it hands WAL to a bounded
+//! channel, and a blocking writer task appends everything it can take from it, makes it durable with one fsync
+//! (group commit, pipelined on a syncer thread under load) and publishes the durable position, which the
+//! connection task sends as an `Ack`. The archive sits behind a lock both share (one session writes at a time). A
+//! slow disk therefore slows the socket; memory stays bounded.
 //!
 //! Admission: a connection that has not completed its TLS handshake is *unauthenticated*. At most
 //! `max_handshakes` of them exist at once; a new one evicts the oldest (never the other way round), and each
@@ -21,7 +23,7 @@
 //! | this file   | the options, the listener ([`serve`], [`bind`]), admission of unauthenticated connections, the state sessions share |
 //! | `handshake` | one connection up to its session: TLS, `Hello`, the identity, timeline and live-session checks, `Welcome` |
 //! | `stream`    | the connection task of a session: frames in, `Ack`s out |
-//! | `writer`    | the blocking writer and its syncer thread: appends, group commits, durable positions |
+//! | `writer`    | the archive both share (`Desk`), the blocking writer and its syncer thread: appends, group commits, durable positions |
 //!
 //! Every network stage has a deadline: the TLS handshake, the `Hello`, each frame (the idle timeout), and
 //! every message sent (`send_timeout`).

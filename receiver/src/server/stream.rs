@@ -1,5 +1,6 @@
 //! The session's connection task: frames in (WAL merged into larger writes, confirmations, history files,
-//! primary-down reports), `Ack`s out as the writer makes WAL durable, every stage with a deadline.
+//! primary-down reports), the live path (a message that came alone, written and synced here while the writer
+//! has nothing in hand), `Ack`s out as WAL becomes durable, every stage with a deadline.
 
 use super::*;
 
@@ -19,9 +20,13 @@ struct Stream<'a, S> {
     writer: Writer<S>,
     /// Commands to the writer task (bounded: a slow disk slows the socket).
     tx: mpsc::Sender<Cmd>,
+    /// The archive and sync state the writer shares with this task (the live path writes here).
+    desk: Arc<Desk>,
     /// WAL received while the writer is busy (fsyncing): merged into one command, so that the next fsync
     /// covers all of it however small the messages are (a sender shipping on write sends one per commit).
     pending: Pending,
+    /// `pending` waits only for room in the channel (else for more WAL to merge).
+    due: bool,
     /// The last position acknowledged to the sender.
     last_ack: Option<(TimelineId, Synced)>,
     /// One zstd context for the session's compressed WAL (created at the first such message).
@@ -63,8 +68,9 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
         )
     });
     let (ack_tx, mut ack_rx) = watch::channel(start);
-    let mut writer_task =
-        tokio::task::spawn_blocking(move || writer_loop(guard, rx, ack_tx, timeline, features));
+    let desk = Arc::new(Desk::new(guard, ack_tx, timeline, features));
+    let writer_desk = desk.clone();
+    let mut writer_task = tokio::task::spawn_blocking(move || writer_loop(writer_desk, rx));
     let mut writer_result = None;
     shared.status.sender_connected(SenderStatus::new(
         &hello.sender_name,
@@ -77,7 +83,9 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
         features,
         writer,
         tx,
+        desk,
         pending: Pending::default(),
+        due: false,
         last_ack: start,
         decompressor: None,
     };
@@ -87,6 +95,9 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
         let room = s.tx.clone();
         loop {
             tokio::select! {
+                // in this order: an acknowledgement goes out before more WAL is read (and perhaps synced on
+                // this task first)
+                biased;
                 _ = token.cancelled() => {
                     info!("session ends: receiver shutting down or a newer session took over");
                     return Ok(());
@@ -96,15 +107,17 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                     writer_result = Some(done);
                     refuse_and_end!(s, "{reason}; nothing past the last acknowledgement was confirmed");
                 }
-                permit = room.reserve(), if s.pending.is_some() => {
-                    if let (Ok(permit), Some(w)) = (permit, s.pending.take()) {
-                        permit.send(Cmd::Wal(w));
-                    }
-                }
                 changed = ack_rx.changed() => {
                     if changed.is_ok() {
                         let ack = *ack_rx.borrow_and_update();
                         s.acknowledge(ack).await?;
+                    }
+                }
+                permit = room.reserve(), if s.due && s.pending.is_some() => {
+                    s.due = false;
+                    if let (Ok(permit), Some(w)) = (permit, s.pending.take()) {
+                        s.desk.handing();
+                        permit.send(Cmd::Wal(w));
                     }
                 }
                 frame = tokio::time::timeout(shared.opts.idle_timeout, reader.next()) => {
@@ -116,6 +129,8 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                     };
                     shared.heard_now();
                     s.on_message(msg).await?;
+                    // no further message to read at once: the WAL received goes to the archive now
+                    s.dispatch(!walship_protocol::frame_buffered(reader.read_buffer())).await?;
                 }
             }
         }
@@ -209,14 +224,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
                         "history file of timeline {t} in a session opened for timeline {timeline}"
                     );
                 }
-                self.pending.hand_over(&self.tx).await;
-                let _ = self
-                    .tx
-                    .send(Cmd::History {
-                        timeline: t,
-                        content,
-                    })
-                    .await;
+                self.pending.hand_over(&self.tx, &self.desk).await;
+                let cmd = Cmd::History {
+                    timeline: t,
+                    content,
+                };
+                self.hand(cmd).await;
             }
             SenderMessage::Keepalive {
                 primary_flush_lsn,
@@ -226,10 +239,22 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
                 let status = &self.shared.status;
                 status.keepalive(primary_flush_lsn, sent_at_unix_micros);
                 if self.features.ship_on_write() {
-                    // in order with the WAL before it; the writer acknowledges it
-                    self.pending.hand_over(&self.tx).await;
-                    let flush = primary_flush_lsn;
-                    let _ = self.tx.send(Cmd::Confirm { timeline, flush }).await;
+                    // in order with the WAL before it, recorded in the archive before it is acknowledged
+                    let confirm = Cmd::Confirm {
+                        timeline,
+                        flush: primary_flush_lsn,
+                    };
+                    match self.try_live(Some(confirm)) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(reason)) => refuse_and_end!(
+                            self,
+                            "{reason}; nothing past the last acknowledgement was confirmed"
+                        ),
+                        Err(confirm) => {
+                            self.pending.hand_over(&self.tx, &self.desk).await;
+                            self.hand(confirm.expect("given")).await;
+                        }
+                    }
                 } else if let Some((t, synced)) = self.last_ack {
                     let msg = ack_message(t, synced, self.features);
                     send(&mut self.writer, msg, self.shared.opts.send_timeout, "Ack").await?;
@@ -248,20 +273,21 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
                 self.shared
                     .status
                     .primary_down(wal_end, down_since_unix_micros);
-                self.pending.hand_over(&self.tx).await;
+                self.pending.hand_over(&self.tx, &self.desk).await;
                 let since_unix_micros = down_since_unix_micros;
                 let cmd = Cmd::PrimaryDown {
                     timeline: t,
                     wal_end,
                     since_unix_micros,
                 };
-                let _ = self.tx.send(cmd).await;
+                self.hand(cmd).await;
             }
             SenderMessage::SyncState { timeline: t, state } => {
                 if t != timeline {
                     bail!("SyncState for timeline {t} in a session opened for timeline {timeline}");
                 }
-                let _ = self.tx.send(Cmd::SyncState { timeline: t, state }).await;
+                self.pending.hand_over(&self.tx, &self.desk).await;
+                self.hand(Cmd::SyncState { timeline: t, state }).await;
             }
             // decompressed into a Wal before
             SenderMessage::WalZstd(_) => bail!("internal: compressed WAL was not decompressed"),
@@ -272,24 +298,75 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
         Ok(())
     }
 
-    /// WAL: merged with what waits, handed to the writer when it has room.
+    /// WAL: merged with what waits ([`Stream::dispatch`] takes it on).
     async fn on_wal(&mut self, w: walship_protocol::message::Wal) {
         if let Some(w) = self.pending.merge(w) {
             // not contiguous, or the merged command is large: the writer takes it first
-            if self.tx.send(Cmd::Wal(w)).await.is_err() {
-                return; // the writer ended
-            }
+            self.hand(Cmd::Wal(w)).await;
         }
-        // the only producer: with room now, the send succeeds; without, merge on
+    }
+
+    /// The live path: the WAL waiting in `pending` (small) and then `cmd`, appended, synced and acknowledged on
+    /// this task, when the writer has nothing in hand. `Err(cmd)` when it has (or `pending` is large): the
+    /// caller hands them over. `Ok(Err(reason))`: the archive write failed.
+    fn try_live(
+        &mut self,
+        cmd: Option<Cmd>,
+    ) -> std::result::Result<Result<(), String>, Option<Cmd>> {
+        // Several messages waiting means they came while this task was syncing: under load, the writer and
+        // its syncer pipeline appends and syncs (the live path would stop reading for every sync)
+        if self.pending.len() >= LARGE_MESSAGE || self.pending.messages() > 1 {
+            return Err(cmd);
+        }
+        let Some(g) = self.desk.idle() else {
+            return Err(cmd);
+        };
+        let cmds = self.pending.take().map(Cmd::Wal).into_iter().chain(cmd);
+        Ok(self.desk.apply_and_sync(g, cmds))
+    }
+
+    /// Hands `cmd` to the writer, in order after everything before it. An error means the writer ended; the
+    /// session picks its result up.
+    async fn hand(&mut self, cmd: Cmd) {
+        self.desk.handing();
+        if self.tx.send(cmd).await.is_err() {
+            self.desk.not_handed();
+        }
+    }
+
+    /// The WAL received and merged so far, once nothing more is there to read at once (`drained`) or it is
+    /// large: appended, synced and acknowledged on this task when the writer has nothing in hand (the live
+    /// path: one commit, no thread crossed), else handed to the writer when the channel has room (else it
+    /// merges on, and the loop hands it over when room comes).
+    async fn dispatch(&mut self, drained: bool) -> Result<()> {
+        self.due = false;
+        let len = self.pending.len();
+        if len == 0 || (!drained && len < LARGE_MESSAGE) {
+            return Ok(());
+        }
+        match self.try_live(None) {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(reason)) => refuse_and_end!(
+                self,
+                "{reason}; nothing past the last acknowledgement was confirmed"
+            ),
+            Err(_) => {}
+        }
+        // the only producer: with room now, the send succeeds; without, merge on until there is room
         if self.tx.capacity() == 0 {
-            return;
+            self.due = true;
+            return Ok(());
         }
         if let Some(w) = self.pending.take() {
+            self.desk.handing();
             if let Err(mpsc::error::TrySendError::Full(Cmd::Wal(w))) = self.tx.try_send(Cmd::Wal(w))
             {
+                self.desk.not_handed();
                 self.pending.put_back(w);
+                self.due = true;
             }
         }
+        Ok(())
     }
 
     /// Lets the writer finish what it took (so it is durable) and hand the archive back. WAL received but
@@ -301,7 +378,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
         writer_task: tokio::task::JoinHandle<Result<(), WriterError>>,
         mut ack_rx: watch::Receiver<Option<(TimelineId, Synced)>>,
     ) -> Result<(), SessionError> {
-        self.pending.hand_over(&self.tx).await;
+        self.pending.hand_over(&self.tx, &self.desk).await;
         drop(self.tx);
         let writer_result = match writer_result {
             Some(r) => r,
@@ -350,6 +427,8 @@ pub(crate) fn ack_message(
 pub(crate) struct Pending {
     /// Timeline, first position and bytes (grown in place).
     wal: Option<(TimelineId, Lsn, bytes::BytesMut)>,
+    /// How many messages it merged.
+    messages: usize,
 }
 
 /// The most WAL merged into one command.
@@ -368,6 +447,7 @@ impl Pending {
                 && buf.len() + w.bytes.len() <= MERGE_MAX
             {
                 buf.extend_from_slice(&w.bytes);
+                self.messages += 1;
                 return None;
             }
         }
@@ -375,11 +455,26 @@ impl Pending {
         let mut buf = bytes::BytesMut::with_capacity(w.bytes.len().max(64 << 10));
         buf.extend_from_slice(&w.bytes);
         self.wal = Some((w.timeline, w.start_lsn, buf));
+        self.messages = 1;
         first
     }
 
     pub(crate) fn is_some(&self) -> bool {
         self.wal.is_some()
+    }
+
+    /// How many bytes wait.
+    pub(crate) fn len(&self) -> usize {
+        self.wal.as_ref().map_or(0, |(_, _, buf)| buf.len())
+    }
+
+    /// How many messages wait merged: more than one means they came while the session was busy.
+    pub(crate) fn messages(&self) -> usize {
+        if self.wal.is_some() {
+            self.messages
+        } else {
+            0
+        }
     }
 
     pub(crate) fn take(&mut self) -> Option<walship_protocol::message::Wal> {
@@ -400,10 +495,13 @@ impl Pending {
     }
 
     /// Hands the merged WAL to the writer (waiting for room), so what follows stays in order.
-    pub(crate) async fn hand_over(&mut self, tx: &mpsc::Sender<Cmd>) {
+    pub(crate) async fn hand_over(&mut self, tx: &mpsc::Sender<Cmd>, desk: &Desk) {
         if let Some(w) = self.take() {
+            desk.handing();
             // an error means the writer ended; the session picks its result up
-            let _ = tx.send(Cmd::Wal(w)).await;
+            if tx.send(Cmd::Wal(w)).await.is_err() {
+                desk.not_handed();
+            }
         }
     }
 }

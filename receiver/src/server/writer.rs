@@ -42,49 +42,140 @@ pub(crate) const MAX_BATCH: usize = 64 << 20;
 pub(crate) const CATCHUP_WAIT: std::time::Duration = std::time::Duration::from_micros(250);
 pub(crate) const CATCHUP_WAITS: u32 = 8;
 
-/// Applies commands to the archive. Runs on a blocking thread; not cancellation safe.
-///
-/// Group commit, two ways. Live streaming (small batches: a sender shipping on write sends one message per
-/// write of the primary): the writer syncs and acknowledges a batch itself, when no sync is in progress, so a
-/// commit crosses no thread between its append and its acknowledgement; what arrives meanwhile waits in the
-/// channel and is taken as one batch, covered by one fdatasync. Catching up (large batches), or while a sync
-/// is in progress: pipelined, a syncer thread runs the fdatasync of everything appended so far, outside the
-/// archive's lock, counts it durable and acknowledges it, and at once starts the next sync if more has been
-/// appended meanwhile; the writer appends on without waiting for the fsync in progress.
-pub(crate) fn writer_loop(
-    archive: OwnedMutexGuard<Archive>,
-    mut rx: mpsc::Receiver<Cmd>,
+/// What a session's connection task, its writer and its syncer share: the archive and the sync state under one
+/// lock, the syncer's wake-up, the acknowledgement channel, and how many commands went through the channel.
+pub(crate) struct Desk {
+    state: std::sync::Mutex<SyncState>,
+    wake: std::sync::Condvar,
     acks: AckTx,
     timeline: TimelineId,
     features: Features,
-) -> Result<(), WriterError> {
-    let state = std::sync::Mutex::new(SyncState {
-        archive,
-        done: false,
-        ack_due: false,
-        syncing: false,
-        failed: None,
-    });
-    let wake = std::sync::Condvar::new();
-    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    /// Commands the connection task handed to the writer through the channel (it alone counts them).
+    handed: std::sync::atomic::AtomicU64,
+}
+
+impl Desk {
+    pub(crate) fn new(
+        archive: OwnedMutexGuard<Archive>,
+        acks: AckTx,
+        timeline: TimelineId,
+        features: Features,
+    ) -> Desk {
+        Desk {
+            state: std::sync::Mutex::new(SyncState {
+                archive,
+                done: false,
+                ack_due: false,
+                syncing: false,
+                busy: false,
+                applied: 0,
+                failed: None,
+            }),
+            wake: std::sync::Condvar::new(),
+            acks,
+            timeline,
+            features,
+            handed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a command handed to the writer through the channel (call before it is sent).
+    pub(crate) fn handing(&self) {
+        self.handed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Takes back the count of a command the channel refused.
+    pub(crate) fn not_handed(&self) {
+        self.handed
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The archive, when the writer has nothing in hand: every command handed to it applied, no batch of it
+    /// and no sync in progress, nothing failed. Never waits for the lock.
+    pub(crate) fn idle(&self) -> Option<std::sync::MutexGuard<'_, SyncState>> {
+        let g = match self.state.try_lock() {
+            Ok(g) => g,
+            Err(_) => return None,
+        };
+        let handed = self.handed.load(std::sync::atomic::Ordering::Relaxed);
+        let idle = g.applied == handed
+            && !g.busy
+            && !g.syncing
+            && !g.ack_due
+            && !g.done
+            && g.failed.is_none();
+        idle.then_some(g)
+    }
+
+    /// The live path, on the connection task: applies `cmds` with the archive [`Desk::idle`] gave, makes them
+    /// durable with one fdatasync and publishes the acknowledgement, crossing no thread. In order with
+    /// everything handed to the writer before (it has applied all of it). An error is recorded (the writer
+    /// rolls the archive back when the session ends) and returned, said for the sender.
+    pub(crate) fn apply_and_sync<'a>(
+        &'a self,
+        mut g: std::sync::MutexGuard<'a, SyncState>,
+        cmds: impl IntoIterator<Item = Cmd>,
+    ) -> Result<(), String> {
+        let mut taken = 0;
+        for cmd in cmds {
+            if let Err(e) = apply(&mut g.archive, cmd, self.features, &mut taken) {
+                let reason = format!("archive write failed: {e:#}");
+                g.failed.get_or_insert(e);
+                return Err(reason);
+            }
+        }
+        let (g, done) = sync_and_ack(g, &|| self.lock(), &self.acks, self.timeline);
+        match done {
+            Ok(()) => {
+                // (by the conditions of `idle` nothing waits for the syncer; should that change, wake it)
+                if g.ack_due || g.archive.unsynced() {
+                    drop(g);
+                    self.wake.notify_one();
+                }
+                Ok(())
+            }
+            Err(()) => Err(match &g.failed {
+                Some(e) => format!("archive write failed: {e:#}"),
+                None => "archive write failed".to_owned(),
+            }),
+        }
+    }
+}
+
+/// Applies commands to the archive. Runs on a blocking thread; not cancellation safe.
+///
+/// Group commit, three ways. The live path (a sender shipping on write sends one small message per write of
+/// the primary): the connection task appends, syncs and acknowledges a message itself when the writer has
+/// nothing in hand ([`Desk::apply_and_sync`]), so a commit crosses no thread between its arrival and its
+/// acknowledgement. Small batches that arrive while the writer works: it takes them from the channel as one
+/// batch, syncs and acknowledges it itself when no sync is in progress. Catching up (large batches), or while a
+/// sync is in progress: pipelined, a syncer thread runs the fdatasync of everything appended so far, outside
+/// the archive's lock, counts it durable and acknowledges it, and at once starts the next sync if more has been
+/// appended meanwhile; the writer appends on without waiting for the fsync in progress.
+pub(crate) fn writer_loop(desk: Arc<Desk>, mut rx: mpsc::Receiver<Cmd>) -> Result<(), WriterError> {
     let started = std::thread::scope(|scope| {
         let syncer = std::thread::Builder::new()
             .name("walship-fsync".into())
-            .spawn_scoped(scope, || syncer_loop(&state, &wake, &acks, timeline));
+            .spawn_scoped(scope, || syncer_loop(&desk));
         if let Err(e) = syncer {
             return Err(anyhow!("start the fsync thread: {e}"));
         }
-        let applied = apply_commands(&mut rx, &state, &wake, &acks, timeline, features);
-        let mut g = lock();
+        let applied = apply_commands(&mut rx, &desk);
+        let mut g = desk.lock();
         g.done = true;
         if let Err(e) = applied {
             g.failed.get_or_insert(e);
         }
         drop(g);
-        wake.notify_one();
+        desk.wake.notify_one();
         Ok(())
     });
-    let mut g = state.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut g = desk.lock();
     let failure = match started {
         Err(e) => Some(e),
         Ok(()) => g.failed.take(),
@@ -111,15 +202,8 @@ fn roll_back(archive: &mut Archive, e: anyhow::Error) -> WriterError {
 
 /// Applies commands as they come, in batches: each batch ends by asking the syncer for an fsync and an
 /// acknowledgement. Returns when the session's channel closes, or early when the syncer failed.
-fn apply_commands(
-    rx: &mut mpsc::Receiver<Cmd>,
-    state: &std::sync::Mutex<SyncState>,
-    wake: &std::sync::Condvar,
-    acks: &AckTx,
-    timeline: TimelineId,
-    features: Features,
-) -> Result<()> {
-    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+fn apply_commands(rx: &mut mpsc::Receiver<Cmd>, desk: &Desk) -> Result<()> {
+    let lock = || desk.lock();
     while let Some(cmd) = rx.blocking_recv() {
         let mut next = Some(cmd);
         let mut taken = 0usize;
@@ -131,7 +215,9 @@ fn apply_commands(
                 if g.failed.is_some() {
                     return Ok(()); // the syncer stopped on an error, taken up by the caller
                 }
-                apply(&mut g.archive, cmd, features, &mut taken)?
+                g.busy = true;
+                g.applied += 1;
+                apply(&mut g.archive, cmd, desk.features, &mut taken)?
             };
             catching_up |= large;
             if taken >= MAX_BATCH {
@@ -150,11 +236,13 @@ fn apply_commands(
         if catching_up || g.syncing || g.ack_due {
             // pipelined: the syncer takes it (after the sync in progress, if any)
             g.ack_due = true;
+            g.busy = false;
             drop(g);
-            wake.notify_one();
+            desk.wake.notify_one();
         } else {
-            // live: synced and acknowledged here, no hand-over
-            let (g, done) = sync_and_ack(g, &lock, acks, timeline);
+            // small: synced and acknowledged here, no hand-over
+            let (mut g, done) = sync_and_ack(g, &lock, &desk.acks, desk.timeline);
+            g.busy = false;
             drop(g);
             if done.is_err() {
                 return Ok(()); // recorded in `failed`, taken up by the caller
@@ -214,8 +302,13 @@ pub(crate) struct SyncState {
     done: bool,
     /// Commands were applied since the last acknowledgement (WAL, or only a confirmation): the syncer's turn.
     ack_due: bool,
-    /// An fdatasync is running without the lock (the writer's or the syncer's): the other waits for it.
+    /// An fdatasync is running without the lock (the connection task's, the writer's or the syncer's): the
+    /// others wait for it.
     syncing: bool,
+    /// The writer is applying a batch and has not yet synced it or handed it to the syncer.
+    busy: bool,
+    /// Commands the writer took from the channel and applied.
+    applied: u64,
     /// The first error of either thread: both stop, the archive is rolled back.
     failed: Option<anyhow::Error>,
 }
@@ -275,23 +368,18 @@ pub(crate) fn apply(
 /// The syncer thread of a session: whenever something was appended (or confirmed), makes it durable and
 /// acknowledges it. The fdatasync runs without the lock, so the writer appends meanwhile. Ends when the
 /// writer is done and everything is durable, or at the first error.
-pub(crate) fn syncer_loop(
-    state: &std::sync::Mutex<SyncState>,
-    wake: &std::sync::Condvar,
-    acks: &AckTx,
-    timeline: TimelineId,
-) {
-    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+pub(crate) fn syncer_loop(desk: &Desk) {
+    let lock = || desk.lock();
     let mut g = lock();
     loop {
         while (g.syncing || (!g.ack_due && !g.archive.unsynced() && !g.done)) && g.failed.is_none()
         {
-            g = wake.wait(g).unwrap_or_else(|p| p.into_inner());
+            g = desk.wake.wait(g).unwrap_or_else(|p| p.into_inner());
         }
         if g.failed.is_some() || (g.done && !g.ack_due && !g.archive.unsynced()) {
             return;
         }
-        let (again, done) = sync_and_ack(g, &lock, acks, timeline);
+        let (again, done) = sync_and_ack(g, &lock, &desk.acks, desk.timeline);
         g = again;
         if done.is_err() {
             return;
