@@ -68,8 +68,8 @@ pub fn page_expectation(
 
 /// How many bytes of the archive's `.partial` of `segno` the receiver has written: its size when it grows (an
 /// older receiver's); else, it is preallocated and zero-filled, the end of its last complete, valid record or
-/// of its last byte that is not zero, whichever is further (the sender may hold back the last byte of a record
-/// that ends the segment: the rest of it is there).
+/// of its last byte that is not zero or of the durable end the receiver recorded, whichever is further (the
+/// sender may hold back the last byte of a record that ends the segment: the rest of it is there).
 pub fn partial_len(
     archive: &Path,
     seg: WalSegSize,
@@ -85,7 +85,23 @@ pub fn partial_len(
     let records =
         walship_protocol::walker::valid_prefix(exp, seg.segment_start(segno), &data).records;
     let written = data.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
-    Some(records.max(written) as u64)
+    // The receiver's record of its durable end: the shipped tail of an unfinished record may end in zero
+    // bytes (the high bytes of a length or an LSN), which neither the walk nor the last non-zero byte can
+    // tell from the preallocated zeros after it.
+    let recorded = recorded_durable(archive)
+        .filter(|(t, durable)| *t == timeline && seg.segno(*durable) == segno)
+        .map_or(0, |(_, durable)| seg.offset(durable));
+    Some(records.max(written).max(recorded as usize) as u64)
+}
+
+/// The timeline and durable end the receiver last recorded in `walship.position` ("TIMELINE DURABLE
+/// [CONFIRMED]", hexadecimal).
+pub fn recorded_durable(archive: &Path) -> Option<(TimelineId, Lsn)> {
+    let text = std::fs::read_to_string(archive.join("walship.position")).ok()?;
+    let mut fields = text.lines().next()?.split(' ');
+    let timeline = u32::from_str_radix(fields.next()?, 16).ok()?;
+    let durable = u64::from_str_radix(fields.next()?, 16).ok()?;
+    Some((timeline, Lsn(durable)))
 }
 
 /// What [`assert_matches_primary`] compared.
