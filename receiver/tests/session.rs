@@ -289,6 +289,76 @@ async fn a_confirmation_is_acknowledged_for_what_is_durable_and_never_past_it() 
     r.stop().await;
 }
 
+/// The two write paths of a session in turn: a message that comes alone is written, synced and acknowledged by
+/// the connection task (the live path), a burst that arrives in one write goes to the writer and its syncer.
+/// Whichever takes what, the archive holds the bytes in order, every acknowledgement is monotonic, never past
+/// what was sent, and recorded in walship.position before the sender sees it.
+#[tokio::test]
+async fn single_messages_and_bursts_take_both_write_paths_in_order() {
+    let r = Receiver::start().await;
+    let (mut c, _) = r.session(7).await;
+    let bytes = wal(1, SEG, 256 * 1024);
+    const STEP: usize = 1000;
+    let mut at = 0usize;
+    let mut last = (Lsn(0), Lsn(0));
+    for round in 0..8 {
+        // alone: acknowledged before the next one goes
+        c.send(wal_message(SEG + at as u64, &bytes[at..at + STEP]))
+            .await
+            .unwrap();
+        at += STEP;
+        let (durable, _) = ack_until(&mut c, SEG + at as u64, None).await;
+        assert!(durable >= last.0, "durable went back in round {round}");
+        last.0 = durable;
+        // a burst in one write, a confirmation of part of it behind it
+        for _ in 0..20 {
+            c.feed(wal_message(SEG + at as u64, &bytes[at..at + STEP]))
+                .await
+                .unwrap();
+            at += STEP;
+        }
+        c.feed(keepalive(SEG + (at - 5 * STEP) as u64))
+            .await
+            .unwrap();
+        c.flush().await.unwrap();
+        loop {
+            match next(&mut c).await {
+                Some(ReceiverMessage::Ack {
+                    durable_lsn,
+                    confirmed_lsn,
+                    ..
+                }) => {
+                    let confirmed = confirmed_lsn.unwrap_or(Lsn(0));
+                    assert!(
+                        durable_lsn <= Lsn(SEG + at as u64),
+                        "{durable_lsn} past what was sent"
+                    );
+                    assert!(confirmed <= durable_lsn, "{confirmed} past {durable_lsn}");
+                    assert!(
+                        durable_lsn >= last.0 && confirmed >= last.1,
+                        "an acknowledgement went back"
+                    );
+                    let recorded = walship_receiver::archive::read_positions(&r.archive).unwrap();
+                    assert!(
+                        recorded.durable >= durable_lsn && recorded.confirmed >= confirmed,
+                        "acknowledged {durable_lsn} / {confirmed}, walship.position says {recorded:?}"
+                    );
+                    last = (durable_lsn, confirmed);
+                    if durable_lsn == Lsn(SEG + at as u64)
+                        && confirmed == Lsn(SEG + (at - 5 * STEP) as u64)
+                    {
+                        break;
+                    }
+                }
+                other => panic!("expected an Ack, got {other:?}"),
+            }
+        }
+    }
+    assert_partial(&r.partial(1), &bytes[..at]);
+    drop(c);
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn compressed_wal_is_archived_as_the_bytes_it_stands_for() {
     let r = Receiver::start().await;

@@ -183,7 +183,7 @@ impl Streaming<'_> {
         };
         self.drain_target = Some(target);
         while self.link.sent() < target {
-            if self.pump(shutdown).await?.is_some() {
+            if self.pump(shutdown, true).await?.is_some() {
                 return Err(retry(anyhow!("shutting down during the drain")));
             }
             if self.link.sent() < target {

@@ -249,6 +249,17 @@ impl Link {
         primary_flush: Lsn,
         now_micros: u64,
     ) -> Result<(), LinkError> {
+        self.feed_keepalive(primary_flush, now_micros).await?;
+        self.flush().await
+    }
+
+    /// Queues a keepalive behind what is queued (one write to the socket carries both on the next
+    /// [`Link::flush`]), or fails if the receiver has been silent for longer than the timeout.
+    pub async fn feed_keepalive(
+        &mut self,
+        primary_flush: Lsn,
+        now_micros: u64,
+    ) -> Result<(), LinkError> {
         if self.last_heard.elapsed() > self.timeout {
             return Err(LinkError::Stalled {
                 what: "an answer from the receiver",
@@ -260,7 +271,7 @@ impl Link {
             timeline: self.timeline,
             sent_at_unix_micros: now_micros,
         };
-        self.send(msg, "sending a keepalive").await
+        deadline(self.timeout, "sending a keepalive", self.tx.feed(msg)).await
     }
 
     /// Waits for the next message from the receiver and applies it. Cancellation safe. Returns whether the

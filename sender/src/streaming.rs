@@ -23,7 +23,9 @@ impl Streaming<'_> {
         let mut keepalive = tokio::time::interval(self.cfg.keepalive_interval);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if let Some(stop) = self.pump(shutdown).await? {
+            // WAL and the confirmation that follows it leave in one write (the receiver takes them as one)
+            let confirming = self.confirm_due();
+            if let Some(stop) = self.pump(shutdown, !confirming).await? {
                 return Ok(stop);
             }
             if let Some(stop) = self.confirm(shutdown).await? {
@@ -172,15 +174,20 @@ impl Streaming<'_> {
                 if self.ships_on_write() {
                     self.scout.advance(&self.reader, self.timeline, self.link.sent()).map_err(read_failure)?;
                 }
+                // flushes the walsender already reported are confirmed in the same write as this WAL
+                return self.take_queued_flushes(Waited::Go);
             }
             event = walsender.next() => {
                 // what the walsender already sent moves the flush position at once: one confirmation
-                let mut waited = self.take_flushed(event)?;
-                while matches!(waited, Waited::Go) {
-                    let Some(more) = self.walsender.as_mut().and_then(|w| w.try_next()) else {
-                        break;
-                    };
-                    waited = self.take_flushed(more)?;
+                let waited = self.take_flushed(event)?;
+                let waited = self.take_queued_flushes(waited)?;
+                // and WAL written meanwhile goes out in the same write as it
+                let mut written = false;
+                while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {
+                    written = true;
+                }
+                if written && self.ships_on_write() {
+                    self.scout.advance(&self.reader, self.timeline, self.link.sent()).map_err(read_failure)?;
                 }
                 return Ok(waited);
             }
@@ -191,6 +198,17 @@ impl Streaming<'_> {
             }
         }
         Ok(Waited::Go)
+    }
+
+    /// Takes in what the walsender already sent, without waiting (after `waited`, unless that ends the loop).
+    fn take_queued_flushes(&mut self, mut waited: Waited) -> Result<Waited, Failure> {
+        while matches!(waited, Waited::Go) {
+            let Some(more) = self.walsender.as_mut().and_then(|w| w.try_next()) else {
+                break;
+            };
+            waited = self.take_flushed(more)?;
+        }
+        Ok(waited)
     }
 
     /// WAL the walsender streamed: the primary flushed it. Compared with what was shipped; then the flush
@@ -360,16 +378,23 @@ impl Streaming<'_> {
                 .is_some_and(|w| w > cap)
     }
 
-    /// Protocol 3: tells the receiver what the primary has flushed, once it confirms more of what was sent.
+    /// Protocol 3: whether the primary has flushed more of what was sent than the receiver was told (and
+    /// [`Streaming::confirm`] sends it). Stays true while more is sent.
+    pub(crate) fn confirm_due(&self) -> bool {
+        self.ships_on_write() && self.pos.flush.min(self.link.sent()) > self.confirm_sent
+    }
+
+    /// Protocol 3: tells the receiver what the primary has flushed, once it confirms more of what was sent;
+    /// sends whatever is queued before it in the same write.
     pub(crate) async fn confirm(
         &mut self,
         shutdown: &CancellationToken,
     ) -> Result<Option<Stop>, Failure> {
-        let flush = self.pos.flush;
-        let confirms = flush.min(self.link.sent());
-        if !self.ships_on_write() || confirms <= self.confirm_sent {
+        if !self.confirm_due() {
             return Ok(None);
         }
+        let flush = self.pos.flush;
+        let confirms = flush.min(self.link.sent());
         let grace = self.cfg.shutdown_grace;
         let stop =
             finish_on_shutdown(self.link.keepalive(flush, now_micros()), shutdown, grace).await?;
@@ -377,10 +402,12 @@ impl Streaming<'_> {
         Ok(stop)
     }
 
-    /// Sends `[sent, target)` while the window has room. Returns how to stop if shutdown came meanwhile.
+    /// Sends `[sent, target)` while the window has room; with `flush` false leaves the last of it queued for
+    /// the caller's next send (which must follow at once). Returns how to stop if shutdown came meanwhile.
     pub(crate) async fn pump(
         &mut self,
         shutdown: &CancellationToken,
+        flush: bool,
     ) -> Result<Option<Stop>, Failure> {
         let grace = self.cfg.shutdown_grace;
         let mut wrote = false;
@@ -421,7 +448,7 @@ impl Streaming<'_> {
             }
             wrote = true;
         }
-        if wrote {
+        if wrote && flush {
             if let Some(stop) = finish_on_shutdown(self.link.flush(), shutdown, grace).await? {
                 return Ok(Some(stop));
             }

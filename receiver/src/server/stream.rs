@@ -29,6 +29,9 @@ struct Stream<'a, S> {
     due: bool,
     /// The last position acknowledged to the sender.
     last_ack: Option<(TimelineId, Synced)>,
+    /// When an acknowledgement that only moves the confirmed position goes out (unless one that moves the
+    /// durable position, which carries it too, goes first).
+    confirm_ack_at: Option<tokio::time::Instant>,
     /// One zstd context for the session's compressed WAL (created at the first such message).
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
 }
@@ -87,6 +90,7 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
         pending: Pending::default(),
         due: false,
         last_ack: start,
+        confirm_ack_at: None,
         decompressor: None,
     };
     let outcome: Result<()> = async {
@@ -110,8 +114,12 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                 changed = ack_rx.changed() => {
                     if changed.is_ok() {
                         let ack = *ack_rx.borrow_and_update();
-                        s.acknowledge(ack).await?;
+                        s.on_durable(ack).await?;
                     }
+                }
+                _ = sleep_until(s.confirm_ack_at), if s.confirm_ack_at.is_some() => {
+                    let ack = *ack_rx.borrow();
+                    s.acknowledge(ack).await?;
                 }
                 permit = room.reserve(), if s.due && s.pending.is_some() => {
                     s.due = false;
@@ -158,11 +166,31 @@ fn writer_ended(
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
+    /// The archive recorded a newer durable or confirmed position. One that moves the durable position is
+    /// acknowledged at once (a synchronous commit may wait for it); one that only moves the confirmed position
+    /// within CONFIRM_ACK_DELAY (the sender needs it only to release its slot), or with the next durable one.
+    async fn on_durable(&mut self, ack: Option<(TimelineId, Synced)>) -> Result<()> {
+        let Some((t, synced)) = ack else {
+            return Ok(());
+        };
+        let durable_moved = self
+            .last_ack
+            .is_none_or(|(lt, last)| lt != t || synced.durable != last.durable);
+        if durable_moved {
+            return self.acknowledge(ack).await;
+        }
+        if self.confirm_ack_at.is_none() {
+            self.confirm_ack_at = Some(tokio::time::Instant::now() + CONFIRM_ACK_DELAY);
+        }
+        Ok(())
+    }
+
     /// Sends the `Ack` for `ack`, the writer's newest durable position.
     async fn acknowledge(&mut self, ack: Option<(TimelineId, Synced)>) -> Result<()> {
         let Some((t, synced)) = ack else {
             return Ok(());
         };
+        self.confirm_ack_at = None;
         self.last_ack = ack;
         self.shared.status.durable(synced.durable);
         let msg = ack_message(t, synced, self.features);
@@ -406,6 +434,19 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
             }
             _ => outcome.map_err(SessionError::Closed),
         }
+    }
+}
+
+/// How long an acknowledgement that only moves the confirmed position may wait for one that moves the durable
+/// position (a sender under load gets both in one; the sender uses the confirmed position only to release its
+/// replication slot, and resumes from it after a reconnection).
+pub(crate) const CONFIRM_ACK_DELAY: Duration = Duration::from_millis(20);
+
+/// Sleeps until `at` (never, without one).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
