@@ -95,31 +95,24 @@ impl Decoder for FrameCodec {
         match self.decode(src)? {
             Some(frame) => Ok(Some(frame)),
             None if src.is_empty() => Ok(None),
-            None => {
-                let need = if src.len() < HEADER_LEN {
-                    HEADER_LEN
-                } else {
-                    HEADER_LEN
-                        + u32::from_be_bytes([src[1], src[2], src[3], src[4]]) as usize
-                        + TRAILER_LEN
-                };
-                Err(FrameError::TruncatedFrame {
-                    need,
-                    have: src.len(),
-                })
-            }
+            None => Err(FrameError::TruncatedFrame {
+                need: frame_len(src).unwrap_or(HEADER_LEN),
+                have: src.len(),
+            }),
         }
     }
+}
+
+/// The whole length of the frame `buf` begins with, as its header says (`None` before a whole header).
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    let len = buf.get(1..HEADER_LEN)?;
+    Some(HEADER_LEN + u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize + TRAILER_LEN)
 }
 
 /// Whether `buf` (what a reader has buffered) begins with a complete frame: a reader can take another message
 /// at once, without waiting for the peer.
 pub fn frame_buffered(buf: &[u8]) -> bool {
-    buf.len() >= HEADER_LEN
-        && buf.len()
-            >= HEADER_LEN
-                + u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
-                + TRAILER_LEN
+    frame_len(buf).is_some_and(|len| buf.len() >= len)
 }
 
 /// Writes one message as a frame into `dst`.
@@ -382,9 +375,7 @@ mod tests {
         for m in sender_messages() {
             encode_frame(&m, &mut buf);
         }
-        let first = HEADER_LEN
-            + u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
-            + TRAILER_LEN;
+        let first = frame_len(&buf).unwrap();
         assert!(!frame_buffered(&[]));
         for cut in 0..first {
             assert!(

@@ -119,7 +119,7 @@ impl Streaming<'_> {
             _ = shutdown.cancelled() => return Ok(self.stop_on_shutdown()),
             moved = self.link.recv() => *progressed |= moved?,
             _ = next_event(&mut self.events) => {
-                while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {}
+                self.take_events();
                 self.scout.advance(&self.reader, self.timeline, self.link.sent()).map_err(read_failure)?;
                 self.event_due = true;
             }
@@ -170,7 +170,7 @@ impl Streaming<'_> {
             _ = shutdown.cancelled() => return Ok(self.stop_on_shutdown()),
             moved = self.link.recv() => *progressed |= moved?,
             _ = next_event(&mut self.events) => {
-                while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {}
+                self.take_events();
                 if self.ships_on_write() {
                     self.scout.advance(&self.reader, self.timeline, self.link.sent()).map_err(read_failure)?;
                 }
@@ -182,11 +182,7 @@ impl Streaming<'_> {
                 let waited = self.take_flushed(event)?;
                 let waited = self.take_queued_flushes(waited)?;
                 // and WAL written meanwhile goes out in the same write as it
-                let mut written = false;
-                while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {
-                    written = true;
-                }
-                if written && self.ships_on_write() {
+                if self.take_events() && self.ships_on_write() {
                     self.scout.advance(&self.reader, self.timeline, self.link.sent()).map_err(read_failure)?;
                 }
                 return Ok(waited);
@@ -198,6 +194,16 @@ impl Streaming<'_> {
             }
         }
         Ok(Waited::Go)
+    }
+
+    /// Takes the file-system events already queued (one walk of the scout covers them all); whether there were
+    /// any.
+    fn take_events(&mut self) -> bool {
+        let mut any = false;
+        while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {
+            any = true;
+        }
+        any
     }
 
     /// Takes in what the walsender already sent, without waiting (after `waited`, unless that ends the loop).
@@ -297,7 +303,7 @@ impl Streaming<'_> {
             _ = shutdown.cancelled() => return Ok(self.stop_on_shutdown()),
             moved = self.link.recv() => *progressed |= moved?,
             _ = next_event(&mut self.events), if !self.event_due => {
-                while let Some(Some(_)) = self.events.as_mut().and_then(|e| e.next().now_or_never()) {}
+                self.take_events();
                 if self.last_flush_change.elapsed() >= QUIET {
                     self.hot = HOT_POLLS;
                 }

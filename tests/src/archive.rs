@@ -88,20 +88,10 @@ pub fn partial_len(
     // The receiver's record of its durable end: the shipped tail of an unfinished record may end in zero
     // bytes (the high bytes of a length or an LSN), which neither the walk nor the last non-zero byte can
     // tell from the preallocated zeros after it.
-    let recorded = recorded_durable(archive)
-        .filter(|(t, durable)| *t == timeline && seg.segno(*durable) == segno)
-        .map_or(0, |(_, durable)| seg.offset(durable));
+    let recorded = walship_receiver::archive::read_positions(archive)
+        .filter(|p| p.timeline == timeline && seg.segno(p.durable) == segno)
+        .map_or(0, |p| seg.offset(p.durable));
     Some(records.max(written).max(recorded as usize) as u64)
-}
-
-/// The timeline and durable end the receiver last recorded in `walship.position` ("TIMELINE DURABLE
-/// [CONFIRMED]", hexadecimal).
-pub fn recorded_durable(archive: &Path) -> Option<(TimelineId, Lsn)> {
-    let text = std::fs::read_to_string(archive.join("walship.position")).ok()?;
-    let mut fields = text.lines().next()?.split(' ');
-    let timeline = u32::from_str_radix(fields.next()?, 16).ok()?;
-    let durable = u64::from_str_radix(fields.next()?, 16).ok()?;
-    Some((timeline, Lsn(durable)))
 }
 
 /// What [`assert_matches_primary`] compared.

@@ -252,7 +252,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
                         "history file of timeline {t} in a session opened for timeline {timeline}"
                     );
                 }
-                self.pending.hand_over(&self.tx, &self.desk).await;
+                self.hand_pending().await;
                 let cmd = Cmd::History {
                     timeline: t,
                     content,
@@ -279,7 +279,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
                             "{reason}; nothing past the last acknowledgement was confirmed"
                         ),
                         Err(confirm) => {
-                            self.pending.hand_over(&self.tx, &self.desk).await;
+                            self.hand_pending().await;
                             self.hand(confirm.expect("given")).await;
                         }
                     }
@@ -301,7 +301,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
                 self.shared
                     .status
                     .primary_down(wal_end, down_since_unix_micros);
-                self.pending.hand_over(&self.tx, &self.desk).await;
+                self.hand_pending().await;
                 let since_unix_micros = down_since_unix_micros;
                 let cmd = Cmd::PrimaryDown {
                     timeline: t,
@@ -314,7 +314,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
                 if t != timeline {
                     bail!("SyncState for timeline {t} in a session opened for timeline {timeline}");
                 }
-                self.pending.hand_over(&self.tx, &self.desk).await;
+                self.hand_pending().await;
                 self.hand(Cmd::SyncState { timeline: t, state }).await;
             }
             // decompressed into a Wal before
@@ -353,12 +353,19 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
         Ok(self.desk.apply_and_sync(g, cmds))
     }
 
-    /// Hands `cmd` to the writer, in order after everything before it. An error means the writer ended; the
-    /// session picks its result up.
+    /// Hands `cmd` to the writer, in order after everything before it (waiting for room). An error means the
+    /// writer ended; the session picks its result up.
     async fn hand(&mut self, cmd: Cmd) {
         self.desk.handing();
         if self.tx.send(cmd).await.is_err() {
             self.desk.not_handed();
+        }
+    }
+
+    /// Hands the merged WAL to the writer, so what follows stays in order.
+    async fn hand_pending(&mut self) {
+        if let Some(w) = self.pending.take() {
+            self.hand(Cmd::Wal(w)).await;
         }
     }
 
@@ -406,7 +413,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
         writer_task: tokio::task::JoinHandle<Result<(), WriterError>>,
         mut ack_rx: watch::Receiver<Option<(TimelineId, Synced)>>,
     ) -> Result<(), SessionError> {
-        self.pending.hand_over(&self.tx, &self.desk).await;
+        self.hand_pending().await;
         drop(self.tx);
         let writer_result = match writer_result {
             Some(r) => r,
@@ -533,16 +540,5 @@ impl Pending {
         let mut buf = bytes::BytesMut::with_capacity(w.bytes.len().max(64 << 10));
         buf.extend_from_slice(&w.bytes);
         self.wal = Some((w.timeline, w.start_lsn, buf));
-    }
-
-    /// Hands the merged WAL to the writer (waiting for room), so what follows stays in order.
-    pub(crate) async fn hand_over(&mut self, tx: &mpsc::Sender<Cmd>, desk: &Desk) {
-        if let Some(w) = self.take() {
-            desk.handing();
-            // an error means the writer ended; the session picks its result up
-            if tx.send(Cmd::Wal(w)).await.is_err() {
-                desk.not_handed();
-            }
-        }
     }
 }
