@@ -75,6 +75,12 @@ fn options(mode: u32) -> OpenOptions {
 pub fn sync_file(file: &File, path: &Path, all: bool) -> Result<()> {
     fail::fail_point!("archive-fsync", |_| Err(injected_eio())
         .with_context(|| format!("fsync {}", path.display())));
+    sync_file_io(file, path, all)
+}
+
+/// [`sync_file`] without its failpoint, for callers with a failpoint of their own (the spare's preallocation
+/// runs on its own thread: sharing `archive-fsync` would let it take a failure meant for the archive).
+pub(crate) fn sync_file_io(file: &File, path: &Path, all: bool) -> Result<()> {
     if all {
         file.sync_all()
     } else {

@@ -1,6 +1,8 @@
 //! The archive under injected faults (the `failpoints` feature, which `cargo test --workspace` enables through
 //! the end-to-end test crate): a failed fsync is never counted as durable, and the archive rolls back to what
-//! its last good fsync covered. One test per binary: failpoints are process-wide.
+//! its last good fsync covered. Failpoints are process-wide: each test holds `FailScenario`, which runs them one
+//! at a time, and the spare's preallocation thread has a failpoint of its own (`archive-fsync-spare`), so that
+//! it cannot take a failure meant for the archive's fsync.
 
 mod common;
 use common::{append_confirmed, assert_partial, identity, last_record_end, wal};

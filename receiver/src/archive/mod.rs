@@ -145,7 +145,7 @@ pub struct Archive {
     /// error): a sync job prepared before counts for nothing.
     generation: u64,
     /// The next partial, being zero-filled ahead of need (see `tail`).
-    spare: Option<std::thread::JoinHandle<Result<File>>>,
+    spare: Option<tail::Spare>,
 }
 
 fn write_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {

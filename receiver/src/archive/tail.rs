@@ -83,9 +83,34 @@ pub(crate) fn zero_range(file: &File, from: u64, to: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The next partial being zero-filled on its own thread. Dropping the archive stops and joins it (see
+/// `Drop for Archive`): no thread writes into the directory once the archive's lock is released.
+#[derive(Debug)]
+pub(crate) struct Spare {
+    job: std::thread::JoinHandle<Result<File>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Spare {
+    fn join(self) -> std::thread::Result<Result<File>> {
+        self.job.join()
+    }
+
+    /// Stops the fill at its next step and waits for the thread (at most one step and its fsync).
+    pub(crate) fn cancel(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.job.join();
+    }
+}
+
 /// Creates `path` (replacing a leftover) as `size` zeros, fsynced: data and size on disk, so that writes
-/// into it later need only `fdatasync`.
-pub(crate) fn zero_filled(path: &Path, size: u64) -> Result<File> {
+/// into it later need only `fdatasync`. With `stop` set between two steps, it gives up (the leftover is
+/// removed when an archive opens the directory next, or replaced by the next fill).
+pub(crate) fn zero_filled(
+    path: &Path,
+    size: u64,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<File> {
     match fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -105,18 +130,28 @@ pub(crate) fn zero_filled(path: &Path, size: u64) -> Result<File> {
     };
     // In steps, each written back before the next: one large writeback would queue before the fsyncs of the
     // partial being received (and the primary's, on a shared disk) and stall them.
+    let sync = |all| {
+        fail::fail_point!("archive-fsync-spare", |_| Err(
+            crate::durable::injected_eio()
+        )
+        .with_context(|| format!("fsync {}", path.display())));
+        crate::durable::sync_file_io(&file, path, all)
+    };
     let mut at = 0;
     while at < size {
+        if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+            bail!("filling {} stopped: the archive was closed", path.display());
+        }
         let to = (at + SPARE_STEP).min(size);
         fill(at, to)?;
         if at == 0 {
             crash_point!("archive-preallocating");
         }
-        sync_file(&file, path, false)?;
+        sync(false)?;
         at = to;
         std::thread::sleep(SPARE_PAUSE);
     }
-    sync_file(&file, path, true)?;
+    sync(true)?;
     Ok(file)
 }
 
@@ -129,11 +164,13 @@ impl Archive {
         }
         let path = self.dir.join(SPARE_FILE);
         let size = id.wal_segment_size.as_u64();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
         let job = std::thread::Builder::new()
             .name("walship-prealloc".into())
-            .spawn(move || zero_filled(&path, size));
+            .spawn(move || zero_filled(&path, size, Some(&flag)));
         match job {
-            Ok(job) => self.spare = Some(job),
+            Ok(job) => self.spare = Some(Spare { job, stop }),
             Err(e) => {
                 tracing::debug!(error = %e, "no thread to preallocate the next partial; it is filled when needed")
             }
@@ -159,7 +196,7 @@ impl Archive {
         };
         let file = match ready {
             Some(file) => file,
-            None => zero_filled(&spare, self.seg()?.as_u64())?,
+            None => zero_filled(&spare, self.seg()?.as_u64(), None)?,
         };
         if path.exists() {
             bail!(
@@ -171,5 +208,14 @@ impl Archive {
             .with_context(|| format!("rename {} to {}", spare.display(), path.display()))?;
         self.prepare_spare();
         Ok(file)
+    }
+}
+
+impl Drop for Archive {
+    fn drop(&mut self) {
+        // before the fields (the lock among them) go: the spare's thread must not outlive the lock
+        if let Some(spare) = self.spare.take() {
+            spare.cancel();
+        }
     }
 }
