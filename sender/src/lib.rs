@@ -64,6 +64,12 @@ pub use crate::state::SenderState;
 use crate::state::StatePublisher;
 use crate::wal_reader::{ReadError, WalReader};
 
+/// `--compression auto`: WAL messages from this size on are compressed (a catch-up, a bulk load, where zstd
+/// saves the most bytes for the least CPU per byte), smaller ones go plain: the live stream's messages (one
+/// or a few commits each) cost the primary more CPU to compress, frame by frame, than their bytes cost the
+/// link (measured: BENCHMARKS.md, issue 21, fourth step).
+pub const COMPRESS_MIN_AUTO: usize = 32 << 10;
+
 /// Everything the sender needs, with defaults in [`SenderConfig::new`].
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
@@ -95,6 +101,8 @@ pub struct SenderConfig {
     pub window: u64,
     /// zstd level for WAL on the wire when the receiver allows it (protocol 4); `None`: never compress.
     pub compression_level: Option<i32>,
+    /// The smallest WAL message compressed (smaller ones go plain): [`COMPRESS_MIN_AUTO`] by default.
+    pub compress_min: usize,
     /// Most WAL bytes in one message.
     pub max_message: u64,
     /// Fallback poll of the flush position when no file-system event comes.
@@ -132,6 +140,7 @@ impl SenderConfig {
             synchronous: false,
             window: 64 << 20,
             compression_level: Some(1),
+            compress_min: COMPRESS_MIN_AUTO,
             max_message: 1 << 20,
             poll_interval: Duration::from_millis(200),
             keepalive_interval: Duration::from_secs(1),

@@ -125,6 +125,10 @@ pub struct Link {
     last_heard: Instant,
     /// Compresses WAL messages (zstd, one context for the session), when the receiver allowed compression.
     compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// The smallest WAL message the compressor takes.
+    compress_min: usize,
+    /// WAL bytes this link put on the wire (compressed or not).
+    wire_wal_bytes: u64,
 }
 
 impl Link {
@@ -165,11 +169,15 @@ impl Link {
             timeout,
             last_heard: Instant::now(),
             compressor: None,
+            compress_min: 0,
+            wire_wal_bytes: 0,
         }
     }
 
-    /// Sends WAL compressed with zstd at `level` from now on (`None`: plain).
-    pub fn compress_with(&mut self, level: Option<i32>) {
+    /// Sends WAL messages of at least `min` bytes compressed with zstd at `level` from now on (`None`: all
+    /// plain).
+    pub fn compress_with(&mut self, level: Option<i32>, min: usize) {
+        self.compress_min = min;
         self.compressor = level.and_then(|l| match zstd::bulk::Compressor::new(l) {
             Ok(c) => Some(c),
             Err(e) => {
@@ -177,6 +185,11 @@ impl Link {
                 None
             }
         });
+    }
+
+    /// WAL bytes this link put on the wire, compressed or not.
+    pub fn wire_wal_bytes(&self) -> u64 {
+        self.wire_wal_bytes
     }
 
     pub fn sent(&self) -> Lsn {
@@ -214,18 +227,19 @@ impl Link {
             bytes,
         };
         let len = end.0 - start.0;
-        let msg = match self.compressor.as_mut().and_then(|c| wal.compress_with(c)) {
+        let compressor = self
+            .compressor
+            .as_mut()
+            .filter(|_| wal.bytes.len() >= self.compress_min);
+        let (msg, wire) = match compressor.and_then(|c| wal.compress_with(c)) {
             Some(z) => {
-                crate::metrics::METRICS
-                    .wire_wal_bytes
-                    .inc_by(z.data.len() as u64);
-                SenderMessage::WalZstd(z)
+                let wire = z.data.len() as u64;
+                (SenderMessage::WalZstd(z), wire)
             }
-            None => {
-                crate::metrics::METRICS.wire_wal_bytes.inc_by(len);
-                SenderMessage::Wal(wal)
-            }
+            None => (SenderMessage::Wal(wal), len),
         };
+        crate::metrics::METRICS.wire_wal_bytes.inc_by(wire);
+        self.wire_wal_bytes += wire;
         deadline(self.timeout, "sending WAL", self.tx.feed(msg)).await?;
         self.sent = end;
         crate::metrics::METRICS.sent_lsn.set(end.0 as i64);

@@ -36,8 +36,12 @@ enum Command {
 /// `--compression`.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum Compression {
-    None,
+    /// zstd for WAL messages of 32 kB and more (a catch-up, a bulk load), the live stream's small messages plain
+    Auto,
+    /// zstd for every WAL message (a slow or metered link: every byte counts)
     Zstd,
+    /// never
+    None,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -117,10 +121,12 @@ struct RunArgs {
     /// every second), before the connection counts as stalled and is made anew.
     #[arg(long, env = "WALSHIP_RECEIVER_TIMEOUT", default_value_t = 30)]
     receiver_timeout: u64,
-    /// Compress WAL on the wire (zstd, when the receiver allows it; each message on its own), or not.
-    #[arg(long, env = "WALSHIP_COMPRESSION", value_enum, default_value_t = Compression::Zstd)]
+    /// Compress WAL on the wire (zstd, when the receiver allows it; each message on its own). auto spares
+    /// the primary's CPU where compression gains least: the live stream's small messages (one or a few
+    /// commits) go plain, catch-ups and bulk loads compressed.
+    #[arg(long, env = "WALSHIP_COMPRESSION", value_enum, default_value_t = Compression::Auto)]
     compression: Compression,
-    /// zstd level of --compression zstd (1 is fast, ~3× on pgbench WAL; higher squeezes more for more CPU).
+    /// zstd level of --compression auto|zstd (1 is fast, ~3× on pgbench WAL; higher squeezes more for more CPU).
     #[arg(long, env = "WALSHIP_COMPRESSION_LEVEL", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
     compression_level: i32,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9188): positions, lag, sessions,
@@ -189,9 +195,13 @@ fn sender_config(
         args.confirm_by
     };
     cfg.window = args.window_mb.max(1) << 20;
-    cfg.compression_level = match args.compression {
-        Compression::Zstd => Some(args.compression_level),
-        Compression::None => None,
+    (cfg.compression_level, cfg.compress_min) = match args.compression {
+        Compression::Auto => (
+            Some(args.compression_level),
+            walship_sender::COMPRESS_MIN_AUTO,
+        ),
+        Compression::Zstd => (Some(args.compression_level), 0),
+        Compression::None => (None, 0),
     };
     cfg.poll_interval = std::time::Duration::from_millis(args.poll_ms.max(1));
     cfg.receiver_timeout = std::time::Duration::from_secs(args.receiver_timeout.max(1));

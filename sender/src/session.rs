@@ -193,7 +193,7 @@ pub(crate) async fn open<'a>(
     );
     // zstd on the wire when both sides want it (the receiver says so in its Welcome)
     if compression == walship_protocol::Compression::Zstd {
-        link.compress_with(cfg.compression_level);
+        link.compress_with(cfg.compression_level, cfg.compress_min);
     }
     prove_and_send_history(&mut link, &mut reader, timeline, start, resumed, info.seg).await?;
     let walsender = match &pg {

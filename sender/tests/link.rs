@@ -194,3 +194,52 @@ async fn a_refused_certificate_is_an_error_naming_the_tls_session() {
     );
     r.shutdown.cancel();
 }
+
+#[tokio::test]
+async fn auto_compression_sends_small_messages_plain_and_large_ones_compressed() {
+    let r = receiver().await;
+    let (state, _watch) = StatePublisher::new();
+    let mut link = open(&r, 16 << 20, state).await;
+    link.compress_with(Some(1), walship_sender::COMPRESS_MIN_AUTO);
+    // compressible WAL-like bytes
+    let wal: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 61) as u8).collect();
+    let small = 4096;
+    link.feed_wal(Lsn(SEG), Bytes::copy_from_slice(&wal[..small]))
+        .await
+        .unwrap();
+    link.flush().await.unwrap();
+    assert_eq!(
+        link.wire_wal_bytes(),
+        small as u64,
+        "a message below the threshold goes plain"
+    );
+    link.feed_wal(
+        Lsn(SEG + small as u64),
+        Bytes::copy_from_slice(&wal[small..]),
+    )
+    .await
+    .unwrap();
+    link.flush().await.unwrap();
+    let large = (wal.len() - small) as u64;
+    assert!(
+        link.wire_wal_bytes() < small as u64 + large / 4,
+        "a large message goes compressed: {} bytes on the wire for {large}",
+        link.wire_wal_bytes() - small as u64
+    );
+    let end = link.close_when_acknowledged(DEADLINE).await;
+    assert_eq!(end, Lsn(SEG + wal.len() as u64));
+    // both ways, the archive holds the bytes as sent
+    let held = std::fs::read(
+        r.dir
+            .path()
+            .join("archive/000000010000000000000001.partial"),
+    )
+    .unwrap();
+    assert_eq!(held[..wal.len()], wal[..]);
+    r.shutdown.cancel();
+    tokio::time::timeout(DEADLINE, r.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

@@ -475,7 +475,15 @@ async fn wire_compression_on_and_off_give_identical_archives() {
     let zstd_metrics = metrics_port(&mut zstd_receiver);
     let plain_metrics = metrics_port(&mut plain_receiver);
     let start = format!("{}", primary.flush_lsn(&client).await);
-    let extra = ["--start-lsn", start.as_str(), "--compression-level", "3"];
+    // every message, the small ones of the live stream too (auto would send those raw)
+    let extra = [
+        "--start-lsn",
+        start.as_str(),
+        "--compression",
+        "zstd",
+        "--compression-level",
+        "3",
+    ];
     let mut a = walship.sender(
         &dir,
         &primary.conninfo(),

@@ -80,7 +80,8 @@ struct OpenPartial {
     timeline: TimelineId,
     segno: SegNo,
     path: PathBuf,
-    file: File,
+    /// Shared with a pipelined sync's job (no handle duplicated per fsync).
+    file: std::sync::Arc<File>,
     /// Bytes in the file (all written by this process or found valid on open).
     len: u64,
     /// Bytes known to be on disk (fdatasync'ed).

@@ -232,7 +232,7 @@ impl Archive {
                 timeline,
                 segno,
                 path,
-                file,
+                file: std::sync::Arc::new(file),
                 len: keep,
                 synced: keep,
             });

@@ -9,7 +9,7 @@ use super::*;
 #[derive(Debug)]
 pub struct SyncJob {
     /// A handle of the open partial, its path, timeline, segment and the length to make durable.
-    file: Option<(File, PathBuf, TimelineId, SegNo, u64)>,
+    file: Option<(std::sync::Arc<File>, PathBuf, TimelineId, SegNo, u64)>,
     /// Where each timeline's WAL ended when the job was prepared: durable once it succeeds.
     ends: BTreeMap<TimelineId, Lsn>,
     generation: u64,
@@ -77,15 +77,9 @@ impl Archive {
             }
         }
         let file = match &self.current {
-            Some(c) if c.synced < c.len => Some((
-                c.file
-                    .try_clone()
-                    .with_context(|| format!("duplicate the handle of {}", c.path.display()))?,
-                c.path.clone(),
-                c.timeline,
-                c.segno,
-                c.len,
-            )),
+            Some(c) if c.synced < c.len => {
+                Some((c.file.clone(), c.path.clone(), c.timeline, c.segno, c.len))
+            }
             _ => None,
         };
         Ok(SyncJob {

@@ -277,7 +277,7 @@ impl Archive {
                 timeline,
                 segno,
                 path,
-                file,
+                file: std::sync::Arc::new(file),
                 len: 0,
                 synced: 0,
             });
