@@ -629,7 +629,13 @@ fn main() -> ExitCode {
     let _failpoints = fail::FailScenario::setup();
     walship_receiver::init_logging();
     let result = match cli.command {
-        Command::Run(args) => tokio::runtime::Runtime::new()
+        // One thread: a session's live path runs on its connection task (an append, its fdatasync, the
+        // acknowledgement); the catch-up writer, the fsync thread and the uploads' encoding have threads of their
+        // own. A second worker only woke up to find nothing to steal: 8 % more CPU per transaction and 9 % fewer
+        // of the primary's transactions under load (BENCHMARKS.md, issue 21 fifth step).
+        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .context("start runtime")
             .and_then(|rt| rt.block_on(run(args))),
         Command::Certs(args) => certs(args),

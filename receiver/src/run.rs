@@ -46,23 +46,29 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let store = match &config.store {
-        Some(spec) => {
-            let store = Store::open(spec)?;
-            crate::upload::prepare(&store, &config.archive).await?;
-            Some(store)
-        }
+    let completions = Arc::new(tokio::sync::Notify::new());
+    let uploads_stop = CancellationToken::new();
+    let mut uploads = match &config.store {
+        Some(spec) => Some(
+            start_uploads(
+                spec.clone(),
+                &config,
+                completions.clone(),
+                uploads_stop.clone(),
+            )
+            .await?,
+        ),
         None => None,
     };
     let dir = config.archive.clone();
     let mut archive = tokio::task::spawn_blocking(move || Archive::open(&dir))
         .await
         .context("open the archive")??;
-    let completions = Arc::new(tokio::sync::Notify::new());
-    archive.announce_completions(completions.clone());
+    archive.announce_completions(completions);
     tracing::info!(archive = %config.archive.display(), resume = ?archive.resume_points(), "archive opened");
-    let uploads_stop = CancellationToken::new();
-    let uploader = store.map(|store| start_uploader(store, &config, completions, &uploads_stop));
+    if let Some(u) = &mut uploads {
+        u.go();
+    }
     let board = StatusBoard::default();
     if let Some(addr) = config.metrics_listen {
         serve_metrics(addr, config.archive.clone(), board.clone())?;
@@ -89,8 +95,8 @@ pub async fn run(
     .await;
     // the sessions are over: a last upload round, the partial included, then stop
     uploads_stop.cancel();
-    if let Some(task) = uploader {
-        if tokio::time::timeout(LAST_UPLOAD, task).await.is_err() {
+    if let Some(u) = uploads {
+        if tokio::time::timeout(LAST_UPLOAD, u.done).await.is_err() {
             tracing::warn!(
                 "stopping without the last upload to the object store ({} s passed); the local archive has it",
                 LAST_UPLOAD.as_secs()
@@ -103,24 +109,90 @@ pub async fn run(
     Ok(())
 }
 
-/// The uploader, woken by `completions`, until `stop`.
-fn start_uploader(
-    store: Store,
+/// The object store's side of the daemon, on a thread of its own with a runtime of its own.
+struct Uploads {
+    /// Starts the uploads (once the archive is open); dropped unsent, the thread ends.
+    go: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Fires when the uploader has finished its last round after `stop`.
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Uploads {
+    fn go(&mut self) {
+        if let Some(go) = self.go.take() {
+            let _ = go.send(());
+        }
+    }
+}
+
+/// Opens and prepares the object store (its errors are returned before anything else starts) on a thread of
+/// its own, with a runtime of its own, where the uploader then runs, woken by `completions`, until `stop`:
+/// the store client's request signing, TLS and I/O never hold up a session's live path on the daemon's
+/// runtime (one thread, see `main.rs`).
+async fn start_uploads(
+    spec: StoreSpec,
     config: &RunConfig,
     completions: Arc<tokio::sync::Notify>,
-    stop: &CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tracing::info!(
-        store = store.url(),
-        "uploading the archive to the object store"
-    );
-    let uploader = Uploader {
-        store,
-        dir: config.archive.clone(),
-        partial_interval: config.partial_upload_interval.max(Duration::from_secs(1)),
-        wake: completions,
-    };
-    tokio::spawn(uploader.run(stop.clone()))
+    stop: CancellationToken,
+) -> Result<Uploads> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let dir = config.archive.clone();
+    let partial_interval = config.partial_upload_interval.max(Duration::from_secs(1));
+    std::thread::Builder::new()
+        .name("walship-upload".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(
+                        anyhow::Error::new(e).context("start the uploads' runtime")
+                    ));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let store = match Store::open(&spec) {
+                    Ok(store) => store,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if let Err(e) = crate::upload::prepare(&store, &dir).await {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                if go_rx.await.is_err() {
+                    return; // the daemon did not start
+                }
+                tracing::info!(
+                    store = store.url(),
+                    "uploading the archive to the object store"
+                );
+                let uploader = Uploader {
+                    store,
+                    dir,
+                    partial_interval,
+                    wake: completions,
+                };
+                uploader.run(stop).await;
+                let _ = done_tx.send(());
+            });
+        })
+        .context("start the upload thread")?;
+    ready_rx
+        .await
+        .context("the upload thread ended before the object store was opened")??;
+    Ok(Uploads {
+        go: Some(go_tx),
+        done: done_rx,
+    })
 }
 
 /// Prometheus metrics at `addr`: the counters, and gauges from the in-memory status of `board`.
