@@ -23,6 +23,18 @@ struct Receiver {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
+impl Receiver {
+    /// The bytes of the archive's partial of segment 1 (timeline 1).
+    fn first_partial(&self) -> Vec<u8> {
+        std::fs::read(
+            self.dir
+                .path()
+                .join("archive/000000010000000000000001.partial"),
+        )
+        .unwrap()
+    }
+}
+
 async fn receiver() -> Receiver {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
@@ -136,12 +148,8 @@ async fn wal_flows_within_the_window_and_the_close_waits_for_the_last_acknowledg
         "confirmed stops at the primary's flush position"
     );
     // acknowledged means in the archive, byte for byte
-    let partial = r
-        .dir
-        .path()
-        .join("archive/000000010000000000000001.partial");
     // (preallocated: the WAL, then zeros to the segment's end)
-    let held = std::fs::read(&partial).unwrap();
+    let held = r.first_partial();
     assert!(held.len() >= wal.len() && held[..wal.len()] == wal[..]);
     assert!(held[wal.len()..].iter().all(|b| *b == 0));
     r.shutdown.cancel();
@@ -229,12 +237,7 @@ async fn auto_compression_sends_small_messages_plain_and_large_ones_compressed()
     let end = link.close_when_acknowledged(DEADLINE).await;
     assert_eq!(end, Lsn(SEG + wal.len() as u64));
     // both ways, the archive holds the bytes as sent
-    let held = std::fs::read(
-        r.dir
-            .path()
-            .join("archive/000000010000000000000001.partial"),
-    )
-    .unwrap();
+    let held = r.first_partial();
     assert_eq!(held[..wal.len()], wal[..]);
     r.shutdown.cancel();
     tokio::time::timeout(DEADLINE, r.task)

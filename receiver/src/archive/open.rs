@@ -214,8 +214,7 @@ impl Archive {
         } else {
             written.min(seg.as_u64())
         };
-        let zeroed = tail::zero_range(&file, keep, zero_to.max(keep));
-        match zeroed {
+        match tail::zero_range(&file, keep, zero_to.max(keep)) {
             Ok(()) => {}
             // a growing partial that cannot be filled (a full disk) stays growing: cut back to its valid end
             Err(e) if found < seg.as_u64() => {
