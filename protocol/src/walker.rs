@@ -7,7 +7,9 @@
 //!   the system identifier, segment size and block size: [`PageExpectation::check`]);
 //! - `xl_tot_len` at least the record header (24 bytes) and at most PostgreSQL's limit (1020 MB);
 //! - a record continued on the next page: that page has `XLP_FIRST_IS_CONTRECORD` and its `xlp_rem_len` is
-//!   what is still missing of the record (and not `XLP_FIRST_IS_OVERWRITE_CONTRECORD`);
+//!   what is still missing of the record; or it has `XLP_FIRST_IS_OVERWRITE_CONTRECORD` (crash recovery
+//!   found the record torn and wrote new WAL from that page on): the torn record is skipped, and the page's
+//!   first record must be the `XLOG_OVERWRITE_CONTRECORD` naming it;
 //! - the `xl_prev` chain: equal to the previous record's start when walking on from a known record, lower
 //!   than the record's own address after a resynchronisation (as `XLogFindNextRecord` does);
 //! - the CRC-32C of the record (body first, then the header up to `xl_crc`).
@@ -106,6 +108,8 @@ pub enum RecordError {
     NoContrecordFlag { page: Lsn },
     #[error("page {page} marks an overwritten continuation (the record was torn by a crash)")]
     OverwrittenContrecord { page: Lsn },
+    #[error("page {page} marks the record as overwritten after a crash, but its first record names {named:?} instead")]
+    OverwriteRecord { page: Lsn, named: Option<Lsn> },
     #[error("page {page} continues {found} bytes, {expected} were missing")]
     ContrecordLength {
         page: Lsn,
@@ -258,8 +262,19 @@ impl Walker {
     }
 
     fn decode(&self, w: &Window<'_>) -> Result<Record, WalkStop> {
+        self.decode_at(w, self.next, None)
+    }
+
+    /// Decodes the record at `next`. `overwritten`: the record at `next` (a page boundary) replaces the torn
+    /// record that started there, and has to say so (see [`Walker::check_overwrite`]).
+    fn decode_at(
+        &self,
+        w: &Window<'_>,
+        next: Lsn,
+        overwritten: Option<Lsn>,
+    ) -> Result<Record, WalkStop> {
         let invalid = |at: Lsn, reason: RecordError| WalkStop::Invalid { at, reason };
-        let mut start = self.next;
+        let mut start = next;
         let page = Lsn(start.0 - start.0 % BLCKSZ);
         let off = start.0 - page.0;
         // the page's header: validated when the window holds it (it may start after it)
@@ -318,10 +333,19 @@ impl Walker {
                     other => other,
                 })?;
                 if h.info & XLP_FIRST_IS_OVERWRITE_CONTRECORD != 0 {
-                    return Err(invalid(
-                        start,
-                        RecordError::OverwrittenContrecord { page: p },
-                    ));
+                    // The record was torn by a crash (its continuation never reached the disk) and crash
+                    // recovery wrote new WAL from this page on: the torn record is skipped and the walk goes
+                    // on with the page's first record, which has to name it (`xlogreader.c`,
+                    // `overwrittenRecPtr`). Until that page is written, the walk ends at the torn record.
+                    if overwritten.is_some() {
+                        return Err(invalid(
+                            start,
+                            RecordError::OverwrittenContrecord { page: p },
+                        ));
+                    }
+                    return self.decode_at(w, p, Some(start)).inspect(|rec| {
+                        debug_assert!(rec.start.0 > p.0);
+                    });
                 }
                 if h.info & XLP_FIRST_IS_CONTRECORD == 0 {
                     return Err(invalid(start, RecordError::NoContrecordFlag { page: p }));
@@ -367,6 +391,9 @@ impl Walker {
             info: header[16],
             rmid: header[17],
         };
+        if let Some(torn) = overwritten {
+            Self::check_overwrite(w, &rec, torn)?;
+        }
         if rec.is_switch() {
             let seg = self.exp.seg_size.as_u64();
             let offset = rec.end.0 % seg;
@@ -375,6 +402,31 @@ impl Walker {
             }
         }
         Ok(rec)
+    }
+
+    /// The first record on a page marked `XLP_FIRST_IS_OVERWRITE_CONTRECORD` must be crash recovery's
+    /// `XLOG_OVERWRITE_CONTRECORD` naming the torn record `torn`: an XLOG record whose main data
+    /// (`xl_overwrite_contrecord`) starts with that record's LSN. Anything else ends the WAL at the torn
+    /// record, as before the page was written (a damaged flag never makes the walker skip WAL).
+    fn check_overwrite(w: &Window<'_>, rec: &Record, torn: Lsn) -> Result<(), WalkStop> {
+        let body = Lsn(rec.start.0 + RECORD_HEADER as u64);
+        let body_len = (rec.tot_len as usize).saturating_sub(RECORD_HEADER);
+        let named = (rec.rmid == RM_XLOG_ID)
+            .then(|| w.get(body, body_len))
+            .flatten()
+            .and_then(main_data)
+            .filter(|d| d.len() >= 8)
+            .map(|d| Lsn(le_u64(d, 0)));
+        if named == Some(torn) {
+            return Ok(());
+        }
+        Err(WalkStop::Invalid {
+            at: torn,
+            reason: RecordError::OverwriteRecord {
+                page: Lsn(rec.start.0 - rec.start.0 % BLCKSZ),
+                named,
+            },
+        })
     }
 
     /// `ValidXLogRecordHeader`'s prev-link check (the length was checked before).
@@ -386,6 +438,28 @@ impl Walker {
             _ => return Ok(()),
         };
         Err(WalkStop::Invalid { at: start, reason })
+    }
+}
+
+/// The main data of a record without block references (`body`: what follows its header): after an
+/// optional replication origin (`XLR_BLOCK_ID_ORIGIN`) and top-level xid (`XLR_BLOCK_ID_TOPLEVEL_XID`),
+/// `XLR_BLOCK_ID_DATA_SHORT` or `XLR_BLOCK_ID_DATA_LONG` with its length. `None` for anything else.
+fn main_data(body: &[u8]) -> Option<&[u8]> {
+    let mut at = 0usize;
+    loop {
+        match *body.get(at)? {
+            253 => at += 1 + 2,
+            252 => at += 1 + 4,
+            255 => {
+                let len = *body.get(at + 1)? as usize;
+                return body.get(at + 2..at + 2 + len);
+            }
+            254 => {
+                let len = le_u32(body.get(at + 1..at + 5)?, 0) as usize;
+                return body.get(at + 5..at + 5 + len);
+            }
+            _ => return None,
+        }
     }
 }
 
@@ -522,20 +596,58 @@ impl WalBuilder {
             self.page_header(self.end(), 0);
         }
         let start = self.end();
-        let tot_len = (RECORD_HEADER + body_len) as u32;
         let body: Vec<u8> = (0..body_len)
             .map(|i| (i as u64 * 31 + start.0) as u8)
             .collect();
+        self.record_with_body(&body, rmid, info)
+    }
+
+    /// What PostgreSQL's crash recovery leaves when a crash tore a record that crosses a page (its first
+    /// page written, the rest not): the first page of a record with a body of `body_len` bytes, then, from
+    /// the next page on (marked `XLP_FIRST_IS_OVERWRITE_CONTRECORD`), an `XLOG_OVERWRITE_CONTRECORD` record
+    /// naming it. Returns where the torn record starts and the overwrite record.
+    pub fn torn_record_overwritten(&mut self, body_len: usize) -> (Lsn, Record) {
+        let prev = self.prev;
+        let torn = self.record(body_len, 10, 0);
+        let page_end = (torn.start.0 / BLCKSZ + 1) * BLCKSZ;
+        assert!(
+            torn.own_end.0 > page_end,
+            "the torn record must cross a page"
+        );
+        self.bytes.truncate((page_end - self.start.0) as usize);
+        self.unchecked.retain(|r| r.start < page_end);
+        self.records.pop();
+        self.prev = prev;
+        self.page_header(Lsn(page_end), 0);
+        let at = (page_end - self.start.0) as usize;
+        let info = u16::from_le_bytes([self.bytes[at + 2], self.bytes[at + 3]])
+            | XLP_FIRST_IS_OVERWRITE_CONTRECORD;
+        self.bytes[at + 2..at + 4].copy_from_slice(&info.to_le_bytes());
+        // xl_overwrite_contrecord { overwritten_lsn, overwrite_time } as main data (XLR_BLOCK_ID_DATA_SHORT)
+        let mut body = vec![255u8, 16];
+        body.extend_from_slice(&torn.start.0.to_le_bytes());
+        body.extend_from_slice(&812_345_678_u64.to_le_bytes());
+        let rec = self.record_with_body(&body, RM_XLOG_ID, 0xD0);
+        (torn.start, rec)
+    }
+
+    /// Appends a record with the given body (what follows the 24-byte header); returns it.
+    pub fn record_with_body(&mut self, body: &[u8], rmid: u8, info: u8) -> Record {
+        if self.end().0.is_multiple_of(BLCKSZ) {
+            self.page_header(self.end(), 0);
+        }
+        let start = self.end();
+        let tot_len = (RECORD_HEADER + body.len()) as u32;
         let mut header = [0u8; RECORD_HEADER];
         header[0..4].copy_from_slice(&tot_len.to_le_bytes());
         header[4..8].copy_from_slice(&7u32.to_le_bytes());
         header[8..16].copy_from_slice(&self.prev.0.to_le_bytes());
         header[16] = info;
         header[17] = rmid;
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&body), &header[..20]);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(body), &header[..20]);
         header[20..24].copy_from_slice(&crc.to_le_bytes());
         let mut all = header.to_vec();
-        all.extend_from_slice(&body);
+        all.extend_from_slice(body);
         self.put(&all, tot_len, true);
         // padding to MAXALIGN (never crosses a page: pages are 8-aligned)
         let pad = (maxalign(self.end().0) - self.end().0) as usize;
@@ -853,5 +965,114 @@ mod tests {
         }
         assert_eq!(count, b.records.len());
         assert_eq!(w.next_lsn(), b.end());
+    }
+
+    /// Records, then one torn by a crash and overwritten by recovery (see
+    /// [`WalBuilder::torn_record_overwritten`]), then more records.
+    fn sample_overwritten() -> (WalBuilder, Lsn, Record) {
+        let mut b = WalBuilder::new(exp(), Lsn(SEG));
+        for s in [10usize, 9000, 30, 8100] {
+            b.record(s, 10, 0);
+        }
+        let (torn, over) = b.torn_record_overwritten(20_000);
+        for s in [50usize, 30_000, 7] {
+            b.record(s, 10, 0);
+        }
+        (b, torn, over)
+    }
+
+    #[test]
+    fn a_record_torn_by_a_crash_is_skipped_once_recovery_overwrote_it() {
+        let (b, torn, over) = sample_overwritten();
+        assert_eq!(over.start.0 % BLCKSZ, SHORT_PAGE_HEADER as u64);
+        assert!(torn < over.start && over.start.0 - torn.0 < BLCKSZ);
+        let (got, stop, end) = walk_all(&b, &b.bytes);
+        assert_eq!(got, b.records, "every record but the torn one");
+        assert!(got.contains(&over));
+        assert_eq!(
+            over.prev, got[3].start,
+            "the overwrite record chains to the last valid one"
+        );
+        assert_eq!(end, b.end());
+        assert!(matches!(stop, WalkStop::NeedMore { .. }), "{stop:?}");
+        // fed in pieces, the same
+        let mut w = Walker::new(exp(), b.start, None);
+        let mut count = 0;
+        let mut have = 0usize;
+        while have < b.bytes.len() {
+            have = (have + 700).min(b.bytes.len());
+            let from = (w.next_lsn().0 / BLCKSZ * BLCKSZ).max(b.start.0);
+            w.walk(
+                &b.bytes[(from - b.start.0) as usize..have],
+                Lsn(from),
+                |_| count += 1,
+            );
+        }
+        assert_eq!((count, w.next_lsn()), (b.records.len(), b.end()));
+        // a preallocated segment holding it: its valid prefix ends after the last record
+        let mut seg = b.bytes.clone();
+        seg.resize(SEG as usize, 0);
+        assert_eq!(valid_prefix(exp(), b.start, &seg).records, b.bytes.len());
+        // resynchronising on the overwrite page finds the overwrite record
+        let page = over.start.0 - over.start.0 % BLCKSZ;
+        let r = Walker::resync(exp(), &b.bytes[(page - b.start.0) as usize..], Lsn(page)).unwrap();
+        assert_eq!(r.next_lsn(), over.start);
+    }
+
+    #[test]
+    fn until_recovery_overwrites_it_the_torn_record_ends_the_wal() {
+        let (b, torn, over) = sample_overwritten();
+        let page = (over.start.0 - over.start.0 % BLCKSZ - b.start.0) as usize;
+        // the crash: the torn record's first page is there, the next one is not (yet)
+        for len in [
+            page,
+            page + 8,
+            over.start.0 as usize - b.start.0 as usize + 30,
+        ] {
+            let (got, stop, end) = walk_all(&b, &b.bytes[..len]);
+            assert_eq!(end, torn, "cut at {len}");
+            assert_eq!(got.len(), 4);
+            assert!(matches!(stop, WalkStop::NeedMore { .. }), "{stop:?}");
+        }
+        // the next page zero-filled (preallocated) or stale: the WAL ends at the torn record
+        let mut zeros = b.bytes[..page].to_vec();
+        zeros.resize(page + 2 * XLOG_BLCKSZ, 0);
+        let (_, stop, end) = walk_all(&b, &zeros);
+        assert_eq!(end, torn);
+        assert!(matches!(stop, WalkStop::Invalid { .. }), "{stop:?}");
+    }
+
+    #[test]
+    fn an_overwrite_flag_without_the_record_naming_the_torn_one_ends_the_wal() {
+        let (b, torn, over) = sample_overwritten();
+        let at = (over.start.0 - b.start.0) as usize;
+        let body = at + RECORD_HEADER;
+        // the overwrite record naming another LSN, with a valid CRC
+        let mut bytes = b.bytes.clone();
+        bytes[body + 2..body + 10].copy_from_slice(&(torn.0 + 8).to_le_bytes());
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c(&bytes[body..at + over.tot_len as usize]),
+            &bytes[at..at + 20],
+        );
+        bytes[at + 20..at + 24].copy_from_slice(&crc.to_le_bytes());
+        let (got, stop, end) = walk_all(&b, &bytes);
+        assert_eq!((got.len(), end), (4, torn));
+        assert!(
+            matches!(
+                stop,
+                WalkStop::Invalid { at, reason: RecordError::OverwriteRecord { named: Some(n), .. } }
+                    if at == torn && n == Lsn(torn.0 + 8)
+            ),
+            "{stop:?}"
+        );
+        // the page's flag on a page that continues a record normally is damage: the walk stops there
+        let b = sample();
+        let big = b.records.iter().find(|r| r.tot_len > 60_000).unwrap();
+        let page = (big.start.0 / BLCKSZ + 2) * BLCKSZ;
+        let mut bytes = b.bytes.clone();
+        let p = (page - b.start.0) as usize;
+        bytes[p + 2] |= XLP_FIRST_IS_OVERWRITE_CONTRECORD as u8;
+        let (_, _, end) = walk_all(&b, &bytes);
+        assert_eq!(end, big.start);
     }
 }

@@ -8,7 +8,7 @@ use walship_protocol::wal::page_magic_for_version;
 use walship_protocol::wal::PageExpectation;
 use walship_protocol::walker::Walker;
 use walship_protocol::Lsn;
-use walship_tests::archive::{archive_end, assert_matches_primary};
+use walship_tests::archive::{archive_end, assert_matches_primary, wait_archived};
 use walship_tests::cluster::{run_ok, WAIT};
 use walship_tests::ledger::{under_load, verdict, Ledger};
 use walship_tests::scenario::{shipping, wait_drained};
@@ -45,12 +45,15 @@ fn read_segments(
     (bytes, s.seg.segment_start(segno))
 }
 
-/// Where the valid WAL in the primary's pg_wal ends (what crash recovery will find), walking from `from`.
+/// Where the valid WAL in the primary's pg_wal ends (what crash recovery will find), walking from the page
+/// holding `from`.
 fn pg_wal_end(s: &walship_tests::scenario::Shipping, sysid: u64, major: u32, from: Lsn) -> Lsn {
     let (bytes, base) = read_segments(s, &s.primary.wal_dir(), from);
-    let mut w = Walker::resync(expectation(s, sysid, major), &bytes, base)
-        .expect("a record in the segment");
-    w.walk(&bytes, base, |_| {});
+    let page = Lsn(from.0 - from.0 % 8192);
+    let bytes = &bytes[(page.0 - base.0) as usize..];
+    let mut w =
+        Walker::resync(expectation(s, sysid, major), bytes, page).expect("a record in the segment");
+    w.walk(bytes, page, |_| {});
     w.next_lsn()
 }
 
@@ -254,4 +257,139 @@ fn last_record_is_shutdown_checkpoint(
     w.walk(&bytes, base, |r| last = Some(*r));
     let last = last.expect("records");
     last.rmid == 0 && last.info & 0xF0 == 0x00
+}
+
+/// A crash that tears a record crossing a page (its first pages written, the last one not): crash recovery
+/// skips it and writes new WAL from the next page on, marked `XLP_FIRST_IS_OVERWRITE_CONTRECORD`. A drain
+/// walks past it as PostgreSQL's reader does: commits made after the restart are shipped when postgres dies
+/// again before the sender has streamed them (the sender is frozen meanwhile). The archive matches pg_wal,
+/// and a standby restoring from the archive replays through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_walks_past_a_record_torn_by_an_earlier_crash() {
+    let opts = InitOptions {
+        wal_segsize_mb: Some(1),
+        ..Default::default()
+    };
+    let mut s = shipping("drain-torn", &opts).await;
+    let client = s.primary.connect().await;
+    let sysid = s.primary.system_identifier(&client).await;
+    let major = s.primary.major;
+    drop(client);
+    let mut standby = s.primary.base_backup(&s.dir, "standby");
+    standby.configure_recovery(
+        &s.restore_command(""),
+        true,
+        &["wal_retrieve_retry_interval = '200ms'"],
+    );
+    standby.start_no_wait();
+
+    // A 20 kB non-transactional message is written into WAL buffers but flushed by nobody: the WAL writer
+    // writes its completed pages, not its last one. Killed then, the record is torn. Something else may
+    // flush it first (a checkpoint, autovacuum, a standby snapshot): then try again. The sender is frozen
+    // meanwhile, so that what it has sent ends before the torn record, as when the record's first page
+    // was written by a commit's flush that ended before it.
+    let mut torn = None;
+    for attempt in 1..=5 {
+        let client = s.primary.connect().await;
+        let before = s.primary.flush_lsn(&client).await;
+        wait_archived(&s.archive, s.seg, before).await;
+        signal(s.sender.pid(), "-STOP");
+        let end: String = client
+            .query_one(
+                "SELECT pg_logical_emit_message(false, 'walship-test', repeat('x', 20000))::text",
+                &[],
+            )
+            .await
+            .expect("emit a message")
+            .get(0);
+        let end: Lsn = end.parse().expect("lsn");
+        let last_page = Lsn(end.0 - end.0 % 8192);
+        let flushed = wait_for(
+            "the WAL writer to write the message's first pages",
+            WAIT,
+            || async {
+                let f = s.primary.flush_lsn(&client).await;
+                (f >= last_page).then_some(f)
+            },
+        )
+        .await;
+        drop(client);
+        s.primary.kill9();
+        let valid_end = pg_wal_end(&s, sysid, major, before);
+        println!(
+            "attempt {attempt}: message from after {before} to {end}, flushed {flushed} at the kill; pg_wal's valid WAL ends at {valid_end}"
+        );
+        if valid_end < end && flushed > valid_end {
+            torn = Some(valid_end);
+            break;
+        }
+        signal(s.sender.pid(), "-CONT");
+        let back_before = s.sender.log_text().matches("PostgreSQL is back").count();
+        s.primary.start();
+        wait_for("the sender to see PostgreSQL back", WAIT, || async {
+            (s.sender.log_text().matches("PostgreSQL is back").count() > back_before).then_some(())
+        })
+        .await;
+    }
+    let torn_at =
+        torn.expect("no torn record in 5 attempts: something flushed the message each time");
+    // postgres restarts (recovery skips the torn record), commits, and dies again before the sender runs
+    s.primary.start();
+    let client = s.primary.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE after_tear(x int); INSERT INTO after_tear SELECT generate_series(1, 1000)",
+        )
+        .await
+        .expect("write after the tear");
+    let target = s.primary.flush_lsn(&client).await;
+    drop(client);
+    s.primary.kill9();
+    let valid_end = pg_wal_end(&s, sysid, major, target);
+    assert!(valid_end >= target);
+    signal(s.sender.pid(), "-CONT");
+    wait_archived(&s.archive, s.seg, target).await;
+    wait_for("the drain to end", WAIT, || async {
+        (archive_end(&s.archive, s.seg, 1) == Some(valid_end)).then_some(())
+    })
+    .await;
+    let compared = assert_matches_primary(&s.archive, &s.primary.wal_dir(), s.seg, 1);
+    println!(
+        "the torn record at {torn_at} was walked past: the drain shipped up to {valid_end} (the commits flushed at {target}); the archive matches pg_wal: {compared:?}"
+    );
+    // PostgreSQL's own reader accepts what was archived: the standby replays past the tear
+    s.primary.start();
+    let client = s.primary.connect().await;
+    let switched = s.primary.switch_wal(&client).await;
+    // the standby takes complete segments only: up to the start of the segment after the switch
+    let segment_start = s.seg.segment_start(s.seg.segno(switched));
+    let standby_client = wait_for("the standby to accept connections", WAIT, || {
+        standby.try_connect()
+    })
+    .await;
+    wait_for(
+        "the standby to replay past the torn record",
+        WAIT,
+        || async {
+            let replayed: Option<String> = standby_client
+                .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+                .await
+                .ok()?
+                .get(0);
+            let replayed: Lsn = replayed?.parse().ok()?;
+            (replayed >= segment_start).then_some(())
+        },
+    )
+    .await;
+    let n: i64 = standby_client
+        .query_one("SELECT count(*) FROM after_tear", &[])
+        .await
+        .expect("rows on the standby")
+        .get(0);
+    assert_eq!(n, 1000);
+}
+
+/// `kill <how> <pid>`.
+fn signal(pid: u32, how: &str) {
+    run_ok(std::process::Command::new("kill").args([how, &pid.to_string()]));
 }
