@@ -214,12 +214,28 @@ impl Archive {
         } else {
             written.min(seg.as_u64())
         };
-        tail::zero_range(&file, keep, zero_to.max(keep)).with_context(|| {
-            format!(
-                "write zeros to {} after its valid end {keep}",
-                path.display()
-            )
-        })?;
+        match tail::zero_range(&file, keep, zero_to.max(keep)) {
+            Ok(()) => {}
+            // a growing partial that cannot be filled (a full disk) stays growing: cut back to its valid end
+            Err(e) if found < seg.as_u64() => {
+                tracing::warn!(
+                    file = %path.display(),
+                    valid = keep,
+                    "cannot fill the growing partial to the segment's size ({e}); it keeps growing with its appends"
+                );
+                file.set_len(keep).with_context(|| {
+                    format!("truncate {} to its valid end {keep}", path.display())
+                })?;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "write zeros to {} after its valid end {keep}",
+                        path.display()
+                    )
+                })
+            }
+        }
         // What a crashed receiver wrote may still sit only in the page cache: it counts as durable (and is
         // offered in the first Welcome) only once this fsync has put it on disk.
         sync_file(&file, &path, true)?;

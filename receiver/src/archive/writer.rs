@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// A segment that starts with an append of this many bytes or more is being caught up: it need not wait for
+/// the spare's zeros (see [`Archive::take_spare`]). A live message holds one or a few commits.
+const GROWING_PARTIAL_APPEND: usize = 256 << 10;
+
 impl Archive {
     /// Appends WAL of `timeline` starting at `start`. Bytes the archive already holds must be identical to the
     /// stored ones (a resend after a reconnect); a gap or a difference is an error and nothing is written.
@@ -271,7 +275,7 @@ impl Archive {
             }
             let name = format!("{}.partial", segment_file_name(timeline, segno, seg));
             let path = self.dir.join(&name);
-            let file = self.take_spare(&path)?;
+            let file = self.take_spare(&path, data.len() >= GROWING_PARTIAL_APPEND)?;
             self.dir_dirty = true;
             self.current = Some(OpenPartial {
                 timeline,
