@@ -34,6 +34,16 @@ struct Stream<'a, S> {
     confirm_ack_at: Option<tokio::time::Instant>,
     /// One zstd context for the session's compressed WAL (created at the first such message).
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    /// Why sending to the sender failed, once it did (it died, or stopped reading). No acknowledgement goes
+    /// out after that, but what it sent before is still read and archived (see [`Stream::peer_gone`]).
+    gone: Option<Gone>,
+}
+
+/// What the session read after sending to the sender failed.
+struct Gone {
+    why: String,
+    messages: u64,
+    wal_bytes: u64,
 }
 
 /// Ends the session with `reason`, said to the sender first.
@@ -92,6 +102,7 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
         last_ack: start,
         confirm_ack_at: None,
         decompressor: None,
+        gone: None,
     };
     let outcome: Result<()> = async {
         // a handle of its own for reserving room (the handlers borrow the session mutably); dropped with
@@ -128,13 +139,28 @@ pub(crate) async fn stream<S: AsyncRead + AsyncWrite + Send + 'static>(
                         permit.send(Cmd::Wal(w));
                     }
                 }
-                frame = tokio::time::timeout(shared.opts.idle_timeout, reader.next()) => {
+                frame = tokio::time::timeout(s.read_timeout(), reader.next()) => {
+                    if let Some(g) = &s.gone {
+                        if !matches!(frame, Ok(Some(Ok(_)))) {
+                            // everything the sender had sent before it went is read
+                            bail!(
+                                "{}; then read what it had sent before: {} messages, {} bytes of WAL",
+                                g.why, g.messages, g.wal_bytes
+                            );
+                        }
+                    }
                     let msg = match frame {
                         Err(_) => bail!("no message for {:?}; the sender is gone", shared.opts.idle_timeout),
                         Ok(None) => { info!("sender closed the connection"); return Ok(()); }
                         Ok(Some(Err(e))) => refuse_and_end!(s, "bad frame from sender: {e}"),
                         Ok(Some(Ok(msg))) => s.decompressed(msg).await?,
                     };
+                    if let Some(g) = &mut s.gone {
+                        g.messages += 1;
+                        if let SenderMessage::Wal(w) = &msg {
+                            g.wal_bytes += w.bytes.len() as u64;
+                        }
+                    }
                     shared.heard_now();
                     s.on_message(msg).await?;
                     // no further message to read at once: the WAL received goes to the archive now
@@ -194,7 +220,43 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
         self.last_ack = ack;
         self.shared.status.durable(synced.durable);
         let msg = ack_message(t, synced, self.features);
-        send(&mut self.writer, msg, self.shared.opts.send_timeout, "Ack").await
+        self.send_ack(msg).await;
+        Ok(())
+    }
+
+    /// Sends an acknowledgement, unless the sender is gone. A failed send does not end the session at once:
+    /// see [`Stream::peer_gone`].
+    async fn send_ack(&mut self, msg: ReceiverMessage) {
+        if self.gone.is_some() {
+            return;
+        }
+        if let Err(e) = send(&mut self.writer, msg, self.shared.opts.send_timeout, "Ack").await {
+            self.peer_gone(format!("{e:#}"));
+        }
+    }
+
+    /// Sending to the sender failed: it died (a reset connection) or stopped reading. WAL it sent before may
+    /// still wait in this host's socket buffer — after the death of the primary's host it is the newest WAL
+    /// anywhere — so the session reads on until the connection ends (or is quiet for [`GONE_READ`]) and
+    /// archives it like any other: made durable, never acknowledged. Ending at once dropped it.
+    fn peer_gone(&mut self, why: String) {
+        warn!(
+            error = %why,
+            "cannot send to the sender: reading what it sent before, then ending the session"
+        );
+        self.gone = Some(Gone {
+            why,
+            messages: 0,
+            wal_bytes: 0,
+        });
+    }
+
+    /// How long the next message may take: the idle timeout, or once the sender is gone [`GONE_READ`].
+    fn read_timeout(&self) -> Duration {
+        match self.gone {
+            Some(_) => GONE_READ.min(self.shared.opts.idle_timeout),
+            None => self.shared.opts.idle_timeout,
+        }
     }
 
     /// `msg` with compressed WAL decompressed (where the session allowed compression), counting what the WAL
@@ -284,8 +346,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
                         }
                     }
                 } else if let Some((t, synced)) = self.last_ack {
-                    let msg = ack_message(t, synced, self.features);
-                    send(&mut self.writer, msg, self.shared.opts.send_timeout, "Ack").await?;
+                    self.send_ack(ack_message(t, synced, self.features)).await;
                 }
             }
             SenderMessage::PrimaryDown {
@@ -427,7 +488,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
                 let last = *ack_rx.borrow_and_update();
                 if let Some((t, synced)) = last.filter(|_| last != self.last_ack) {
                     self.shared.status.durable(synced.durable);
-                    say(&mut self.writer, ack_message(t, synced, self.features)).await;
+                    if self.gone.is_none() {
+                        say(&mut self.writer, ack_message(t, synced, self.features)).await;
+                    }
                 }
                 r
             }
@@ -448,6 +511,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Stream<'_, S> {
 /// position (a sender under load gets both in one; the sender uses the confirmed position only to release its
 /// replication slot, and resumes from it after a reconnection).
 pub(crate) const CONFIRM_ACK_DELAY: Duration = Duration::from_millis(20);
+
+/// Once sending to the sender failed, how long the session waits for the rest of what it sent: a dead peer's
+/// connection ends as soon as its buffered bytes are read; a live one that stopped reading is cut off here.
+pub(crate) const GONE_READ: Duration = Duration::from_secs(1);
 
 /// Sleeps until `at` (never, without one).
 async fn sleep_until(at: Option<tokio::time::Instant>) {

@@ -129,6 +129,8 @@ impl Desk {
                 return Err(reason);
             }
         }
+        // (a slow fsync on the session's own task, for the fault tests)
+        fail::fail_point!("session-live-sync");
         let (g, done) = sync_and_ack(g, &|| self.lock(), &self.acks, self.timeline);
         match done {
             Ok(()) => {

@@ -3,6 +3,8 @@
 // not every test binary uses every helper
 #![allow(dead_code)]
 
+pub mod client;
+
 use walship_protocol::{Lsn, WalSegSize};
 use walship_receiver::archive::Identity;
 
