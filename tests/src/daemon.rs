@@ -224,7 +224,11 @@ impl Daemon {
         cmd.stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .stdin(Stdio::null())
-            .env("WALSHIP_LOG", "info,walship=debug");
+            // WALSHIP_TEST_LOG: another filter for the daemons' logs (a test or bench being investigated)
+            .env(
+                "WALSHIP_LOG",
+                std::env::var("WALSHIP_TEST_LOG").unwrap_or_else(|_| "info,walship=debug".into()),
+            );
         as_db_user(&mut cmd);
         let child =
             crate::env::retry_busy(|| cmd.spawn()).unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));

@@ -34,6 +34,8 @@ async fn a_sender_in_another_pid_namespace_resumes_instead_of_draining() {
         "--pid",
         "--fork",
         "--mount-proc",
+        // the sender (PID 1 of the namespace) ends with unshare: the harness stops unshare
+        "--kill-child",
     ])
     .arg(inner.get_program())
     .args(inner.get_args());
