@@ -360,6 +360,8 @@ struct Streaming<'a> {
     /// Protocol 3: what the last Keepalive confirmed (the primary's flush then, or what was sent if less).
     confirm_sent: Lsn,
     last_query: Instant,
+    /// When the streaming loop last woke up for the receiver's acknowledgements (see `ACK_WAKE`).
+    last_ack_wake: Instant,
     last_flush_change: Instant,
     /// Where the replication slot was last advanced to, and when.
     slot_at: Lsn,

@@ -310,6 +310,7 @@ impl<'a> Streaming<'a> {
             scout: Scout::default(),
             confirm_sent: start,
             last_query: Instant::now(),
+            last_ack_wake: Instant::now(),
             last_flush_change: Instant::now(),
             slot_at: Lsn(0),
             slot_moved: Instant::now(),

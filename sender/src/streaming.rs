@@ -162,13 +162,25 @@ impl Streaming<'_> {
                 None => std::future::pending().await,
             }
         };
+        // The receiver's acknowledgements are taken whenever the loop is awake anyway. It wakes up for them
+        // only where they are wanted at once (synchronous mode: a commit waits for them; the window half
+        // full), else at most every ACK_WAKE: one wake-up less per commit on a busy primary, where the
+        // sender's wake-ups wait for a CPU and a commit shipped late is lost if the host dies (BENCHMARKS.md)
+        *progressed |= self.link.poll_received()?;
+        let wake_for_acks = self.cfg.synchronous
+            || self.link.sent().0 - self.link.acked().0 > self.cfg.window / 2
+            || self.last_ack_wake.elapsed() >= ACK_WAKE;
         tokio::select! {
             // the query connection (the slot, the server's facts) ended: the session starts anew
             _ = pg_closed => {
                 return Ok(Waited::Stop(Stop::PrimaryLost(anyhow!("the PostgreSQL connection closed"))));
             }
             _ = shutdown.cancelled() => return Ok(self.stop_on_shutdown()),
-            moved = self.link.recv() => *progressed |= moved?,
+            moved = self.link.recv(), if wake_for_acks => {
+                self.last_ack_wake = Instant::now();
+                *progressed |= moved?
+            }
+            _ = tokio::time::sleep(ACK_WAKE), if !wake_for_acks => {}
             _ = next_event(&mut self.events) => {
                 self.take_events();
                 if self.ships_on_write() {
@@ -724,6 +736,10 @@ pub(crate) const CONFIRM_GAP: Duration = Duration::from_millis(5);
 pub(crate) const QUIET: Duration = Duration::from_millis(5);
 
 pub(crate) type Events = inotify::EventStream<Vec<u8>>;
+
+/// Asynchronous shipping from the walsender's stream: how long the receiver's acknowledgements may wait for
+/// the loop to wake up for something else (they release the slot and feed `status`; nothing waits on them).
+const ACK_WAKE: Duration = Duration::from_millis(20);
 
 pub(crate) fn watch_dir(dir: &std::path::Path) -> std::io::Result<Events> {
     let inotify = inotify::Inotify::init()?;
