@@ -950,21 +950,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn fed_in_pieces_it_reaches_the_same_end() {
-        let b = sample();
+    /// Walks `b` fed `step` bytes more at a time, re-reading from the page holding the next record as a
+    /// caller does: how many records it found, and where it ended.
+    fn walk_in_pieces(b: &WalBuilder, step: usize) -> (usize, Lsn) {
         let mut w = Walker::new(exp(), b.start, None);
         let mut count = 0;
         let mut have = 0usize;
         while have < b.bytes.len() {
-            have = (have + 5_000).min(b.bytes.len());
-            // the caller re-reads from the page holding the next record
+            have = (have + step).min(b.bytes.len());
             let from = (w.next_lsn().0 / BLCKSZ * BLCKSZ).max(b.start.0);
             let slice = &b.bytes[(from - b.start.0) as usize..have];
             w.walk(slice, Lsn(from), |_| count += 1);
         }
+        (count, w.next_lsn())
+    }
+
+    #[test]
+    fn fed_in_pieces_it_reaches_the_same_end() {
+        let b = sample();
+        let (count, end) = walk_in_pieces(&b, 5_000);
         assert_eq!(count, b.records.len());
-        assert_eq!(w.next_lsn(), b.end());
+        assert_eq!(end, b.end());
     }
 
     /// Records, then one torn by a crash and overwritten by recovery (see
@@ -996,19 +1002,7 @@ mod tests {
         assert_eq!(end, b.end());
         assert!(matches!(stop, WalkStop::NeedMore { .. }), "{stop:?}");
         // fed in pieces, the same
-        let mut w = Walker::new(exp(), b.start, None);
-        let mut count = 0;
-        let mut have = 0usize;
-        while have < b.bytes.len() {
-            have = (have + 700).min(b.bytes.len());
-            let from = (w.next_lsn().0 / BLCKSZ * BLCKSZ).max(b.start.0);
-            w.walk(
-                &b.bytes[(from - b.start.0) as usize..have],
-                Lsn(from),
-                |_| count += 1,
-            );
-        }
-        assert_eq!((count, w.next_lsn()), (b.records.len(), b.end()));
+        assert_eq!(walk_in_pieces(&b, 700), (b.records.len(), b.end()));
         // a preallocated segment holding it: its valid prefix ends after the last record
         let mut seg = b.bytes.clone();
         seg.resize(SEG as usize, 0);

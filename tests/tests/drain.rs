@@ -126,13 +126,7 @@ async fn crashes_of_postgres_lose_no_acknowledged_commit() {
         all_rows.extend(rows);
         if round < 5 {
             // crash recovery on the same host: shipping resumes with no gap and no duplicate
-            let back_before = s.sender.log_text().matches("PostgreSQL is back").count();
-            s.primary.start();
-            wait_for("the sender to see PostgreSQL back", WAIT, || async {
-                (s.sender.log_text().matches("PostgreSQL is back").count() > back_before)
-                    .then_some(())
-            })
-            .await;
+            restart_and_resume(&mut s).await;
         }
     }
     // the primary's host is given up: fail over to the standby
@@ -174,13 +168,7 @@ async fn a_clean_shutdown_is_drained_to_its_checkpoint() {
     let sysid = s.primary.system_identifier(&client).await;
     let major = s.primary.major;
     run_ok(&mut s.primary.pgbench(&["-i", "-s", "1", "-q"]));
-    let mut standby = s.primary.base_backup(&s.dir, "standby");
-    standby.configure_recovery(
-        &s.restore_command(""),
-        true,
-        &["wal_retrieve_retry_interval = '200ms'"],
-    );
-    standby.start_no_wait();
+    let standby = standby_in_standby_mode(&s);
     let ledger = Ledger::start(&s.primary).await;
     wait_for("ledger rows", WAIT, || async {
         (ledger.acknowledged().len() > 100).then_some(())
@@ -275,13 +263,7 @@ async fn a_drain_walks_past_a_record_torn_by_an_earlier_crash() {
     let sysid = s.primary.system_identifier(&client).await;
     let major = s.primary.major;
     drop(client);
-    let mut standby = s.primary.base_backup(&s.dir, "standby");
-    standby.configure_recovery(
-        &s.restore_command(""),
-        true,
-        &["wal_retrieve_retry_interval = '200ms'"],
-    );
-    standby.start_no_wait();
+    let standby = standby_in_standby_mode(&s);
 
     // A 20 kB non-transactional message is written into WAL buffers but flushed by nobody: the WAL writer
     // writes its completed pages, not its last one. Killed then, the record is torn. Something else may
@@ -324,12 +306,7 @@ async fn a_drain_walks_past_a_record_torn_by_an_earlier_crash() {
             break;
         }
         signal(s.sender.pid(), "-CONT");
-        let back_before = s.sender.log_text().matches("PostgreSQL is back").count();
-        s.primary.start();
-        wait_for("the sender to see PostgreSQL back", WAIT, || async {
-            (s.sender.log_text().matches("PostgreSQL is back").count() > back_before).then_some(())
-        })
-        .await;
+        restart_and_resume(&mut s).await;
     }
     let torn_at =
         torn.expect("no torn record in 5 attempts: something flushed the message each time");
@@ -387,6 +364,28 @@ async fn a_drain_walks_past_a_record_torn_by_an_earlier_crash() {
         .expect("rows on the standby")
         .get(0);
     assert_eq!(n, 1000);
+}
+
+/// A standby in standby mode restoring from the archive (`restore_command` without `--wait`), started.
+fn standby_in_standby_mode(s: &walship_tests::scenario::Shipping) -> walship_tests::Cluster {
+    let mut standby = s.primary.base_backup(&s.dir, "standby");
+    standby.configure_recovery(
+        &s.restore_command(""),
+        true,
+        &["wal_retrieve_retry_interval = '200ms'"],
+    );
+    standby.start_no_wait();
+    standby
+}
+
+/// Starts the crashed primary again (crash recovery on the same host) and waits until the sender resumes.
+async fn restart_and_resume(s: &mut walship_tests::scenario::Shipping) {
+    let back_before = s.sender.log_text().matches("PostgreSQL is back").count();
+    s.primary.start();
+    wait_for("the sender to see PostgreSQL back", WAIT, || async {
+        (s.sender.log_text().matches("PostgreSQL is back").count() > back_before).then_some(())
+    })
+    .await;
 }
 
 /// `kill <how> <pid>`.
