@@ -20,6 +20,24 @@ pub struct Proxy {
     rate: Arc<std::sync::atomic::AtomicU64>,
     /// Connections are refused (closed at once): the server behind is down.
     refusing: Arc<std::sync::atomic::AtomicBool>,
+    /// Connections forwarding now.
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts a connection as open while it lives.
+struct OpenGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenGuard {
+    fn new(open: &Arc<std::sync::atomic::AtomicUsize>) -> OpenGuard {
+        open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        OpenGuard(open.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Copies `from` to `to`, holding each chunk while the proxy is stalled, at most `rate` bytes a second.
@@ -64,11 +82,13 @@ impl Proxy {
         let (stalled, stalled_rx) = watch::channel(false);
         let rate = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let refusing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (g, s, r, refuse) = (
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (g, s, r, refuse, o) = (
             generation.clone(),
             stop.clone(),
             rate.clone(),
             refusing.clone(),
+            open.clone(),
         );
         tokio::spawn(async move {
             loop {
@@ -80,10 +100,15 @@ impl Proxy {
                     drop(inbound);
                     continue;
                 }
-                let token = g.lock().expect("lock").clone();
+                // counted under the same lock as the generation: a cut either sees it or it sees the cut
+                let (token, guard) = {
+                    let g = g.lock().expect("lock");
+                    (g.clone(), OpenGuard::new(&o))
+                };
                 let stalled = stalled_rx.clone();
                 let rate = r.clone();
                 tokio::spawn(async move {
+                    let _guard = guard;
                     let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
                     };
@@ -107,6 +132,7 @@ impl Proxy {
             stalled,
             rate,
             refusing,
+            open,
         }
     }
 
@@ -119,12 +145,15 @@ impl Proxy {
         }
     }
 
-    /// Drops every connection open now (new ones are forwarded again).
-    pub fn cut(&self) {
+    /// Drops every connection open now (new ones are forwarded again); returns how many that was, so that a
+    /// test can tell a cut that cut something from one that came before the connection it meant.
+    pub fn cut(&self) -> usize {
         let mut g = self.generation.lock().expect("lock");
+        let open = self.open.load(std::sync::atomic::Ordering::SeqCst);
         g.cancel();
         *g = CancellationToken::new();
         *self.cuts.lock().expect("lock") += 1;
+        open
     }
 
     /// Forwards at most `bytes_per_second` each way (0: no limit), on every connection: a slow link.

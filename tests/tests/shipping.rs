@@ -220,14 +220,16 @@ async fn crashes_restarts_and_network_cuts_leave_no_gap() {
     receiver = walship.receiver(&dir, &archive, &certs, port);
     wait_progress(&archive, seg, "shipping to resume after a receiver crash").await;
 
-    // sender crash, restart
+    // sender crash, restart (wait for the new sender's session: the receiver may still be archiving what the
+    // killed one sent, and a cut before the new connection is open would cut nothing)
     sender.kill9();
     sender = walship.sender(&dir, &primary.conninfo(), proxy.port, &certs, &certs, &[]);
+    sender.wait_for_log("streaming", Duration::from_secs(30));
     wait_progress(&archive, seg, "shipping to resume after a sender crash").await;
 
     // network cut between them: the sender notices, reconnects, and shipping goes on
     let reconnects = sender.log_text().matches("reconnecting").count();
-    proxy.cut();
+    assert!(proxy.cut() >= 1, "the cut found no open connection");
     wait_for("the sender to notice the cut", WAIT, || async {
         (sender.log_text().matches("reconnecting").count() > reconnects).then_some(())
     })
