@@ -70,6 +70,8 @@ pub(crate) struct Settings {
     pub(crate) walship_only: bool,
     /// pgbench -R of the lag scenario's throttled profile.
     pub(crate) rate: u32,
+    /// pgbench -R of the synchronous scenario's throttled runs (0: none).
+    pub(crate) sync_rate: u32,
 }
 
 /// A scenario of the bench.
@@ -108,6 +110,10 @@ struct Args {
     /// swings between runs on a shared machine.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     rate: u32,
+    /// The synchronous scenario also runs walship and pg_receivewal as the synchronous standby at this steady
+    /// rate (pgbench -R), where commit latency is not the CPU's queue (0: unthrottled runs only).
+    #[arg(long, default_value_t = 0)]
+    sync_rate: u32,
     /// Where to write the results as JSON.
     #[arg(long, value_name = "FILE", default_value = "bench-results.json")]
     json: PathBuf,
@@ -139,6 +145,7 @@ impl Settings {
             archive_timeout: 10,
             walship_only: args.walship_only,
             rate: args.rate,
+            sync_rate: args.sync_rate,
         };
         if s.quick {
             s.lag_seconds = 4;
