@@ -10,7 +10,7 @@ fn quick_bench_runs_every_scenario_for_every_tool() {
     let json =
         std::env::temp_dir().join(format!("walship-bench-quick-{}.json", std::process::id()));
     let out = Command::new(exe)
-        .args(["--quick", "--json"])
+        .args(["--quick", "--sync-rate", "50", "--json"])
         .arg(&json)
         .env("WALSHIP_BIN_DIR", bin_dir)
         .output()
@@ -73,8 +73,20 @@ fn quick_bench_runs_every_scenario_for_every_tool() {
         "walship_sync_tps",
         "receivewal_sync_tps",
         "walship_async_tps",
+        // --sync-rate: the medians of the steady-rate runs, from pgbench's transaction logs
+        "walship_sync_p50_at_rate_ms",
+        "receivewal_sync_p50_at_rate_ms",
     ] {
         assert!(sync[k].as_f64().unwrap() > 0.0, "{k}: {sync}");
+    }
+    if std::path::Path::new("/dev/shm").is_dir() {
+        for k in [
+            "walship_sync_in_memory_tps",
+            "receivewal_sync_in_memory_tps",
+            "walship_sync_p50_at_rate_in_memory_ms",
+        ] {
+            assert!(sync[k].as_f64().unwrap() > 0.0, "{k}: {sync}");
+        }
     }
     let deaths = report["sync_host_death"].as_array().unwrap();
     assert_eq!(deaths.len(), 2);
